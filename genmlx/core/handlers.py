@@ -1,0 +1,247 @@
+"""The handler stack behind ``gm.trace``, and one small handler per GFI operation.
+
+Running a dynamic GF's body pushes a handler; every ``gm.trace(addr, invocation)``
+inside it is passed to the innermost handler's ``visit``, which calls the callee's own
+GFI operation (a distribution's or a sub-GF's) and records the resulting sub-trace at
+the address. The handler is popped in ``finally``, so an exception never leaves a stale
+handler behind.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import mlx.core as mx
+
+from genmlx.core.address import Path, to_path
+from genmlx.core.choicemap import ChoiceMap
+from genmlx.core.diff import default_argdiffs
+from genmlx.core.errors import (
+    AddressCollisionError,
+    AddressedError,
+    TraceContextError,
+    UnvisitedConstraintError,
+)
+from genmlx.core.selection import Selection
+
+_local = threading.local()
+
+
+def _stack() -> list:
+    s = getattr(_local, "stack", None)
+    if s is None:
+        s = _local.stack = []
+    return s
+
+
+def trace(addr, invocation) -> Any:
+    """Make a random choice or call a GF at ``addr`` and return its value.
+
+    ``invocation`` is a distribution with its parameters (``gm.normal(0, 1)``) or a GF
+    applied to arguments (``submodel(a, b)``). Only valid inside a GF's execution.
+    """
+    stack = _stack()
+    if not stack:
+        raise TraceContextError(
+            f"gm.trace({addr!r}, …) was called outside any generative-function execution; "
+            "call it inside a function decorated with @gm.gen and run that function "
+            "through simulate/generate/… (or trace it at an address from another model)"
+        )
+    from genmlx.core.gfi import GenerativeFunction, Invocation
+
+    path = to_path(addr)
+    if isinstance(invocation, Invocation):
+        gen_fn, args = invocation.gen_fn, invocation.args
+    elif isinstance(invocation, GenerativeFunction):
+        gen_fn, args = invocation, ()
+    else:
+        raise TypeError(
+            f"gm.trace({addr!r}, …): expected a distribution such as gm.normal(0, 1) or a "
+            f"generative function applied to its arguments, got {type(invocation).__name__}"
+        )
+    return stack[-1].visit(path, gen_fn, args)
+
+
+def run_with_handler(handler: "Handler", fn, args: tuple) -> Any:
+    """Execute ``fn(*args)`` with ``handler`` receiving its ``gm.trace`` calls."""
+    stack = _stack()
+    stack.append(handler)
+    try:
+        return fn(*args)
+    finally:
+        stack.pop()
+
+
+class Handler:
+    """Shared bookkeeping: keys, address-collision checks and sub-trace records."""
+
+    def __init__(self, fn_name: str, key: mx.array | None = None):
+        self.fn_name = fn_name
+        self.key = key
+        self.subtraces: dict[Path, Any] = {}
+        self._prefixes: set[Path] = set()
+        self.score = mx.array(0.0)
+        self.weight = mx.array(0.0)
+
+    def next_key(self) -> mx.array:
+        if self.key is None:
+            return mx.random.key(0)  # operations that draw nothing (assess)
+        self.key, sub = mx.random.split(self.key)
+        return sub
+
+    def check_fresh(self, path: Path) -> None:
+        if path in self._prefixes:
+            raise AddressCollisionError(
+                "this address (or an address below it) was already used in this execution",
+                path, self.fn_name,
+            )
+        for i in range(1, len(path)):
+            if path[:i] in self.subtraces:
+                raise AddressCollisionError(
+                    f"its prefix {path[:i]!r} already holds a choice in this execution",
+                    path, self.fn_name,
+                )
+
+    def record(self, path: Path, sub) -> None:
+        self.subtraces[path] = sub
+        for i in range(1, len(path) + 1):
+            self._prefixes.add(path[:i])
+        self.score = self.score + sub.score
+
+    def visit(self, path: Path, gen_fn, args: tuple) -> Any:
+        self.check_fresh(path)
+        try:
+            sub = self.step(path, gen_fn, args)
+        except (AddressedError, UnvisitedConstraintError) as e:
+            raise e.at(path, self.fn_name if not e.gen_fn else None)
+        self.record(path, sub)
+        return sub.retval
+
+    def step(self, path: Path, gen_fn, args: tuple):
+        raise NotImplementedError
+
+    def unvisited(self, constraints: ChoiceMap) -> list[Path]:
+        """Constraint leaves lying under no visited address."""
+        out = []
+        for p, _ in constraints.leaves():
+            if not any(p[:i] in self.subtraces for i in range(1, len(p) + 1)):
+                out.append(p)
+        return out
+
+    def check_all_visited(self, constraints: ChoiceMap) -> None:
+        left = self.unvisited(constraints)
+        if left:
+            raise UnvisitedConstraintError(left, self.fn_name)
+
+
+class SimulateHandler(Handler):
+    def step(self, path, gen_fn, args):
+        return gen_fn.simulate(self.next_key(), args)
+
+
+class GenerateHandler(Handler):
+    def __init__(self, fn_name, key, constraints: ChoiceMap):
+        super().__init__(fn_name, key)
+        self.constraints = constraints
+
+    def step(self, path, gen_fn, args):
+        sub_c = self.constraints.submap_at_path(path)
+        if sub_c.is_empty():
+            return gen_fn.simulate(self.next_key(), args)
+        tr, w = gen_fn.generate(self.next_key(), args, sub_c)
+        self.weight = self.weight + w
+        return tr
+
+
+class AssessHandler(Handler):
+    """Scores given choices; ``weight`` is unused, ``score`` is log p(τ)."""
+
+    def __init__(self, fn_name, choices: ChoiceMap):
+        super().__init__(fn_name, None)
+        self.choices = choices
+
+    def step(self, path, gen_fn, args):
+        sub_c = self.choices.submap_at_path(path)
+        lp, retval = gen_fn.assess(args, sub_c)
+        return _Assessed(lp, retval)
+
+
+class _Assessed:
+    """A score-and-retval record standing in for a sub-trace during assess."""
+
+    __slots__ = ("score", "retval")
+
+    def __init__(self, score, retval):
+        self.score, self.retval = score, retval
+
+
+class UpdateHandler(Handler):
+    def __init__(self, fn_name, key, prev, constraints: ChoiceMap):
+        super().__init__(fn_name, key)
+        self.prev = prev  # DynamicTrace
+        self.constraints = constraints
+        self.discard = ChoiceMap.empty()
+
+    def step(self, path, gen_fn, args):
+        sub_c = self.constraints.submap_at_path(path)
+        prev_sub = self.prev.subtraces.get(path)
+        if prev_sub is not None and _same_kind(gen_fn, prev_sub):
+            argdiffs = default_argdiffs(prev_sub.args, args)
+            tr, w, _, disc = gen_fn.update(self.next_key(), prev_sub, sub_c, args, argdiffs)
+            if not disc.is_empty():
+                self.discard = self.discard.set_submap(path, disc)
+        else:
+            if prev_sub is not None:  # same address, different kind of callee
+                self.weight = self.weight - prev_sub.score
+                self.discard = self.discard.set_submap(path, prev_sub.choices)
+            if sub_c.is_empty():
+                tr, w = gen_fn.simulate(self.next_key(), args), mx.array(0.0)
+            else:
+                tr, w = gen_fn.generate(self.next_key(), args, sub_c)
+        self.weight = self.weight + w
+        return tr
+
+    def finish_removed(self) -> None:
+        """Subtract the scores of old choices the new execution no longer made."""
+        for path, prev_sub in self.prev.subtraces.items():
+            if path not in self.subtraces:
+                self.weight = self.weight - prev_sub.score
+                ch = prev_sub.choices
+                if not ch.is_empty():
+                    self.discard = self.discard.set_submap(path, ch)
+
+
+class RegenerateHandler(Handler):
+    def __init__(self, fn_name, key, prev, selection: Selection):
+        super().__init__(fn_name, key)
+        self.prev = prev
+        self.selection = selection
+
+    def step(self, path, gen_fn, args):
+        prev_sub = self.prev.subtraces.get(path)
+        if prev_sub is not None and _same_kind(gen_fn, prev_sub):
+            argdiffs = default_argdiffs(prev_sub.args, args)
+            sub_sel = self.selection.subselection(path)
+            tr, w, _ = gen_fn.regenerate(self.next_key(), prev_sub, sub_sel, args, argdiffs)
+            self.weight = self.weight + w
+            return tr
+        return gen_fn.simulate(self.next_key(), args)
+
+
+def _same_kind(gen_fn, prev_sub) -> bool:
+    """Whether ``gen_fn`` can update ``prev_sub`` in place (same GF, or same family)."""
+    from genmlx.distributions.base import Distribution, DistTrace
+
+    if isinstance(prev_sub, DistTrace):
+        return isinstance(gen_fn, Distribution) and prev_sub.family is type(gen_fn)
+    return prev_sub.gen_fn is gen_fn or prev_sub.gen_fn == gen_fn
+
+
+def project_subtrace(sub, selection: Selection) -> mx.array:
+    """``project`` of a recorded sub-trace (distribution traces need no GF object)."""
+    from genmlx.distributions.base import DistTrace
+
+    if isinstance(sub, DistTrace):
+        return sub.score if selection.is_all_here() else mx.zeros_like(sub.score)
+    return sub.gen_fn.project(sub, selection)

@@ -1,0 +1,48 @@
+"""The switch for parameter validation of distributions (on by default).
+
+Validation evaluates a boolean reduction of the parameters, so it is skipped
+automatically under ``mx.compile``/``mx.vmap`` tracing (where arrays cannot be
+evaluated) and can be turned off for speed with ``gm.set_validation(False)``, the
+``gm.validation(False)`` context manager, or ``GENMLX_VALIDATE=0``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import mlx.core as mx
+
+_state = {"on": os.environ.get("GENMLX_VALIDATE", "1") not in ("0", "false", "False")}
+
+
+def validation_enabled() -> bool:
+    return _state["on"]
+
+
+def set_validation(on: bool) -> None:
+    """Turn distribution-parameter validation on or off for the whole process."""
+    _state["on"] = bool(on)
+
+
+@contextlib.contextmanager
+def validation(on: bool):
+    """Context manager setting validation on/off inside a ``with`` block."""
+    old = _state["on"]
+    _state["on"] = bool(on)
+    try:
+        yield
+    finally:
+        _state["on"] = old
+
+
+def concrete_all(cond) -> bool | None:
+    """``bool(cond.all())`` when ``cond`` can be evaluated now, ``None`` under tracing."""
+    if not isinstance(cond, mx.array):
+        return bool(cond)
+    try:
+        return bool(mx.all(cond).item())
+    except ValueError as e:  # [eval] ... during function transformations like compile
+        if "transformation" in str(e) or "compile" in str(e):
+            return None
+        raise

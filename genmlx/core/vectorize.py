@@ -1,0 +1,202 @@
+"""Vectorized GFI operations: n particles as ONE batched computation.
+
+Each operation runs the single-trace operation under ``mx.vmap``: the model body is
+executed once (with batched arrays) for all n particles, so per-particle results are
+exactly those of the unbatched operation with the same key and values. A batched trace
+is an ordinary trace whose array leaves carry a leading axis n, with ``batch_size = n``
+and the (shared) arguments stored once.
+
+Constraint leaves are shared by all particles, or per particle when they carry a
+leading axis n in addition to the choice's own shape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import mlx.core as mx
+
+from genmlx.core.choicemap import ChoiceMap
+from genmlx.core.errors import ConstraintShapeError
+from genmlx.core.pytree import tree_flatten, tree_unflatten
+from genmlx.core.selection import Selection
+from genmlx.core.trace import Trace
+
+
+def _split(key: mx.array, n: int) -> mx.array:
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"the number of particles n must be a positive int, got {n!r}")
+    return mx.random.split(key, n)
+
+
+def _strip(tr: Trace) -> Trace:
+    return replace(tr, args=None, batch_size=None)
+
+
+def _dress(tr: Trace, args: tuple, n: int) -> Trace:
+    return replace(tr, args=tuple(args), batch_size=n)
+
+
+def _flat_trace(tr: Trace):
+    return tree_flatten(_strip(tr))
+
+
+def vsimulate(gf, key: mx.array, args: tuple, n: int) -> Trace:
+    """n independent ``simulate`` calls, batched."""
+    keys = _split(key, n)
+    box = {}
+
+    def body(k):
+        leaves, box["td"] = _flat_trace(gf.simulate(k, args))
+        return leaves
+
+    leaves = mx.vmap(body)(keys)
+    return _dress(tree_unflatten(box["td"], leaves), args, n)
+
+
+def _constraint_axes(gf, key, args, constraints: ChoiceMap, n: int, reference=None) -> list:
+    """in_axes (0 = per particle, None = shared) for each constraint leaf.
+
+    A leaf is per-particle when its shape is ``(n,) + s`` where ``s`` is the shape of
+    the choice at its address. The choice shapes come from ``reference`` (a batched
+    trace's choices) or, only when some leaf could be per-particle, from a lazy
+    unevaluated probe execution of the model.
+    """
+    leaves = list(constraints.leaves())
+    maybe = [getattr(v, "ndim", 0) >= 1 and v.shape[0] == n for _, v in leaves]
+    if not any(maybe):
+        return [None] * len(leaves)
+    if reference is None:
+        reference = gf.simulate(key, args).choices  # lazy: never evaluated
+        shift = 0
+    else:
+        shift = 1
+    axes = []
+    for (path, v), m in zip(leaves, maybe):
+        if not m:
+            axes.append(None)
+            continue
+        if reference.has_value(path):
+            ref = reference[path]
+            s = tuple(ref.shape[shift:])
+            if tuple(v.shape) == s:
+                axes.append(None)
+            elif tuple(v.shape) == (n,) + s:
+                axes.append(0)
+            else:
+                raise ConstraintShapeError(
+                    f"a constraint of shape {tuple(v.shape)} fits neither the choice's shape "
+                    f"{s} (shared by all particles) nor {(n,) + s} (one value per particle)",
+                    path,
+                )
+        else:
+            axes.append(0)
+    return axes
+
+
+def _cm_from_leaves(constraints: ChoiceMap, values) -> ChoiceMap:
+    out = ChoiceMap.empty()
+    for (path, _), v in zip(constraints.leaves(), values):
+        out = out.set_submap(path, ChoiceMap.leaf(v))
+    return out
+
+
+def vgenerate(gf, key: mx.array, args: tuple, constraints: ChoiceMap, n: int):
+    """n independent ``generate`` calls, batched: (batched trace, weights [n])."""
+    from genmlx.core.dynamic import _as_choicemap
+
+    constraints = _as_choicemap(constraints)
+    keys = _split(key, n)
+    axes = _constraint_axes(gf, key, args, constraints, n)
+    cvals = [v for _, v in constraints.leaves()]
+    box = {}
+
+    def body(k, *vals):
+        cm = _cm_from_leaves(constraints, vals)
+        tr, w = gf.generate(k, args, cm)
+        leaves, box["td"] = _flat_trace(tr)
+        return [w] + leaves
+
+    out = mx.vmap(body, in_axes=(0, *axes))(keys, *cvals)
+    return _dress(tree_unflatten(box["td"], out[1:]), args, n), out[0]
+
+
+def batched_update(gf, key, trace: Trace, constraints, args, argdiffs):
+    """``update`` applied to each particle of a batched trace, batched."""
+    from genmlx.core.dynamic import _as_choicemap
+
+    n = trace.batch_size
+    constraints = _as_choicemap(constraints)
+    keys = _split(key, n)
+    old_args = trace.args
+    tleaves, ttd = _flat_trace(trace)
+    axes = _constraint_axes(gf, key, old_args, constraints, n, reference=trace.choices)
+    cvals = [v for _, v in constraints.leaves()]
+    nt = len(tleaves)
+    box = {}
+
+    def body(k, *flat):
+        tr = replace(tree_unflatten(ttd, list(flat[:nt])), args=old_args)
+        cm = _cm_from_leaves(constraints, flat[nt:])
+        new, w, retdiff, discard = gf._update(k, tr, cm, args, argdiffs)
+        leaves, box["td"] = _flat_trace(new)
+        dleaves, box["dtd"] = tree_flatten(discard)
+        box["retdiff"] = retdiff
+        box["nl"] = len(leaves)
+        return [w] + leaves + dleaves
+
+    out = mx.vmap(body, in_axes=(0, *([0] * nt), *axes))(keys, *tleaves, *cvals)
+    nl = box["nl"]
+    new = tree_unflatten(box["td"], out[1:1 + nl])
+    discard = tree_unflatten(box["dtd"], out[1 + nl:])
+    new_args = old_args if args is None else args
+    return _dress(new, new_args, n), out[0], box["retdiff"], discard
+
+
+def batched_regenerate(gf, key, trace: Trace, selection: Selection, args, argdiffs):
+    """``regenerate`` applied to each particle of a batched trace, batched."""
+    n = trace.batch_size
+    keys = _split(key, n)
+    old_args = trace.args
+    tleaves, ttd = _flat_trace(trace)
+    box = {}
+
+    def body(k, *flat):
+        tr = replace(tree_unflatten(ttd, list(flat)), args=old_args)
+        new, w, retdiff = gf._regenerate(k, tr, selection, args, argdiffs)
+        leaves, box["td"] = _flat_trace(new)
+        box["retdiff"] = retdiff
+        return [w] + leaves
+
+    out = mx.vmap(body, in_axes=(0, *([0] * len(tleaves))))(keys, *tleaves)
+    new = tree_unflatten(box["td"], out[1:])
+    new_args = old_args if args is None else args
+    return _dress(new, new_args, n), out[0], box["retdiff"]
+
+
+def batched_project(gf, trace: Trace, selection: Selection) -> mx.array:
+    """``project`` of each particle of a batched trace: weights ``[n]``."""
+    old_args = trace.args
+    tleaves, ttd = _flat_trace(trace)
+
+    def body(*flat):
+        tr = replace(tree_unflatten(ttd, list(flat)), args=old_args)
+        return gf._project(tr, selection)
+
+    return mx.vmap(body)(*tleaves)
+
+
+def unbatch(trace: Trace, i: int) -> Trace:
+    """Particle ``i`` of a batched trace, as an ordinary trace."""
+    if trace.batch_size is None:
+        raise ValueError("unbatch: this trace is not batched")
+    leaves, td = _flat_trace(trace)
+    return replace(tree_unflatten(td, [x[i] for x in leaves]), args=trace.args, batch_size=None)
+
+
+def stack_traces(traces: list[Trace]) -> Trace:
+    """Stack single traces of identical structure into one batched trace."""
+    flats = [_flat_trace(t) for t in traces]
+    td = flats[0][1]
+    leaves = [mx.stack(xs) for xs in zip(*(f[0] for f in flats))]
+    return _dress(tree_unflatten(td, leaves), traces[0].args, len(traces))
