@@ -1,10 +1,23 @@
 """Load an optimized BLAS before MLX on Linux.
 
-MLX's Linux CPU wheel links the netlib *reference* BLAS (about 6 GFLOP/s for a
-float32 1024² matmul). Loading OpenBLAS from the ``cmeel-openblas`` wheel with
-``RTLD_GLOBAL`` before ``mlx.core`` is imported makes MLX's BLAS symbols resolve to
-OpenBLAS (about 30× faster, identical results). This runs once, from
-``import genmlx``; set ``GENMLX_OPENBLAS=0`` to keep the reference BLAS.
+MLX's Linux CPU wheel (``mlx-cpu``) links the netlib *reference* BLAS/LAPACK that it
+ships in ``mlx_cpu.libs`` (about 6 GFLOP/s for a float32 1024² matmul). Loading
+OpenBLAS from the ``cmeel-openblas`` wheel with ``RTLD_GLOBAL`` *before* ``mlx.core``
+is imported puts OpenBLAS's ``cblas_*`` / LAPACK symbols in the process's global
+lookup scope, which the dynamic linker searches before MLX's own dependencies, so
+MLX's calls resolve to OpenBLAS (30× faster matmul, identical results up to float32
+rounding).
+
+``cmeel-openblas`` needs ``libgfortran.so.5`` but does not ship it. When the system has
+none, we take the libgfortran that ``mlx-cpu`` (or numpy/scipy) bundles: those copies
+are renamed by auditwheel (SONAME ``libgfortran-<hash>.so.5.0.0``), so the dynamic
+linker would not accept them for ``libgfortran.so.5``. We load an in-memory copy
+(``memfd``) whose SONAME is rewritten to ``libgfortran.so.5``; nothing is written to
+disk and no installed file is touched.
+
+This runs once, from ``import genmlx``. ``GENMLX_OPENBLAS=0`` keeps the reference BLAS;
+``describe_blas()`` gives a one-line report of the BLAS in use. It is a no-op on
+macOS (Accelerate) and whenever MLX does not ship the reference BLAS.
 """
 
 from __future__ import annotations
@@ -13,62 +26,220 @@ import ctypes
 import glob
 import importlib.util
 import os
+import struct
 import sys
 
-_state = {"blas": None, "path": None}
+_state: dict = {"blas": None, "path": None, "detail": None, "fds": []}
+
+_OPT_OUT_VALUES = ("0", "false", "no", "off")
+_GFORTRAN = "libgfortran.so.5"
+
+
+# -- locating the libraries ---------------------------------------------------------
+def _site_dirs() -> list[str]:
+    return [e for e in sys.path if e and os.path.isdir(e)]
 
 
 def _openblas_path() -> str | None:
-    for entry in sys.path:
-        if not entry or not os.path.isdir(entry):
-            continue
-        for cand in glob.glob(os.path.join(entry, "cmeel.prefix", "lib", "libopenblas.so*")):
-            return cand
+    """``cmeel.prefix/lib/libopenblas.so*`` from the first site directory that has it."""
+    for entry in _site_dirs():
+        cands = sorted(glob.glob(os.path.join(entry, "cmeel.prefix", "lib", "libopenblas.so*")))
+        if cands:
+            return cands[0]
+    return None
+
+
+def _mlx_libs_dir() -> str | None:
+    """``mlx_cpu.libs`` beside an ``mlx`` package directory (mlx is a namespace package,
+    so every location is checked), or None."""
+    spec = importlib.util.find_spec("mlx")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for loc in spec.submodule_search_locations:
+        d = os.path.join(os.path.dirname(loc), "mlx_cpu.libs")
+        if os.path.isdir(d):
+            return d
     return None
 
 
 def _mlx_uses_reference_blas() -> bool:
-    spec = importlib.util.find_spec("mlx")
-    if spec is None or not spec.submodule_search_locations:
-        return False
-    site = os.path.dirname(list(spec.submodule_search_locations)[0])
-    return bool(glob.glob(os.path.join(site, "mlx_cpu.libs", "libblas-*.so*")))
+    """True when the installed MLX ships (and so links) the netlib reference BLAS."""
+    d = _mlx_libs_dir()
+    return bool(d and glob.glob(os.path.join(d, "libblas-*.so*")))
 
 
+def _bundled_gfortrans() -> list[str]:
+    """libgfortran copies bundled by wheels: mlx-cpu's first, then numpy's, scipy's."""
+    dirs = [_mlx_libs_dir()] + [
+        os.path.join(e, name) for e in _site_dirs() for name in ("numpy.libs", "scipy.libs")
+    ]
+    out = []
+    for d in dirs:
+        if d and os.path.isdir(d):
+            out += sorted(glob.glob(os.path.join(d, "libgfortran*.so*")))
+    return out
+
+
+# -- a minimal ELF64 reader: the dynamic section's NEEDED and SONAME --------------------
+def _elf_dynamic(data: bytes) -> tuple[int, list[str], tuple[int, str] | None]:
+    """(file offset of .dynstr, NEEDED names, (file offset, value) of SONAME or None).
+
+    Only 64-bit little-endian ELF (x86-64, aarch64 Linux); raises ValueError otherwise.
+    """
+    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        raise ValueError("not a 64-bit little-endian ELF file")
+    phoff = struct.unpack_from("<Q", data, 0x20)[0]
+    phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
+    loads, dynamic = [], None
+    for i in range(phnum):
+        p_type, _, p_offset, p_vaddr, _, p_filesz, _, _ = struct.unpack_from(
+            "<IIQQQQQQ", data, phoff + i * phentsize
+        )
+        if p_type == 1:  # PT_LOAD
+            loads.append((p_vaddr, p_offset, p_filesz))
+        elif p_type == 2:  # PT_DYNAMIC
+            dynamic = (p_offset, p_filesz)
+    if dynamic is None:
+        raise ValueError("no dynamic section")
+    tags: list[tuple[int, int]] = []
+    for off in range(dynamic[0], dynamic[0] + dynamic[1], 16):
+        tag, val = struct.unpack_from("<qQ", data, off)
+        if tag == 0:  # DT_NULL
+            break
+        tags.append((tag, val))
+    strtab_vaddr = next(v for t, v in tags if t == 5)  # DT_STRTAB
+    strtab = next(
+        (off + strtab_vaddr - va for va, off, sz in loads if va <= strtab_vaddr < va + sz), None
+    )
+    if strtab is None:
+        raise ValueError("DT_STRTAB outside the loadable segments")
+
+    def string(o: int) -> str:
+        end = data.index(b"\0", strtab + o)
+        return data[strtab + o:end].decode()
+
+    needed = [string(v) for t, v in tags if t == 1]  # DT_NEEDED
+    soname = next(((strtab + v, string(v)) for t, v in tags if t == 14), None)  # DT_SONAME
+    return strtab, needed, soname
+
+
+def _renamed_copy(data: bytes, soname: str) -> bytes:
+    """``data`` with its SONAME overwritten in place by the (not longer) ``soname``."""
+    _, _, old = _elf_dynamic(data)
+    if old is None or len(old[1]) < len(soname):
+        raise ValueError("no SONAME long enough to rewrite")
+    off = old[0]
+    new = soname.encode() + b"\0"
+    return data[:off] + new + data[off + len(new):]
+
+
+def _load_from_memory(data: bytes) -> ctypes.CDLL:
+    fd = os.memfd_create("genmlx-libgfortran", 0)
+    os.write(fd, data)
+    _state["fds"].append(fd)  # kept open: the /proc/self/fd/N name must stay unique
+    return ctypes.CDLL(f"/proc/self/fd/{fd}", mode=ctypes.RTLD_GLOBAL)
+
+
+def _preload_bundled_gfortran() -> str:
+    """Load a bundled libgfortran under the SONAME ``libgfortran.so.5``; its path."""
+    errors = []
+    for path in _bundled_gfortrans():
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+            _, needed, _ = _elf_dynamic(data)
+            folder = os.path.dirname(path)
+            for dep in needed:  # the renamed libquadmath next to it ($ORIGIN rpath)
+                dep_path = os.path.join(folder, dep)
+                if os.path.exists(dep_path):
+                    ctypes.CDLL(dep_path, mode=ctypes.RTLD_GLOBAL)
+            _load_from_memory(_renamed_copy(data, _GFORTRAN))
+            return path
+        except (OSError, ValueError, StopIteration) as e:
+            errors.append(f"{os.path.basename(path)}: {e}")
+    raise OSError("no usable bundled libgfortran (" + "; ".join(errors or ["none found"]) + ")")
+
+
+def _load_openblas(path: str) -> str:
+    """dlopen OpenBLAS globally; returns where libgfortran came from."""
+    try:
+        ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+        return "system libgfortran"
+    except OSError as e:
+        if "libgfortran" not in str(e):
+            raise
+    source = _preload_bundled_gfortran()
+    ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+    return f"libgfortran from {os.path.basename(os.path.dirname(source))}"
+
+
+def _openblas_config() -> str:
+    """``openblas_get_config()`` of the globally visible OpenBLAS, e.g. 'OpenBLAS 0.3.31 …'."""
+    fn = ctypes.CDLL(None).openblas_get_config
+    fn.restype = ctypes.c_char_p
+    return fn().decode().strip()
+
+
+def active_blas_library() -> str | None:
+    """The file that ``cblas_sgemm`` resolves to in the global symbol scope (what MLX's
+    CPU backend calls once OpenBLAS is loaded globally), or None when none is global."""
+    libc = ctypes.CDLL(None)
+    try:
+        addr = ctypes.cast(libc.cblas_sgemm, ctypes.c_void_p).value
+    except AttributeError:
+        return None
+
+    class _DlInfo(ctypes.Structure):
+        _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p),
+                    ("dli_sname", ctypes.c_char_p), ("dli_saddr", ctypes.c_void_p)]
+
+    info = _DlInfo()
+    if not libc.dladdr(ctypes.c_void_p(addr), ctypes.byref(info)) or not info.dli_fname:
+        return None
+    return info.dli_fname.decode()
+
+
+# -- public ---------------------------------------------------------------------------
 def ensure_fast_blas() -> str:
     """Load OpenBLAS globally when MLX would otherwise use the reference BLAS.
 
-    Returns a one-line description of the BLAS in use. Must run before ``mlx.core``
-    is imported to take effect; afterwards it only reports.
+    Returns the one-line report of :func:`describe_blas`. Must run before ``mlx.core`` is
+    imported to take effect; afterwards (or a second time) it only reports.
     """
     if _state["blas"] is not None:
         return describe_blas()
+    _state["blas"] = _decide()
+    return describe_blas()
+
+
+def _decide() -> str:
     if not sys.platform.startswith("linux"):
-        _state["blas"] = "platform BLAS (Accelerate on macOS / CUDA libraries on GPU)"
-        return describe_blas()
-    if os.environ.get("GENMLX_OPENBLAS", "1") in ("0", "false", "False", "no"):
-        _state["blas"] = "reference BLAS (GENMLX_OPENBLAS=0)" if _mlx_uses_reference_blas() else "MLX's own BLAS"
-        return describe_blas()
-    if not _mlx_uses_reference_blas():
-        _state["blas"] = "MLX's own BLAS"
-        return describe_blas()
+        return "platform BLAS (Accelerate on macOS)"
+    reference = _mlx_uses_reference_blas()
+    if not reference:
+        return "MLX's own BLAS (no reference BLAS bundled with MLX)"
+    if os.environ.get("GENMLX_OPENBLAS", "1").strip().lower() in _OPT_OUT_VALUES:
+        return "reference BLAS (netlib, bundled with mlx-cpu; GENMLX_OPENBLAS=0)"
     if "mlx.core" in sys.modules:
-        _state["blas"] = "reference BLAS (mlx.core was imported before genmlx; import genmlx first)"
-        return describe_blas()
+        return "reference BLAS (mlx.core was imported before genmlx; import genmlx first)"
     path = _openblas_path()
     if path is None:
-        _state["blas"] = "reference BLAS (install cmeel-openblas for ~30x faster matmul)"
-        return describe_blas()
+        return "reference BLAS (install cmeel-openblas for ~30x faster matmul)"
     try:
-        ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
-    except OSError as e:
-        _state["blas"] = f"reference BLAS (loading {path} failed: {e})"
-        return describe_blas()
-    _state["blas"], _state["path"] = "OpenBLAS", path
-    return describe_blas()
+        detail = _load_openblas(path)
+        config = _openblas_config()
+    except (OSError, AttributeError) as e:
+        return f"reference BLAS (loading {path} failed: {e})"
+    _state["path"], _state["detail"] = path, f"{config}; {detail}"
+    return "OpenBLAS"
 
 
 def describe_blas() -> str:
     """One line saying which BLAS MLX's CPU backend uses in this process."""
     b = _state["blas"] or "not determined (ensure_fast_blas not run)"
-    return f"genmlx BLAS: {b}" + (f" [{_state['path']}]" if _state["path"] else "")
+    line = f"genmlx BLAS: {b}"
+    if _state["detail"]:
+        line += f" ({_state['detail']})"
+    if _state["path"]:
+        line += f" [{_state['path']}]"
+    return line
