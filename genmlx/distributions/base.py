@@ -207,10 +207,12 @@ class Distribution(GenerativeFunction):
             u = v.u
             expect_u = sup.unconstrained_shape(self.shape)
             if tuple(u.shape) != tuple(expect_u):
-                raise ConstraintShapeError(
+                err = ConstraintShapeError(
                     f"{self.name}: unconstrained value has shape {tuple(u.shape)}, "
                     f"expected {tuple(expect_u)}"
                 )
+                err.expected_shape = tuple(expect_u)  # read by inference.unconstrained
+                raise err
             x = sup.from_unconstrained(u)
             return x, mx.sum(sup.log_abs_det_jacobian(u))
         v = _as_array(v)
