@@ -70,7 +70,7 @@ class ChoiceMap:
         return self._is_leaf
 
     def has_value(self, addr: Address | None = None) -> bool:
-        node = self if addr is None else self._find(to_path(addr))
+        node = self if addr is None else self._find(_path(addr))
         return node is not None and node._is_leaf
 
     def get_value(self, addr: Address | None = None) -> Any:
@@ -84,7 +84,7 @@ class ChoiceMap:
         return not self._is_leaf and not self._children
 
     def get_submap(self, addr: Address) -> "ChoiceMap":
-        node = self._find(to_path(addr))
+        node = self._find(_path(addr))
         return _EMPTY if node is None else node
 
     def submap_at_path(self, path: Path) -> "ChoiceMap":
@@ -96,7 +96,9 @@ class ChoiceMap:
         return dict(self._children)
 
     def __getitem__(self, addr: Address) -> Any:
-        path = to_path(addr)
+        if isinstance(addr, tuple) and not addr:
+            return self.get_value()
+        path = _path(addr)
         node = self._find(path)
         if node is None or node.is_empty():
             raise MissingChoiceError("no choice at this address", path)
@@ -107,7 +109,7 @@ class ChoiceMap:
         return node._value
 
     def __contains__(self, addr: Address) -> bool:
-        node = self._find(to_path(addr))
+        node = self._find(_path(addr))
         return node is not None and not node.is_empty()
 
     def __iter__(self) -> Iterator[tuple[Address, Any]]:
@@ -233,6 +235,13 @@ class ChoiceMap:
         return all(_values_equal(a[k], b[k]) for k in a)
 
     __hash__ = None
+
+
+def _path(addr) -> Path:
+    """Like ``to_path`` but ``()`` is the root (used internally and by generic code)."""
+    if isinstance(addr, tuple) and not addr:
+        return ()
+    return to_path(addr)
 
 
 def _values_equal(x, y) -> bool:

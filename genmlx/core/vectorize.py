@@ -41,6 +41,31 @@ def _flat_trace(tr: Trace):
     return tree_flatten(_strip(tr))
 
 
+def _vmapped(body, in_axes=0):
+    """``mx.vmap(body)`` for a body returning a list of arrays, robust to the same
+    array object appearing several times among the outputs (MLX 0.32 gives the
+    repeated outputs a wrong batch axis, so each distinct array is returned once)."""
+    box = {}
+
+    def unique_body(*xs):
+        outs = body(*xs)
+        index, uniq, pos = [], [], {}
+        for o in outs:
+            j = pos.get(id(o))
+            if j is None:
+                j = pos[id(o)] = len(uniq)
+                uniq.append(o)
+            index.append(j)
+        box["index"] = index
+        return uniq
+
+    def call(*xs):
+        uniq = mx.vmap(unique_body, in_axes=in_axes)(*xs)
+        return [uniq[j] for j in box["index"]]
+
+    return call
+
+
 def vsimulate(gf, key: mx.array, args: tuple, n: int) -> Trace:
     """n independent ``simulate`` calls, batched."""
     keys = _split(key, n)
@@ -50,7 +75,7 @@ def vsimulate(gf, key: mx.array, args: tuple, n: int) -> Trace:
         leaves, box["td"] = _flat_trace(gf.simulate(k, args))
         return leaves
 
-    leaves = mx.vmap(body)(keys)
+    leaves = _vmapped(body)(keys)
     return _dress(tree_unflatten(box["td"], leaves), args, n)
 
 
@@ -117,7 +142,7 @@ def vgenerate(gf, key: mx.array, args: tuple, constraints: ChoiceMap, n: int):
         leaves, box["td"] = _flat_trace(tr)
         return [w] + leaves
 
-    out = mx.vmap(body, in_axes=(0, *axes))(keys, *cvals)
+    out = _vmapped(body, in_axes=(0, *axes))(keys, *cvals)
     return _dress(tree_unflatten(box["td"], out[1:]), args, n), out[0]
 
 
@@ -145,7 +170,7 @@ def batched_update(gf, key, trace: Trace, constraints, args, argdiffs):
         box["nl"] = len(leaves)
         return [w] + leaves + dleaves
 
-    out = mx.vmap(body, in_axes=(0, *([0] * nt), *axes))(keys, *tleaves, *cvals)
+    out = _vmapped(body, in_axes=(0, *([0] * nt), *axes))(keys, *tleaves, *cvals)
     nl = box["nl"]
     new = tree_unflatten(box["td"], out[1:1 + nl])
     discard = tree_unflatten(box["dtd"], out[1 + nl:])
@@ -168,7 +193,7 @@ def batched_regenerate(gf, key, trace: Trace, selection: Selection, args, argdif
         box["retdiff"] = retdiff
         return [w] + leaves
 
-    out = mx.vmap(body, in_axes=(0, *([0] * len(tleaves))))(keys, *tleaves)
+    out = _vmapped(body, in_axes=(0, *([0] * len(tleaves))))(keys, *tleaves)
     new = tree_unflatten(box["td"], out[1:])
     new_args = old_args if args is None else args
     return _dress(new, new_args, n), out[0], box["retdiff"]
@@ -181,9 +206,9 @@ def batched_project(gf, trace: Trace, selection: Selection) -> mx.array:
 
     def body(*flat):
         tr = replace(tree_unflatten(ttd, list(flat)), args=old_args)
-        return gf._project(tr, selection)
+        return [gf._project(tr, selection)]
 
-    return mx.vmap(body)(*tleaves)
+    return _vmapped(body)(*tleaves)[0]
 
 
 def unbatch(trace: Trace, i: int) -> Trace:
