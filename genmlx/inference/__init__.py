@@ -1,0 +1,22 @@
+"""Inference algorithms (``gm.inference``)."""
+
+from genmlx.inference.resampling import (  # noqa: F401
+    effective_sample_size,
+    log_mean_exp,
+    multinomial,
+    normalized_weights,
+    offspring_counts,
+    resample_indices,
+    residual,
+    stratified,
+    systematic,
+)
+from genmlx.inference.particles import WeightedParticles  # noqa: F401
+from genmlx.inference.importance import (  # noqa: F401
+    ProposalCoverageError,
+    check_proposal_coverage,
+    importance_resampling,
+    importance_sampling,
+)
+from genmlx.inference.mh import mh  # noqa: F401
+from genmlx.inference.kernels import cycle, mh_kernel, mix, repeat, run_kernel  # noqa: F401

@@ -1,0 +1,207 @@
+"""Shared helpers for the inference algorithms: particle-batched trace surgery and a
+cache of ``mx.compile``d functions keyed by static structure.
+
+A batched trace's array leaves (after stripping the shared top-level ``args``) all
+carry the particle axis first, so gathering, selecting and concatenating particles
+is a map over those leaves.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import replace
+from typing import Any, Callable
+
+import mlx.core as mx
+
+from genmlx.core.choicemap import ChoiceMap
+from genmlx.core.pytree import tree_flatten, tree_unflatten
+from genmlx.core.selection import (
+    AddressSelection,
+    AllSelection,
+    Complement,
+    Intersection,
+    NoneSelection,
+    Selection,
+    Union,
+)
+from genmlx.core.trace import Trace
+
+
+# -- batched traces ---------------------------------------------------------------
+def flatten_particles(tr: Trace):
+    """(leaves with leading particle axis, treedef) of a batched trace (args stripped)."""
+    return tree_flatten(replace(tr, args=None, batch_size=None))
+
+
+def rebuild_particles(td, leaves, args: tuple, n: int) -> Trace:
+    return replace(tree_unflatten(td, leaves), args=tuple(args), batch_size=n)
+
+
+def take_particles(tr: Trace, idx: mx.array) -> Trace:
+    """The batched trace made of particles ``idx`` (an int array [m]) of ``tr``."""
+    leaves, td = flatten_particles(tr)
+    return rebuild_particles(td, [mx.take(x, idx, axis=0) for x in leaves], tr.args, int(idx.shape[0]))
+
+
+def concat_particles(traces: list[Trace]) -> Trace:
+    """Concatenate batched traces of one structure along the particle axis."""
+    flats = [flatten_particles(t) for t in traces]
+    td = flats[0][1]
+    for _, other in flats[1:]:
+        if other != td:
+            raise ValueError("cannot concatenate batched traces of different structure")
+    leaves = [mx.concatenate(xs, axis=0) for xs in zip(*(f[0] for f in flats))]
+    return rebuild_particles(td, leaves, traces[0].args, sum(t.batch_size for t in traces))
+
+
+def _bcast(mask: mx.array, x: mx.array) -> mx.array:
+    return mask.reshape(mask.shape + (1,) * (x.ndim - mask.ndim))
+
+
+def where_trace(mask: mx.array, a: Trace, b: Trace) -> Trace:
+    """Per particle (``mask`` [n]) or whole-trace (scalar ``mask``) choice of ``a`` where
+    ``mask`` else ``b``. Both traces must have the same structure; the result keeps
+    ``a``'s (shared) arguments."""
+    la, tda = tree_flatten(replace(a, args=None, batch_size=None))
+    lb, tdb = tree_flatten(replace(b, args=None, batch_size=None))
+    if tda != tdb:
+        raise ValueError(
+            "the proposed trace has a different structure (addresses or static values) "
+            "from the current one; accept/reject by mx.where needs a fixed structure"
+        )
+    out = tree_unflatten(tda, [mx.where(_bcast(mask, x), x, y) for x, y in zip(la, lb)])
+    return replace(out, args=a.args, batch_size=a.batch_size)
+
+
+def set_particle(tr: Trace, i: int, single: Trace) -> Trace:
+    """A copy of batched ``tr`` whose particle ``i`` is the unbatched trace ``single``."""
+    leaves, td = flatten_particles(tr)
+    sl, std = tree_flatten(replace(single, args=None, batch_size=None))
+    if std != td:
+        raise ValueError("set_particle: the trace's structure differs from the batch's")
+    out = []
+    for x, s in zip(leaves, sl):
+        s = mx.broadcast_to(s, x.shape[1:]).astype(x.dtype)[None]
+        out.append(mx.concatenate([x[:i], s, x[i + 1:]], axis=0))
+    return rebuild_particles(td, out, tr.args, tr.batch_size)
+
+
+def vpropose(gf, key: mx.array, args: tuple, n: int):
+    """n independent ``propose`` calls, batched: (choices with leading axis n, weights [n])."""
+    keys = mx.random.split(key, n)
+    box = {}
+
+    def body(k):
+        choices, w, _ = gf.propose(k, args)
+        leaves, box["td"] = tree_flatten(choices)
+        return [w] + leaves
+
+    out = mx.vmap(body)(keys)
+    return tree_unflatten(box["td"], out[1:]), out[0]
+
+
+def vmap_particles(fn: Callable, key: mx.array, tr: Trace, *shared) -> Any:
+    """Apply ``fn(key_i, trace_i, *shared)`` to every particle of batched ``tr`` as one
+    vmapped computation. ``fn`` returns a pytree whose arrays get a leading axis n."""
+    n = tr.batch_size
+    keys = mx.random.split(key, n)
+    leaves, td = flatten_particles(tr)
+    args = tr.args
+    box = {}
+
+    def body(k, *flat):
+        single = replace(tree_unflatten(td, list(flat)), args=args)
+        out = fn(k, single, *shared)
+        ol, box["td"] = tree_flatten(out)
+        return ol
+
+    out = mx.vmap(body)(keys, *leaves)
+    return tree_unflatten(box["td"], out)
+
+
+def strip_single(tr: Trace) -> Trace:
+    return replace(tr, args=None, batch_size=None)
+
+
+# -- choice maps and selections ----------------------------------------------------
+def choice_paths(cm: ChoiceMap) -> list[tuple]:
+    return [p for p, _ in cm.leaves()]
+
+
+def covered(path: tuple, paths) -> bool:
+    """Whether ``path`` equals, or lies below, one of ``paths``."""
+    return any(path[: len(p)] == p for p in paths)
+
+
+def selection_key(s: Selection):
+    """A hashable description of a selection (equal for equal selections)."""
+    if isinstance(s, AllSelection):
+        return ("all",)
+    if isinstance(s, NoneSelection):
+        return ("none",)
+    if isinstance(s, AddressSelection):
+        items = sorted(((k, selection_key(v)) for k, v in s._trie.items()), key=repr)
+        return ("addr", tuple(items))
+    if isinstance(s, Complement):
+        return ("not", selection_key(s.inner))
+    if isinstance(s, Union):
+        return ("or", selection_key(s.a), selection_key(s.b))
+    if isinstance(s, Intersection):
+        return ("and", selection_key(s.a), selection_key(s.b))
+    return ("obj", s)
+
+
+# -- compile cache --------------------------------------------------------------------
+_CACHE: "OrderedDict[Any, tuple]" = OrderedDict()
+_CACHE_SIZE = 256
+
+
+def cached_call(fn: Callable, static_key: Any, payload: Any, *trees, compile: bool = True):
+    """Call ``fn(payload, *trees)`` through a cached ``mx.compile``.
+
+    ``trees`` are pytrees of arrays (traces, choice maps, keys, tuples); their array
+    leaves are the compiled function's inputs and their treedefs (which hold every
+    Python constant) are part of the cache key together with ``fn`` and ``static_key``.
+    ``payload`` holds objects used only while tracing (models, selections); anything in
+    it that changes the computation must be reflected in ``static_key``.
+    """
+    flats = [tree_flatten(t) for t in trees]
+    tds = tuple(td for _, td in flats)
+    leaves = [x for ls, _ in flats for x in ls]
+    if not compile:
+        return fn(payload, *trees)
+    try:
+        ckey = (fn, static_key, tds)
+        hash(ckey)
+    except TypeError:
+        ckey = None
+    entry = _CACHE.get(ckey) if ckey is not None else None
+    if entry is None:
+        counts = [len(ls) for ls, _ in flats]
+        box: dict = {}
+
+        def flat_fn(*flat):
+            it, rebuilt = 0, []
+            for c, td in zip(counts, tds):
+                rebuilt.append(tree_unflatten(td, list(flat[it:it + c])))
+                it += c
+            out = fn(payload, *rebuilt)
+            ol, box["td"] = tree_flatten(out)
+            return ol
+
+        entry = (mx.compile(flat_fn), box)
+        if ckey is not None:
+            _CACHE[ckey] = entry
+            if len(_CACHE) > _CACHE_SIZE:
+                _CACHE.popitem(last=False)
+    else:
+        _CACHE.move_to_end(ckey)
+    cfn, box = entry
+    out = cfn(*leaves)
+    return tree_unflatten(box["td"], out)
+
+
+def clear_compile_cache() -> None:
+    """Forget every cached compiled inference function."""
+    _CACHE.clear()

@@ -1,0 +1,134 @@
+"""Resampling schemes for weighted particles, and weight utilities.
+
+Each scheme maps log-weights ``[n]`` to ``m`` ancestor indices whose offspring counts
+``N_i`` are unbiased: E[N_i] = m · w_i with w = softmax(log-weights). All are branch-free
+fixed-shape computations (they work under ``mx.compile`` and ``mx.vmap``).
+
+- multinomial: m i.i.d. draws from Categorical(w).
+- stratified:  u_j = (j + U_j)/m with independent U_j ~ U(0, 1), index = F⁻¹(u_j).
+- systematic:  as stratified with one shared U.
+- residual:    N_i = ⌊m w_i⌋ + multinomial(R, residual weights ∝ m w_i − ⌊m w_i⌋),
+               R = m − Σ ⌊m w_i⌋.
+The stratified, systematic and residual indices come out sorted.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import mlx.core as mx
+
+
+def log_normalize(log_weights: mx.array) -> mx.array:
+    """log w_i − logsumexp(log w)."""
+    return log_weights - mx.logsumexp(log_weights, axis=-1, keepdims=True)
+
+
+def normalized_weights(log_weights: mx.array) -> mx.array:
+    """w_i = exp(log w_i) / Σ_j exp(log w_j)."""
+    return mx.softmax(log_weights, axis=-1)
+
+
+def effective_sample_size(log_weights: mx.array) -> mx.array:
+    """ESS = (Σ w)² / Σ w² = exp(2 logsumexp(lw) − logsumexp(2 lw))."""
+    return mx.exp(2 * mx.logsumexp(log_weights, axis=-1) - mx.logsumexp(2 * log_weights, axis=-1))
+
+
+def log_mean_exp(log_weights: mx.array) -> mx.array:
+    """log (1/n Σ exp(lw_i)) — the log of the unbiased marginal-likelihood estimate."""
+    n = log_weights.shape[-1]
+    return mx.logsumexp(log_weights, axis=-1) - math.log(n)
+
+
+def _safe_logits(log_weights: mx.array) -> mx.array:
+    # all −inf (every particle impossible) would give NaN probabilities: fall back to uniform
+    ok = mx.max(log_weights) > -mx.inf
+    return mx.where(ok, log_weights, mx.zeros_like(log_weights))
+
+
+def _cdf(log_weights: mx.array) -> mx.array:
+    w = normalized_weights(_safe_logits(log_weights))
+    c = mx.cumsum(w)
+    return c / c[-1]
+
+
+def _invert(cdf: mx.array, u: mx.array) -> mx.array:
+    n = cdf.shape[0]
+    idx = mx.searchsorted(cdf, u, side="right").astype(mx.int32)
+    return mx.minimum(idx, n - 1)
+
+
+def multinomial(key: mx.array, log_weights: mx.array, m: int | None = None) -> mx.array:
+    """m i.i.d. ancestor indices from Categorical(softmax(log_weights))."""
+    m = log_weights.shape[0] if m is None else m
+    return mx.random.categorical(_safe_logits(log_weights), num_samples=m, key=key).astype(mx.int32)
+
+
+def stratified(key: mx.array, log_weights: mx.array, m: int | None = None) -> mx.array:
+    """Stratified resampling: one uniform in each of the m strata [j/m, (j+1)/m)."""
+    m = log_weights.shape[0] if m is None else m
+    u = (mx.arange(m, dtype=mx.float32) + mx.random.uniform(shape=(m,), key=key)) / m
+    return _invert(_cdf(log_weights), u)
+
+
+def systematic(key: mx.array, log_weights: mx.array, m: int | None = None) -> mx.array:
+    """Systematic resampling: u_j = (j + U)/m with a single U ~ U(0, 1)."""
+    m = log_weights.shape[0] if m is None else m
+    u = (mx.arange(m, dtype=mx.float32) + mx.random.uniform(shape=(), key=key)) / m
+    return _invert(_cdf(log_weights), u)
+
+
+def residual(key: mx.array, log_weights: mx.array, m: int | None = None) -> mx.array:
+    """Residual resampling: the integer parts of m·w deterministically, the remaining
+    R draws multinomially from the fractional parts."""
+    n = log_weights.shape[0]
+    m = n if m is None else m
+    w = normalized_weights(_safe_logits(log_weights))
+    mw = m * w
+    base = mx.floor(mw)
+    frac = mx.maximum(mw - base, 0.0)
+    r = mx.maximum(m - mx.sum(base), 0.0)
+    has_rest = mx.sum(frac) > 0
+    logits = mx.where(has_rest, mx.log(frac), mx.zeros_like(frac))
+    extra = mx.random.categorical(logits, num_samples=m, key=key)
+    use = (mx.arange(m) < r).astype(mx.float32)
+    counts = base + mx.zeros((n,)).at[extra].add(use)
+    return indices_from_counts(counts, m)
+
+
+def indices_from_counts(counts: mx.array, m: int) -> mx.array:
+    """Sorted ancestor indices [m] in which particle i appears ``counts[i]`` times."""
+    cum = mx.cumsum(counts)
+    return _invert(cum, mx.arange(m, dtype=cum.dtype))
+
+
+def offspring_counts(indices: mx.array, n: int) -> mx.array:
+    """How many times each of the n particles appears in ``indices``."""
+    return mx.zeros((n,), dtype=mx.int32).at[indices].add(mx.ones(indices.shape, dtype=mx.int32))
+
+
+SCHEMES: dict[str, Callable] = {
+    "multinomial": multinomial,
+    "stratified": stratified,
+    "systematic": systematic,
+    "residual": residual,
+}
+
+
+def get_scheme(scheme: str | Callable) -> Callable:
+    """The resampling function for a scheme name (or a callable passed through)."""
+    if callable(scheme):
+        return scheme
+    try:
+        return SCHEMES[scheme]
+    except KeyError:
+        raise ValueError(
+            f"unknown resampling scheme {scheme!r}; choose one of {sorted(SCHEMES)}"
+        ) from None
+
+
+def resample_indices(key: mx.array, log_weights: mx.array, m: int | None = None,
+                     scheme: str | Callable = "multinomial") -> mx.array:
+    """Ancestor indices [m] by the named scheme."""
+    return get_scheme(scheme)(key, log_weights, m)
