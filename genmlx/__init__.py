@@ -7,6 +7,7 @@ ensure_fast_blas()  # before mlx.core is imported anywhere below
 
 from genmlx.core.address import Address  # noqa: E402
 from genmlx.core.choicemap import ChoiceMap, choicemap  # noqa: E402
+from genmlx.core.compile import compile  # noqa: E402,A004
 from genmlx.core.diff import Diff, IntDiff, NoChange, UnknownChange, VectorDiff  # noqa: E402
 from genmlx.core.dynamic import DynamicGF, DynamicTrace, gen  # noqa: E402
 from genmlx.core.errors import (  # noqa: E402

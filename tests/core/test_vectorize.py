@@ -112,3 +112,24 @@ def test_unbatch_and_stack_round_trip():
     again = gm.stack_traces(parts)
     assert np.array_equal(np.array(again.score), np.array(btr.score))
     assert again.batch_size == 4
+
+
+def test_gm_compile_with_traces_in_and_out():
+    obs = gm.choicemap({"y": mx.ones(4)})
+
+    @gm.compile
+    def init(key):
+        return counted.vgenerate(key, (XS,), obs, 16)
+
+    @gm.compile
+    def step(key, tr):
+        new, w, _ = counted.regenerate(key, tr, gm.select("a"))
+        return new, w
+
+    tr, w = init(mx.random.key(0))
+    assert tr.batch_size is None or tr.batch_size == 16
+    assert tr.score.shape == (16,)
+    new, w2 = step(mx.random.key(1), tr)
+    again, w3 = step(mx.random.key(1), tr)
+    assert np.array_equal(np.array(w2), np.array(w3))
+    assert np.array_equal(np.array(new["b"]), np.array(tr["b"]))
