@@ -1,0 +1,125 @@
+"""Per-step pieces of the training loop: keys, optimizers, the train step, rollback.
+
+Keys are a pure function of ``(seed, step)`` (SplitMix64 of the pair seeds
+``mx.random.key``), so a resumed run draws exactly the keys an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_map
+
+_MASK = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK
+    return x ^ (x >> 31)
+
+
+def step_key(seed: int, step: int, salt: int = 0) -> mx.array:
+    """The PRNG key of optimizer step ``step`` (``salt`` separates other streams, such as
+    validation): a pure function of its arguments."""
+    return mx.random.key(_splitmix64(_splitmix64(_splitmix64(seed) ^ step) ^ salt))
+
+
+# -- optimizers and schedules -------------------------------------------------------------------
+def learning_rate(cfg_optim, steps_per_epoch: int):
+    """The learning rate, a constant or a schedule ``step -> lr`` (an mx function).
+
+    - exponential: lr·rate^(step/decay_steps)
+    - cosine: cosine decay to 0 over decay_steps
+    - iwae (Burda et al.): pass p runs at lr·10^(−i/7) for stage i = ⌊log₃(2p+1)⌋, i.e.
+      stage i lasts 3^i passes over the data.
+    """
+    c = cfg_optim
+    if c.schedule == "constant":
+        return c.lr
+    if c.schedule == "exponential":
+        return optim.exponential_decay(c.lr, c.decay_rate ** (1.0 / c.decay_steps))
+    if c.schedule == "cosine":
+        return optim.cosine_decay(c.lr, c.decay_steps)
+    if c.schedule == "iwae":
+        nb, log3, lr0 = float(steps_per_epoch), math.log(3.0), c.lr
+
+        def iwae(step):
+            p = mx.floor(step.astype(mx.float32) / nb)
+            stage = mx.floor(mx.log(2.0 * p + 1.0) / log3 + 1e-4)
+            return lr0 * mx.power(10.0, -stage / 7.0)
+
+        return iwae
+    raise ValueError(f"optim.schedule: unknown schedule {c.schedule!r}")
+
+
+def build_optimizer(cfg_optim, steps_per_epoch: int = 1):
+    c = cfg_optim
+    lr = learning_rate(c, steps_per_epoch)
+    if c.name == "adam":
+        return optim.Adam(lr, betas=list(c.betas), eps=c.eps)
+    if c.name == "adamw":
+        return optim.AdamW(lr, betas=list(c.betas), eps=c.eps, weight_decay=c.weight_decay)
+    if c.name == "sgd":
+        return optim.SGD(lr, momentum=c.momentum, weight_decay=c.weight_decay)
+    raise ValueError(f"optim.name: unknown optimizer {c.name!r}")
+
+
+# -- the step ----------------------------------------------------------------------------------------
+def global_norm(grads) -> mx.array:
+    from mlx.utils import tree_flatten
+
+    return mx.sqrt(sum(mx.sum(mx.square(g.astype(mx.float32))) for _, g in tree_flatten(grads)))
+
+
+def local_train_step(objective, optimizer, compile: bool = True):
+    """``step(key, data) -> metrics`` (loss, grad_norm, objective metrics): one gradient
+    step of ``objective.loss`` on all parameters of ``objective.trainable()``.
+
+    Used when ``gm.amortized.make_train_step`` is not available (or for objectives that are
+    not amortized ones, such as the harness's self-test task)."""
+    module = objective.trainable()
+    vg = nn.value_and_grad(module, lambda key, data: objective.loss(key, data))
+
+    def step(key, data):
+        (loss, metrics), grads = vg(key, data)
+        optimizer.update(module, grads)
+        out = dict(metrics)
+        out["loss"] = loss
+        out["grad_norm"] = global_norm(grads)
+        return out
+
+    if compile:
+        state = [module.state, optimizer.state]
+        step = mx.compile(step, inputs=state, outputs=state)
+    return step
+
+
+def make_train_step(objective, optimizer, compile: bool = True):
+    """The library's compiled step for amortized objectives, else :func:`local_train_step`."""
+    if getattr(objective, "harness_local", False):
+        return local_train_step(objective, optimizer, compile)
+    try:
+        from genmlx.amortized import make_train_step as mts
+    except ImportError:
+        return local_train_step(objective, optimizer, compile)
+    return mts(objective, optimizer, compile=compile)
+
+
+# -- rollback of a bad step ------------------------------------------------------------------------
+def snapshot(module, optimizer):
+    """References to the current parameters and optimizer state (arrays are immutable,
+    so this copies nothing)."""
+    return module.trainable_parameters(), tree_map(lambda x: x, optimizer.state)
+
+
+def rollback(module, optimizer, snap) -> None:
+    """Put back a :func:`snapshot` (in place, so compiled steps keep seeing the state)."""
+    params, ostate = snap
+    module.update(params)
+    optimizer.state.clear()
+    optimizer.state.update(ostate)
