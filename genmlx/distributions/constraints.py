@@ -55,9 +55,15 @@ class _Real(Constraint):
     def log_abs_det_jacobian(self, u):
         return mx.zeros(u.shape[: u.ndim - self.event_ndim] if self.event_ndim else u.shape)
 
+    def __repr__(self):
+        return "real"
+
 
 class _RealVector(_Real):
     event_ndim = 1
+
+    def __repr__(self):
+        return "real_vector"
 
     def check(self, x):
         return mx.all(~mx.isnan(x), axis=-1)
@@ -141,6 +147,8 @@ class Interval(Constraint):
         return mx.log(width) - nn.softplus(-u) - nn.softplus(u)
 
     def __repr__(self):
+        if self.closed:
+            return f"closed_interval[{_fmt(self.lower)}, {_fmt(self.upper)}]"
         return f"interval({_fmt(self.lower)}, {_fmt(self.upper)})"
 
 
@@ -149,6 +157,9 @@ class _Simplex(Constraint):
     z_k = σ(u_k − log(K − k)), x_k = z_k·(1 − Σ_{j<k} x_j), x_K = remaining stick."""
 
     event_ndim = 1
+
+    def __repr__(self):
+        return "simplex"
 
     def check(self, x):
         return mx.all(x >= 0, axis=-1) & (mx.abs(mx.sum(x, axis=-1) - 1) < 1e-4)
@@ -162,8 +173,9 @@ class _Simplex(Constraint):
 
     def from_unconstrained(self, u):
         km1 = u.shape[-1]
-        z = mx.sigmoid(u - self._offsets(km1))
-        log_rest = mx.cumsum(mx.log1p(-z), axis=-1)  # log Π_{j≤k}(1 − z_j)
+        v = u - self._offsets(km1)
+        z = mx.sigmoid(v)
+        log_rest = mx.cumsum(-nn.softplus(v), axis=-1)  # log Π_{j≤k}(1 − z_j)
         rest_before = mx.exp(mx.concatenate([mx.zeros(u.shape[:-1] + (1,)), log_rest[..., :-1]], axis=-1))
         x = z * rest_before
         last = mx.exp(log_rest[..., -1:])
@@ -189,6 +201,9 @@ class _Simplex(Constraint):
 
 class _Boolean(Constraint):
     discrete = True
+
+    def __repr__(self):
+        return "boolean"
 
     def check(self, x):
         return (x == 0) | (x == 1)
@@ -224,6 +239,18 @@ class IntegerGreaterEqual(Constraint):
         return f"integer_greater_equal({_fmt(self.lower)})"
 
 
+class _Integer(Constraint):
+    """All integers (as float or int arrays)."""
+
+    discrete = True
+
+    def check(self, x):
+        return mx.floor(x) == x
+
+    def __repr__(self):
+        return "integer"
+
+
 class _PositiveDefinite(Constraint):
     event_ndim = 2
 
@@ -254,6 +281,7 @@ nonnegative = GreaterEqual(0.0)
 unit_interval = Interval(0.0, 1.0)
 simplex = _Simplex()
 boolean = _Boolean()
+integer = _Integer()
 nonnegative_integer = IntegerGreaterEqual(0)
 positive_integer = IntegerGreaterEqual(1)
 positive_definite = _PositiveDefinite()

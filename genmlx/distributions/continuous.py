@@ -1,4 +1,8 @@
-"""Univariate continuous distributions."""
+"""Univariate continuous distributions with reparameterized (pathwise) sampling.
+
+Every constructor takes an optional keyword ``shape=`` that broadcasts the batch shape
+(``normal(0, 1, shape=(3,))`` is three independent standard normals at one address).
+"""
 
 from __future__ import annotations
 
@@ -7,21 +11,30 @@ import math
 import mlx.core as mx
 
 from genmlx.distributions import constraints as C
+from genmlx.distributions._util import batch_shape, check, is_infinite, open_uniform, bounded_support
 from genmlx.distributions.base import Distribution, param
+from genmlx.distributions.special import (
+    HALF_LOG_2PI,
+    LOG_2,
+    log_ndtr,
+    log_normal_pdf_std,
+    ndtri_log,
+)
 
-_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+_LOG_PI = math.log(math.pi)
 
 
 class Normal(Distribution):
-    """N(mu, sigma²): log p(x) = −½((x − μ)/σ)² − log σ − ½ log 2π. Reparameterized."""
+    """N(mu, sigma²): log p(x) = −½((x − μ)/σ)² − log σ − ½ log 2π. x = μ + σ ε."""
 
     name = "normal"
     arg_constraints = {"mu": C.real, "sigma": C.positive}
     reparameterized = True
 
-    def __init__(self, mu, sigma):
+    def __init__(self, mu=0.0, sigma=1.0, *, shape=None):
         self.mu, self.sigma = param(mu), param(sigma)
-        self._init({"mu": self.mu, "sigma": self.sigma})
+        ps = {"mu": self.mu, "sigma": self.sigma}
+        self._init(ps, batch_shape(self.name, ps, shape))
 
     @property
     def support(self):
@@ -32,7 +45,7 @@ class Normal(Distribution):
 
     def _log_prob(self, x):
         z = (x - self.mu) / self.sigma
-        return -0.5 * z * z - mx.log(self.sigma) - _HALF_LOG_2PI
+        return -0.5 * z * z - mx.log(self.sigma) - HALF_LOG_2PI
 
     def mean(self):
         return mx.broadcast_to(self.mu, self.shape)
@@ -42,23 +55,21 @@ class Normal(Distribution):
 
 
 class Uniform(Distribution):
-    """U(low, high): log p(x) = −log(high − low) on (low, high). Reparameterized;
-    bounds may depend on other choices."""
+    """U(low, high): log p(x) = −log(high − low) on [low, high]. x = low + (high − low)u.
+    Bounds may depend on other choices (support interval(low, high))."""
 
     name = "uniform"
     arg_constraints = {"low": C.real, "high": C.real}
     reparameterized = True
 
-    def __init__(self, low, high):
+    def __init__(self, low=0.0, high=1.0, *, shape=None):
         self.low, self.high = param(low), param(high)
-        self._init({"low": self.low, "high": self.high})
+        ps = {"low": self.low, "high": self.high}
+        self._init(ps, batch_shape(self.name, ps, shape))
 
     def _validate(self):
         super()._validate()
-        from genmlx.core.validation import concrete_all
-
-        if concrete_all(self.low < self.high) is False:
-            raise ValueError(f"uniform: parameter 'high' must exceed 'low' (got low={self.low}, high={self.high})")
+        check(self.name, self.low < self.high, "parameter 'high' must exceed 'low'")
 
     @property
     def support(self):
@@ -79,5 +90,260 @@ class Uniform(Distribution):
         return mx.broadcast_to((self.high - self.low) ** 2 / 12, self.shape)
 
 
+class Exponential(Distribution):
+    """Exponential with ``rate`` λ: log p(x) = log λ − λx on x ≥ 0. x = −log(u)/λ."""
+
+    name = "exponential"
+    arg_constraints = {"rate": C.positive}
+    reparameterized = True
+
+    def __init__(self, rate=1.0, *, shape=None):
+        self.rate = param(rate)
+        ps = {"rate": self.rate}
+        self._init(ps, batch_shape(self.name, ps, shape))
+
+    @property
+    def support(self):
+        return C.positive
+
+    def _sample(self, key, shape):
+        return -mx.log(open_uniform(key, shape)) / self.rate
+
+    def _log_prob(self, x):
+        return mx.where(x >= 0, mx.log(self.rate) - self.rate * x, -mx.inf)
+
+    def mean(self):
+        return mx.broadcast_to(1.0 / self.rate, self.shape)
+
+    def variance(self):
+        return mx.broadcast_to(self.rate**-2, self.shape)
+
+
+class Laplace(Distribution):
+    """Laplace(loc, scale): log p(x) = −|x − loc|/scale − log(2 scale).
+    x = loc − scale·sign(v)·log(1 − 2|v|), v ~ U(−½, ½)."""
+
+    name = "laplace"
+    arg_constraints = {"loc": C.real, "scale": C.positive}
+    reparameterized = True
+
+    def __init__(self, loc=0.0, scale=1.0, *, shape=None):
+        self.loc, self.scale = param(loc), param(scale)
+        ps = {"loc": self.loc, "scale": self.scale}
+        self._init(ps, batch_shape(self.name, ps, shape))
+
+    @property
+    def support(self):
+        return C.real
+
+    def _sample(self, key, shape):
+        v = open_uniform(key, shape) - 0.5
+        return self.loc - self.scale * mx.sign(v) * mx.log1p(-2.0 * mx.abs(v))
+
+    def _log_prob(self, x):
+        return -mx.abs(x - self.loc) / self.scale - mx.log(2.0 * self.scale)
+
+    def mean(self):
+        return mx.broadcast_to(self.loc, self.shape)
+
+    def variance(self):
+        return mx.broadcast_to(2.0 * self.scale**2, self.shape)
+
+
+class Cauchy(Distribution):
+    """Cauchy(loc, scale): log p(x) = −log π − log scale − log(1 + ((x − loc)/scale)²).
+    x = loc + scale·tan(π(u − ½))."""
+
+    name = "cauchy"
+    arg_constraints = {"loc": C.real, "scale": C.positive}
+    reparameterized = True
+
+    def __init__(self, loc=0.0, scale=1.0, *, shape=None):
+        self.loc, self.scale = param(loc), param(scale)
+        ps = {"loc": self.loc, "scale": self.scale}
+        self._init(ps, batch_shape(self.name, ps, shape))
+
+    @property
+    def support(self):
+        return C.real
+
+    def _sample(self, key, shape):
+        u = open_uniform(key, shape)
+        return self.loc + self.scale * mx.tan(math.pi * (u - 0.5))
+
+    def _log_prob(self, x):
+        z = (x - self.loc) / self.scale
+        return -_LOG_PI - mx.log(self.scale) - mx.log1p(z * z)
+
+
+class HalfNormal(Distribution):
+    """|N(0, sigma²)|: log p(x) = log 2 − ½(x/σ)² − log σ − ½ log 2π on x ≥ 0. x = σ|ε|."""
+
+    name = "half_normal"
+    arg_constraints = {"sigma": C.positive}
+    reparameterized = True
+
+    def __init__(self, sigma=1.0, *, shape=None):
+        self.sigma = param(sigma)
+        ps = {"sigma": self.sigma}
+        self._init(ps, batch_shape(self.name, ps, shape))
+
+    @property
+    def support(self):
+        return C.positive
+
+    def _sample(self, key, shape):
+        return self.sigma * mx.abs(mx.random.normal(shape=shape, key=key))
+
+    def _log_prob(self, x):
+        z = x / self.sigma
+        lp = LOG_2 - 0.5 * z * z - mx.log(self.sigma) - HALF_LOG_2PI
+        return mx.where(x >= 0, lp, -mx.inf)
+
+    def mean(self):
+        return mx.broadcast_to(self.sigma * math.sqrt(2 / math.pi), self.shape)
+
+    def variance(self):
+        return mx.broadcast_to(self.sigma**2 * (1 - 2 / math.pi), self.shape)
+
+
+class HalfCauchy(Distribution):
+    """|Cauchy(0, scale)|: log p(x) = log 2 − log π − log scale − log(1 + (x/scale)²), x ≥ 0.
+    x = scale·tan(πu/2)."""
+
+    name = "half_cauchy"
+    arg_constraints = {"scale": C.positive}
+    reparameterized = True
+
+    def __init__(self, scale=1.0, *, shape=None):
+        self.scale = param(scale)
+        ps = {"scale": self.scale}
+        self._init(ps, batch_shape(self.name, ps, shape))
+
+    @property
+    def support(self):
+        return C.positive
+
+    def _sample(self, key, shape):
+        return self.scale * mx.tan(0.5 * math.pi * open_uniform(key, shape))
+
+    def _log_prob(self, x):
+        z = x / self.scale
+        lp = LOG_2 - _LOG_PI - mx.log(self.scale) - mx.log1p(z * z)
+        return mx.where(x >= 0, lp, -mx.inf)
+
+
+class LogNormal(Distribution):
+    """exp(N(mu, sigma²)): log p(x) = −log x − log σ − ½ log 2π − ½((log x − μ)/σ)², x > 0.
+    x = exp(μ + σ ε)."""
+
+    name = "log_normal"
+    arg_constraints = {"mu": C.real, "sigma": C.positive}
+    reparameterized = True
+
+    def __init__(self, mu=0.0, sigma=1.0, *, shape=None):
+        self.mu, self.sigma = param(mu), param(sigma)
+        ps = {"mu": self.mu, "sigma": self.sigma}
+        self._init(ps, batch_shape(self.name, ps, shape))
+
+    @property
+    def support(self):
+        return C.positive
+
+    def _sample(self, key, shape):
+        return mx.exp(self.mu + self.sigma * mx.random.normal(shape=shape, key=key))
+
+    def _log_prob(self, x):
+        pos = x > 0
+        lx = mx.log(mx.where(pos, x, 1.0))
+        z = (lx - self.mu) / self.sigma
+        lp = -lx - mx.log(self.sigma) - HALF_LOG_2PI - 0.5 * z * z
+        return mx.where(pos, lp, -mx.inf)
+
+    def mean(self):
+        return mx.broadcast_to(mx.exp(self.mu + 0.5 * self.sigma**2), self.shape)
+
+    def variance(self):
+        s2 = self.sigma**2
+        return mx.broadcast_to(mx.expm1(s2) * mx.exp(2 * self.mu + s2), self.shape)
+
+
+_BIG = 1e3  # standardized bounds beyond ±_BIG are treated as ±∞ (Φ(−1000) = 0 in float32)
+
+
+class TruncatedNormal(Distribution):
+    """N(mu, sigma²) restricted to (low, high):
+    log p(x) = log φ((x − μ)/σ) − log σ − log(Φ(b) − Φ(a)), a = (low − μ)/σ, b = (high − μ)/σ.
+
+    Sampled by inversion, reparameterized: z = Φ⁻¹((1 − u)Φ(a) + uΦ(b)), x = μ + σz,
+    evaluated in log space (log Φ, Φ⁻¹ of a log-probability) after reflecting the
+    interval into the lower tail (a + b ≤ 0), so that it stays accurate far in either
+    tail (e.g. low = 8σ). Bounds may be ±inf (give them as Python floats) or arrays
+    depending on other choices; the support is real / greater_than / less_than /
+    interval accordingly.
+    """
+
+    name = "truncated_normal"
+    arg_constraints = {"mu": C.real, "sigma": C.positive}
+    reparameterized = True
+
+    def __init__(self, mu=0.0, sigma=1.0, low=-math.inf, high=math.inf, *, shape=None):
+        self._low_inf, self._high_inf = is_infinite(low, -1.0), is_infinite(high, 1.0)
+        self.mu, self.sigma = param(mu), param(sigma)
+        self.low = param(-math.inf if low is None else low)
+        self.high = param(math.inf if high is None else high)
+        ps = {"mu": self.mu, "sigma": self.sigma, "low": self.low, "high": self.high}
+        self._init(ps, batch_shape(self.name, ps, shape))
+
+    def _validate(self):
+        super()._validate()
+        check(self.name, self.low < self.high, "parameter 'high' must exceed 'low'")
+
+    @property
+    def support(self):
+        return bounded_support(self.low, self.high, self._low_inf, self._high_inf)
+
+    def _std_bounds(self):
+        """Standardized bounds, infinite ones replaced by ∓_BIG with finite gradients."""
+        lo_inf = self.low == -mx.inf
+        hi_inf = self.high == mx.inf
+        a = (mx.where(lo_inf, self.mu, self.low) - self.mu) / self.sigma
+        b = (mx.where(hi_inf, self.mu, self.high) - self.mu) / self.sigma
+        a = mx.where(lo_inf, -_BIG, mx.clip(a, -_BIG, _BIG))
+        b = mx.where(hi_inf, _BIG, mx.clip(b, -_BIG, _BIG))
+        flip = (a + b) > 0
+        a_r = mx.where(flip, -b, a)
+        b_r = mx.where(flip, -a, b)
+        return a, b, flip, log_ndtr(a_r), log_ndtr(b_r)
+
+    def _log_z(self, lpa, lpb):
+        """log(Φ(b_r) − Φ(a_r)) from the reflected log-CDFs."""
+        return lpb + mx.log(-mx.expm1(lpa - lpb))
+
+    def _sample(self, key, shape):
+        a, b, flip, lpa, lpb = self._std_bounds()
+        u = open_uniform(key, shape)
+        lp = mx.logaddexp(mx.log1p(-u) + lpa, mx.log(u) + lpb)
+        z = ndtri_log(lp)
+        z = mx.where(flip, -z, z)
+        z = mx.clip(z, a, b)
+        return self.mu + self.sigma * z
+
+    def _log_prob(self, x):
+        _, _, _, lpa, lpb = self._std_bounds()
+        z = (x - self.mu) / self.sigma
+        lp = log_normal_pdf_std(z) - mx.log(self.sigma) - self._log_z(lpa, lpb)
+        inside = (x >= self.low) & (x <= self.high)
+        return mx.where(inside, lp, -mx.inf)
+
+
 normal = Normal
 uniform = Uniform
+exponential = Exponential
+laplace = Laplace
+cauchy = Cauchy
+half_normal = HalfNormal
+half_cauchy = HalfCauchy
+log_normal = LogNormal
+lognormal = LogNormal
+truncated_normal = TruncatedNormal
