@@ -20,3 +20,5 @@ from genmlx.inference.importance import (  # noqa: F401
 )
 from genmlx.inference.mh import mh  # noqa: F401
 from genmlx.inference.kernels import cycle, mh_kernel, mix, repeat, run_kernel  # noqa: F401
+from genmlx.inference.smc import SMCResult, conditional_smc, particle_gibbs, smc  # noqa: F401
+from genmlx.inference.enumerate import EnumerationResult, NotEnumerableError, enumerate_posterior  # noqa: F401

@@ -1,0 +1,293 @@
+"""Sequential Monte Carlo (particle filtering) over sequential models, and conditional
+SMC / particle Gibbs.
+
+The target sequence is the model's posterior with arguments ``args_t`` given the
+observations of steps 0..t. Step 0 runs ``generate``; step t ≥ 1 extends every particle
+with ``update(key, τ, obs_t, args_t, argdiffs_t)``. By default the model follows the
+``Unfold`` convention: its first argument is the number of steps T, so
+``args_t = (t + 1, *args[1:])`` with argdiffs ``(IntDiff(1), NoChange, …)``; pass
+``step_args(t) -> (args_t, argdiffs_t)`` for other models.
+
+Incremental log-weights (with the prior as proposal, the model's internal proposal):
+
+    α_t = log p(obs_t | x_{0:t}, obs_{<t})                     (update weight),
+
+with a custom proposal q(x_t; t, τ_{t−1}, obs_t, …) (a GF called as
+``proposal(t, prev_trace_or_None, obs_t, *proposal_args)`` whose choices are the new
+latent addresses of step t):
+
+    α_t = log p(x_t, obs_t | x_{0:t−1}) − log q(x_t)           (update weight − q score).
+
+When ESS < ``ess_threshold`` · n the particles are resampled (multinomial, systematic,
+stratified or residual) and every log-weight is set to the log mean weight, so that
+log Ẑ = log (1/n Σ exp(lw_i)) at the end is the log of an unbiased estimate of p(obs).
+An optional MCMC kernel ``rejuvenation(key, traces)`` (MH, HMC, …) is applied after
+each step's resampling decision.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable, Sequence
+
+import mlx.core as mx
+from tqdm.auto import tqdm
+
+from genmlx.core.choicemap import ChoiceMap
+from genmlx.core.diff import IntDiff, NoChange
+from genmlx.core.dynamic import _as_choicemap
+from genmlx.core.gfi import GenerativeFunction
+from genmlx.core.pytree import tree_flatten
+from genmlx.core.selection import select
+from genmlx.core.trace import Trace
+from genmlx.core.vectorize import stack_traces, unbatch
+from genmlx.inference import resampling as R
+from genmlx.inference._util import (
+    cached_call,
+    choice_paths,
+    covered,
+    set_particle,
+    strip_single,
+    take_particles,
+    vmap_particles,
+    vpropose,
+)
+from genmlx.inference.kernels import as_kernel_output
+from genmlx.inference.particles import WeightedParticles
+
+
+@dataclass(frozen=True)
+class SMCResult(WeightedParticles):
+    """Weighted particles after the last step, plus per-step diagnostics:
+    ``ess_history`` (ESS before each resampling decision) and ``resampled`` (flags)."""
+
+    ess_history: tuple = ()
+    resampled: tuple = ()
+
+
+# -- problem set-up ------------------------------------------------------------------
+def _steps(args: tuple, observations, step_args):
+    """(T, obs_t getter, args_t/argdiffs_t getter)."""
+    if isinstance(observations, ChoiceMap):
+        if not args or not isinstance(args[0], int):
+            raise ValueError(
+                "smc: with observations as one choice map, the model's first argument must be "
+                "the number of steps T (an int); or pass a list of per-step choice maps"
+            )
+        T = args[0]
+
+        def obs_at(t):
+            sub = observations.get_submap(t)
+            return ChoiceMap.empty() if sub.is_empty() else ChoiceMap.empty().set_submap((t,), sub)
+    else:
+        obs_list = [_as_choicemap(o) for o in observations]
+        T = len(obs_list)
+
+        def obs_at(t):
+            return obs_list[t]
+
+    if T < 1:
+        raise ValueError("smc: there must be at least one step")
+    if step_args is None:
+        if not args or not isinstance(args[0], int):
+            raise ValueError(
+                "smc: by default the model's first argument is the number of steps T (an int, "
+                "as for gm.Unfold); otherwise pass step_args=lambda t: (args_t, argdiffs_t)"
+            )
+        rest = tuple(args[1:])
+
+        def args_at(t):
+            return (t + 1, *rest), (IntDiff(1), *(NoChange for _ in rest))
+    else:
+        def args_at(t):
+            a, d = step_args(t)
+            return tuple(a), (None if d is None else tuple(d))
+
+    return T, obs_at, args_at
+
+
+# -- compiled pieces -----------------------------------------------------------------
+def _init(payload, key, args, obs, pargs):
+    model, proposal, n = payload
+    k_prop, k_model = mx.random.split(key)
+    if proposal is None:
+        return model.vgenerate(k_model, args, obs, n)
+    choices, q = vpropose(proposal, k_prop, (0, None, obs, *pargs), n)
+    tr, w = model.vgenerate(k_model, args, obs.merge(choices), n)
+    return tr, w - q
+
+
+def _extend(payload, key, traces, lw, args, obs, pargs):
+    model, proposal, argdiffs, t = payload
+    if proposal is None:
+        new, w, _, _ = model.update(key, traces, obs, args, argdiffs)
+        return new, lw + w
+
+    def one(k, tr):
+        k1, k2 = mx.random.split(k)
+        choices, q, _ = proposal.propose(k1, (t, tr, obs, *pargs))
+        new, w, _, _ = model.update(k2, tr, obs.merge(choices), args, argdiffs)
+        return strip_single(new), w - q
+
+    new, w = vmap_particles(one, key, traces)
+    return replace(new, args=args, batch_size=traces.batch_size), lw + w
+
+
+def _resample(payload, key, lw):
+    scheme, threshold = payload
+    n = lw.shape[0]
+    ess = R.effective_sample_size(lw)
+    do = ess < threshold * n
+    idx = mx.where(do, R.get_scheme(scheme)(key, lw, n), mx.arange(n, dtype=mx.int32))
+    new_lw = mx.where(do, mx.broadcast_to(R.log_mean_exp(lw), lw.shape), lw)
+    return idx, new_lw, ess, do
+
+
+def _eval_particles(traces, lw):
+    mx.eval(lw, tree_flatten(replace(traces, args=None))[0])
+
+
+# -- SMC -----------------------------------------------------------------------------
+def smc(key: mx.array, model: GenerativeFunction, args: tuple, observations, n: int, *,
+        proposal: GenerativeFunction | None = None, proposal_args: tuple = (),
+        resampling: str | Callable = "systematic", ess_threshold: float = 0.5,
+        rejuvenation: Callable | None = None,
+        step_args: Callable[[int], tuple] | None = None,
+        callback: Callable[[int, Trace, mx.array], None] | None = None,
+        progress: bool = True, compile: bool = False) -> SMCResult:
+    """Particle filter with n particles over the steps of a sequential model.
+
+    ``observations`` is a list of per-step choice maps (full addresses, e.g.
+    ``{(t, "y"): y_t}``) or one choice map whose top-level keys are the steps 0..T−1
+    (the ``Unfold`` layout). ``ess_threshold`` ∈ [0, 1]: 1 resamples every step, 0 never.
+    ``callback(t, traces, log_weights)`` sees the weighted particles after each step's
+    weighting (before resampling), e.g. to record filtering estimates. ``compile=True``
+    compiles each step's update (traces grow every step, so each step is compiled anew;
+    worth it only when the same problem is run again); resampling is always compiled.
+    Returns an :class:`SMCResult` (batched traces, log-weights, ``log_marginal_likelihood``).
+    """
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"smc: n must be a positive int, got {n!r}")
+    if not 0.0 <= ess_threshold <= 1.0:
+        raise ValueError(f"smc: ess_threshold must lie in [0, 1], got {ess_threshold!r}")
+    R.get_scheme(resampling)
+    args, pargs = tuple(args), tuple(proposal_args or ())
+    T, obs_at, args_at = _steps(args, observations, step_args)
+    keys = mx.random.split(key, 3 * T).reshape(T, 3, -1)
+    ess_hist, flags = [], []
+    traces = lw = None
+    for t in tqdm(range(T), disable=not progress, desc="smc"):
+        k_ext, k_res, k_rej = keys[t]
+        a_t, d_t = args_at(t)
+        obs = obs_at(t)
+        if t == 0:
+            traces, lw = cached_call(_init, (model, proposal, n), (model, proposal, n),
+                                     k_ext, a_t, obs, pargs, compile=compile)
+        else:
+            payload = (model, proposal, d_t, t)
+            traces, lw = cached_call(_extend, payload, payload, k_ext, traces, lw, a_t, obs, pargs,
+                                     compile=compile)
+        if callback is not None:
+            callback(t, traces, lw)
+        idx, lw, ess, did = cached_call(_resample, (resampling, float(ess_threshold)),
+                                        (resampling, float(ess_threshold)), k_res, lw)
+        mx.eval(idx, lw, ess, did)
+        ess_hist.append(float(ess.item()))
+        flags.append(bool(did.item()))
+        if flags[-1]:
+            traces = take_particles(traces, idx)
+        if rejuvenation is not None:
+            traces, _ = as_kernel_output(rejuvenation(k_rej, traces))
+        _eval_particles(traces, lw)
+    return SMCResult(traces, lw, tuple(ess_hist), tuple(flags))
+
+
+# -- conditional SMC and particle Gibbs ---------------------------------------------
+def _reference_choices(reference: Trace, paths) -> ChoiceMap:
+    cm = ChoiceMap.empty()
+    ref = reference.choices
+    for p in paths:
+        cm = cm.set_submap(p, ref.submap_at_path(p))
+    return cm
+
+
+def _new_latents(new: Trace, old: Trace | None, obs: ChoiceMap) -> list:
+    old_paths = [] if old is None else choice_paths(old.choices)
+    obs_paths = choice_paths(obs)
+    return [p for p in choice_paths(new.choices) if p not in old_paths and not covered(p, obs_paths)]
+
+
+def conditional_smc(key: mx.array, model: GenerativeFunction, args: tuple, observations, n: int,
+                    reference: Trace, *, proposal: GenerativeFunction | None = None,
+                    proposal_args: tuple = (), step_args: Callable[[int], tuple] | None = None,
+                    progress: bool = False, compile: bool = False) -> SMCResult:
+    """Conditional SMC (Andrieu, Doucet & Holenstein 2010): particle 0 is pinned to the
+    ``reference`` trace (an unbatched trace of the full model) at every step; the other
+    n − 1 particles are resampled multinomially from all n at every step. The returned
+    particles and final weights define the particle-Gibbs update (draw one ∝ weight)."""
+    if not isinstance(n, int) or n < 2:
+        raise ValueError(f"conditional_smc: n must be an int ≥ 2, got {n!r}")
+    if reference.batch_size is not None:
+        raise ValueError("conditional_smc: the reference must be a single (unbatched) trace")
+    args, pargs = tuple(args), tuple(proposal_args or ())
+    T, obs_at, args_at = _steps(args, observations, step_args)
+    keys = mx.random.split(key, 3 * T).reshape(T, 3, -1)
+    traces = lw = None
+    for t in tqdm(range(T), disable=not progress, desc="csmc"):
+        k_ext, k_res, k_ref = keys[t]
+        a_t, d_t = args_at(t)
+        obs = obs_at(t)
+        if t == 0:
+            prev0, base = None, mx.array(0.0)
+            traces, lw = cached_call(_init, (model, proposal, n), (model, proposal, n),
+                                     k_ext, a_t, obs, pargs, compile=compile)
+            latents = _new_latents(traces, None, obs)
+            cons = obs.merge(_reference_choices(reference, latents))
+            tr0, w0 = model.generate(k_ref, a_t, cons)
+        else:
+            anc = mx.random.categorical(lw, num_samples=n - 1, key=k_res).astype(mx.int32)
+            idx = mx.concatenate([mx.zeros((1,), dtype=mx.int32), anc])
+            prev = take_particles(traces, idx)
+            base = R.log_mean_exp(lw)
+            lw = mx.broadcast_to(base, lw.shape)
+            payload = (model, proposal, d_t, t)
+            traces, lw = cached_call(_extend, payload, payload, k_ext, prev, lw, a_t, obs, pargs,
+                                     compile=compile)
+            latents = _new_latents(traces, prev, obs)
+            prev0 = unbatch(prev, 0)
+            cons = obs.merge(_reference_choices(reference, latents))
+            tr0, w0, _, _ = model.update(k_ref, prev0, cons, a_t, d_t)
+        if proposal is None:
+            q0 = model.project(tr0, select(*latents)) if latents else mx.array(0.0)
+        else:
+            q0, _ = proposal.assess((t, prev0, obs, *pargs), _reference_choices(reference, latents))
+        traces = set_particle(traces, 0, tr0)
+        lw = mx.concatenate([(base + w0 - q0)[None], lw[1:]])
+        _eval_particles(traces, lw)
+    return SMCResult(traces, lw)
+
+
+
+def particle_gibbs(key: mx.array, model: GenerativeFunction, args: tuple, observations, n: int,
+                   num_iters: int, reference: Trace | None = None, *,
+                   proposal: GenerativeFunction | None = None, proposal_args: tuple = (),
+                   step_args: Callable[[int], tuple] | None = None, progress: bool = True,
+                   compile: bool = False) -> Trace:
+    """Particle Gibbs: iterate conditional SMC, each time drawing the new reference from
+    the final particles in proportion to their weights (a Markov kernel leaving the
+    posterior invariant). Without ``reference`` the chain starts from a draw of an
+    ordinary SMC run. Returns the ``num_iters`` references as one batched trace."""
+    k0, *ks = mx.random.split(key, num_iters + 1)
+    if reference is None:
+        k_smc, k_pick = mx.random.split(k0)
+        res = smc(k_smc, model, args, observations, n, proposal=proposal, proposal_args=proposal_args,
+                  step_args=step_args, progress=False, compile=compile, ess_threshold=1.0)
+        reference = unbatch(res.resample(k_pick, 1), 0)
+    chain = []
+    for k in tqdm(ks, disable=not progress, desc="particle gibbs"):
+        k_run, k_pick = mx.random.split(k)
+        res = conditional_smc(k_run, model, args, observations, n, reference, proposal=proposal,
+                              proposal_args=proposal_args, step_args=step_args, compile=compile)
+        reference = unbatch(res.resample(k_pick, 1), 0)
+        chain.append(reference)
+    return stack_traces(chain)
