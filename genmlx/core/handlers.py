@@ -83,11 +83,22 @@ class Handler:
         self._prefixes: set[Path] = set()
         self.score = mx.array(0.0)
         self.weight = mx.array(0.0)
+        self._count = 0
 
-    def next_key(self) -> mx.array:
+    def next_key(self, gen_fn=None) -> mx.array:
+        """The key for the next site: the execution key with a site-specific constant
+        added to its second word (threefry keys act as independent stream ids, as
+        in counter-based RNG practice), which costs one elementwise op instead of a
+        threefry split per site and particle. Calls of non-distribution GFs get a key
+        passed through one real split, so their own sites cannot collide with ours."""
         if self.key is None:
             return mx.random.key(0)  # operations that draw nothing (assess)
-        self.key, sub = mx.random.split(self.key)
+        self._count += 1
+        # uint32 addition wraps; (XOR would do as well, but MLX 0.32's vmap of
+        # bitwise_xor with a broadcast operand returns wrong rows)
+        sub = self.key + _site_constant(self._count)
+        if gen_fn is not None and not getattr(gen_fn, "_is_distribution", False):
+            sub = mx.random.split(sub, 2)[0]
         return sub
 
     def check_fresh(self, path: Path) -> None:
@@ -135,9 +146,20 @@ class Handler:
             raise UnvisitedConstraintError(left, self.fn_name)
 
 
+_SITE_CONSTANTS: dict[int, mx.array] = {}
+
+
+def _site_constant(i: int) -> mx.array:
+    c = _SITE_CONSTANTS.get(i)
+    if c is None:
+        c = mx.array([0, (i * 0x9E3779B9) & 0xFFFFFFFF], dtype=mx.uint32)
+        _SITE_CONSTANTS[i] = c
+    return c
+
+
 class SimulateHandler(Handler):
     def step(self, path, gen_fn, args):
-        return gen_fn.simulate(self.next_key(), args)
+        return gen_fn.simulate(self.next_key(gen_fn), args)
 
 
 class GenerateHandler(Handler):
@@ -148,8 +170,8 @@ class GenerateHandler(Handler):
     def step(self, path, gen_fn, args):
         sub_c = self.constraints.submap_at_path(path)
         if sub_c.is_empty():
-            return gen_fn.simulate(self.next_key(), args)
-        tr, w = gen_fn.generate(self.next_key(), args, sub_c)
+            return gen_fn.simulate(self.next_key(gen_fn), args)
+        tr, w = gen_fn.generate(self.next_key(gen_fn), args, sub_c)
         self.weight = self.weight + w
         return tr
 
@@ -188,7 +210,7 @@ class UpdateHandler(Handler):
         prev_sub = self.prev.subtraces.get(path)
         if prev_sub is not None and _same_kind(gen_fn, prev_sub):
             argdiffs = default_argdiffs(prev_sub.args, args)
-            tr, w, _, disc = gen_fn.update(self.next_key(), prev_sub, sub_c, args, argdiffs)
+            tr, w, _, disc = gen_fn.update(self.next_key(gen_fn), prev_sub, sub_c, args, argdiffs)
             if not disc.is_empty():
                 self.discard = self.discard.set_submap(path, disc)
         else:
@@ -196,9 +218,9 @@ class UpdateHandler(Handler):
                 self.weight = self.weight - prev_sub.score
                 self.discard = self.discard.set_submap(path, prev_sub.choices)
             if sub_c.is_empty():
-                tr, w = gen_fn.simulate(self.next_key(), args), mx.array(0.0)
+                tr, w = gen_fn.simulate(self.next_key(gen_fn), args), mx.array(0.0)
             else:
-                tr, w = gen_fn.generate(self.next_key(), args, sub_c)
+                tr, w = gen_fn.generate(self.next_key(gen_fn), args, sub_c)
         self.weight = self.weight + w
         return tr
 
@@ -223,10 +245,10 @@ class RegenerateHandler(Handler):
         if prev_sub is not None and _same_kind(gen_fn, prev_sub):
             argdiffs = default_argdiffs(prev_sub.args, args)
             sub_sel = self.selection.subselection(path)
-            tr, w, _ = gen_fn.regenerate(self.next_key(), prev_sub, sub_sel, args, argdiffs)
+            tr, w, _ = gen_fn.regenerate(self.next_key(gen_fn), prev_sub, sub_sel, args, argdiffs)
             self.weight = self.weight + w
             return tr
-        return gen_fn.simulate(self.next_key(), args)
+        return gen_fn.simulate(self.next_key(gen_fn), args)
 
 
 def _same_kind(gen_fn, prev_sub) -> bool:

@@ -100,6 +100,7 @@ class Distribution(GenerativeFunction):
     """
 
     name: ClassVar[str] = "distribution"
+    _is_distribution: ClassVar[bool] = True
     arg_constraints: ClassVar[dict] = {}
     reparameterized: ClassVar[bool] = False
     discrete: ClassVar[bool] = False
