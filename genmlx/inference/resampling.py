@@ -53,10 +53,19 @@ def _cdf(log_weights: mx.array) -> mx.array:
     return c / c[-1]
 
 
-def _invert(cdf: mx.array, u: mx.array) -> mx.array:
-    n = cdf.shape[0]
-    idx = mx.searchsorted(cdf, u, side="right").astype(mx.int32)
-    return mx.minimum(idx, n - 1)
+def _from_strata(cdf: mx.array, U: mx.array, m: int) -> mx.array:
+    """Indices for u_j = (j + U_j)/m, j < m, by counting: #{j : u_j ≤ C} =
+    ⌊mC⌋ + [U_⌊mC⌋ ≤ frac(mC)] (capped at m). Gathers and scatters only, so it vmaps
+    over keys and weights alike (unlike searchsorted over a batched CDF)."""
+    x = m * cdf
+    fl = mx.floor(x)
+    j = mx.minimum(fl, m - 1).astype(mx.int32)
+    Uj = U if U.ndim == 0 else mx.take(U, j)  # one shared U (systematic) or one per stratum
+    extra = mx.logical_and(fl < m, Uj <= x - fl)  # not `&`: its vmap rule mis-batches (MLX 0.32)
+    N = mx.minimum(fl.astype(mx.int32) + extra.astype(mx.int32), m)
+    N = mx.concatenate([N[:-1], mx.array([m], dtype=mx.int32)])  # C_n = 1 exactly
+    counts = N - mx.concatenate([mx.zeros((1,), dtype=mx.int32), N[:-1]])
+    return indices_from_counts(counts, m)
 
 
 def multinomial(key: mx.array, log_weights: mx.array, m: int | None = None) -> mx.array:
@@ -68,15 +77,13 @@ def multinomial(key: mx.array, log_weights: mx.array, m: int | None = None) -> m
 def stratified(key: mx.array, log_weights: mx.array, m: int | None = None) -> mx.array:
     """Stratified resampling: one uniform in each of the m strata [j/m, (j+1)/m)."""
     m = log_weights.shape[0] if m is None else m
-    u = (mx.arange(m, dtype=mx.float32) + mx.random.uniform(shape=(m,), key=key)) / m
-    return _invert(_cdf(log_weights), u)
+    return _from_strata(_cdf(log_weights), mx.random.uniform(shape=(m,), key=key), m)
 
 
 def systematic(key: mx.array, log_weights: mx.array, m: int | None = None) -> mx.array:
     """Systematic resampling: u_j = (j + U)/m with a single U ~ U(0, 1)."""
     m = log_weights.shape[0] if m is None else m
-    u = (mx.arange(m, dtype=mx.float32) + mx.random.uniform(shape=(), key=key)) / m
-    return _invert(_cdf(log_weights), u)
+    return _from_strata(_cdf(log_weights), mx.random.uniform(shape=(), key=key), m)
 
 
 def residual(key: mx.array, log_weights: mx.array, m: int | None = None) -> mx.array:
@@ -93,14 +100,17 @@ def residual(key: mx.array, log_weights: mx.array, m: int | None = None) -> mx.a
     logits = mx.where(has_rest, mx.log(frac), mx.zeros_like(frac))
     extra = mx.random.categorical(logits, num_samples=m, key=key)
     use = (mx.arange(m) < r).astype(mx.float32)
-    counts = base + mx.zeros((n,)).at[extra].add(use)
+    counts = base.astype(mx.int32) + mx.zeros((n,), dtype=mx.int32).at[extra].add(use.astype(mx.int32))
     return indices_from_counts(counts, m)
 
 
 def indices_from_counts(counts: mx.array, m: int) -> mx.array:
-    """Sorted ancestor indices [m] in which particle i appears ``counts[i]`` times."""
-    cum = mx.cumsum(counts)
-    return _invert(cum, mx.arange(m, dtype=cum.dtype))
+    """Sorted ancestor indices [m] in which particle i appears ``counts[i]`` times
+    (Σ counts = m): slot j gets #{i ≥ 1 : Σ_{k<i} counts_k ≤ j}."""
+    starts = mx.cumsum(counts)[:-1].astype(mx.int32)
+    marks = mx.zeros((m + 1,), dtype=mx.int32).at[mx.minimum(starts, m)].add(
+        mx.ones(starts.shape, dtype=mx.int32))
+    return mx.cumsum(marks[:m]).astype(mx.int32)
 
 
 def offspring_counts(indices: mx.array, n: int) -> mx.array:
