@@ -27,6 +27,9 @@ from genmlx.core.validation import set_validation, validation, validation_enable
 from genmlx.core.vectorize import stack_traces, unbatch  # noqa: E402
 from genmlx.distributions import *  # noqa: E402,F401,F403
 from genmlx.distributions import Distribution, DistTrace, UnconstrainedValue, constraints  # noqa: E402
+from genmlx.combinators import (  # noqa: E402
+    CustomGradientGF, Map, Mask, Mix, Recurse, Scan, Switch, Unfold, contramap, dimap,
+)
 from genmlx import inference  # noqa: E402,F401
 
 __version__ = "0.1.0"

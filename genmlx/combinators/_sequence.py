@@ -1,0 +1,455 @@
+"""The engine behind Unfold and Scan: a chain of kernel calls, one sub-trace per step.
+
+The trace keeps every step's sub-trace (its choices, score and return value, hence the
+carried state), so an ``update``/``regenerate`` that changes only steps ≥ t₀ starts at
+t₀: the prefix is reused as it is (no kernel call, no array work), and the kernel runs
+only at steps whose constraints/selection, inputs or incoming carry changed. Extending
+a trace from T to T+1 steps and constraining step T runs the kernel exactly once.
+
+Batched traces (``batch_size = n``) are updated by the same loop, with each visited
+step's kernel operation vmapped over the n particles (see ``_Batched``), so the
+per-update cost does not grow with T.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from functools import partial
+from typing import Any
+
+import mlx.core as mx
+
+from genmlx.combinators._util import constraint_axes, dress, strip, vcall
+from genmlx.core.address import to_path
+from genmlx.core.choicemap import ChoiceMap
+from genmlx.core.diff import NoChange, UnknownChange, VectorDiff, default_argdiffs, is_no_change
+from genmlx.core.errors import MissingChoiceError, UnvisitedConstraintError
+from genmlx.core.gfi import GenerativeFunction
+from genmlx.core.handlers import project_subtrace
+from genmlx.core.selection import Selection
+from genmlx.core.trace import Trace
+
+
+@dataclass(frozen=True, eq=False)
+class SequenceTrace(Trace):
+    """Trace of Unfold/Scan: ``steps[t]`` is the kernel's sub-trace of step t (its
+    arguments dropped; rebuilt from the previous step's carry), ``score_`` the sum of
+    the step scores. Choices of step t sit at ``(t, …)``."""
+
+    gen_fn: Any
+    args: tuple
+    steps: tuple
+    score_: mx.array
+    batch_size: int | None = None
+
+    @property
+    def retval(self):
+        return self.gen_fn._retval_of(self.args, [s.retval for s in self.steps],
+                                      self.batch_size is not None)
+
+    @property
+    def score(self):
+        return self.score_
+
+    @property
+    def choices(self) -> ChoiceMap:
+        children = {}
+        for t, sub in enumerate(self.steps):
+            ch = sub.choices
+            if not ch.is_empty():
+                children[t] = ch
+        return ChoiceMap(children)
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def step_scores(self) -> list:
+        """log p of each step's choices given the incoming carry."""
+        return [s.score for s in self.steps]
+
+    def __getitem__(self, addr):
+        path = to_path(addr)
+        t = path[0]
+        if not isinstance(t, int) or not 0 <= t < len(self.steps):
+            raise MissingChoiceError(f"{self.gen_fn.name} has steps 0..{len(self.steps) - 1}", path)
+        sub, rest = self.steps[t], path[1:]
+        if not rest:
+            ch = sub.choices
+            return ch.get_value() if ch.is_leaf() else sub.retval
+        return sub[rest if len(rest) > 1 else rest[0]]
+
+    def _tree_flatten(self):
+        return [self.args, self.score_, *self.steps], (self.gen_fn, len(self.steps), self.batch_size)
+
+    @classmethod
+    def _tree_unflatten(cls, aux, children):
+        gen_fn, _, batch_size = aux
+        return cls(gen_fn, children[0], tuple(children[2:]), children[1], batch_size)
+
+
+@dataclass(frozen=True)
+class ArgChanges:
+    """How the arguments changed, as the sequence engine needs it."""
+
+    carry0_changed: bool  # the initial carry/state changed
+    first_changed: int  # first step whose own (non-carry) inputs changed (large if none)
+    changed: Any  # t -> bool: step t's own inputs changed
+    step_argdiffs: Any  # (t, carry_changed) -> argdiffs of the kernel call at step t
+
+
+_NEVER = 1 << 62
+
+
+class _Single:
+    """Kernel operations for one trace (also used per particle under vmap)."""
+
+    def step_keys(self, key, m):
+        return mx.random.split(key, m)
+
+    def key_at(self, keys, j):
+        return keys[j]
+
+    def simulate(self, k, gf, args_fn, carry, cb):
+        return strip(gf.simulate(k, args_fn(carry)))
+
+    def generate(self, k, gf, args_fn, carry, cb, cm):
+        tr, w = gf.generate(k, args_fn(carry), cm)
+        return strip(tr), w
+
+    def update(self, k, gf, sub, old_fn, old_carry, args_fn, carry, cb, cm, argdiffs):
+        tr, w, rd, disc = gf.update(k, dress(sub, old_fn(old_carry)), cm, args_fn(carry), argdiffs)
+        return strip(tr), w, rd, disc
+
+    def regenerate(self, k, gf, sub, old_fn, old_carry, args_fn, carry, cb, sel, argdiffs):
+        tr, w, rd = gf.regenerate(k, dress(sub, old_fn(old_carry)), sel, args_fn(carry), argdiffs)
+        return strip(tr), w, rd
+
+
+class _Batched:
+    """The same operations on n particles at once: each is ONE vmapped kernel call.
+    ``cb`` says whether the carry is per particle (every step but the first)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def step_keys(self, key, m):
+        return mx.vmap(lambda k: mx.random.split(k, m))(mx.random.split(key, self.n))
+
+    def key_at(self, keys, j):
+        return keys[:, j]
+
+    def simulate(self, k, gf, args_fn, carry, cb):
+        fn = lambda kk, c: strip(gf.simulate(kk, args_fn(c)))  # noqa: E731
+        return vcall(fn, k, (carry,), (0 if cb else None,))
+
+    def generate(self, k, gf, args_fn, carry, cb, cm):
+        probe = args_fn(_first(carry) if cb else carry)
+        caxes = constraint_axes(gf, k[0], probe, cm, self.n)
+
+        def fn(kk, c, cmm):
+            tr, w = gf.generate(kk, args_fn(c), cmm)
+            return strip(tr), w
+
+        return vcall(fn, k, (carry,), (0 if cb else None,), cm, caxes)
+
+    def update(self, k, gf, sub, old_fn, old_carry, args_fn, carry, cb, cm, argdiffs):
+        caxes = constraint_axes(gf, k[0], None, cm, self.n, reference=sub.choices)
+        ax = 0 if cb else None
+
+        def fn(kk, s, oc, c, cmm):
+            tr, w, rd, disc = gf.update(kk, dress(s, old_fn(oc)), cmm, args_fn(c), argdiffs)
+            return strip(tr), w, rd, disc
+
+        return vcall(fn, k, (sub, old_carry, carry), (0, ax, ax), cm, caxes)
+
+    def regenerate(self, k, gf, sub, old_fn, old_carry, args_fn, carry, cb, sel, argdiffs):
+        ax = 0 if cb else None
+
+        def fn(kk, s, oc, c):
+            tr, w, rd = gf.regenerate(kk, dress(s, old_fn(oc)), sel, args_fn(c), argdiffs)
+            return strip(tr), w, rd
+
+        return vcall(fn, k, (sub, old_carry, carry), (0, ax, ax))
+
+
+def _first(tree):
+    from genmlx.core.pytree import tree_map
+
+    return tree_map(lambda x: x[0], tree)
+
+
+class SequenceGF(GenerativeFunction):
+    """Base of Unfold and Scan. Subclasses define ``kernel`` and the hooks
+    ``_parse(args) -> (T, init_carry)``, ``_step_args(args, t, carry)``,
+    ``_carry_out(step_retval)``, ``_retval_of(args, step_retvals, batched)``,
+    ``_arg_changes(old_args, new_args, argdiffs) -> ArgChanges``."""
+
+    kernel: GenerativeFunction
+
+    # -- helpers -----------------------------------------------------------------------
+    def _step_keys(self, constraints: ChoiceMap, T: int) -> dict:
+        if constraints.is_empty():
+            return {}
+        if constraints.is_leaf():
+            raise UnvisitedConstraintError([()], self.name)
+        ch = constraints.children()
+        bad = [k for k in ch if not (isinstance(k, int) and 0 <= k < T)]
+        if bad:
+            raise UnvisitedConstraintError([(k,) for k in bad], f"{self.name} with {T} steps")
+        return ch
+
+    def _init_carry(self, args):
+        return self._parse(args)[1]
+
+    def _carry_before(self, trace, args, t):
+        return self._init_carry(args) if t == 0 else self._carry_out(trace.steps[t - 1].retval)
+
+    # -- the seven operations ------------------------------------------------------------
+    def simulate(self, key, args):
+        """Run the kernel T times from the initial carry; score = Σ_t log p(step t)."""
+        return self._generate(key, tuple(args), ChoiceMap.empty())[0]
+
+    def generate(self, key, args, constraints):
+        """Constraints for step t are given at ``(t, …)``; w = Σ_t w_t (each step's
+        generate weight given its incoming carry)."""
+        from genmlx.core.dynamic import _as_choicemap
+
+        return self._generate(key, tuple(args), _as_choicemap(constraints))
+
+    def _generate(self, key, args, cm):
+        T, carry = self._parse(args)
+        cons = self._step_keys(cm, T)
+        keys = mx.random.split(key, T) if T else None
+        steps, score, weight = [], mx.array(0.0), mx.array(0.0)
+        for t in range(T):
+            a = self._step_args(args, t, carry)
+            c = cons.get(t)
+            if c is None or c.is_empty():
+                tr = self.kernel.simulate(keys[t], a)
+            else:
+                tr, w = self.kernel.generate(keys[t], a, c)
+                weight = weight + w
+            steps.append(strip(tr))
+            score = score + tr.score
+            carry = self._carry_out(tr.retval)
+        return SequenceTrace(self, args, tuple(steps), score), weight
+
+    def assess(self, args, choices):
+        """log p(τ) = Σ_t log p(τ_t | carry_t) via the kernel's ``assess``."""
+        from genmlx.core.dynamic import _as_choicemap
+
+        args = tuple(args)
+        choices = _as_choicemap(choices)
+        T, carry = self._parse(args)
+        cons = self._step_keys(choices, T)
+        score, rets = mx.array(0.0), []
+        for t in range(T):
+            lp, r = self.kernel.assess(self._step_args(args, t, carry), cons.get(t, ChoiceMap.empty()))
+            score = score + lp
+            rets.append(r)
+            carry = self._carry_out(r)
+        return score, self._retval_of(args, rets, False)
+
+    def _project(self, trace, selection: Selection):
+        w = mx.zeros_like(trace.score_)
+        carry = self._init_carry(trace.args)
+        for t, sub in enumerate(trace.steps):
+            s = selection.subselection((t,))
+            if not s.is_empty():
+                w = w + project_subtrace(dress(sub, self._step_args(trace.args, t, carry)), s)
+            carry = self._carry_out(sub.retval)
+        return w
+
+    # -- update / regenerate with prefix skipping -----------------------------------------
+    def update(self, key, trace, constraints, args=None, argdiffs=None):
+        """See :meth:`GenerativeFunction.update`. Only steps ≥ t₀ are visited, where t₀
+        is the first step that is constrained, new, or whose inputs changed (argdiffs);
+        a batched trace is updated step by step, one vmapped kernel call per step."""
+        if trace.batch_size is None:
+            return self._update(key, trace, constraints, args, argdiffs)
+        new, w, rd, disc = self._update_impl(key, trace, constraints, args, argdiffs,
+                                             _Batched(trace.batch_size))
+        return replace(new, batch_size=trace.batch_size), w, rd, disc
+
+    def regenerate(self, key, trace, selection, args=None, argdiffs=None):
+        """See :meth:`GenerativeFunction.regenerate`; prefix skipping as in ``update``."""
+        if trace.batch_size is None:
+            return self._regenerate(key, trace, selection, args, argdiffs)
+        new, w, rd = self._regenerate_impl(key, trace, selection, args, argdiffs,
+                                           _Batched(trace.batch_size))
+        return replace(new, batch_size=trace.batch_size), w, rd
+
+    def _update(self, key, trace, constraints, args, argdiffs):
+        return self._update_impl(key, trace, constraints, args, argdiffs, _Single())
+
+    def _regenerate(self, key, trace, selection, args, argdiffs):
+        return self._regenerate_impl(key, trace, selection, args, argdiffs, _Single())
+
+    def _resolve_args(self, trace, args, argdiffs):
+        old_args = trace.args
+        if args is None:
+            return old_args, tuple(NoChange for _ in old_args)
+        args = tuple(args)
+        if argdiffs is None:
+            argdiffs = default_argdiffs(old_args, args)
+        if len(argdiffs) != len(args):
+            raise ValueError(f"{self.name}: {len(args)} arguments but {len(argdiffs)} argdiffs")
+        return args, tuple(argdiffs)
+
+    def _update_impl(self, key, trace, constraints, args, argdiffs, E):
+        from genmlx.core.dynamic import _as_choicemap
+
+        old_args = trace.args
+        args, argdiffs = self._resolve_args(trace, args, argdiffs)
+        cm = _as_choicemap(constraints)
+        T_old = len(trace.steps)
+        T_new, _ = self._parse(args)
+        cons = self._step_keys(cm, T_new)
+        ch = self._arg_changes(old_args, args, argdiffs)
+
+        weight = mx.zeros_like(trace.score_)
+        score = trace.score_
+        discard = {}
+        for t in range(T_new, T_old):  # removed steps
+            weight = weight - trace.steps[t].score
+            score = score - trace.steps[t].score
+            d = trace.steps[t].choices
+            if not d.is_empty():
+                discard[t] = d
+        starts = [T_new, ch.first_changed] + list(cons)
+        if ch.carry0_changed:
+            starts.append(0)
+        if T_new > T_old:
+            starts.append(T_old)
+        t0 = min(starts)
+        steps = list(trace.steps[:min(T_old, T_new)])
+        changed_steps = []
+        if t0 < T_new:
+            keys = E.step_keys(key, T_new - t0)
+            carry_old = self._carry_before(trace, old_args, t0)
+            carry_new = self._carry_before(trace, args, t0)
+            carry_changed = ch.carry0_changed if t0 == 0 else False
+            for t in range(t0, T_new):
+                c = cons.get(t, ChoiceMap.empty())
+                new_fn = partial(self._step_args, args, t)
+                if t < T_old:
+                    old_sub = trace.steps[t]
+                    if not (carry_changed or ch.changed(t) or not c.is_empty()):
+                        carry_old = carry_new = self._carry_out(old_sub.retval)
+                        continue
+                    old_fn = partial(self._step_args, old_args, t)
+                    sub, w, rd, d = E.update(E.key_at(keys, t - t0), self.kernel, old_sub, old_fn,
+                                             carry_old, new_fn, carry_new, t > 0, c,
+                                             ch.step_argdiffs(t, carry_changed))
+                    if not d.is_empty():
+                        discard[t] = d
+                    score = score + (sub.score - old_sub.score)
+                    carry_changed = not is_no_change(rd)
+                    if carry_changed:
+                        changed_steps.append(t)
+                    carry_old = self._carry_out(old_sub.retval)
+                    steps[t] = sub
+                else:
+                    if c.is_empty():
+                        sub = E.simulate(E.key_at(keys, t - t0), self.kernel, new_fn, carry_new, t > 0)
+                        w = mx.zeros_like(weight)
+                    else:
+                        sub, w = E.generate(E.key_at(keys, t - t0), self.kernel, new_fn, carry_new, t > 0, c)
+                    score = score + sub.score
+                    changed_steps.append(t)
+                    steps.append(sub)
+                weight = weight + w
+                carry_new = self._carry_out(sub.retval)
+        new = SequenceTrace(self, args, tuple(steps), score)
+        retdiff = self._retdiff(changed_steps, T_old, T_new)
+        return new, weight, retdiff, ChoiceMap(discard)
+
+    def _regenerate_impl(self, key, trace, selection, args, argdiffs, E):
+        old_args = trace.args
+        args, argdiffs = self._resolve_args(trace, args, argdiffs)
+        T_old = len(trace.steps)
+        T_new, _ = self._parse(args)
+        ch = self._arg_changes(old_args, args, argdiffs)
+        sels = {}
+        for t in range(min(T_old, T_new)):
+            s = selection.subselection((t,))
+            if not s.is_empty():
+                sels[t] = s
+        weight = mx.zeros_like(trace.score_)
+        score = trace.score_
+        for t in range(T_new, T_old):  # removed steps: no weight term (prior in both directions)
+            score = score - trace.steps[t].score
+        starts = [T_new, ch.first_changed] + list(sels)
+        if ch.carry0_changed:
+            starts.append(0)
+        if T_new > T_old:
+            starts.append(T_old)
+        t0 = min(starts)
+        steps = list(trace.steps[:min(T_old, T_new)])
+        changed_steps = []
+        if t0 < T_new:
+            keys = E.step_keys(key, T_new - t0)
+            carry_old = self._carry_before(trace, old_args, t0)
+            carry_new = self._carry_before(trace, args, t0)
+            carry_changed = ch.carry0_changed if t0 == 0 else False
+            none = _NoneSel()
+            for t in range(t0, T_new):
+                new_fn = partial(self._step_args, args, t)
+                s = sels.get(t)
+                if t < T_old:
+                    old_sub = trace.steps[t]
+                    if not (carry_changed or ch.changed(t) or s is not None):
+                        carry_old = carry_new = self._carry_out(old_sub.retval)
+                        continue
+                    old_fn = partial(self._step_args, old_args, t)
+                    sub, w, rd = E.regenerate(E.key_at(keys, t - t0), self.kernel, old_sub, old_fn,
+                                              carry_old, new_fn, carry_new, t > 0,
+                                              s if s is not None else none.get(),
+                                              ch.step_argdiffs(t, carry_changed))
+                    score = score + (sub.score - old_sub.score)
+                    weight = weight + w
+                    carry_changed = not is_no_change(rd)
+                    if carry_changed:
+                        changed_steps.append(t)
+                    carry_old = self._carry_out(old_sub.retval)
+                    steps[t] = sub
+                else:
+                    sub = E.simulate(E.key_at(keys, t - t0), self.kernel, new_fn, carry_new, t > 0)
+                    score = score + sub.score
+                    changed_steps.append(t)
+                    steps.append(sub)
+                carry_new = self._carry_out(sub.retval)
+        new = SequenceTrace(self, args, tuple(steps), score)
+        return new, weight, self._retdiff(changed_steps, T_old, T_new)
+
+    def _retdiff(self, changed_steps, T_old, T_new):
+        if not changed_steps and T_old == T_new:
+            return NoChange
+        return UnknownChange
+
+
+class _NoneSel:
+    @staticmethod
+    def get():
+        from genmlx.core.selection import select_none
+
+        return select_none()
+
+
+def stack_leading(values: list, batched: bool):
+    """Stack per-step values along the step axis (axis 1 for batched traces, whose
+    leaves lead with the particle axis)."""
+    from genmlx.combinators._util import stack_trees
+
+    return stack_trees(values, axis=1 if batched else 0)
+
+
+def unchanged_everywhere(_t) -> bool:
+    return False
+
+
+def changed_everywhere(_t) -> bool:
+    return True
+
+
+__all__ = ["SequenceGF", "SequenceTrace", "ArgChanges", "stack_leading", "VectorDiff"]
