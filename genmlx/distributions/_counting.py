@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from genmlx.distributions.special import lgamma
+from genmlx.distributions.special import log_binomial_pmf, log_poisson_pmf
 
 ROUNDS = 24
 _K = 48
@@ -58,7 +58,6 @@ def poisson_sample(key, rate, shape) -> mx.array:
     # PTRS for λ ≥ 10
     lam_l = mx.where(small, _SWITCH, lam)
     slam = mx.sqrt(lam_l)
-    loglam = mx.log(lam_l)
     b = 0.931 + 2.53 * slam
     a = -0.059 + 0.02483 * b
     inv_alpha = 1.1239 + 1.1328 / (b - 3.4)
@@ -72,7 +71,7 @@ def poisson_sample(key, rate, shape) -> mx.array:
     ok = (k >= 0) & ~((us < 0.013) & (v > us))
     ks = mx.maximum(k, 0.0)
     lhs = mx.log(v) + mx.log(inv_alpha) - mx.log(a / (us * us) + b)
-    rhs = -lam_l + ks * loglam - lgamma(ks + 1.0)
+    rhs = log_poisson_pmf(ks, lam_l)  # = −λ + k log λ − log k!, accurately
     accept = quick | (ok & (lhs <= rhs))
     x_large = _first_accepted(accept, k, mx.floor(lam_l))
     return mx.where(small, x_small, x_large.astype(mx.int32))
@@ -105,9 +104,7 @@ def binomial_sample(key, n, p, shape) -> mx.array:
     c = nl * pl + 0.5
     vr = 0.92 - 4.2 / b
     alpha = (2.83 + 5.1 / b) * spq
-    lpq = mx.log(pl / q)
     m = mx.floor((nl + 1.0) * pl)
-    h = lgamma(m + 1.0) + lgamma(nl - m + 1.0)
     rs = (ROUNDS,) + shape
     uu = mx.random.uniform(shape=rs, key=k_u) - 0.5
     v = mx.maximum(mx.random.uniform(shape=rs, key=k_v), 1e-30)
@@ -117,7 +114,8 @@ def binomial_sample(key, n, p, shape) -> mx.array:
     quick = inside & (us >= 0.07) & (v <= vr)
     ks = mx.clip(k, 0.0, nl)
     lhs = mx.log(v * alpha / (a / (us * us) + b))
-    rhs = h - lgamma(ks + 1.0) - lgamma(nl - ks + 1.0) + (ks - m) * lpq
+    # log f(k)/f(m) (Hörmann's h − log k! − log(n−k)! + (k − m) log(p/q)), accurately
+    rhs = log_binomial_pmf(ks, nl, pl) - log_binomial_pmf(m, nl, pl)
     accept = quick | (inside & (lhs <= rhs))
     x_large = _first_accepted(accept, k, m).astype(mx.int32)
     x = mx.where(small, x_small, x_large)
