@@ -1,0 +1,64 @@
+"""One compiled training step for any amortized objective.
+
+``step(key, data)`` computes the objective's loss and its gradient with respect to
+``objective.trainable()`` (model, guide and baseline parameters), applies one optimizer
+update, applies the objective's running-state update, and returns the metrics with
+``loss`` and ``grad_norm`` (global L2 norm of the gradient, before clipping). With
+``compile=True`` the whole step is one ``mx.compile``d function whose declared state is
+the parameter container and the optimizer state; randomness comes only from ``key``.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten, tree_map
+
+from genmlx.amortized.objective import Objective
+
+
+def global_norm(grads) -> mx.array:
+    leaves = [g for _, g in tree_flatten(grads)]
+    if not leaves:
+        return mx.array(0.0)
+    return mx.sqrt(sum(mx.sum(g.astype(mx.float32) ** 2) for g in leaves))
+
+
+def make_train_step(objective: Objective, optimizer: optim.Optimizer, *, compile: bool = True,
+                    max_grad_norm: float | None = None) -> Callable[[mx.array, mx.array], dict]:
+    """``step(key, data) -> metrics`` (dict of scalar arrays incl. ``loss``, ``grad_norm``).
+
+    ``max_grad_norm`` (optional) rescales the gradient to at most that global norm."""
+    params = objective.trainable()
+    if not params.trainable_parameters() or not tree_flatten(params.trainable_parameters()):
+        raise ValueError(f"{type(objective).__name__}: there are no trainable parameters "
+                         "(no NeuralNetGF or module reachable from the model/guide)")
+    optimizer.init(params.trainable_parameters())
+
+    def loss_fn(key, data):
+        loss, metrics, aux = objective._loss_aux(key, data)
+        return loss, (metrics, aux)
+
+    loss_and_grad = nn.value_and_grad(params, loss_fn)
+
+    def step(key, data):
+        (loss, (metrics, aux)), grads = loss_and_grad(key, data)
+        gn = global_norm(grads)
+        if max_grad_norm is not None:
+            s = mx.minimum(1.0, max_grad_norm / (gn + 1e-12))
+            grads = tree_map(lambda g: g * s, grads)
+        optimizer.update(params, grads)
+        objective.update_state(aux)
+        out = dict(metrics)
+        out["loss"] = loss
+        out["grad_norm"] = gn
+        return out
+
+    if not compile:
+        return step
+    state = [params.state, optimizer.state]
+    return partial(mx.compile, inputs=state, outputs=state)(step)

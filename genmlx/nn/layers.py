@@ -1,0 +1,120 @@
+"""Building blocks for encoders and decoders (all plain ``mlx.nn.Module``s)."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+
+_ACTIVATIONS: dict[str, Callable] = {
+    "tanh": mx.tanh,
+    "relu": nn.relu,
+    "sigmoid": mx.sigmoid,
+    "gelu": nn.gelu,
+    "silu": nn.silu,
+    "elu": nn.elu,
+    "softplus": nn.softplus,
+    "leaky_relu": nn.leaky_relu,
+    "identity": lambda x: x,
+}
+
+
+def activation(name_or_fn: str | Callable | None) -> Callable:
+    """An activation function by name (``tanh``, ``relu``, ``sigmoid``, ``gelu``,
+    ``silu``, ``elu``, ``softplus``, ``leaky_relu``, ``identity``) or a callable."""
+    if name_or_fn is None:
+        return _ACTIVATIONS["identity"]
+    if callable(name_or_fn):
+        return name_or_fn
+    try:
+        return _ACTIVATIONS[name_or_fn]
+    except KeyError:
+        raise ValueError(
+            f"unknown activation {name_or_fn!r}; choose one of {sorted(_ACTIVATIONS)} or pass a callable"
+        ) from None
+
+
+class Activation(nn.Module):
+    """An activation as a parameter-free layer (so MLPs are ``nn.Sequential``)."""
+
+    def __init__(self, fn: str | Callable):
+        super().__init__()
+        self._fn = activation(fn)
+        self._label = fn if isinstance(fn, str) else getattr(fn, "__name__", "fn")
+
+    def __call__(self, x):
+        return self._fn(x)
+
+    def _extra_repr(self) -> str:
+        return str(self._label)
+
+
+def mlp(sizes: Sequence[int], activation: str | Callable = "tanh",
+        out_activation: str | Callable | None = None) -> nn.Sequential:
+    """Multilayer perceptron ``sizes[0] → … → sizes[-1]``: Linear layers with
+    ``activation`` between them and ``out_activation`` (default none) after the last."""
+    sizes = [int(s) for s in sizes]
+    if len(sizes) < 2 or any(s < 1 for s in sizes):
+        raise ValueError(f"mlp: sizes must list at least two positive widths, got {list(sizes)}")
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        last = i == len(sizes) - 2
+        if not last:
+            layers.append(Activation(activation))
+        elif out_activation is not None:
+            layers.append(Activation(out_activation))
+    return nn.Sequential(*layers)
+
+
+class GaussianHead(nn.Module):
+    """Linear map to a Gaussian's ``(mean, scale)``, each of size ``out_dim``, with
+    scale = softplus(raw) + ``min_scale`` > 0."""
+
+    def __init__(self, in_dim: int, out_dim: int, min_scale: float = 1e-4):
+        super().__init__()
+        if min_scale < 0:
+            raise ValueError(f"GaussianHead: min_scale must be ≥ 0, got {min_scale}")
+        self.mean = nn.Linear(in_dim, out_dim)
+        self.raw_scale = nn.Linear(in_dim, out_dim)
+        self.min_scale = min_scale
+
+    def __call__(self, h):
+        return self.mean(h), nn.softplus(self.raw_scale(h)) + self.min_scale
+
+
+class BernoulliHead(nn.Module):
+    """Linear map to Bernoulli logits of size ``out_dim``."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.logits = nn.Linear(in_dim, out_dim)
+
+    def __call__(self, h):
+        return self.logits(h)
+
+
+class SetEncoder(nn.Module):
+    """Permutation-invariant set encoder (Deep Sets): ρ(pool_i φ(x_i)).
+
+    Input ``[..., n, in_dim]`` (a set of n elements along axis −2), output
+    ``[..., out_dim]``; ``pooling`` is ``"mean"`` or ``"sum"``. φ = mlp([in_dim, *hidden]),
+    ρ = mlp([hidden[-1], hidden[-1], out_dim])."""
+
+    def __init__(self, in_dim: int, hidden: Sequence[int], out_dim: int,
+                 pooling: str = "mean", activation: str | Callable = "relu"):
+        super().__init__()
+        if pooling not in ("mean", "sum"):
+            raise ValueError(f"SetEncoder: pooling must be 'mean' or 'sum', got {pooling!r}")
+        hidden = list(hidden)
+        if not hidden:
+            raise ValueError("SetEncoder: hidden must list at least one width")
+        self.phi = mlp([in_dim, *hidden], activation, out_activation=activation)
+        self.rho = mlp([hidden[-1], hidden[-1], out_dim], activation)
+        self.pooling = pooling
+
+    def __call__(self, xs):
+        h = self.phi(xs)
+        pooled = mx.mean(h, axis=-2) if self.pooling == "mean" else mx.sum(h, axis=-2)
+        return self.rho(pooled)

@@ -1,0 +1,124 @@
+"""``NeuralNetGF``: a deterministic generative function around an ``mlx.nn.Module``.
+
+It makes no random choices: for arguments x its density is the point mass on the empty
+choice map, so score = 0, every weight = 0, and the return value is ``module(*x)``.
+Because the module's parameters are read at call time, ``nn.value_and_grad`` over a
+container holding the module (see :func:`genmlx.nn.trainable`) differentiates through
+every traced call such as ``decoder(z) @ "dec"``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from genmlx.core.choicemap import ChoiceMap
+from genmlx.core.diff import NoChange, UnknownChange, is_no_change
+from genmlx.core.errors import AddressedError
+from genmlx.core.gfi import GenerativeFunction
+from genmlx.core.trace import Trace
+
+
+@dataclass(frozen=True, eq=False)
+class NeuralTrace(Trace):
+    """Trace of a :class:`NeuralNetGF` call: arguments, return value, score 0."""
+
+    gen_fn: "NeuralNetGF"
+    args: tuple
+    retval_: Any
+    score_: mx.array
+    batch_size: int | None = None
+
+    @property
+    def retval(self):
+        return self.retval_
+
+    @property
+    def score(self):
+        return self.score_
+
+    @property
+    def choices(self) -> ChoiceMap:
+        return ChoiceMap.empty()
+
+    def __getitem__(self, addr):
+        raise AddressedError("a neural network makes no random choices; use tr.retval",
+                             addr if isinstance(addr, tuple) else (addr,))
+
+    def _tree_flatten(self):
+        return [self.args, self.retval_, self.score_], (self.gen_fn, self.batch_size)
+
+    @classmethod
+    def _tree_unflatten(cls, aux, children):
+        args, retval, score = children
+        return cls(aux[0], args, retval, score, aux[1])
+
+
+class NeuralNetGF(GenerativeFunction):
+    """Deterministic GF with retval ``module(*args)``, no choices, score and weights 0.
+
+    >>> decoder = gm.nn.NeuralNetGF(gm.nn.mlp([10, 200, 784]))
+    >>> @gm.gen
+    ... def vae():
+    ...     z = gm.normal(mx.zeros(10), 1.0) @ "z"
+    ...     logits = decoder(z) @ "dec"
+    ...     return gm.bernoulli(logits=logits) @ "x"
+    """
+
+    def __init__(self, module: nn.Module, name: str | None = None):
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"NeuralNetGF wraps an mlx.nn.Module, got {type(module).__name__}")
+        self.module = module
+        self.name = name or type(module).__name__
+
+    def __repr__(self) -> str:
+        return f"NeuralNetGF({self.name})"
+
+    def _run(self, args: tuple) -> NeuralTrace:
+        args = tuple(args)
+        return NeuralTrace(self, args, self.module(*args), mx.array(0.0))
+
+    @staticmethod
+    def _no_constraints(constraints: ChoiceMap | None, op: str) -> None:
+        if constraints is not None and not constraints.is_empty():
+            addrs = ", ".join(repr(a) for a in constraints.addresses()[:3])
+            raise AddressedError(
+                f"{op}: a neural network makes no random choices, but constraints were "
+                f"given for it ({addrs})"
+            )
+
+    def simulate(self, key, args=()):
+        """retval = module(*args); score = 0."""
+        return self._run(args)
+
+    def generate(self, key, args, constraints):
+        """No choices: constraints must be empty; w = 0."""
+        self._no_constraints(constraints, "generate")
+        return self._run(args), mx.array(0.0)
+
+    def assess(self, args, choices):
+        """log p = 0 (the only choice map is the empty one); retval = module(*args)."""
+        self._no_constraints(choices, "assess")
+        return mx.array(0.0), self.module(*tuple(args))
+
+    def propose(self, key, args=()):
+        return ChoiceMap.empty(), mx.array(0.0), self.module(*tuple(args))
+
+    def _update(self, key, trace, constraints, args, argdiffs):
+        """Recomputes the output for new arguments; w = 0, discard empty."""
+        self._no_constraints(constraints, "update")
+        if args is None or (argdiffs is not None and all(map(is_no_change, argdiffs))):
+            new = self._run(trace.args if args is None else args)
+            return new, mx.array(0.0), NoChange, ChoiceMap.empty()
+        return self._run(args), mx.array(0.0), UnknownChange, ChoiceMap.empty()
+
+    def _regenerate(self, key, trace, selection, args, argdiffs):
+        """Nothing to resample; w = 0."""
+        new, w, retdiff, _ = self._update(key, trace, None, args, argdiffs)
+        return new, w, retdiff
+
+    def _project(self, trace, selection):
+        return mx.zeros_like(trace.score)
