@@ -31,5 +31,7 @@ from genmlx.combinators import (  # noqa: E402
     CustomGradientGF, Map, Mask, Mix, Recurse, Scan, Switch, Unfold, contramap, dimap,
 )
 from genmlx import inference  # noqa: E402,F401
+from genmlx import nn  # noqa: E402,F401
+from genmlx import amortized  # noqa: E402,F401
 
 __version__ = "0.1.0"
