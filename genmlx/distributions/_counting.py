@@ -115,7 +115,7 @@ def binomial_sample(key, n, p, shape) -> mx.array:
     ks = mx.clip(k, 0.0, nl)
     lhs = mx.log(v * alpha / (a / (us * us) + b))
     # log f(k)/f(m) (Hörmann's h − log k! − log(n−k)! + (k − m) log(p/q)), accurately
-    rhs = log_binomial_pmf(ks, nl, pl) - log_binomial_pmf(m, nl, pl)
+    rhs = log_binomial_pmf(ks, nl, pl, True) - log_binomial_pmf(m, nl, pl, True)
     accept = quick | (inside & (lhs <= rhs))
     x_large = _first_accepted(accept, k, m).astype(mx.int32)
     x = mx.where(small, x_small, x_large)

@@ -91,7 +91,7 @@ class Binomial(Distribution):
         n, p = self.n, self.p
         inside = (k >= 0) & (k <= n) & _is_int(k)
         ks = mx.where(inside, k, 0.0)
-        return mx.where(inside, log_binomial_pmf(ks, n, p), -mx.inf)
+        return mx.where(inside, log_binomial_pmf(ks, n, p, integer=True), -mx.inf)
 
     def mean(self):
         return mx.broadcast_to(self.n * self.p, self.shape)

@@ -248,6 +248,29 @@ def stirlerr(x) -> mx.array:
     return mx.where(small, direct, series)
 
 
+def _stirlerr_table(n: int) -> list:
+    out = [0.0]
+    for k in range(1, n):
+        out.append(math.lgamma(k + 1.0) - (k + 0.5) * math.log(k) + k - HALF_LOG_2PI)
+    return out
+
+
+_STIRLERR_INT = _stirlerr_table(16)
+
+
+def stirlerr_int(x) -> mx.array:
+    """:func:`stirlerr` for integer-valued x ≥ 0: a float64-computed table below 16, the
+    series above (cheap: no lgamma)."""
+    small = x < 16
+    idx = mx.clip(x, 0, 15).astype(mx.int32)
+    table = mx.take(mx.array(_STIRLERR_INT, dtype=mx.float32), idx)
+    xl = mx.where(small, 16.0, x)
+    r = 1.0 / xl
+    r2 = r * r
+    series = r * (1.0 / 12 - r2 * (1.0 / 360 - r2 * (1.0 / 1260)))
+    return mx.where(small, table, series)
+
+
 def bd0(x, m) -> mx.array:
     """x log(x/m) + m − x ≥ 0 without cancellation (x ≥ 0, m > 0): for |x − m| < 0.1(x + m)
     the series (x − m)v + 2x Σⱼ v^{2j+1}/(2j+1), v = (x − m)/(x + m)."""
@@ -265,18 +288,20 @@ def bd0(x, m) -> mx.array:
 
 
 def log_poisson_pmf(k, lam) -> mx.array:
-    """log(λᵏ e^{−λ}/k!) = −δ(k) − bd0(k, λ) − ½ log(2πk) for k ≥ 1; −λ at k = 0."""
+    """log(λᵏ e^{−λ}/k!) = −δ(k) − bd0(k, λ) − ½ log(2πk) for integer k ≥ 1; −λ at k = 0."""
     pos = k > 0
     ks = mx.where(pos, k, 1.0)
     lam_s = mx.where(lam > 0, lam, 1.0)
-    main = -stirlerr(ks) - bd0(ks, lam_s) - 0.5 * mx.log(2.0 * math.pi * ks)
+    main = -stirlerr_int(ks) - bd0(ks, lam_s) - 0.5 * mx.log(2.0 * math.pi * ks)
     main = mx.where(lam > 0, main, -mx.inf)
     return mx.where(pos, main, -lam)
 
 
-def log_binomial_pmf(k, n, p) -> mx.array:
+def log_binomial_pmf(k, n, p, integer: bool = False) -> mx.array:
     """log(C(n, k) pᵏ (1−p)^{n−k}) for real n ≥ k ≥ 0 (Loader 2000):
-    δ(n) − δ(k) − δ(n−k) − bd0(k, np) − bd0(n−k, nq) + ½ log(n/(2πk(n−k))) for 0 < k < n."""
+    δ(n) − δ(k) − δ(n−k) − bd0(k, np) − bd0(n−k, nq) + ½ log(n/(2πk(n−k))) for 0 < k < n.
+    ``integer=True`` (k and n integer-valued) uses the cheaper :func:`stirlerr_int`."""
+    se = stirlerr_int if integer else stirlerr
     q = 1.0 - p
     at0 = k <= 0
     atn = k >= n
@@ -285,7 +310,7 @@ def log_binomial_pmf(k, n, p) -> mx.array:
     ns = mx.where(inner, n, 2.0)
     ps = mx.where(inner, p, 0.5)
     qs = 1.0 - ps
-    main = (stirlerr(ns) - stirlerr(ks) - stirlerr(ns - ks)
+    main = (se(ns) - se(ks) - se(ns - ks)
             - bd0(ks, ns * ps) - bd0(ns - ks, ns * qs)
             + 0.5 * mx.log(ns / (2.0 * math.pi * ks * (ns - ks))))
     main = mx.where((p > 0) & (p < 1), main, -mx.inf)
