@@ -44,8 +44,8 @@ class SequenceTrace(Trace):
 
     @property
     def retval(self):
-        return self.gen_fn._retval_of(self.args, [s.retval for s in self.steps],
-                                      self.batch_size is not None)
+        # particle axes (batched, or nested in a batched trace) lead: stack after them
+        return self.gen_fn._retval_of(self.args, [s.retval for s in self.steps], self.score_.ndim > 0)
 
     @property
     def score(self):
@@ -100,14 +100,21 @@ class ArgChanges:
 _NEVER = 1 << 62
 
 
+def fold_in(key: mx.array, t: int) -> mx.array:
+    """The key of step t, derived from ``key`` and t alone, so a step draws the same
+    randomness whichever step an update starts from (prefix skipping and full
+    re-execution give identical traces for the same key)."""
+    return mx.random.split(key + mx.array([0, t], dtype=mx.uint32), 2)[1]
+
+
 class _Single:
     """Kernel operations for one trace (also used per particle under vmap)."""
 
-    def step_keys(self, key, m):
-        return mx.random.split(key, m)
+    def step_keys(self, key, t0, t1):
+        return key
 
-    def key_at(self, keys, j):
-        return keys[j]
+    def key_at(self, keys, t):
+        return fold_in(keys, t)
 
     def simulate(self, k, gf, args_fn, carry, cb):
         return strip(gf.simulate(k, args_fn(carry)))
@@ -132,11 +139,11 @@ class _Batched:
     def __init__(self, n: int):
         self.n = n
 
-    def step_keys(self, key, m):
-        return mx.vmap(lambda k: mx.random.split(k, m))(mx.random.split(key, self.n))
+    def step_keys(self, key, t0, t1):
+        return mx.random.split(key, self.n)
 
-    def key_at(self, keys, j):
-        return keys[:, j]
+    def key_at(self, keys, t):
+        return mx.vmap(lambda k: fold_in(k, t))(keys)
 
     def simulate(self, k, gf, args_fn, carry, cb):
         fn = lambda kk, c: strip(gf.simulate(kk, args_fn(c)))  # noqa: E731
@@ -219,15 +226,14 @@ class SequenceGF(GenerativeFunction):
     def _generate(self, key, args, cm):
         T, carry = self._parse(args)
         cons = self._step_keys(cm, T)
-        keys = mx.random.split(key, T) if T else None
         steps, score, weight = [], mx.array(0.0), mx.array(0.0)
         for t in range(T):
             a = self._step_args(args, t, carry)
             c = cons.get(t)
             if c is None or c.is_empty():
-                tr = self.kernel.simulate(keys[t], a)
+                tr = self.kernel.simulate(fold_in(key, t), a)
             else:
-                tr, w = self.kernel.generate(keys[t], a, c)
+                tr, w = self.kernel.generate(fold_in(key, t), a, c)
                 weight = weight + w
             steps.append(strip(tr))
             score = score + tr.score
@@ -325,7 +331,7 @@ class SequenceGF(GenerativeFunction):
         steps = list(trace.steps[:min(T_old, T_new)])
         changed_steps = []
         if t0 < T_new:
-            keys = E.step_keys(key, T_new - t0)
+            keys = E.step_keys(key, t0, T_new)
             carry_old = self._carry_before(trace, old_args, t0)
             carry_new = self._carry_before(trace, args, t0)
             carry_changed = ch.carry0_changed if t0 == 0 else False
@@ -338,7 +344,7 @@ class SequenceGF(GenerativeFunction):
                         carry_old = carry_new = self._carry_out(old_sub.retval)
                         continue
                     old_fn = partial(self._step_args, old_args, t)
-                    sub, w, rd, d = E.update(E.key_at(keys, t - t0), self.kernel, old_sub, old_fn,
+                    sub, w, rd, d = E.update(E.key_at(keys, t), self.kernel, old_sub, old_fn,
                                              carry_old, new_fn, carry_new, t > 0, c,
                                              ch.step_argdiffs(t, carry_changed))
                     if not d.is_empty():
@@ -351,10 +357,10 @@ class SequenceGF(GenerativeFunction):
                     steps[t] = sub
                 else:
                     if c.is_empty():
-                        sub = E.simulate(E.key_at(keys, t - t0), self.kernel, new_fn, carry_new, t > 0)
+                        sub = E.simulate(E.key_at(keys, t), self.kernel, new_fn, carry_new, t > 0)
                         w = mx.zeros_like(weight)
                     else:
-                        sub, w = E.generate(E.key_at(keys, t - t0), self.kernel, new_fn, carry_new, t > 0, c)
+                        sub, w = E.generate(E.key_at(keys, t), self.kernel, new_fn, carry_new, t > 0, c)
                     score = score + sub.score
                     changed_steps.append(t)
                     steps.append(sub)
@@ -388,7 +394,7 @@ class SequenceGF(GenerativeFunction):
         steps = list(trace.steps[:min(T_old, T_new)])
         changed_steps = []
         if t0 < T_new:
-            keys = E.step_keys(key, T_new - t0)
+            keys = E.step_keys(key, t0, T_new)
             carry_old = self._carry_before(trace, old_args, t0)
             carry_new = self._carry_before(trace, args, t0)
             carry_changed = ch.carry0_changed if t0 == 0 else False
@@ -402,7 +408,7 @@ class SequenceGF(GenerativeFunction):
                         carry_old = carry_new = self._carry_out(old_sub.retval)
                         continue
                     old_fn = partial(self._step_args, old_args, t)
-                    sub, w, rd = E.regenerate(E.key_at(keys, t - t0), self.kernel, old_sub, old_fn,
+                    sub, w, rd = E.regenerate(E.key_at(keys, t), self.kernel, old_sub, old_fn,
                                               carry_old, new_fn, carry_new, t > 0,
                                               s if s is not None else none.get(),
                                               ch.step_argdiffs(t, carry_changed))
@@ -414,7 +420,7 @@ class SequenceGF(GenerativeFunction):
                     carry_old = self._carry_out(old_sub.retval)
                     steps[t] = sub
                 else:
-                    sub = E.simulate(E.key_at(keys, t - t0), self.kernel, new_fn, carry_new, t > 0)
+                    sub = E.simulate(E.key_at(keys, t), self.kernel, new_fn, carry_new, t > 0)
                     score = score + sub.score
                     changed_steps.append(t)
                     steps.append(sub)

@@ -62,12 +62,12 @@ class MapTrace(Trace):
         leaves = list(self.sub.choices.leaves())
         if not leaves:
             return ChoiceMap.empty()
-        batched = self.batch_size is not None
+        ax = self.score_.ndim  # element axis: after any particle axes (batched/nested traces)
         children = {}
         for i in range(self.length):
             cm = ChoiceMap.empty()
             for p, v in leaves:
-                cm = cm.set_submap(p, ChoiceMap.leaf(v[:, i] if batched else v[i]))
+                cm = cm.set_submap(p, ChoiceMap.leaf(mx.take(v, i, axis=ax)))
             children[i] = cm
         return ChoiceMap(children)
 
@@ -79,8 +79,7 @@ class MapTrace(Trace):
         rest = path[1:]
         ch = self.sub.choices.submap_at_path(rest)
         if ch.is_leaf():
-            v = ch.get_value()
-            return v[:, i] if self.batch_size is not None else v[i]
+            return mx.take(ch.get_value(), i, axis=self.score_.ndim)
         return self.choices[addr]
 
     def _tree_flatten(self):
