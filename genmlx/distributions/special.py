@@ -117,26 +117,38 @@ def log_normal_pdf_std(z) -> mx.array:
 
 
 _NDTRI_SWITCH = math.log(0.05)
+_LOG_HALF = math.log(0.5)
 
 
-def ndtri_log(log_p) -> mx.array:
-    """Φ⁻¹(exp(log_p)) for log_p ≤ 0, accurate deep in the lower tail.
-
-    Central part (p > 0.05): √2·erfinv(2p − 1). Lower tail: asymptotic start
-    x₀ = −√(L − log L − log 2π), L = −2 log p, then 4 Newton steps on
-    log Φ(x) = log p (derivative φ(x)/Φ(x)); autodiff through the converged Newton
-    iterations gives the exact implicit derivative.
-    """
+def _ndtri_log_lower(log_p):
+    """Φ⁻¹(p) for p ≤ ½ given log p."""
     tail = log_p < _NDTRI_SWITCH
-    lp_c = mx.where(tail, 0.0, log_p)
+    lp_c = mx.where(tail, _LOG_HALF, log_p)
     central = SQRT_2 * mx.erfinv(2.0 * mx.exp(lp_c) - 1.0)
-    lp_t = mx.where(tail, log_p, _NDTRI_SWITCH)
+    lp_t = mx.where(tail & (log_p > -mx.inf), log_p, _NDTRI_SWITCH)
     big_l = -2.0 * lp_t
     x = -mx.sqrt(mx.maximum(big_l - mx.log(big_l) - math.log(2 * math.pi), 0.1))
     for _ in range(4):
         lc = log_ndtr(x)
         x = x - (lc - lp_t) * mx.exp(lc - log_normal_pdf_std(x))
+    x = mx.where(log_p == -mx.inf, -mx.inf, x)
     return mx.where(tail, x, central)
+
+
+def ndtri_log(log_p) -> mx.array:
+    """Φ⁻¹(exp(log_p)) for log_p ≤ 0, accurate in both tails.
+
+    p ≤ ½: central part (p > 0.05) √2·erfinv(2p − 1); lower tail: asymptotic start
+    x₀ = −√(L − log L − log 2π), L = −2 log p, then 4 Newton steps on
+    log Φ(x) = log p (derivative φ(x)/Φ(x)); autodiff through the converged Newton
+    iterations gives the exact implicit derivative. p > ½: −Φ⁻¹(q) with
+    log q = log(−expm1(log p)) computed without cancellation.
+    """
+    upper = log_p > _LOG_HALF
+    lp_lo = mx.where(upper, _LOG_HALF, log_p)
+    lp_up = mx.where(upper, log_p, _LOG_HALF)
+    log_q = mx.log(-mx.expm1(lp_up))
+    return mx.where(upper, -_ndtri_log_lower(log_q), _ndtri_log_lower(lp_lo))
 
 
 # -- the regularized incomplete gamma function and its derivative in the shape ----------------
