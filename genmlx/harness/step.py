@@ -7,6 +7,7 @@ Keys are a pure function of ``(seed, step)`` (SplitMix64 of the pair seeds
 from __future__ import annotations
 
 import math
+import warnings
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -78,43 +79,79 @@ def global_norm(grads) -> mx.array:
 
 def local_train_step(objective, optimizer, compile: bool = True):
     """``step(key, data) -> metrics`` (loss, grad_norm, objective metrics): one gradient
-    step of ``objective.loss`` on all parameters of ``objective.trainable()``.
+    step of the objective on all parameters of ``objective.trainable()``, then the
+    objective's running-state update (``_loss_aux``/``update_state`` when it has them).
 
-    Used when ``gm.amortized.make_train_step`` is not available (or for objectives that are
-    not amortized ones, such as the harness's self-test task)."""
+    The compiled function returns ONE stacked array of the scalar metrics, unpacked
+    outside: MLX 0.32.4's compiler fails (``IndexError: _Map_base::at``) on a
+    value_and_grad whose outputs include both the loss and a stop_gradient'ed
+    function of it (IWAE's ``loss`` and ``bound``)."""
     module = objective.trainable()
-    vg = nn.value_and_grad(module, lambda key, data: objective.loss(key, data))
+    has_aux = hasattr(objective, "_loss_aux")
+
+    def loss_fn(key, data):
+        if has_aux:
+            loss, metrics, aux = objective._loss_aux(key, data)
+        else:
+            (loss, metrics), aux = objective.loss(key, data), None
+        return loss, (metrics, aux)
+
+    vg = nn.value_and_grad(module, loss_fn)
+    names: list = []
 
     def step(key, data):
-        (loss, metrics), grads = vg(key, data)
+        (loss, (metrics, aux)), grads = vg(key, data)
+        gn = global_norm(grads)
         optimizer.update(module, grads)
-        out = dict(metrics)
-        out["loss"] = loss
-        out["grad_norm"] = global_norm(grads)
-        return out
+        if aux:
+            objective.update_state(aux)
+        names[:] = [k for k in sorted(metrics) if k not in ("loss", "grad_norm") and metrics[k].size == 1]
+        return mx.stack([loss.reshape(()), gn] + [metrics[k].reshape(()).astype(mx.float32) for k in names])
 
     if compile:
         state = [module.state, optimizer.state]
         step = mx.compile(step, inputs=state, outputs=state)
-    return step
+
+    def unpacked(key, data):
+        v = step(key, data)
+        out = {"loss": v[0], "grad_norm": v[1]}
+        out.update({k: v[i + 2] for i, k in enumerate(names)})
+        return out
+
+    return unpacked
 
 
 def make_train_step(objective, optimizer, compile: bool = True):
-    """The library's compiled step for amortized objectives, else :func:`local_train_step`."""
+    """``gm.amortized.make_train_step`` for amortized objectives, falling back to
+    :func:`local_train_step` when it is unavailable or its compiled form fails to build
+    (the failure happens while tracing, before any state changes)."""
     if getattr(objective, "harness_local", False):
         return local_train_step(objective, optimizer, compile)
     try:
         from genmlx.amortized import make_train_step as mts
     except ImportError:
         return local_train_step(objective, optimizer, compile)
-    return mts(objective, optimizer, compile=compile)
+    box = {"fn": mts(objective, optimizer, compile=compile), "fallback": False}
+
+    def step(key, data):
+        try:
+            return box["fn"](key, data)
+        except IndexError as e:
+            if box["fallback"]:
+                raise
+            warnings.warn(f"gm.amortized.make_train_step failed to compile ({e}); using the harness's "
+                          "packed-metrics step instead", RuntimeWarning, stacklevel=2)
+            box["fn"], box["fallback"] = local_train_step(objective, optimizer, compile), True
+            return box["fn"](key, data)
+
+    return step
 
 
 # -- rollback of a bad step ------------------------------------------------------------------------
 def snapshot(module, optimizer):
     """References to the current parameters and optimizer state (arrays are immutable,
     so this copies nothing)."""
-    return module.trainable_parameters(), tree_map(lambda x: x, optimizer.state)
+    return module.parameters(), tree_map(lambda x: x, optimizer.state)
 
 
 def rollback(module, optimizer, snap) -> None:
