@@ -1,0 +1,190 @@
+"""SMC against the Kalman filter on a linear-Gaussian state-space model; conditional
+SMC / particle Gibbs invariance."""
+
+import math
+
+import genmlx as gm
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from genmlx.inference import conditional_smc, mh, particle_gibbs, smc
+
+A, Q, R_ = 0.8, 1.0, 0.7
+
+
+@gm.gen
+def step(t, x, a, q, r):
+    x = gm.trace("x", gm.normal(a * x, q))
+    gm.trace("y", gm.normal(x, r))
+    return x
+
+
+ssm = gm.Unfold(step)
+
+
+@gm.gen
+def loop_ssm(T, a, q, r):
+    """The same model written as a Python loop (update re-executes it: O(T) per step)."""
+    x = mx.array(0.0)
+    for t in range(T):
+        x = gm.trace((t, "x"), gm.normal(a * x, q))
+        gm.trace((t, "y"), gm.normal(x, r))
+    return x
+
+
+@gm.gen
+def optimal(t, prev, obs, a, q, r):
+    """The locally optimal proposal p(x_t | x_{t−1}, y_t)."""
+    xp = mx.array(0.0) if prev is None else prev[(t - 1, "x")]
+    y = obs[(t, "y")]
+    prec = 1 / q**2 + 1 / r**2
+    mean = (a * xp / q**2 + y / r**2) / prec
+    gm.trace((t, "x"), gm.normal(mean, 1 / math.sqrt(prec)))
+
+
+def kalman(ys):
+    m, P, ll, means = 0.0, 0.0, 0.0, []
+    for y in ys:
+        mp, Pp = A * m, A * A * P + Q * Q
+        S = Pp + R_ * R_
+        ll += -0.5 * math.log(2 * math.pi * S) - 0.5 * (y - mp) ** 2 / S
+        K = Pp / S
+        m, P = mp + K * (y - mp), (1 - K) * Pp
+        means.append(m)
+    return ll, np.array(means)
+
+
+T = 6
+YS = np.array([0.4, 1.1, 0.3, -0.8, 0.9, 1.6], dtype=np.float32)
+OBS = gm.choicemap({(t, "y"): float(YS[t]) for t in range(T)})
+ARGS = (T, mx.array(0.0), A, Q, R_)
+
+
+def run_many(reps, n, seed, model=ssm, args=ARGS, obs=OBS, **kw):
+    """exp(log Ẑ − log Z) and the filtering-mean estimates of independent runs."""
+    ll, _ = kalman(YS)
+    ratios, filt = [], []
+    for k in mx.random.split(mx.random.key(seed), reps):
+        means = []
+
+        def cb(t, traces, lw):
+            w = mx.softmax(lw)
+            means.append(float(mx.sum(w * traces[(t, "x")])))
+
+        res = smc(k, model, args, obs, n, callback=cb, progress=False, **kw)
+        ratios.append(math.exp(float(res.log_marginal_likelihood) - ll))
+        filt.append(means)
+    return np.array(ratios), np.array(filt)
+
+
+def check_against_kalman(ratios, filt):
+    _, kmeans = kalman(YS)
+    reps = len(ratios)
+    se = ratios.std(ddof=1) / math.sqrt(reps)
+    assert abs(ratios.mean() - 1) < 3.5 * se, (ratios.mean(), se)
+    fm, fse = filt.mean(0), filt.std(0, ddof=1) / math.sqrt(reps)
+    assert np.all(np.abs(fm - kmeans) < 3.5 * fse), (fm, kmeans, fse)
+
+
+def test_bootstrap_filter_vs_kalman():
+    ratios, filt = run_many(30, 300, 0)
+    check_against_kalman(ratios, filt)
+
+
+@pytest.mark.parametrize("scheme", ["multinomial", "stratified", "systematic", "residual"])
+def test_resampling_schemes_give_unbiased_evidence(scheme):
+    ratios, filt = run_many(25, 60, 1, resampling=scheme, ess_threshold=1.0)
+    check_against_kalman(ratios, filt)
+
+
+def test_locally_optimal_proposal_vs_kalman():
+    ratios, filt = run_many(25, 100, 2, proposal=optimal, proposal_args=(A, Q, R_))
+    # the optimal proposal gives far lower evidence variance than the bootstrap filter
+    assert np.log(ratios).std() < 0.1
+    check_against_kalman(ratios, filt)
+
+
+def _rejuvenate(key, traces):
+    last = traces.args[0] - 1
+    return mh(key, traces, gm.select((last, "x")))
+
+
+def test_mh_rejuvenation_vs_kalman():
+    ratios, filt = run_many(25, 100, 3, rejuvenation=_rejuvenate)
+    check_against_kalman(ratios, filt)
+
+
+def test_python_loop_model_with_per_step_observation_list():
+    obs = [gm.choicemap({(t, "y"): float(YS[t])}) for t in range(T)]
+    ratios, filt = run_many(20, 100, 4, model=loop_ssm, args=(T, A, Q, R_), obs=obs)
+    check_against_kalman(ratios, filt)
+
+
+def test_ess_trigger_and_history():
+    never = smc(mx.random.key(0), ssm, ARGS, OBS, 50, ess_threshold=0.0, progress=False)
+    always = smc(mx.random.key(0), ssm, ARGS, OBS, 50, ess_threshold=1.0, progress=False)
+    assert never.resampled == (False,) * T and always.resampled == (True,) * T
+    assert len(never.ess_history) == T and all(0 < e <= 50 for e in never.ess_history)
+    # after resampling at the last step every weight equals log Ẑ
+    lw = np.asarray(always.log_weights)
+    assert np.allclose(lw, lw[0]) and lw[0] == pytest.approx(float(always.log_marginal_likelihood), abs=1e-4)
+    mid = smc(mx.random.key(0), ssm, ARGS, OBS, 50, ess_threshold=0.5, progress=False)
+    for e, f in zip(mid.ess_history, mid.resampled):
+        assert f == (e < 25)
+    assert mid.traces.batch_size == 50 and mid.traces[(T - 1, "x")].shape == (50,)
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="ess_threshold"):
+        smc(mx.random.key(0), ssm, ARGS, OBS, 10, ess_threshold=2.0, progress=False)
+    with pytest.raises(ValueError, match="bogus"):
+        smc(mx.random.key(0), ssm, ARGS, OBS, 10, resampling="bogus", progress=False)
+    with pytest.raises(ValueError, match="step_args"):
+        smc(mx.random.key(0), ssm, (mx.array(3),), [gm.choicemap({})], 10, progress=False)
+
+
+# -- conditional SMC / particle Gibbs ---------------------------------------------------
+T2 = 2
+
+
+def exact_path_posterior():
+    """Posterior mean/cov of (x_0, x_1) given y_0, y_1 (joint Gaussian conditioning)."""
+    M = np.array([[1.0, 0.0], [A, 1.0]]) * Q  # x = M e
+    cx = M @ M.T
+    cy = cx + R_**2 * np.eye(2)
+    ys = YS[:T2].astype(np.float64)
+    gain = cx @ np.linalg.inv(cy)
+    return gain @ ys, cx - gain @ cx
+
+
+@pytest.mark.parametrize("use_proposal", [False, True])
+def test_conditional_smc_leaves_posterior_invariant(use_proposal):
+    mean, cov = exact_path_posterior()
+    chains = 120
+    draws = np.random.default_rng(5).multivariate_normal(mean, cov, size=chains)
+    obs = gm.choicemap({(t, "y"): float(YS[t]) for t in range(T2)})
+    args = (T2, mx.array(0.0), A, Q, R_)
+    prop = dict(proposal=optimal, proposal_args=(A, Q, R_)) if use_proposal else {}
+    out = []
+    keys = mx.random.split(mx.random.key(6), chains)
+    for c in range(chains):
+        ref, _ = ssm.generate(keys[c], args, obs.merge(gm.choicemap({(t, "x"): float(draws[c, t]) for t in range(T2)})))
+        res = conditional_smc(keys[c], ssm, args, obs, 8, ref, **prop)
+        for t in range(T2):  # particle 0 is the reference
+            assert float(res.traces[(t, "x")][0]) == pytest.approx(float(draws[c, t]), abs=1e-5)
+        new = res.resample(mx.random.split(keys[c])[1], 1)
+        out.append([float(new[(t, "x")][0]) for t in range(T2)])
+    out = np.array(out)
+    for t in range(T2):
+        sd = math.sqrt(cov[t, t])
+        assert abs(out[:, t].mean() - mean[t]) < 3.5 * sd / math.sqrt(chains)
+        assert abs(out[:, t].var(ddof=1) - cov[t, t]) < 3.5 * cov[t, t] * math.sqrt(2 / (chains - 1))
+    # the kernel moves: a good fraction of the chains changed their path
+    assert np.mean(np.abs(out - draws) > 1e-6) > 0.3
+
+
+def test_particle_gibbs_runs_and_returns_chain():
+    obs = gm.choicemap({(t, "y"): float(YS[t]) for t in range(T2)})
+    chain = particle_gibbs(mx.random.key(8), ssm, (T2, mx.array(0.0), A, Q, R_), obs, 8, 5, progress=False)
+    assert chain.batch_size == 5 and chain[(1, "x")].shape == (5,)
