@@ -16,9 +16,10 @@ meaningless for that particle (``gm.unbatch(tr, i).choices`` gives particle i's 
 choices). Constraints at addresses the active branch does not use are an error for a
 concrete index and are ignored by the particles whose branch lacks them otherwise.
 A traced out-of-range index gives score −inf; a concrete one raises ``ValueError``.
-Changing the branch in ``update`` generates the new branch from its prior with the
-constraints: w = w_generate(new branch) − score(old branch); in ``regenerate`` the new
-branch is simulated and contributes 0 to the weight.
+Changing the branch keeps the old values at the addresses both branches have (unless
+constrained, or selected in ``regenerate``) and draws the rest of the new branch from
+its prior: ``update`` has w = w_generate(new branch; σ ∪ kept) − score(old branch) and
+discards the old values not kept; ``regenerate`` has w = Σ_kept [log p_new − log p_old].
 """
 
 from __future__ import annotations
@@ -227,9 +228,46 @@ class Switch(GenerativeFunction):
             argdiffs = default_argdiffs(trace.args, args)
         return args, tuple(argdiffs)
 
+    def _into(self, key, b, bargs, old_sub, old_bargs, cm, selection=None):
+        """Switch a particle from its old branch (sub-trace ``old_sub``) into branch b.
+
+        Old values at addresses branch b also has are kept (unless constrained, or
+        selected in regenerate); the rest of branch b is drawn from its prior.
+        update:     w = w_generate(b; σ ∪ kept) − score(old branch),
+                    discard = the old choices not kept;
+        regenerate: w = w_generate(b; kept) − Σ_kept log p_old(v)   (Σ over kept).
+        """
+        g = self.branches[b]
+        paths_b = set(choice_paths(g, key, bargs))
+        given = {p for p, _ in cm.leaves()}
+        old_ch = old_sub.choices
+        kept, dropped = ChoiceMap.empty(), ChoiceMap.empty()
+        for p, v in old_ch.leaves():
+            keep = p in paths_b and p not in given
+            if selection is not None and selection.contains_path(p):
+                keep = False
+            if keep:
+                kept = kept.set_submap(p, ChoiceMap.leaf(v))
+            else:
+                dropped = dropped.set_submap(p, ChoiceMap.leaf(v))
+        merged = kept if cm.is_empty() else cm.merge(kept)
+        tr, w = g.generate(key, bargs, merged)
+        if selection is None:
+            return strip(tr), w - old_sub.score, dropped
+        old_g = old_sub.gen_fn
+        kept_paths = [p for p, _ in kept.leaves()]
+        if not kept_paths:
+            return strip(tr), w, None
+        from genmlx.core.selection import AddressSelection
+
+        w_old = project_subtrace(dress(old_sub, old_bargs), AddressSelection.of(kept_paths))
+        del old_g
+        return strip(tr), w - w_old, None
+
     def _update(self, key, trace, constraints, args, argdiffs):
         """Same branch: the branch's update. New branch: generated from its prior with
-        the constraints, w = w_gen − old score, discard = the old branch's choices."""
+        the constraints and the old values at the addresses it shares with the old
+        branch: w = w_generate − old score; discard = the old values not kept."""
         from genmlx.core.dynamic import _as_choicemap
 
         cm = _as_choicemap(constraints)
@@ -241,34 +279,42 @@ class Switch(GenerativeFunction):
         ci_old = concrete(io) if io.ndim == 0 else None
         ci_new = concrete(inew) if inew.ndim == 0 else None
         bold, bnew, bdiffs = old_args[1:], args[1:], argdiffs[1:]
-        keys = mx.random.split(key, 2 * len(self.branches))
+        B = len(self.branches)
+        keys = mx.random.split(key, B + B * B)
         cons = self._branch_cons(keys[0], cm, bnew, ci_new)
-        old_score = trace.score_
         if ci_old is not None and ci_new is not None:  # both concrete: only the needed work
             subs = list(trace.subs)
-            g = self.branches[ci_new]
             if ci_old == ci_new:
+                g = self.branches[ci_new]
                 tr, w, rd, disc = g.update(keys[ci_new], dress(subs[ci_new], bold), cons[ci_new], bnew, bdiffs)
+                subs[ci_new] = strip(tr)
             else:
-                tr, wg = g.generate(keys[len(self.branches) + ci_new], bnew, cons[ci_new])
-                w, rd, disc = wg - old_score, UnknownChange, trace.subs[ci_old].choices
-            subs[ci_new] = strip(tr)
-            new = SwitchTrace(self, args, inew, tuple(subs), tr.score)
+                subs[ci_new], w, disc = self._into(keys[B + ci_old * B + ci_new], ci_new, bnew,
+                                                   trace.subs[ci_old], bold, cons[ci_new])
+                rd = UnknownChange
+            new = SwitchTrace(self, args, inew, tuple(subs), subs[ci_new].score)
             return new, w, rd, disc
-        same = inew == io
         subs, ws, cands = [], [], []
         for b, g in enumerate(self.branches):
             tu, wu, _, du = g.update(keys[b], dress(trace.subs[b], bold), cons[b], bnew, bdiffs)
-            tg, wg = g.generate(keys[len(self.branches) + b], bnew, cons[b])
-            subs.append(where(same, strip(tu), strip(tg)))
-            ws.append(mx.where(same, wu, wg - old_score))
-            cands += [(same & (inew == b), du), (~same & (io == b), trace.subs[b].choices)]
+            sub, w = strip(tu), wu
+            cands.append(((inew == b) & (io == b), du))
+            for a in range(B):
+                if a == b:
+                    continue
+                tg, wg, dg = self._into(keys[B + a * B + b], b, bnew, trace.subs[a], bold, cons[b])
+                sub = where(io == a, tg, sub)
+                w = mx.where(io == a, wg, w)
+                cands.append(((inew == b) & (io == a), dg))
+            subs.append(sub)
+            ws.append(w)
         score = select_value(inew, [s.score for s in subs])
         new = SwitchTrace(self, args, inew, tuple(subs), score)
         return new, select_value(inew, ws), UnknownChange, merge_select(cands)
 
     def _regenerate(self, key, trace, selection, args, argdiffs):
-        """Same branch: the branch's regenerate. New branch: simulated, weight 0."""
+        """Same branch: the branch's regenerate. New branch: its prior, keeping the
+        unselected old values at shared addresses; w = Σ_kept [log p_new − log p_old]."""
         old_args = trace.args
         args, argdiffs = self._resolve(trace, args, argdiffs)
         if selection.is_empty() and all(is_no_change(d) for d in argdiffs):
@@ -278,24 +324,31 @@ class Switch(GenerativeFunction):
         ci_new = concrete(inew) if inew.ndim == 0 else None
         bold, bnew, bdiffs = old_args[1:], args[1:], argdiffs[1:]
         B = len(self.branches)
-        keys = mx.random.split(key, 2 * B)
+        keys = mx.random.split(key, B + B * B)
+        empty = ChoiceMap.empty()
         if ci_old is not None and ci_new is not None:
             subs = list(trace.subs)
-            g = self.branches[ci_new]
             if ci_old == ci_new:
+                g = self.branches[ci_new]
                 tr, w, rd = g.regenerate(keys[ci_new], dress(subs[ci_new], bold), selection, bnew, bdiffs)
+                subs[ci_new] = strip(tr)
             else:
-                tr = g.simulate(keys[B + ci_new], bnew)
-                w, rd = mx.zeros_like(trace.score_), UnknownChange
-            subs[ci_new] = strip(tr)
-            return SwitchTrace(self, args, inew, tuple(subs), tr.score), w, rd
-        same = inew == io
+                subs[ci_new], w, _ = self._into(keys[B + ci_old * B + ci_new], ci_new, bnew,
+                                                trace.subs[ci_old], bold, empty, selection)
+                rd = UnknownChange
+            return SwitchTrace(self, args, inew, tuple(subs), subs[ci_new].score), w, rd
         subs, ws = [], []
         for b, g in enumerate(self.branches):
             tr_, wr, _ = g.regenerate(keys[b], dress(trace.subs[b], bold), selection, bnew, bdiffs)
-            ts = g.simulate(keys[B + b], bnew)
-            subs.append(where(same, strip(tr_), strip(ts)))
-            ws.append(mx.where(same, wr, mx.zeros_like(wr)))
+            sub, w = strip(tr_), wr
+            for a in range(B):
+                if a == b:
+                    continue
+                tg, wg, _ = self._into(keys[B + a * B + b], b, bnew, trace.subs[a], bold, empty, selection)
+                sub = where(io == a, tg, sub)
+                w = mx.where(io == a, wg, w)
+            subs.append(sub)
+            ws.append(w)
         score = select_value(inew, [s.score for s in subs])
         return SwitchTrace(self, args, inew, tuple(subs), score), select_value(inew, ws), UnknownChange
 
