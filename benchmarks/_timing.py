@@ -148,6 +148,11 @@ def results_header(title: str, note: str = "") -> str:
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [f"## {title}", "", f"- Date: {now}", f"- Machine: {machine_info()}",
              f"- Commit: {git_commit()}", f"- Command: `{' '.join([Path(sys.executable).name] + sys.argv)}`"]
+    try:
+        load = "/".join(f"{x:.1f}" for x in os.getloadavg())
+        lines.append(f"- Load average at start (1/5/15 min): {load}")
+    except OSError:
+        pass
     if note:
         lines.append(f"- Note: {note}")
     return "\n".join(lines) + "\n"
