@@ -158,6 +158,16 @@ def results_header(title: str, note: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
+def append_results(title: str, body: str, note: str = "") -> Path:
+    """Append a section (header from :func:`results_header`, then ``body``) to
+    ``benchmarks/RESULTS.md``; returns the file's path."""
+    out = Path(__file__).resolve().parent / "RESULTS.md"
+    with out.open("a") as f:
+        f.write("\n" + results_header(title, note) + "\n" + body)
+    print(f"appended to {out}")
+    return out
+
+
 def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]

@@ -55,7 +55,7 @@ def main() -> None:
     args = ap.parse_args()
 
     sys.path.insert(0, str(REPO))
-    from benchmarks._timing import fmt_seconds, markdown_table, results_header
+    from benchmarks._timing import append_results, fmt_seconds, markdown_table
 
     flops = 2 * args.n**3
     rows = []
@@ -69,13 +69,9 @@ def main() -> None:
                             "GFLOP/s (best)"], rows)
     print("\n" + table)
     if args.append_results:
-        out = Path(__file__).resolve().parent / "RESULTS.md"
-        section = (results_header("Issue 2: float32 matmul, OpenBLAS vs reference BLAS (bench_blas.py)",
-                                  args.note)
-                   + f"\n`a @ b` with a, b float32 {args.n}×{args.n}, one process per row.\n\n" + table)
-        with out.open("a") as f:
-            f.write("\n" + section)
-        print(f"appended to {out}")
+        append_results("Issue 2: float32 matmul, OpenBLAS vs reference BLAS (bench_blas.py)",
+                       f"`a @ b` with a, b float32 {args.n}×{args.n}, one process per row.\n\n"
+                       + table, args.note)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ import genmlx as gm  # noqa: E402  (before mlx.core: fast BLAS)
 import mlx.core as mx  # noqa: E402
 
 from benchmarks._timing import (  # noqa: E402
-    fmt_bytes, fmt_seconds, markdown_table, peak_memory, results_header, timeit_interleaved,
+    append_results, fmt_bytes, fmt_seconds, markdown_table, peak_memory, timeit_interleaved,
 )
 
 SIGMA = 0.3
@@ -187,18 +187,14 @@ def main() -> None:
                                "batched draws + mx.vmap likelihood"], diag_rows)
         print("time / peak-memory ratios to hand-written:\n" + diag)
     if args.append_results:
-        out = Path(__file__).resolve().parent / "RESULTS.md"
-        section = (results_header("Issue 2: vectorized importance sampling (bench_is.py)", args.note)
-                   + "\nBayesian quadratic regression, 50 points; compiled `vgenerate` log-weights "
-                   "vs the same log-weights hand-written in MLX (compiled, batched); median time "
-                   "per call (eval included; runs interleaved) and peak MLX memory of one call. "
-                   "Target: time ratio ≤ 1.2.\n\n" + table)
+        body = ("Bayesian quadratic regression, 50 points; compiled `vgenerate` log-weights "
+                "vs the same log-weights hand-written in MLX (compiled, batched); median time "
+                "per call (eval included; runs interleaved) and peak MLX memory of one call. "
+                "Target: time ratio ≤ 1.2.\n\n" + table)
         if diag:
-            section += ("\nDiagnostics — time / peak-memory ratio to hand-written of the same "
-                        "log-weights computed with plain `mx.vmap` (no genmlx code):\n\n" + diag)
-        with out.open("a") as f:
-            f.write("\n" + section)
-        print(f"appended to {out}")
+            body += ("\nDiagnostics — time / peak-memory ratio to hand-written of the same "
+                     "log-weights computed with plain `mx.vmap` (no genmlx code):\n\n" + diag)
+        append_results("Issue 2: vectorized importance sampling (bench_is.py)", body, args.note)
 
 
 if __name__ == "__main__":
