@@ -95,3 +95,27 @@ def test_explicit_support_and_errors():
         enumerate_posterior(chain, (P0,), gm.choicemap({"y": 0.5}), support={"zz": [0, 1]})
     with pytest.raises(NotEnumerableError, match="max_configurations"):
         enumerate_posterior(chain, (P0,), gm.choicemap({"y": 0.5}), max_configurations=4)
+
+
+@gm.gen
+def inner(k):
+    return gm.trace("j", gm.categorical(mx.array([0.5, 0.3, 0.2]))) + k
+
+
+@gm.gen
+def nested():
+    i = gm.trace("i", gm.categorical(mx.array([0.1, 0.6, 0.3])))
+    s = gm.trace("sub", inner(i))
+    gm.trace("y", gm.normal(s.astype(mx.float32), 0.7))
+
+
+def test_nested_categorical_supports_are_discovered():
+    res = enumerate_posterior(nested, (), gm.choicemap({"y": 2.3}))
+    assert set(res.addresses) == {("i",), ("sub", "j")}
+    pi, pj = [0.1, 0.6, 0.3], [0.5, 0.3, 0.2]
+    joint = {(i, j): pi[i] * pj[j] * norm.pdf(2.3, i + j, 0.7) for i in range(3) for j in range(3)}
+    z = sum(joint.values())
+    assert float(res.log_marginal_likelihood) == pytest.approx(math.log(z), abs=1e-5)
+    m = res.marginal(("sub", "j"))
+    for j in range(3):
+        assert m[j] == pytest.approx(sum(v for (i, jj), v in joint.items() if jj == j) / z, abs=1e-5)
