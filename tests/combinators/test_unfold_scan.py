@@ -311,3 +311,23 @@ def test_scan_mismatched_xs_error():
 def test_zero_length_unfold():
     tr = gm.Unfold(lg_kernel).simulate(mx.random.key(0), unfold_args(0))
     assert tr.retval.shape == (0,) and float(tr.score) == 0.0 and tr.choices.is_empty()
+
+
+def test_batched_extension_under_compile():
+    """One particle-filter step (extend + observe) through gm.compile; keys are inputs,
+    so two keys give different draws and the same key reproduces the eager result."""
+    U = gm.Unfold(lg_kernel)
+    btr = U.vsimulate(mx.random.key(0), unfold_args(3), 5)
+
+    def step(key, tr, y):
+        new, w, _, _ = U.update(key, tr, gm.choicemap({(3, "y"): y}), args=unfold_args(4),
+                                argdiffs=unfold_diffs())
+        return new, w
+
+    c = gm.compile(step)
+    new_c, w_c = c(mx.random.key(1), btr, mx.array(0.3))
+    new_e, w_e = step(mx.random.key(1), btr, mx.array(0.3))
+    close(w_c, w_e, 1e-5)
+    close(new_c[3, "x"], new_e[3, "x"], 1e-5)
+    _, w_c2 = c(mx.random.key(2), btr, mx.array(0.3))
+    assert not np.allclose(np.asarray(w_c), np.asarray(w_c2))
