@@ -9,6 +9,7 @@ from genmlx.amortized.iwae import DReG, IWAE
 from genmlx.amortized.kl import kl_divergence, register_kl
 from genmlx.amortized.nvil import NVIL
 from genmlx.amortized.objective import Objective, guide_args_x, observe_x
+from genmlx.amortized.proposals import IndependenceProposal, mh_proposal
 from genmlx.amortized.rws import RWS, NeuralIS
 from genmlx.amortized.train import global_norm, make_train_step
 from genmlx.amortized.vimco import VIMCO
@@ -18,5 +19,5 @@ __all__ = [
     "make_train_step", "global_norm", "log_marginal_likelihood", "proposal_diagnostics",
     "importance_log_weights", "save_guide", "load_guide", "GuideMismatchError",
     "AddressCoverageError", "check_coverage", "kl_divergence", "register_kl",
-    "observe_x", "guide_args_x",
+    "observe_x", "guide_args_x", "mh_proposal", "IndependenceProposal",
 ]

@@ -6,7 +6,7 @@ by its path in ``gm.nn.trainable(guide)``) and ``<stem>.json``::
     {"format": "genmlx-guide", "format_version": 1, "genmlx_version": …,
      "config": <the guide's constructor config, if given>,
      "parameters": {name: {"shape": […], "dtype": …}},
-     "schema": {address: {"shape": […], "dtype": …}} | null}
+     "schema": {address: {"shape": […], "dtype": …}} | null}   (addresses as "a/b/3")
 
 The schema (the guide's choice addresses, shapes and dtypes) is recorded when example
 guide arguments are given. ``path`` is a file name ending in ``.safetensors`` or a
@@ -22,7 +22,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
-from genmlx.core.errors import GenMLXError, format_address
+from genmlx.core.errors import GenMLXError
 
 FORMAT = "genmlx-guide"
 FORMAT_VERSION = 1
@@ -50,8 +50,12 @@ def _schema(guide, example_args) -> dict | None:
     if example_args is None:
         return None
     tr = guide.simulate(mx.random.key(0), tuple(example_args))
-    return {format_address(p): {"shape": list(v.shape), "dtype": str(v.dtype)}
+    return {"/".join(map(str, p)): {"shape": list(v.shape), "dtype": _dtype(v)}
             for p, v in tr.choices.leaves()}
+
+
+def _dtype(a) -> str:
+    return str(a.dtype).replace("mlx.core.", "")
 
 
 def _params(guide) -> dict:
@@ -78,7 +82,7 @@ def save_guide(path, guide, *, config: dict | None = None, example_args: tuple |
         "genmlx_version": getattr(genmlx, "__version__", "unknown"),
         "guide": getattr(guide, "name", type(guide).__name__),
         "config": config,
-        "parameters": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in params.items()},
+        "parameters": {k: {"shape": list(v.shape), "dtype": _dtype(v)} for k, v in params.items()},
         "schema": _schema(guide, example_args),
     }
     text = json.dumps(meta, indent=2, sort_keys=True)
