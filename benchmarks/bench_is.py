@@ -92,16 +92,12 @@ def _loglik_one(a, b, c, xs, ys):
     return mx.sum(-0.5 * z * z) + N_DATA * LOG_NORM
 
 
-def vmap_same_keys_log_weights(xs, ys, n: int):
-    """Diagnostic: the per-particle computation genmlx performs, written directly with
-    ``mx.vmap`` — n keys, a key split per choice, one draw per key, per-particle
-    likelihood — and no genmlx code at all."""
+def _vmap_keys_variant(xs, ys, n: int, site_key):
+    """n particle keys; per particle, ``site_key(k, i)`` gives choice i's key; one scalar
+    draw per key and the per-particle likelihood, all under ``mx.vmap``."""
 
     def one(k):
-        k, ka = mx.random.split(k)
-        k, kb = mx.random.split(k)
-        k, kc = mx.random.split(k)
-        a, b, c = (mx.contiguous(mx.random.normal(key=kk)) for kk in (ka, kb, kc))
+        a, b, c = (mx.contiguous(mx.random.normal(key=site_key(k, i))) for i in (1, 2, 3))
         return _loglik_one(a, b, c, xs, ys)
 
     @mx.compile
@@ -111,13 +107,37 @@ def vmap_same_keys_log_weights(xs, ys, n: int):
     return f
 
 
-def vmap_lik_log_weights(xs, ys, n: int):
-    """Diagnostic: batched draws from one key (as by hand), likelihood under ``mx.vmap``."""
+def vmap_split_keys_log_weights(xs, ys, n: int):
+    """Diagnostic, no genmlx code: per-particle keys, a threefry split per choice."""
+
+    def site_key(k, i):
+        for _ in range(i):
+            k, sub = mx.random.split(k)
+        return sub
+
+    return _vmap_keys_variant(xs, ys, n, site_key)
+
+
+def vmap_added_keys_log_weights(xs, ys, n: int):
+    """Diagnostic, no genmlx code: per-particle keys, choice i's key = key + (0, i·φ)
+    (one add per choice, the scheme genmlx's handlers use)."""
+
+    def site_key(k, i):
+        return k + mx.array([0, (i * 0x9E3779B9) & 0xFFFFFFFF], dtype=mx.uint32)
+
+    return _vmap_keys_variant(xs, ys, n, site_key)
+
+
+def vmap_lik_log_weights(xs, ys, n: int, per_particle_shape: tuple = ()):
+    """Diagnostic: batched draws from one key (as by hand), likelihood under ``mx.vmap``.
+    With ``per_particle_shape=(1,)`` each particle's a, b, c have shape (1,) instead of
+    () — the layout MLX's vmap handles without transposes."""
 
     @mx.compile
     def f(key):
         ka, kb, kc = mx.random.split(key, 3)
-        a, b, c = (mx.contiguous(mx.random.normal((n,), key=kk)) for kk in (ka, kb, kc))
+        shape = (n,) + per_particle_shape
+        a, b, c = (mx.contiguous(mx.random.normal(shape, key=kk)) for kk in (ka, kb, kc))
         return mx.vmap(lambda a, b, c: _loglik_one(a, b, c, xs, ys))(a, b, c)
 
     return f
@@ -126,8 +146,16 @@ def vmap_lik_log_weights(xs, ys, n: int):
 VARIANTS = {
     "genmlx": genmlx_log_weights,
     "hand": hand_log_weights,
-    "vmap_same_keys": vmap_same_keys_log_weights,
+    "vmap_split_keys": vmap_split_keys_log_weights,
+    "vmap_added_keys": vmap_added_keys_log_weights,
     "vmap_lik": vmap_lik_log_weights,
+    "vmap_lik_1": lambda xs, ys, n: vmap_lik_log_weights(xs, ys, n, (1,)),
+}
+DIAGNOSTICS = {
+    "vmap_split_keys": "mx.vmap, key split per choice",
+    "vmap_added_keys": "mx.vmap, key + constant per choice (genmlx's scheme)",
+    "vmap_lik": "batched draws, mx.vmap likelihood",
+    "vmap_lik_1": "same, particle values shaped (1,)",
 }
 
 
@@ -157,7 +185,7 @@ def main() -> None:
     print(f"max relative difference of genmlx vs hand log-weights on the same particles: {err:.1e}")
     assert err < 1e-5, "genmlx and hand-written log-weights disagree"
 
-    names = ["genmlx", "hand"] + ([] if args.no_diagnostics else ["vmap_same_keys", "vmap_lik"])
+    names = ["genmlx", "hand"] + ([] if args.no_diagnostics else list(DIAGNOSTICS))
     rows, diag_rows = [], []
     key = mx.random.key(42)
     for n in args.ns:
@@ -175,7 +203,7 @@ def main() -> None:
         print(line, flush=True)
         if not args.no_diagnostics:
             diag_rows.append([n_s] + [f"{tm[k].median / h.median:.2f} / {mem[k] / mem['hand']:.2f}"
-                                      for k in ("genmlx", "vmap_same_keys", "vmap_lik")])
+                                      for k in ["genmlx", *DIAGNOSTICS]])
 
     table = markdown_table(
         ["n", "genmlx vgenerate", "hand-written MLX", "time ratio (median)", "time ratio (min)",
@@ -183,8 +211,7 @@ def main() -> None:
     print("\n" + table)
     diag = ""
     if diag_rows:
-        diag = markdown_table(["n", "genmlx", "plain mx.vmap, genmlx's key scheme",
-                               "batched draws + mx.vmap likelihood"], diag_rows)
+        diag = markdown_table(["n", "genmlx", *DIAGNOSTICS.values()], diag_rows)
         print("time / peak-memory ratios to hand-written:\n" + diag)
     if args.append_results:
         body = ("Bayesian quadratic regression, 50 points; compiled `vgenerate` log-weights "
