@@ -22,11 +22,11 @@ import mlx.core as mx
 from genmlx.combinators._util import constraint_axes, dress, strip, vcall
 from genmlx.core.address import to_path
 from genmlx.core.choicemap import ChoiceMap
-from genmlx.core.diff import NoChange, UnknownChange, VectorDiff, default_argdiffs, is_no_change
+from genmlx.core.diff import NoChange, UnknownChange, default_argdiffs, is_no_change
 from genmlx.core.errors import MissingChoiceError, UnvisitedConstraintError
 from genmlx.core.gfi import GenerativeFunction
 from genmlx.core.handlers import project_subtrace
-from genmlx.core.selection import Selection
+from genmlx.core.selection import Selection, select_none
 from genmlx.core.trace import Trace
 
 
@@ -398,7 +398,7 @@ class SequenceGF(GenerativeFunction):
             carry_old = self._carry_before(trace, old_args, t0)
             carry_new = self._carry_before(trace, args, t0)
             carry_changed = ch.carry0_changed if t0 == 0 else False
-            none = _NoneSel()
+            none = select_none()
             for t in range(t0, T_new):
                 new_fn = partial(self._step_args, args, t)
                 s = sels.get(t)
@@ -410,7 +410,7 @@ class SequenceGF(GenerativeFunction):
                     old_fn = partial(self._step_args, old_args, t)
                     sub, w, rd = E.regenerate(E.key_at(keys, t), self.kernel, old_sub, old_fn,
                                               carry_old, new_fn, carry_new, t > 0,
-                                              s if s is not None else none.get(),
+                                              s if s is not None else none,
                                               ch.step_argdiffs(t, carry_changed))
                     score = score + (sub.score - old_sub.score)
                     weight = weight + w
@@ -434,14 +434,6 @@ class SequenceGF(GenerativeFunction):
         return UnknownChange
 
 
-class _NoneSel:
-    @staticmethod
-    def get():
-        from genmlx.core.selection import select_none
-
-        return select_none()
-
-
 def stack_leading(values: list, batched: bool):
     """Stack per-step values along the step axis (axis 1 for batched traces, whose
     leaves lead with the particle axis)."""
@@ -458,4 +450,4 @@ def changed_everywhere(_t) -> bool:
     return True
 
 
-__all__ = ["SequenceGF", "SequenceTrace", "ArgChanges", "stack_leading", "VectorDiff"]
+__all__ = ["SequenceGF", "SequenceTrace", "ArgChanges", "stack_leading", "fold_in"]

@@ -158,3 +158,13 @@ def stack_trees(trees: list, axis: int = 0):
     flats = [tree_flatten(t) for t in trees]
     td = flats[0][1]
     return tree_unflatten(td, [mx.stack(xs, axis=axis) for xs in zip(*(f[0] for f in flats))])
+
+
+def selection_of(paths):
+    """The selection of exactly these leaf paths (the root path ``()`` selects all)."""
+    from genmlx.core.selection import AddressSelection, select_all
+
+    paths = list(paths)
+    if any(len(p) == 0 for p in paths):
+        return select_all()
+    return AddressSelection.of(paths)

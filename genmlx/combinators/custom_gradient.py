@@ -23,7 +23,7 @@ from typing import Any, Callable
 import mlx.core as mx
 
 from genmlx.core.choicemap import ChoiceMap
-from genmlx.core.diff import NoChange, UnknownChange, default_argdiffs, is_no_change
+from genmlx.core.diff import NoChange, UnknownChange, is_no_change
 from genmlx.core.errors import UnvisitedConstraintError
 from genmlx.core.gfi import GenerativeFunction
 from genmlx.core.trace import Trace

@@ -21,14 +21,14 @@ from typing import Any
 
 import mlx.core as mx
 
-from genmlx.combinators._util import dress, strip, take, vcall
+from genmlx.combinators._util import dress, selection_of, strip, take, vcall
 from genmlx.core.address import to_path
 from genmlx.core.choicemap import ChoiceMap
 from genmlx.core.diff import NoChange, UnknownChange, VectorDiff, default_argdiffs, is_no_change
 from genmlx.core.errors import MissingChoiceError, UnvisitedConstraintError
 from genmlx.core.gfi import GenerativeFunction
 from genmlx.core.pytree import tree_flatten, tree_unflatten
-from genmlx.core.selection import AddressSelection, Selection
+from genmlx.core.selection import Selection
 from genmlx.core.trace import Trace
 
 
@@ -153,8 +153,9 @@ class Map(GenerativeFunction):
     kernel: GenerativeFunction
 
     def __post_init__(self):
-        if not isinstance(self.kernel, GenerativeFunction):
-            raise TypeError(f"Map: the kernel must be a generative function, got {type(self.kernel).__name__}")
+        from genmlx.combinators.family import as_gf
+
+        object.__setattr__(self, "kernel", as_gf(self.kernel, "Map"))
 
     @property
     def name(self) -> str:
@@ -374,7 +375,7 @@ class Map(GenerativeFunction):
         groups = self._groups(visit, lambda i: (skeys[i], self._elem_diffs(argdiffs, i)))
         for (sk, ad), idx in groups.items():
             ii = mx.array(idx, dtype=mx.int32)
-            sel = AddressSelection.of(sk)
+            sel = selection_of(sk)
 
             def fn(k, s, oa, na, ad=ad, sel=sel):
                 tr, w, rd = kernel.regenerate(k, dress(s, oa), sel, na, ad)
@@ -406,7 +407,7 @@ class Map(GenerativeFunction):
         kernel = self.kernel
         for sk, idx in groups.items():
             ii = mx.array(idx, dtype=mx.int32)
-            sel = AddressSelection.of(sk)
+            sel = selection_of(sk)
             fn = lambda k, s, a, sel=sel: kernel.project(dress(s, a), sel)  # noqa: E731
             keys = mx.zeros((len(idx), 2), dtype=mx.uint32)
             wp = vcall(fn, keys, (take(trace.sub, ii), self._take_args(trace.args, idx)), (0, 0))

@@ -84,8 +84,9 @@ class Mask(GenerativeFunction):
     inner: GenerativeFunction
 
     def __post_init__(self):
-        if not isinstance(self.inner, GenerativeFunction):
-            raise TypeError(f"Mask: expected a generative function, got {type(self.inner).__name__}")
+        from genmlx.combinators.family import as_gf
+
+        object.__setattr__(self, "inner", as_gf(self.inner, "Mask"))
 
     @property
     def name(self) -> str:

@@ -26,7 +26,7 @@ import mlx.core as mx
 from genmlx.combinators._util import concrete_array, dress, strip
 from genmlx.combinators.switch import Switch, index_of
 from genmlx.core.choicemap import ChoiceMap
-from genmlx.core.diff import NoChange, UnknownChange, default_argdiffs, is_no_change
+from genmlx.core.diff import NoChange, UnknownChange, default_argdiffs
 from genmlx.core.gfi import GenerativeFunction
 from genmlx.core.trace import Trace
 
@@ -92,6 +92,10 @@ class Mix(GenerativeFunction):
 
     def __init__(self, components, logits: bool = False):
         comps = tuple(components)
+        for j, c in enumerate(comps):
+            if not isinstance(c, GenerativeFunction):
+                raise TypeError(f"Mix: component {j} must be a generative function whose choices "
+                                f"have addresses (e.g. @gm.gen), got {type(c).__name__}")
         if len(comps) < 1:
             raise ValueError("Mix: give at least one component")
         object.__setattr__(self, "components", comps)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import mlx.core as mx
 
 from genmlx.combinators._sequence import (
     ArgChanges,
@@ -44,9 +43,9 @@ class Scan(SequenceGF):
     kernel: GenerativeFunction
 
     def __post_init__(self):
-        if not isinstance(self.kernel, GenerativeFunction):
-            raise TypeError(f"Scan: the kernel must be a generative function (e.g. @gm.gen), "
-                            f"got {type(self.kernel).__name__}")
+        from genmlx.combinators.family import as_gf
+
+        object.__setattr__(self, "kernel", as_gf(self.kernel, "Scan"))
 
     @property
     def name(self) -> str:

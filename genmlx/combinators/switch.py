@@ -29,7 +29,9 @@ from typing import Any
 
 import mlx.core as mx
 
-from genmlx.combinators._util import concrete, concrete_array, dress, merge_select, select_value, strip, where
+from genmlx.combinators._util import (
+    concrete, concrete_array, dress, merge_select, select_value, selection_of, strip, where,
+)
 from genmlx.core.choicemap import ChoiceMap
 from genmlx.core.diff import NoChange, UnknownChange, default_argdiffs, is_no_change
 from genmlx.core.errors import UnvisitedConstraintError
@@ -148,10 +150,10 @@ class Switch(GenerativeFunction):
             branches = tuple(branches[0])
         if not branches:
             raise ValueError("Switch: give at least one branch")
-        for j, b in enumerate(branches):
-            if not isinstance(b, GenerativeFunction):
-                raise TypeError(f"Switch: branch {j} must be a generative function, got {type(b).__name__}")
-        object.__setattr__(self, "branches", tuple(branches))
+        from genmlx.combinators.family import as_gf
+
+        branches = tuple(as_gf(b, f"Switch branch {j}") for j, b in enumerate(branches))
+        object.__setattr__(self, "branches", branches)
 
     @property
     def name(self) -> str:
@@ -254,14 +256,10 @@ class Switch(GenerativeFunction):
         tr, w = g.generate(key, bargs, merged)
         if selection is None:
             return strip(tr), w - old_sub.score, dropped
-        old_g = old_sub.gen_fn
         kept_paths = [p for p, _ in kept.leaves()]
         if not kept_paths:
             return strip(tr), w, None
-        from genmlx.core.selection import AddressSelection
-
-        w_old = project_subtrace(dress(old_sub, old_bargs), AddressSelection.of(kept_paths))
-        del old_g
+        w_old = project_subtrace(dress(old_sub, old_bargs), selection_of(kept_paths))
         return strip(tr), w - w_old, None
 
     def _update(self, key, trace, constraints, args, argdiffs):

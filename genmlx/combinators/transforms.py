@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import mlx.core as mx
 
 from genmlx.combinators._util import dress, strip
 from genmlx.core.choicemap import ChoiceMap

@@ -57,9 +57,9 @@ class Unfold(SequenceGF):
     kernel: GenerativeFunction
 
     def __post_init__(self):
-        if not isinstance(self.kernel, GenerativeFunction):
-            raise TypeError(f"Unfold: the kernel must be a generative function (e.g. @gm.gen), "
-                            f"got {type(self.kernel).__name__}")
+        from genmlx.combinators.family import as_gf
+
+        object.__setattr__(self, "kernel", as_gf(self.kernel, "Unfold"))
 
     @property
     def name(self) -> str:

@@ -111,3 +111,14 @@ def test_map_mismatched_lengths_error():
 def test_map_constraint_out_of_range_error():
     with pytest.raises(gm.UnvisitedConstraintError, match="Map"):
         gm.Map(point).generate(mx.random.key(0), (XS, SS), gm.choicemap({(9, "y"): 0.0}))
+
+
+def test_map_over_a_distribution_family():
+    """``Map(gm.normal)``: one choice per element at (i,), as an iid-plate shorthand."""
+    M = gm.Map(gm.normal)
+    mus, sig = mx.array([0.0, 1.0, 2.0]), mx.array([1.0, 0.5, 2.0])
+    check_gfi_laws(M, (mus, sig), mx.random.key(3), update_addrs=[1], regen_addrs=[2])
+    ys = mx.array([0.3, 0.9, 1.0])
+    lp, r = M.assess((mus, sig), gm.choicemap({i: ys[i] for i in range(3)}))
+    close(lp, mx.sum(gm.normal(mus, sig).log_prob(ys)))
+    close(r, ys)
