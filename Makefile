@@ -15,6 +15,7 @@ run: $(VENV)/.stamp-run
 
 # pytest exit code 5 means "no tests collected": that is a failure here.
 test: $(VENV)/.stamp-dev
+	@$(VPY) -c 'import sys, genmlx, mlx.core as mx; print(f"Python {sys.version.split()[0]}, MLX {mx.__version__}; {genmlx.describe_blas()}")'
 	@$(VPY) -m pytest -q -rs --durations=15 $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; \
 	exit $$rc
