@@ -120,3 +120,53 @@ def run_kernel(key: mx.array, trace: Trace, kernel: Kernel, num_steps: int, *,
             mx.eval(tree_flatten(trace)[0], tree_flatten(rec)[0])
         history.append(rec)
     return trace, history
+
+
+def unconstrained_kernel(make_kernel: Callable, observed) -> Kernel:
+    """Lift a kernel on flat unconstrained positions to a kernel on batched traces.
+
+    ``make_kernel(density)`` receives the :class:`~genmlx.inference.unconstrained.UnconstrainedDensity`
+    of the trace's model, arguments and observed choices and returns
+    ``step(key, U [n, D]) -> (U, info)`` leaving that density invariant — e.g.
+    ``lambda d: hmc_kernel(d, step_size=0.2, num_steps=5)``. It is rebuilt for each call,
+    so it follows a growing model (SMC rejuvenation). ``observed`` selects the observed
+    choices: a :class:`Selection` or a predicate on address paths. The latents must be
+    real-valued (identity bijection: the trace's values are the positions); others raise
+    an error naming the address.
+    """
+    from genmlx.core.choicemap import ChoiceMap
+    from genmlx.inference.unconstrained import UnconstrainedDensity
+
+    is_obs = observed.contains_path if isinstance(observed, Selection) else observed
+
+    def kernel(key, traces):
+        if traces.batch_size is None:
+            raise ValueError("unconstrained_kernel: expects a batched trace (n particles or chains)")
+        n = traces.batch_size
+        ch = traces.choices
+        obs = ChoiceMap.empty()
+        for p, v in ch.leaves():
+            if is_obs(p):
+                obs = obs.set_submap(p, ChoiceMap.leaf(v[0]))
+        density = UnconstrainedDensity(traces.gen_fn, traces.args, obs)
+        cols = []
+        for lat in density.latents:
+            if tuple(lat.ushape) != tuple(lat.shape):
+                raise ValueError(f"unconstrained_kernel: the latent at address {lat.name} is not "
+                                 "real-valued (its unconstrained shape differs)")
+            cols.append(ch.submap_at_path(lat.path).get_value().reshape(n, -1).astype(mx.float32))
+        U = mx.concatenate(cols, axis=1)
+        back = density.constrain(U)
+        for lat in density.latents:
+            x = ch.submap_at_path(lat.path).get_value()
+            if not bool(mx.allclose(back[lat.path].astype(mx.float32), x.astype(mx.float32), atol=1e-5).item()):
+                raise ValueError(f"unconstrained_kernel: the latent at address {lat.name} has a "
+                                 "constrained support; only real-valued latents are supported")
+        U2, info = make_kernel(density)(key, U)
+        cons = ChoiceMap.empty()
+        for path, v in density.constrain(U2).items():
+            cons = cons.set_submap(path, ChoiceMap.leaf(v))
+        new, _, _, _ = traces.gen_fn.update(key, traces, cons)
+        return new, info
+
+    return kernel

@@ -127,3 +127,17 @@ def test_bad_arguments():
         mh(mx.random.key(0), tr, gm.select("x"), (1.0,))
     with pytest.raises(ValueError, match="probs"):
         mix([mh_kernel(gm.select("x"))], [0.5])
+
+
+def test_hmc_kernel_lifted_to_traces_is_stationary():
+    """The other engineer's position-space HMC kernel, lifted to batched traces with
+    ``unconstrained_kernel`` (the form used for SMC rejuvenation)."""
+    from genmlx.inference import hmc_kernel, unconstrained_kernel
+
+    tr = exact_traces(N, 9)
+    kernel = unconstrained_kernel(lambda d: hmc_kernel(d, 0.4, 5), gm.select("y"))
+    tr2, acc = kernel(mx.random.key(13), tr)
+    assert acc.shape == (N,) and 0.3 < float(mx.mean(acc.astype(mx.float32))) <= 1.0
+    assert not np.allclose(np.asarray(tr2["x"]), np.asarray(tr["x"]))
+    np.testing.assert_allclose(np.asarray(tr2["y"]), Y)
+    check_moments(tr2, N)
