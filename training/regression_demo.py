@@ -129,12 +129,16 @@ def run_mh(key, xs, obs, n_chains: int, n_steps: int, burn_in: int):
     stats = []
     for addr in ("slope", "intercept"):
         d = mx.stack(draws[addr])  # [kept steps, chains]
-        stats.append((mx.mean(d).item(), mx.sqrt(mx.var(d)).item()))
+        # Monte Carlo standard error from the independent chains' time averages
+        se = mx.sqrt(mx.var(mx.mean(d, axis=0), ddof=1) / n_chains)
+        stats.append((mx.mean(d).item(), mx.sqrt(mx.var(d)).item(), se.item()))
     return stats, (rates_sum / n_steps).tolist()
 
 
 def main(seed: int = 0, n_data: int = 20, n_particles: int = 100_000,
-         n_chains: int = 1_000, n_steps: int = 300, burn_in: int = 100) -> None:
+         n_chains: int = 1_000, n_steps: int = 300, burn_in: int = 100) -> dict:
+    """Run both estimators, print the comparison table, and return the numbers:
+    ``{"exact": (mean[2], sd[2]), "is": ([(mean, sd)] * 2, ess), "mh": [(mean, sd, se)] * 2}``."""
     print(gm.describe_blas())
     k_data, k_is, k_mh = mx.random.split(mx.random.key(seed), 3)
     xs = mx.linspace(-2.0, 2.0, n_data)
@@ -161,6 +165,7 @@ def main(seed: int = 0, n_data: int = 20, n_particles: int = 100_000,
     for i, addr in enumerate(("slope", "intercept")):
         print(f"{addr:10s} {mean[i]:11.4f} {sd[i]:9.4f} {is_stats[i][0]:9.4f} {is_stats[i][1]:7.4f} "
               f"{mh_stats[i][0]:9.4f} {mh_stats[i][1]:7.4f}")
+    return {"exact": (mean, sd), "is": (is_stats, ess), "mh": mh_stats}
 
 
 if __name__ == "__main__":
