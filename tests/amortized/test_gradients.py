@@ -74,9 +74,9 @@ def exact_grads(params, fn):
     return {k: np.array(v) for k, v in tree_flatten(g)}
 
 
-def estimate(obj, key, n_batches=R):
+def estimate(obj, key, n_batches=R, x=X):
     params = obj.trainable()
-    data = mx.full((M,), X)
+    data = mx.full((M,), x)
     lg = mx.compile(nn.value_and_grad(params, lambda k: obj.loss(k, data)[0]))
     samples = []
     for k in mx.random.split(key, n_batches):
