@@ -331,3 +331,29 @@ def test_batched_extension_under_compile():
     close(new_c[3, "x"], new_e[3, "x"], 1e-5)
     _, w_c2 = c(mx.random.key(2), btr, mx.array(0.3))
     assert not np.allclose(np.asarray(w_c), np.asarray(w_c2))
+
+
+def test_parameter_and_initial_state_changes():
+    """A changed parameter re-weights every step; a changed initial carry re-runs from
+    step 0: w = log p(τ; x') − log p(τ; x) with the same choices."""
+    U = gm.Unfold(lg_kernel)
+    tr = U.vsimulate(mx.random.key(0), unfold_args(4), 3)
+    new_args = (4, mx.array(0.5), A, 0.9, R)
+    COUNT[0] = 0
+    new, w, _, disc = U.update(mx.random.key(1), tr, gm.ChoiceMap.empty(), args=new_args,
+                               argdiffs=(gm.NoChange, gm.UnknownChange, gm.NoChange, gm.UnknownChange, gm.NoChange))
+    assert COUNT[0] == 4 and disc.is_empty()
+    for i in range(3):
+        ch = gm.unbatch(tr, i).choices
+        close(w[i], U.assess(new_args, ch)[0] - U.assess(unfold_args(4), ch)[0], 1e-5)
+    S = gm.Scan(scan_kernel)
+    st = S.simulate(mx.random.key(2), (mx.array(0.0), mx.arange(3.0)))
+    new, w, rd, _ = S.update(mx.random.key(3), st, gm.ChoiceMap.empty(), args=(mx.array(1.0), mx.arange(3.0)),
+                             argdiffs=(gm.UnknownChange, gm.NoChange))
+    close(w, S.assess((mx.array(1.0), mx.arange(3.0)), st.choices)[0] - st.score, 1e-5)
+    assert rd == gm.UnknownChange
+    # regenerate one step of a batched Scan; weight = Δ density of the unselected rest
+    bt = S.vsimulate(mx.random.key(4), (mx.array(0.0), mx.arange(3.0)), 4)
+    sel = gm.select((1, "z"))
+    nb, wb, _ = S.regenerate(mx.random.key(5), bt, sel)
+    close(wb, (nb.score - S.project(nb, sel)) - (bt.score - S.project(bt, sel)), 1e-5)
