@@ -346,12 +346,15 @@ class Map(GenerativeFunction):
             retdiff = VectorDiff(changed=tuple(sorted(changed)))
         return new, weight, retdiff, ChoiceMap(discard)
 
-    def _leaf_selection_key(self, trace, selection: Selection, i: int):
-        s = selection.subselection((i,))
-        if s.is_empty():
-            return ()
+    def _selection_keys(self, trace, selection: Selection, n: int) -> dict:
+        """Per element i < n: the kernel's leaf paths that ``selection`` selects below
+        (i,) — a canonical, comparable form of the element's sub-selection."""
         paths = [p for p, _ in trace.sub.choices.leaves()]
-        return tuple(p for p in paths if s.contains_path(p))
+        out = {}
+        for i in range(n):
+            s = selection.subselection((i,))
+            out[i] = () if s.is_empty() else tuple(p for p in paths if s.contains_path(p))
+        return out
 
     def _regenerate(self, key, trace, selection, args, argdiffs):
         """Selected choices (and new elements) drawn from the prior;
@@ -360,7 +363,7 @@ class Map(GenerativeFunction):
         args, argdiffs = self._resolve(trace, args, argdiffs)
         N_old, N_new = trace.length, self._length(args)
         n_keep = min(N_old, N_new)
-        skeys = {i: self._leaf_selection_key(trace, selection, i) for i in range(n_keep)}
+        skeys = self._selection_keys(trace, selection, n_keep)
         visit = [i for i in range(n_keep)
                  if skeys[i] or any(not is_no_change(d) for d in self._elem_diffs(argdiffs, i))]
         weight = mx.zeros_like(trace.score_)
@@ -402,7 +405,7 @@ class Map(GenerativeFunction):
     def _project(self, trace, selection):
         """Σ_i project_i(τ_i, S_i), one vmapped call per distinct selection pattern."""
         w = mx.zeros_like(trace.score_)
-        skeys = {i: self._leaf_selection_key(trace, selection, i) for i in range(trace.length)}
+        skeys = self._selection_keys(trace, selection, trace.length)
         groups = self._groups([i for i in range(trace.length) if skeys[i]], lambda i: skeys[i])
         kernel = self.kernel
         for sk, idx in groups.items():
