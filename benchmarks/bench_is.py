@@ -57,13 +57,31 @@ def make_data(key) -> tuple[mx.array, mx.array]:
     return xs, ys
 
 
-def genmlx_log_weights(xs, ys, n: int):
+class _NormalMuFirst(gm.Normal):
+    """Normal whose log-density computes z = (μ − x)/σ instead of (x − μ)/σ (same value).
+    Under ``mx.vmap`` the batched operand then stands on the left of the subtraction,
+    which keeps MLX from transposing the [n, 50] mean (see RESULTS.md)."""
+
+    def _log_prob(self, x):
+        z = (self.mu - x) / self.sigma
+        return -0.5 * z * z - mx.log(self.sigma) - 0.5 * math.log(2 * math.pi)
+
+
+@gm.gen
+def quadratic_mu_first(xs):
+    a = gm.trace("a", gm.normal(0.0, 1.0))
+    b = gm.trace("b", gm.normal(0.0, 1.0))
+    c = gm.trace("c", gm.normal(0.0, 1.0))
+    return gm.trace("ys", _NormalMuFirst(a + b * xs + c * xs**2, SIGMA))
+
+
+def genmlx_log_weights(xs, ys, n: int, model=quadratic):
     """Compiled key -> [n] log-weights through ``vgenerate``."""
     obs = gm.choicemap({"ys": ys})
 
     @mx.compile
     def f(key):
-        _, w = quadratic.vgenerate(key, (xs,), obs, n)
+        _, w = model.vgenerate(key, (xs,), obs, n)
         return w
 
     return f
@@ -150,12 +168,14 @@ VARIANTS = {
     "vmap_added_keys": vmap_added_keys_log_weights,
     "vmap_lik": vmap_lik_log_weights,
     "vmap_lik_1": lambda xs, ys, n: vmap_lik_log_weights(xs, ys, n, (1,)),
+    "genmlx_mu_first": lambda xs, ys, n: genmlx_log_weights(xs, ys, n, quadratic_mu_first),
 }
 DIAGNOSTICS = {
     "vmap_split_keys": "mx.vmap, key split per choice",
     "vmap_added_keys": "mx.vmap, key + constant per choice (genmlx's scheme)",
     "vmap_lik": "batched draws, mx.vmap likelihood",
     "vmap_lik_1": "same, particle values shaped (1,)",
+    "genmlx_mu_first": "genmlx, normal log-density as (μ − x)/σ",
 }
 
 
