@@ -14,6 +14,7 @@ from typing import Any, Callable
 import mlx.core as mx
 
 from genmlx.core.pytree import tree_flatten, tree_unflatten
+from genmlx.core.validation import tracing
 
 
 def compile(fn: Callable, **compile_kwargs) -> Callable:  # noqa: A001 (mirrors mx.compile)
@@ -30,7 +31,8 @@ def compile(fn: Callable, **compile_kwargs) -> Callable:  # noqa: A001 (mirrors 
             box: dict = {}
 
             def flat_fn(*flat):
-                out = fn(*tree_unflatten(td, list(flat)))
+                with tracing():
+                    out = fn(*tree_unflatten(td, list(flat)))
                 out_leaves, box["out"] = tree_flatten(out)
                 return out_leaves
 

@@ -13,7 +13,7 @@ import os
 
 import mlx.core as mx
 
-_state = {"on": os.environ.get("GENMLX_VALIDATE", "1") not in ("0", "false", "False")}
+_state = {"on": os.environ.get("GENMLX_VALIDATE", "1") not in ("0", "false", "False"), "tracing": 0}
 
 
 def validation_enabled() -> bool:
@@ -36,10 +36,23 @@ def validation(on: bool):
         _state["on"] = old
 
 
+@contextlib.contextmanager
+def tracing():
+    """Marks a region traced by genmlx's own mx.vmap/mx.compile calls, where checks
+    are skipped without paying for a failed evaluation."""
+    _state["tracing"] += 1
+    try:
+        yield
+    finally:
+        _state["tracing"] -= 1
+
+
 def concrete_all(cond) -> bool | None:
     """``bool(cond.all())`` when ``cond`` can be evaluated now, ``None`` under tracing."""
     if not isinstance(cond, mx.array):
         return bool(cond)
+    if _state["tracing"]:
+        return None
     try:
         return bool(mx.all(cond).item())
     except ValueError as e:  # [eval] ... during function transformations like compile

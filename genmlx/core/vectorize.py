@@ -21,6 +21,7 @@ from genmlx.core.errors import ConstraintShapeError
 from genmlx.core.pytree import tree_flatten, tree_unflatten
 from genmlx.core.selection import Selection
 from genmlx.core.trace import Trace
+from genmlx.core.validation import tracing
 
 
 def _split(key: mx.array, n: int) -> mx.array:
@@ -60,7 +61,8 @@ def _vmapped(body, in_axes=0):
         return uniq
 
     def call(*xs):
-        uniq = mx.vmap(unique_body, in_axes=in_axes)(*xs)
+        with tracing():
+            uniq = mx.vmap(unique_body, in_axes=in_axes)(*xs)
         return [uniq[j] for j in box["index"]]
 
     return call
