@@ -5,8 +5,10 @@ The target sequence is the model's posterior with arguments ``args_t`` given the
 observations of steps 0..t. Step 0 runs ``generate``; step t ≥ 1 extends every particle
 with ``update(key, τ, obs_t, args_t, argdiffs_t)``. By default the model follows the
 ``Unfold`` convention: its first argument is the number of steps T, so
-``args_t = (t + 1, *args[1:])`` with argdiffs ``(IntDiff(1), NoChange, …)``; pass
-``step_args(t) -> (args_t, argdiffs_t)`` for other models.
+``args_t = (t + 1, *args[1:])`` with argdiffs ``(IntDiff(1), NoChange, …)``; a
+``gm.Scan`` model called as ``scan(init_carry, xs)`` runs on the prefixes ``xs[:t + 1]``
+(argdiffs ``(NoChange, IntDiff(1))``); pass ``step_args(t) -> (args_t, argdiffs_t)`` for
+other models.
 
 Incremental log-weights (with the prior as proposal, the model's internal proposal):
 
@@ -37,7 +39,7 @@ from genmlx.core.choicemap import ChoiceMap
 from genmlx.core.diff import IntDiff, NoChange
 from genmlx.core.dynamic import _as_choicemap
 from genmlx.core.gfi import GenerativeFunction
-from genmlx.core.pytree import tree_flatten
+from genmlx.core.pytree import tree_flatten, tree_map
 from genmlx.core.selection import select
 from genmlx.core.trace import Trace
 from genmlx.core.vectorize import stack_traces, unbatch
@@ -66,15 +68,36 @@ class SMCResult(WeightedParticles):
 
 
 # -- problem set-up ------------------------------------------------------------------
-def _steps(args: tuple, observations, step_args):
+def _scan_steps(model, args):
+    """For ``gm.Scan`` models called as ``scan(init_carry, xs)``: (T, args_t/argdiffs_t)."""
+    from genmlx.combinators import Scan
+
+    if not isinstance(model, Scan) or len(args) != 2:
+        return None
+    leaves = tree_flatten(args[1])[0]
+    if not leaves:
+        return None
+    T = int(leaves[0].shape[0])
+
+    def args_at(t):
+        return (args[0], tree_map(lambda x: x[: t + 1], args[1])), (NoChange, IntDiff(1))
+
+    return T, args_at
+
+
+def _steps(args: tuple, observations, step_args, model=None):
     """(T, obs_t getter, args_t/argdiffs_t getter)."""
+    scan = _scan_steps(model, args) if step_args is None else None
     if isinstance(observations, ChoiceMap):
-        if not args or not isinstance(args[0], int):
+        if scan is not None:
+            T = scan[0]
+        elif not args or not isinstance(args[0], int):
             raise ValueError(
                 "smc: with observations as one choice map, the model's first argument must be "
                 "the number of steps T (an int); or pass a list of per-step choice maps"
             )
-        T = args[0]
+        else:
+            T = args[0]
 
         def obs_at(t):
             sub = observations.get_submap(t)
@@ -88,7 +111,11 @@ def _steps(args: tuple, observations, step_args):
 
     if T < 1:
         raise ValueError("smc: there must be at least one step")
-    if step_args is None:
+    if scan is not None:
+        if scan[0] < T:
+            raise ValueError(f"smc: {T} steps of observations but the Scan inputs xs have length {scan[0]}")
+        args_at = scan[1]
+    elif step_args is None:
         if not args or not isinstance(args[0], int):
             raise ValueError(
                 "smc: by default the model's first argument is the number of steps T (an int, "
@@ -172,7 +199,7 @@ def smc(key: mx.array, model: GenerativeFunction, args: tuple, observations, n: 
         raise ValueError(f"smc: ess_threshold must lie in [0, 1], got {ess_threshold!r}")
     R.get_scheme(resampling)
     args, pargs = tuple(args), tuple(proposal_args or ())
-    T, obs_at, args_at = _steps(args, observations, step_args)
+    T, obs_at, args_at = _steps(args, observations, step_args, model)
     keys = mx.random.split(key, 3 * T).reshape(T, 3, -1)
     ess_hist, flags = [], []
     traces = lw = None
@@ -230,7 +257,7 @@ def conditional_smc(key: mx.array, model: GenerativeFunction, args: tuple, obser
     if reference.batch_size is not None:
         raise ValueError("conditional_smc: the reference must be a single (unbatched) trace")
     args, pargs = tuple(args), tuple(proposal_args or ())
-    T, obs_at, args_at = _steps(args, observations, step_args)
+    T, obs_at, args_at = _steps(args, observations, step_args, model)
     keys = mx.random.split(key, 3 * T).reshape(T, 3, -1)
     traces = lw = None
     for t in tqdm(range(T), disable=not progress, desc="csmc"):

@@ -131,6 +131,20 @@ def test_hmc_rejuvenation_plugs_in():
     assert len(np.unique(np.asarray(res.traces[(0, "x")]))) > 150
 
 
+@gm.gen
+def scan_step(x, u):
+    """Scan kernel: carry x, input u (a known control added to the drift)."""
+    x = gm.trace("x", gm.normal(A * x + u, Q))
+    gm.trace("y", gm.normal(x, R_))
+    return x, x
+
+
+def test_scan_model_vs_kalman():
+    scan = gm.Scan(scan_step)
+    ratios, filt = run_many(20, 150, 5, model=scan, args=(mx.array(0.0), mx.zeros((T,))))
+    check_against_kalman(ratios, filt)
+
+
 def test_python_loop_model_with_per_step_observation_list():
     obs = [gm.choicemap({(t, "y"): float(YS[t])}) for t in range(T)]
     ratios, filt = run_many(20, 100, 4, model=loop_ssm, args=(T, A, Q, R_), obs=obs)
