@@ -70,7 +70,9 @@ def fake_venv(tmp_path) -> Path:
     `make test` runs pytest without installing anything."""
     venv = tmp_path / "venv"
     (venv / "bin").mkdir(parents=True)
-    (venv / "bin" / "python").symlink_to(sys.executable)
+    py = venv / "bin" / "python"  # a wrapper, not a symlink: the real venv must be found
+    py.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    py.chmod(0o755)
     for stamp in (".stamp-dev", ".stamp-run"):
         (venv / stamp).touch()
     return venv
