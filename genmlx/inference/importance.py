@@ -16,9 +16,6 @@ log-weights are concatenated (log Ẑ = logsumexp over all chunks − log n).
 
 from __future__ import annotations
 
-import math
-from typing import Any
-
 import mlx.core as mx
 
 from genmlx.core.choicemap import ChoiceMap
@@ -27,7 +24,6 @@ from genmlx.core.errors import GenMLXError, format_address
 from genmlx.core.gfi import GenerativeFunction
 from genmlx.core.trace import Trace
 from genmlx.core.vectorize import unbatch
-from genmlx.inference import resampling as R
 from genmlx.inference._util import cached_call, choice_paths, concat_particles, covered, vpropose
 from genmlx.inference.particles import WeightedParticles
 

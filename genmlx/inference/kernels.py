@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 import mlx.core as mx
 from tqdm.auto import tqdm
 
-from genmlx.core.pytree import tree_flatten, tree_unflatten
+from genmlx.core.pytree import tree_flatten
 from genmlx.core.selection import Selection
 from genmlx.core.trace import Trace
 from genmlx.inference._util import where_trace

@@ -21,15 +21,14 @@ the trace leaves and ``accepted`` is a bool array [n]. Each step is a cached
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import replace
 
 import mlx.core as mx
 
 from genmlx.core.gfi import GenerativeFunction
 from genmlx.core.selection import Selection
 from genmlx.core.trace import Trace
-from genmlx.inference._util import cached_call, selection_key, vmap_particles, where_trace, strip_single
-from dataclasses import replace
+from genmlx.inference._util import cached_call, selection_key, strip_single, vmap_particles, where_trace
 
 
 def _accept(key, log_alpha):

@@ -30,7 +30,7 @@ each step's resampling decision.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Callable, Sequence
+from typing import Callable
 
 import mlx.core as mx
 from tqdm.auto import tqdm
