@@ -42,12 +42,20 @@ N_DATA = 50
 LOG_NORM = -math.log(SIGMA) - 0.5 * math.log(2 * math.pi)
 
 
-@gm.gen
-def quadratic(xs):
-    a = gm.trace("a", gm.normal(0.0, 1.0))
-    b = gm.trace("b", gm.normal(0.0, 1.0))
-    c = gm.trace("c", gm.normal(0.0, 1.0))
-    return gm.trace("ys", gm.normal(a + b * xs + c * xs**2, SIGMA))
+def make_model(likelihood=gm.normal):
+    """The model, with ``likelihood(mean, sd)`` as the distribution of the data."""
+
+    @gm.gen
+    def quadratic(xs):
+        a = gm.trace("a", gm.normal(0.0, 1.0))
+        b = gm.trace("b", gm.normal(0.0, 1.0))
+        c = gm.trace("c", gm.normal(0.0, 1.0))
+        return gm.trace("ys", likelihood(a + b * xs + c * xs**2, SIGMA))
+
+    return quadratic
+
+
+quadratic = make_model()
 
 
 def make_data(key) -> tuple[mx.array, mx.array]:
@@ -67,12 +75,7 @@ class _NormalMuFirst(gm.Normal):
         return -0.5 * z * z - mx.log(self.sigma) - 0.5 * math.log(2 * math.pi)
 
 
-@gm.gen
-def quadratic_mu_first(xs):
-    a = gm.trace("a", gm.normal(0.0, 1.0))
-    b = gm.trace("b", gm.normal(0.0, 1.0))
-    c = gm.trace("c", gm.normal(0.0, 1.0))
-    return gm.trace("ys", _NormalMuFirst(a + b * xs + c * xs**2, SIGMA))
+quadratic_mu_first = make_model(_NormalMuFirst)
 
 
 def genmlx_log_weights(xs, ys, n: int, model=quadratic):
