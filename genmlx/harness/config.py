@@ -78,7 +78,6 @@ class DataConfig:
     data_dir: str = _f("", None, "directory with the data files ('' = $GENMLX_DATA or the cache)")
     download: bool = _f(True, None, "download MNIST into the cache when it is missing")
     prefetch: int = _f(2, NONNEG, "batches prefetched by the mlx-data pipeline")
-    simulations: int = _f(0, NONNEG, "simulated datasets: examples per epoch (0 = batch_size)")
 
 
 @dataclass(frozen=True)

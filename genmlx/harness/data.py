@@ -181,7 +181,8 @@ class ImageData:
 
     def __post_init__(self):
         if self.binarization == "threshold":
-            self.train, self.valid, self.test = ((a >= 0.5).astype(np.float32) for a in (self.train, self.valid, self.test))
+            self.train, self.valid, self.test = ((a >= 0.5) for a in (self.train, self.valid, self.test))
+        self.train, self.valid, self.test = (np.ascontiguousarray(a, dtype=np.float32) for a in (self.train, self.valid, self.test))
         if len(self.train) < self.batch_size:
             raise DataError(f"data.batch_size: {self.batch_size} is larger than the training split ({len(self.train)} examples)")
         self._buffer = None

@@ -108,11 +108,8 @@ class MetricsLog:
         for k, v in values.items():
             tag = f"{prefix}{k}"
             rec[tag] = _jsonable(v)
-            if self.tb is not None:
-                try:
-                    self.tb.add_scalar(tag, float(v), step)
-                except (TypeError, ValueError):
-                    pass
+            if self.tb is not None and _is_number(v):
+                self.tb.add_scalar(tag, float(v), step)
         self._f.write(json.dumps(rec) + "\n")
         self._f.flush()
 

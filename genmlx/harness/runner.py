@@ -140,7 +140,7 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, task=None, resume: bool
         m = task.validate(step_key(cfg.seed, step, VALID_SALT), cfg.log.valid_particles)
         log.scalars(step, m, prefix="valid/")
         # higher is better: the validation bound, or minus a loss
-        score = m["valid_bound"] if "valid_bound" in m else -m.get("valid_mse", math.nan)
+        score = m.get("valid_bound", m.get("valid_log_q", -m.get("valid_mse", math.nan)))
         improved = math.isfinite(score) and (best is None or score > best)
         if improved:
             best = score
@@ -176,10 +176,10 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, task=None, resume: bool
                     rollback(module, optimizer, snap)
                     if cfg.train.nan_policy == "stop" or skipped >= cfg.train.max_skipped:
                         path = save(step, nonfinite_step=step)
-                        why = (f"non-finite loss or gradient at step {step} (loss={loss}, grad_norm={gn})"
+                        why = (f"non-finite loss or gradient in step {step + 1} of {total} (loss={loss}, grad_norm={gn})"
                                if cfg.train.nan_policy == "stop" else
-                               f"more than train.max_skipped = {cfg.train.max_skipped} non-finite steps (last at step {step})")
-                        raise NonFiniteError(f"{why}; the last good state (before step {step}) was saved to {path}. "
+                               f"more than train.max_skipped = {cfg.train.max_skipped} non-finite steps (the last in step {step + 1})")
+                        raise NonFiniteError(f"{why}; the last good state (after {step} steps) was saved to {path}. "
                                              f"Lower optim.lr, or set train.nan_policy = \"skip\" to skip such steps.")
                     skipped += 1
                     log.scalars(step + 1, {"skipped_steps": skipped}, prefix="train/")

@@ -70,7 +70,7 @@ def sbn(D: int, layers, key):
     first), latent addresses ``"h1"``, …, ``"hL"``."""
     L = len(layers)
     keys = mx.random.split(key, 2 * L + 1)
-    prior = gm.nn.NeuralNetGF(Bias(layers[-1]), name="prior")
+    prior = gm.nn.NeuralNetGF(Bias(layers[-1]), name="prior", lift=False)  # no inputs to lift
     # generative: h_{l+1} -> h_l, last one h_1 -> x
     gen_layers = [gm.nn.NeuralNetGF(init_params(nn.Linear(layers[l + 1], layers[l]), keys[l]), name=f"p{l + 1}")
                   for l in range(L - 1)]
