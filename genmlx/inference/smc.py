@@ -39,7 +39,7 @@ from genmlx.core.choicemap import ChoiceMap
 from genmlx.core.diff import IntDiff, NoChange
 from genmlx.core.dynamic import _as_choicemap
 from genmlx.core.gfi import GenerativeFunction
-from genmlx.core.pytree import tree_flatten, tree_map
+from genmlx.core.pytree import tree_flatten, tree_map, tree_unflatten
 from genmlx.core.selection import select
 from genmlx.core.trace import Trace
 from genmlx.core.vectorize import stack_traces, unbatch
@@ -174,6 +174,86 @@ def _eval_particles(traces, lw):
     mx.eval(lw, tree_flatten(replace(traces, args=None))[0])
 
 
+# -- lazy ancestry for sequence traces -----------------------------------------------
+class _Ancestry:
+    """Resampling of particles whose trace is a ``gm.Unfold``/``gm.Scan`` trace (steps
+    stored separately), in O(n) per resampling instead of O(t · n).
+
+    Extending a sequence trace reads only the last step (its carry) and the total score,
+    and passes the earlier step sub-traces through untouched (the very same objects).
+    So a resampling gathers just the last step and the score; each earlier step keeps
+    its row order from the resampling *epoch* in which it was last gathered, and
+    :meth:`resolve` applies the composed ancestor indices
+    C_e = idx_{e+1}[idx_{e+2}[… idx_K]] once, when the full trace is needed (end of the
+    run, callbacks, rejuvenation). If an update re-executes an earlier step (it is not
+    the same object afterwards), the step is redone on the resolved trace.
+    """
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.history: list = []  # ancestor indices of each resampling
+        self.epoch: dict = {}  # step -> number of resamplings its rows reflect
+
+    def _applies(self, traces) -> bool:
+        from genmlx.combinators._sequence import SequenceTrace
+
+        return self.enabled and isinstance(traces, SequenceTrace) and len(traces.steps) > 0
+
+    def resample(self, traces: Trace, idx: mx.array) -> Trace:
+        if not self._applies(traces):
+            return take_particles(traces, idx)
+        K = len(self.history)
+        steps = list(traces.steps)
+        for t in range(len(steps)):
+            self.epoch.setdefault(t, K)
+        self.history.append(idx)
+        steps[-1] = _take_sub(steps[-1], idx)
+        self.epoch[len(steps) - 1] = K + 1
+        return replace(traces, steps=tuple(steps), score_=mx.take(traces.score_, idx, axis=0))
+
+    def stale(self, traces) -> bool:
+        K = len(self.history)
+        return self._applies(traces) and any(e < K for e in self.epoch.values())
+
+    def resolve(self, traces: Trace) -> Trace:
+        if not self.stale(traces):
+            return traces
+        K = len(self.history)
+        comp = {K: None}
+        c = None
+        for e in range(K - 1, -1, -1):
+            nxt = self.history[e]
+            c = nxt if c is None else mx.take(nxt, c, axis=0)
+            comp[e] = c
+        steps = list(traces.steps)
+        for t in range(len(steps)):
+            e = self.epoch.get(t, K)
+            if e < K:
+                steps[t] = _take_sub(steps[t], comp[e])
+            self.epoch[t] = K
+        return replace(traces, steps=tuple(steps))
+
+    def extend(self, fn, traces: Trace):
+        """Run ``fn(traces) -> (new_traces, lw)``; redo it on the resolved trace if it
+        re-executed a step whose rows are stale."""
+        if not self.stale(traces):
+            return fn(traces)
+        out = fn(traces)
+        new = out[0]
+        K = len(self.history)
+        stale = [t for t, e in self.epoch.items() if e < K]
+        if all(t < len(new.steps) and new.steps[t] is traces.steps[t] for t in stale):
+            return out
+        return fn(self.resolve(traces))
+
+
+def _take_sub(sub, idx):
+    leaves, td = tree_flatten(sub)
+    from genmlx.inference._util import gather_rows
+
+    return tree_unflatten(td, gather_rows(leaves, idx))
+
+
 # -- SMC -----------------------------------------------------------------------------
 def smc(key: mx.array, model: GenerativeFunction, args: tuple, observations, n: int, *,
         proposal: GenerativeFunction | None = None, proposal_args: tuple = (),
@@ -203,6 +283,7 @@ def smc(key: mx.array, model: GenerativeFunction, args: tuple, observations, n: 
     keys = mx.random.split(key, 3 * T).reshape(T, 3, -1)
     ess_hist, flags = [], []
     traces = lw = None
+    anc = _Ancestry(enabled=step_args is None)
     for t in tqdm(range(T), disable=not progress, desc="smc"):
         k_ext, k_res, k_rej = keys[t]
         a_t, d_t = args_at(t)
@@ -212,9 +293,12 @@ def smc(key: mx.array, model: GenerativeFunction, args: tuple, observations, n: 
                                      k_ext, a_t, obs, pargs, compile=compile)
         else:
             payload = (model, proposal, d_t, t)
-            traces, lw = cached_call(_extend, payload, payload, k_ext, traces, lw, a_t, obs, pargs,
-                                     compile=compile)
+            traces, lw = anc.extend(
+                lambda tr, lw=lw, payload=payload, k=k_ext, a=a_t, o=obs: cached_call(
+                    _extend, payload, payload, k, tr, lw, a, o, pargs, compile=compile),
+                traces)
         if callback is not None:
+            traces = anc.resolve(traces)
             callback(t, traces, lw)
         idx, lw, ess, did = cached_call(_resample, (resampling, float(ess_threshold)),
                                         (resampling, float(ess_threshold)), k_res, lw)
@@ -222,10 +306,13 @@ def smc(key: mx.array, model: GenerativeFunction, args: tuple, observations, n: 
         ess_hist.append(float(ess.item()))
         flags.append(bool(did.item()))
         if flags[-1]:
-            traces = take_particles(traces, idx)
+            traces = anc.resample(traces, idx)
         if rejuvenation is not None:
+            traces = anc.resolve(traces)
             traces, _ = as_kernel_output(rejuvenation(k_rej, traces))
         _eval_particles(traces, lw)
+    traces = anc.resolve(traces)
+    _eval_particles(traces, lw)
     return SMCResult(traces, lw, tuple(ess_hist), tuple(flags))
 
 

@@ -165,6 +165,21 @@ def test_ess_trigger_and_history():
     assert mid.traces.batch_size == 50 and mid.traces[(T - 1, "x")].shape == (50,)
 
 
+@pytest.mark.parametrize("model,args", [(ssm, ARGS), (loop_ssm, (T, A, Q, R_))])
+def test_resampled_particles_are_consistent_ancestral_paths(model, args):
+    """Every final particle's stored score is the log joint of its own path (resampling
+    gathers every step with the right composed ancestor indices)."""
+    obs = OBS if model is ssm else [gm.choicemap({(t, "y"): float(YS[t])}) for t in range(T)]
+    res = smc(mx.random.key(3), model, args, obs, 64, ess_threshold=1.0, progress=False)
+    assert all(res.resampled)
+    for i in [0, 17, 40, 63]:
+        tr = gm.unbatch(res.traces, i)
+        lp, _ = model.assess(args, tr.choices)
+        assert float(lp) == pytest.approx(float(res.traces.score[i]), abs=1e-4)
+    # ancestral paths coalesce: fewer distinct x_0 than x_{T-1} values
+    assert len(np.unique(np.asarray(res.traces[(0, "x")]))) < len(np.unique(np.asarray(res.traces[(T - 1, "x")])))
+
+
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="ess_threshold"):
         smc(mx.random.key(0), ssm, ARGS, OBS, 10, ess_threshold=2.0, progress=False)
