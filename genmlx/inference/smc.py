@@ -170,8 +170,15 @@ def _resample(payload, key, lw):
     return idx, new_lw, ess, do
 
 
-def _eval_particles(traces, lw):
-    mx.eval(lw, tree_flatten(replace(traces, args=None))[0])
+def _eval_particles(traces, lw, full: bool = True):
+    """Evaluate the particles (bounding the lazy graph). ``full=False`` on a sequence
+    trace evaluates only what the last step changed: the last step and the score."""
+    from genmlx.combinators._sequence import SequenceTrace
+
+    if not full and isinstance(traces, SequenceTrace) and traces.steps:
+        mx.eval(lw, traces.score_, tree_flatten(traces.steps[-1])[0])
+    else:
+        mx.eval(lw, tree_flatten(replace(traces, args=None))[0])
 
 
 # -- lazy ancestry for sequence traces -----------------------------------------------
@@ -310,7 +317,7 @@ def smc(key: mx.array, model: GenerativeFunction, args: tuple, observations, n: 
         if rejuvenation is not None:
             traces = anc.resolve(traces)
             traces, _ = as_kernel_output(rejuvenation(k_rej, traces))
-        _eval_particles(traces, lw)
+        _eval_particles(traces, lw, full=rejuvenation is not None or t == 0)
     traces = anc.resolve(traces)
     _eval_particles(traces, lw)
     return SMCResult(traces, lw, tuple(ess_hist), tuple(flags))
