@@ -49,7 +49,6 @@ from genmlx.inference._util import (
     choice_paths,
     covered,
     set_particle,
-    strip_single,
     take_particles,
     vmap_particles,
     vpropose,
@@ -151,13 +150,13 @@ def _extend(payload, key, traces, lw, args, obs, pargs):
         return new, lw + w
 
     def one(k, tr):
-        k1, k2 = mx.random.split(k)
-        choices, q, _ = proposal.propose(k1, (t, tr, obs, *pargs))
-        new, w, _, _ = model.update(k2, tr, obs.merge(choices), args, argdiffs)
-        return strip_single(new), w - q
+        choices, q, _ = proposal.propose(k, (t, tr, obs, *pargs))
+        return choices, q
 
-    new, w = vmap_particles(one, key, traces)
-    return replace(new, args=args, batch_size=traces.batch_size), lw + w
+    k_prop, k_model = mx.random.split(key)
+    choices, q = vmap_particles(one, k_prop, traces)  # per-particle proposals [n, …]
+    new, w, _, _ = model.update(k_model, traces, obs.merge(choices), args, argdiffs)
+    return new, lw + w - q
 
 
 def _resample(payload, key, lw):
@@ -302,6 +301,8 @@ def smc(key: mx.array, model: GenerativeFunction, args: tuple, observations, n: 
             traces, lw = cached_call(_init, (model, proposal, n), (model, proposal, n),
                                      k_ext, a_t, obs, pargs, compile=compile)
         else:
+            if proposal is not None:  # a proposal may read any earlier step
+                traces = anc.resolve(traces)
             payload = (model, proposal, d_t, t)
             traces, lw = anc.extend(
                 lambda tr, lw=lw, payload=payload, k=k_ext, a=a_t, o=obs: cached_call(
