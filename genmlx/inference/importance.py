@@ -97,6 +97,10 @@ def importance_sampling(key: mx.array, model: GenerativeFunction, args: tuple, o
     proposal_args = tuple(proposal_args or ())
     if proposal is not None:
         check_proposal_coverage(model, args, observations, proposal, proposal_args, key)
+    else:
+        # one plain (unvmapped, uncompiled) execution: parameter validation and unknown
+        # observation addresses raise their clear errors here, not inside vmap/compile
+        model.generate(key, args, observations)
     c = n if chunk_size is None else int(chunk_size)
     if c < 1:
         raise ValueError(f"importance_sampling: chunk_size must be positive, got {chunk_size!r}")

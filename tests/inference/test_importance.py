@@ -153,3 +153,8 @@ def test_coverage_errors_name_addresses():
     assert e.value.missing == [("mu",)] and e.value.extra == [("other",)]
     with pytest.raises(ProposalCoverageError, match=r"observed address\(es\) \('y', 0\)"):
         importance_sampling(mx.random.key(0), model, (3,), OBS, 10, prop_observed, (0.0,))
+
+
+def test_unknown_observation_address_is_named():
+    with pytest.raises(gm.UnvisitedConstraintError, match="'nope'"):
+        importance_sampling(mx.random.key(0), model, (3,), OBS.merge(gm.choicemap({"nope": 1.0})), 10)
