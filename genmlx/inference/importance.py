@@ -22,6 +22,7 @@ from genmlx.core.choicemap import ChoiceMap
 from genmlx.core.dynamic import _as_choicemap
 from genmlx.core.errors import GenMLXError, format_address
 from genmlx.core.gfi import GenerativeFunction
+from genmlx.core.pytree import tree_flatten
 from genmlx.core.trace import Trace
 from genmlx.core.vectorize import unbatch
 from genmlx.inference._util import cached_call, choice_paths, concat_particles, covered, vpropose
@@ -111,7 +112,7 @@ def importance_sampling(key: mx.array, model: GenerativeFunction, args: tuple, o
         tr, lw = cached_call(_is_chunk, (model, proposal, size), (model, proposal, size),
                              k, args, observations, proposal_args, compile=compile)
         if len(sizes) > 1:
-            mx.eval(lw, tr) if keep_traces else mx.eval(lw)
+            mx.eval(lw, tree_flatten(tr)[0] if keep_traces else [])  # bound the graph per chunk
         lws.append(lw)
         if keep_traces:
             traces.append(tr)
