@@ -190,7 +190,7 @@ class CheckpointManager:
                 warnings.warn(f"skipping broken checkpoint: {e}", RuntimeWarning, stacklevel=2)
                 continue
             if problems:
-                warnings.warn(f"resuming from the previous good checkpoint {manifest.name}", RuntimeWarning, stacklevel=2)
+                warnings.warn(f"resuming from the previous good checkpoint {manifest.stem}", RuntimeWarning, stacklevel=2)
             return ck
         if problems:
             raise CheckpointError("no usable checkpoint in " + str(self.dir) + ":\n  " + "\n  ".join(problems))
