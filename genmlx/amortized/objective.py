@@ -156,6 +156,10 @@ class Objective:
         self._first_check(key, data)
         B = batch_size_of(data)
 
+        if K == 1:  # one particle per item: a single vmap level
+            out = mx.vmap(fn)(mx.random.split(key, B), data)
+            return tuple(o[:, None] for o in out) if isinstance(out, tuple) else out[:, None]
+
         def per_item(k, x):
             return mx.vmap(fn, in_axes=(0, None))(mx.random.split(k, K), x)
 

@@ -50,6 +50,27 @@ class Activation(nn.Module):
         return str(self._label)
 
 
+class Linear(nn.Linear):
+    """``nn.Linear`` computing ``x @ Wᵀ + b`` (same parameters and initialisation).
+
+    MLX 0.32's ``nn.Linear`` uses ``addmm``, whose gradient under ``mx.vmap``
+    materializes per-example weight gradients ([B, in, out]); the plain matmul does not.
+    Every vectorized GFI operation and amortized objective runs networks under vmap."""
+
+    def __call__(self, x):
+        y = x @ self["weight"].T
+        return y + self["bias"] if "bias" in self else y
+
+
+def use_fast_linear(module: nn.Module) -> nn.Module:
+    """Turn every plain ``nn.Linear`` inside ``module`` into :class:`Linear` in place
+    (same parameter arrays, same outputs); returns ``module``."""
+    for m in module.modules():
+        if type(m) is nn.Linear:
+            m.__class__ = Linear
+    return module
+
+
 def mlp(sizes: Sequence[int], activation: str | Callable = "tanh",
         out_activation: str | Callable | None = None) -> nn.Sequential:
     """Multilayer perceptron ``sizes[0] → … → sizes[-1]``: Linear layers with
@@ -59,7 +80,7 @@ def mlp(sizes: Sequence[int], activation: str | Callable = "tanh",
         raise ValueError(f"mlp: sizes must list at least two positive widths, got {list(sizes)}")
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(nn.Linear(a, b))
+        layers.append(Linear(a, b))
         last = i == len(sizes) - 2
         if not last:
             layers.append(Activation(activation))
@@ -76,8 +97,8 @@ class GaussianHead(nn.Module):
         super().__init__()
         if min_scale < 0:
             raise ValueError(f"GaussianHead: min_scale must be ≥ 0, got {min_scale}")
-        self.mean = nn.Linear(in_dim, out_dim)
-        self.raw_scale = nn.Linear(in_dim, out_dim)
+        self.mean = Linear(in_dim, out_dim)
+        self.raw_scale = Linear(in_dim, out_dim)
         self.min_scale = min_scale
 
     def __call__(self, h):
@@ -89,7 +110,7 @@ class BernoulliHead(nn.Module):
 
     def __init__(self, in_dim: int, out_dim: int):
         super().__init__()
-        self.logits = nn.Linear(in_dim, out_dim)
+        self.logits = Linear(in_dim, out_dim)
 
     def __call__(self, h):
         return self.logits(h)

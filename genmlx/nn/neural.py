@@ -66,6 +66,13 @@ class NeuralNetGF(GenerativeFunction):
     ...     z = gm.normal(mx.zeros(10), 1.0) @ "z"
     ...     logits = decoder(z) @ "dec"
     ...     return gm.bernoulli(logits=logits) @ "x"
+
+    Performance note (MLX 0.32): ``nn.Linear`` computes ``addmm(b, x, Wᵀ)``, whose
+    gradient under ``mx.vmap`` (vectorized GFI, the amortized objectives) materializes a
+    per-example weight gradient — 10–25× slower for wide layers. ``gm.nn.Linear`` (used
+    by ``gm.nn.mlp`` and the heads) computes ``x @ Wᵀ + b`` with the same parameters and
+    has no such cost; :func:`gm.nn.use_fast_linear` converts a module's ``nn.Linear``
+    layers in place.
     """
 
     def __init__(self, module: nn.Module, name: str | None = None):
