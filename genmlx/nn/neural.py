@@ -20,6 +20,7 @@ from genmlx.core.diff import NoChange, UnknownChange, is_no_change
 from genmlx.core.errors import AddressedError
 from genmlx.core.gfi import GenerativeFunction
 from genmlx.core.trace import Trace
+from genmlx.nn.layers import use_fast_linear
 
 
 @dataclass(frozen=True, eq=False)
@@ -71,22 +72,34 @@ class NeuralNetGF(GenerativeFunction):
     gradient under ``mx.vmap`` (vectorized GFI, the amortized objectives) materializes a
     per-example weight gradient — 10–25× slower for wide layers. ``gm.nn.Linear`` (used
     by ``gm.nn.mlp`` and the heads) computes ``x @ Wᵀ + b`` with the same parameters and
-    has no such cost; :func:`gm.nn.use_fast_linear` converts a module's ``nn.Linear``
-    layers in place.
+    has no such cost. With ``fast_linear=True`` (default) the wrapped module's plain
+    ``nn.Linear`` layers are turned into ``gm.nn.Linear`` in place
+    (:func:`gm.nn.use_fast_linear`: same parameter arrays, same outputs up to rounding).
     """
 
-    def __init__(self, module: nn.Module, name: str | None = None):
+    def __init__(self, module: nn.Module, name: str | None = None, *, lift: bool = False,
+                 fast_linear: bool = True):
         if not isinstance(module, nn.Module):
             raise TypeError(f"NeuralNetGF wraps an mlx.nn.Module, got {type(module).__name__}")
-        self.module = module
+        self.module = use_fast_linear(module) if fast_linear else module
         self.name = name or type(module).__name__
+        self.lift = bool(lift)
+
+    def apply(self, *args):
+        """``module(*args)``; with ``lift=True`` the module is called on the array
+        arguments with a unit leading axis, removed again from every output array (for
+        modules that need a batch axis, e.g. convolutions on one image)."""
+        if not self.lift:
+            return self.module(*args)
+        lifted = [a[None] if isinstance(a, mx.array) else a for a in args]
+        return _unlift(self.module(*lifted))
 
     def __repr__(self) -> str:
         return f"NeuralNetGF({self.name})"
 
     def _run(self, args: tuple) -> NeuralTrace:
         args = tuple(args)
-        return NeuralTrace(self, args, self.module(*args), mx.array(0.0))
+        return NeuralTrace(self, args, self.apply(*args), mx.array(0.0))
 
     @staticmethod
     def _no_constraints(constraints: ChoiceMap | None, op: str) -> None:
@@ -109,10 +122,10 @@ class NeuralNetGF(GenerativeFunction):
     def assess(self, args, choices):
         """log p = 0 (the only choice map is the empty one); retval = module(*args)."""
         self._no_constraints(choices, "assess")
-        return mx.array(0.0), self.module(*tuple(args))
+        return mx.array(0.0), self.apply(*tuple(args))
 
     def propose(self, key, args=()):
-        return ChoiceMap.empty(), mx.array(0.0), self.module(*tuple(args))
+        return ChoiceMap.empty(), mx.array(0.0), self.apply(*tuple(args))
 
     def _update(self, key, trace, constraints, args, argdiffs):
         """Recomputes the output for new arguments; w = 0, discard empty."""
@@ -129,3 +142,13 @@ class NeuralNetGF(GenerativeFunction):
 
     def _project(self, trace, selection):
         return mx.zeros_like(trace.score)
+
+
+def _unlift(out):
+    if isinstance(out, mx.array):
+        return out[0]
+    if isinstance(out, (tuple, list)):
+        return type(out)(_unlift(o) for o in out)
+    if isinstance(out, dict):
+        return {k: _unlift(v) for k, v in out.items()}
+    return out

@@ -124,3 +124,23 @@ def test_helpers():
         perm = mx.array([3, 0, 4, 1, 2])
         assert se(xs).shape == (4, 2)
         assert np.allclose(np.array(se(xs)), np.array(se(xs[:, perm])), atol=1e-5)
+
+
+def test_fast_linear_conversion_and_lift():
+    lin = nn.Linear(3, 2)
+    x = mx.array([0.5, -1.0, 2.0])
+    before = np.array(lin(x))
+    gf = gm.nn.NeuralNetGF(nn.Sequential(lin))
+    assert type(lin) is gm.nn.Linear                       # converted in place
+    assert np.allclose(np.array(gf.simulate(mx.random.key(0), (x,)).retval), before, atol=1e-6)
+    keep = nn.Linear(3, 2)
+    gm.nn.NeuralNetGF(keep, fast_linear=False)
+    assert type(keep) is nn.Linear
+
+    class NeedsBatch(nn.Module):
+        def __call__(self, x):
+            assert x.ndim == 2
+            return x * 2, {"s": mx.sum(x, axis=-1)}
+
+    y, d = gm.nn.NeuralNetGF(NeedsBatch(), lift=True).simulate(mx.random.key(0), (x,)).retval
+    assert y.shape == (3,) and d["s"].shape == ()
