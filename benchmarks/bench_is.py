@@ -107,9 +107,11 @@ def hand_log_weights(xs, ys, n: int):
     return f
 
 
-def _loglik_one(a, b, c, xs, ys):
-    """log N(ys; a + b x + c x², σ²) summed over the data, for ONE particle."""
-    z = (ys - (a + b * xs + c * xs**2)) / SIGMA
+def _loglik_one(a, b, c, xs, ys, mu_first: bool = False):
+    """log N(ys; a + b x + c x², σ²) summed over the data, for ONE particle; z = (y − μ)/σ
+    as in genmlx's normal, or (μ − y)/σ (same value) with ``mu_first``."""
+    mu = a + b * xs + c * xs**2
+    z = ((mu - ys) if mu_first else (ys - mu)) / SIGMA
     return mx.sum(-0.5 * z * z) + N_DATA * LOG_NORM
 
 
@@ -149,17 +151,18 @@ def vmap_added_keys_log_weights(xs, ys, n: int):
     return _vmap_keys_variant(xs, ys, n, site_key)
 
 
-def vmap_lik_log_weights(xs, ys, n: int, per_particle_shape: tuple = ()):
+def vmap_lik_log_weights(xs, ys, n: int, per_particle_shape: tuple = (), mu_first: bool = False):
     """Diagnostic: batched draws from one key (as by hand), likelihood under ``mx.vmap``.
     With ``per_particle_shape=(1,)`` each particle's a, b, c have shape (1,) instead of
-    () — the layout MLX's vmap handles without transposes."""
+    () — the layout MLX's vmap handles without transposes; ``mu_first`` as in
+    :func:`_loglik_one` (what proposals (a) + (b) in RESULTS.md would give genmlx)."""
 
     @mx.compile
     def f(key):
         ka, kb, kc = mx.random.split(key, 3)
         shape = (n,) + per_particle_shape
         a, b, c = (mx.contiguous(mx.random.normal(shape, key=kk)) for kk in (ka, kb, kc))
-        return mx.vmap(lambda a, b, c: _loglik_one(a, b, c, xs, ys))(a, b, c)
+        return mx.vmap(lambda a, b, c: _loglik_one(a, b, c, xs, ys, mu_first))(a, b, c)
 
     return f
 
@@ -172,6 +175,7 @@ VARIANTS = {
     "vmap_lik": vmap_lik_log_weights,
     "vmap_lik_1": lambda xs, ys, n: vmap_lik_log_weights(xs, ys, n, (1,)),
     "genmlx_mu_first": lambda xs, ys, n: genmlx_log_weights(xs, ys, n, quadratic_mu_first),
+    "vmap_lik_mu_first": lambda xs, ys, n: vmap_lik_log_weights(xs, ys, n, mu_first=True),
 }
 DIAGNOSTICS = {
     "vmap_split_keys": "mx.vmap, key split per choice",
@@ -179,6 +183,7 @@ DIAGNOSTICS = {
     "vmap_lik": "batched draws, mx.vmap likelihood",
     "vmap_lik_1": "same, particle values shaped (1,)",
     "genmlx_mu_first": "genmlx, normal log-density as (μ − x)/σ",
+    "vmap_lik_mu_first": "batched draws, mx.vmap likelihood as (μ − x)/σ",
 }
 
 
