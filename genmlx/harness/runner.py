@@ -152,13 +152,19 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, task=None, resume: bool
         for tag, img in task.images(step_key(cfg.seed, step, IMAGE_SALT)).items():
             log.image(f"images/{tag}", img, step)
 
-    def log_histograms(step: int) -> None:
+    def log_histograms(step: int, key, data) -> None:
+        """Parameters, and the gradient of the objective at this step's key and batch
+        (an extra, uncompiled evaluation that changes no state)."""
         if log.tb is None:
             return
+        import mlx.nn as nn
         from mlx.utils import tree_flatten
 
         for name, p in tree_flatten(module.trainable_parameters()):
             log.histogram(f"params/{name}", p, step)
+        _, grads = nn.value_and_grad(module, lambda k, d: task.objective.loss(k, d)[0])(key, data)
+        for name, g in tree_flatten(grads):
+            log.histogram(f"grads/{name}", g, step)
 
     batches = task.data.batches(cfg.seed, start)
     t0 = time.time()
@@ -192,7 +198,7 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, task=None, resume: bool
                     log.scalars(step, vals, prefix="train/")
                     prog.line()
                 if step % cfg.log.histogram_every_steps == 0:
-                    log_histograms(step)
+                    log_histograms(step, ko, data)
                 is_best = False
                 if step % cfg.log.eval_every_steps == 0 or step == total:
                     v = validate(step)

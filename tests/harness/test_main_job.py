@@ -77,6 +77,7 @@ def test_tensorboard_events_hold_the_expected_tags(main_run):
               "valid/ess_per_n", "valid/khat", "test/nll", "test/test_bound_K5"):
         assert "simple_value" in tags.get(t, set()), f"scalar {t} missing; have {sorted(tags)}"
     assert any(t.startswith("params/") and "histo" in k for t, k in tags.items())
+    assert any(t.startswith("grads/") and "histo" in k for t, k in tags.items())
     for t in ("images/samples", "images/reconstructions"):
         assert "image" in tags.get(t, set()), f"image {t} missing"
     assert any(t.startswith("_hparams_/") for t in tags), "hparams summary missing"

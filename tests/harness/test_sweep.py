@@ -23,28 +23,28 @@ def _sweep(tmp_path, grid: str, extra: str = "") -> str:
 
 def test_grid_with_failing_trials(tmp_path):
     # lr = 1e30 diverges at the first step (nan_policy stop -> exit 1); lr = -1 is invalid
-    p = _sweep(tmp_path, '"optim.lr" = [0.01, 1e30, -1.0]\n"seed" = [0, 1]')
+    p = _sweep(tmp_path, '"optim.lr" = [0.01, 1e30, -1.0]\n"seed" = [1]')
     r = run_cli("sweep", p, "--sweep-dir", tmp_path / "sw", check=True, timeout=300)
     rows = list(csv.DictReader(open(tmp_path / "sw" / "results.csv")))
-    assert len(rows) == 6
+    assert len(rows) == 3
     status = {(float(r["optim.lr"]), int(r["seed"])): r for r in rows}
-    for seed in (0, 1):
+    for seed in (1,):
         assert status[(0.01, seed)]["status"] == "ok" and float(status[(0.01, seed)]["test_mse"]) > 0
         assert status[(1e30, seed)]["status"] == "failed"
         assert "non-finite loss or gradient in step" in status[(1e30, seed)]["error"]
         assert status[(-1.0, seed)]["status"] == "failed"
         assert "optim.lr: expected a positive float, got -1.0" in status[(-1.0, seed)]["error"]
     md = (tmp_path / "sw" / "results.md").read_text()
-    assert md.startswith("| trial | optim.lr | seed | status |") and md.count("\n") == 8
+    assert md.startswith("| trial | optim.lr | seed | status |") and md.count("\n") == 5
     # rerun: everything is recorded, nothing runs again
     r2 = run_cli("sweep", p, "--sweep-dir", tmp_path / "sw", check=True)
-    assert "6 trials, 6 done" in r2.stdout and "trial 000" not in r2.stdout
+    assert "3 trials, 3 done" in r2.stdout and "trial 000" not in r2.stdout
     # a half-finished sweep resumes the missing trial only
     import shutil
 
     shutil.rmtree(tmp_path / "sw" / "trial-000")
     r3 = run_cli("sweep", p, "--sweep-dir", tmp_path / "sw", check=True)
-    assert "6 trials, 5 done" in r3.stdout and "trial 000 ok" in r3.stdout
+    assert "3 trials, 2 done" in r3.stdout and "trial 000 ok" in r3.stdout
 
 
 def test_random_search_is_seeded_and_validated(tmp_path):
