@@ -28,6 +28,7 @@ import importlib.util
 import os
 import struct
 import sys
+import warnings
 
 _state: dict = {"blas": None, "path": None, "detail": None, "fds": []}
 
@@ -220,9 +221,15 @@ def _decide() -> str:
         return "MLX's own BLAS (no reference BLAS bundled with MLX)"
     if os.environ.get("GENMLX_OPENBLAS", "1").strip().lower() in _OPT_OUT_VALUES:
         return "reference BLAS (netlib, bundled with mlx-cpu; GENMLX_OPENBLAS=0)"
-    if "mlx.core" in sys.modules:
-        return "reference BLAS (mlx.core was imported before genmlx; import genmlx first)"
     path = _openblas_path()
+    if "mlx.core" in sys.modules:
+        if path is not None:
+            warnings.warn(
+                "genmlx: mlx.core was imported before genmlx, so MLX keeps its reference BLAS "
+                "(~30x slower matmul); import genmlx before mlx.core",
+                RuntimeWarning, stacklevel=4,
+            )
+        return "reference BLAS (mlx.core was imported before genmlx; import genmlx first)"
     if path is None:
         return "reference BLAS (install cmeel-openblas for ~30x faster matmul)"
     try:

@@ -77,6 +77,7 @@ def _run(tmp_path: Path, tag: str, env_extra: dict, prelude: str = "") -> tuple[
     )
     assert proc.returncode == 0, proc.stderr
     info = json.loads(proc.stdout.strip().splitlines()[-1])
+    info["stderr"] = proc.stderr
     import mlx.core as mx
 
     arrays = {k: np.array(v, dtype=np.float64) for k, v in mx.load(str(out_file)).items()}
@@ -156,6 +157,7 @@ def test_mlx_imported_first_is_reported(tmp_path):
         pytest.skip("only meaningful where OpenBLAS would be loaded")
     info, _ = _run(tmp_path, "late", {}, prelude="import mlx.core\n")
     assert "import genmlx first" in info["report"] and info["active"] is None
+    assert "RuntimeWarning" in info["stderr"] and "import genmlx before mlx.core" in info["stderr"]
 
 
 def test_soname_rewrite_of_bundled_gfortran():
