@@ -74,7 +74,7 @@ def _read_observations(path: str) -> np.ndarray:
     return np.atleast_2d(a).astype(np.float32)
 
 
-def _example(task, spec: str) -> np.ndarray:
+def _example(task, spec: str, data_dir: str = "") -> np.ndarray:
     try:
         split, i = spec.split(":")
         i = int(i)
@@ -83,7 +83,7 @@ def _example(task, spec: str) -> np.ndarray:
     if split == "ref":
         from genmlx.harness.zoo.sbibm import reference_observations
 
-        refs = reference_observations(task.data.name)
+        refs = reference_observations(task.data.name, data_dir)
         if not 1 <= i <= len(refs):
             raise ConfigError(f"--example ref:{i}: {len(refs)} reference observations available (1-based)")
         return refs[i - 1][0][None]
@@ -107,7 +107,7 @@ def infer_run_dir(run_dir, obs: str | None = None, example: str | None = None, m
         raise ConfigError(f"--method {method}: the zoo's models are not sequential; SMC applies to "
                           "Unfold/Scan models — use --method is")
     cfg, task, ck = load_run(run_dir, checkpoint)
-    xs = _read_observations(obs) if obs else _example(task, example)
+    xs = _read_observations(obs) if obs else _example(task, example, cfg.data.data_dir)
     key = mx.random.key(seed)
     results, arrays = [], {}
     for j, row in enumerate(xs):

@@ -190,7 +190,7 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, task=None, resume: bool
                     skipped += 1
                     log.scalars(step + 1, {"skipped_steps": skipped}, prefix="train/")
                 step += 1
-                prog.update(1, loss=loss)
+                prog.update(1, epoch=task.data.position(step - 1)[0], loss=loss)
                 if step % cfg.log.every_steps == 0 or step == total:
                     lr = optimizer.learning_rate
                     vals = {k: float(v) for k, v in metrics.items() if getattr(v, "size", 1) == 1}

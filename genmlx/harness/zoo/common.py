@@ -31,3 +31,29 @@ def init_params(module: nn.Module, key: mx.array) -> nn.Module:
     module.update(tree_unflatten(out))
     mx.eval(module.parameters())
     return module
+
+
+def proposal_quality(key: mx.array, objective, x, K: int) -> dict:
+    """ESS/N and PSIS k̂ of the guide as proposal on data ``x`` (K proposals each).
+
+    When some data item has too few finite log-weights for PSIS (a fresh guide proposing
+    mostly outside a bounded prior's support), k̂ is reported as +inf ("unreliable") and
+    ESS/N is computed directly: (Σ w)² / (K Σ w²), 0 for an item with no finite weight."""
+    import numpy as np
+
+    import genmlx as gm
+
+    try:
+        d = gm.amortized.proposal_diagnostics(key, objective, x, K=K, chunk_size=K)
+        return {"ess_per_n": d["ess_per_n"], "khat": d["khat"]}
+    except ValueError:
+        lw = gm.amortized.importance_log_weights(key, objective, x, K, chunk_size=K)
+        ess = []
+        for row in lw:
+            f = row[np.isfinite(row)]
+            if f.size == 0:
+                ess.append(0.0)
+                continue
+            w = np.exp(f - f.max())
+            ess.append(float(w.sum() ** 2 / (w * w).sum() / K))
+        return {"ess_per_n": float(np.mean(ess)), "khat": float("inf")}

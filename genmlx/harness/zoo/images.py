@@ -18,7 +18,7 @@ import mlx.nn as nn
 import genmlx as gm
 from genmlx.harness.data import build_image_data
 from genmlx.harness.zoo import Task
-from genmlx.harness.zoo.common import init_params
+from genmlx.harness.zoo.common import init_params, proposal_quality
 
 
 class GaussianEncoder(nn.Module):
@@ -146,7 +146,7 @@ def build(cfg) -> Task:
         x = data.fixed_eval("valid", log.valid_examples)
         k1, k2 = mx.random.split(k)
         bound, se = gm.amortized.log_marginal_likelihood(k1, obj, x, K=K, chunk_size=K)
-        diag = gm.amortized.proposal_diagnostics(k2, obj, x, K=K, chunk_size=K)
+        diag = proposal_quality(k2, obj, x, K)
         return {"valid_bound": bound, "valid_bound_se": se, "ess_per_n": diag["ess_per_n"], "khat": diag["khat"]}
 
     def evaluate(k, ecfg):
@@ -159,7 +159,7 @@ def build(cfg) -> Task:
         lp, se = gm.amortized.log_marginal_likelihood(keys[-2], obj, x, K=ecfg.particles, chunk_size=min(ecfg.particles, ecfg.chunk_size))
         out.update({f"log_px_K{ecfg.particles}": lp, "log_px_se": se, "nll": -lp})
         xs = x[: min(100, x.shape[0])]
-        diag = gm.amortized.proposal_diagnostics(keys[-1], obj, xs, K=min(1000, ecfg.particles), chunk_size=min(1000, ecfg.chunk_size))
+        diag = proposal_quality(keys[-1], obj, xs, min(1000, ecfg.particles))
         out.update({"test_ess_per_n": diag["ess_per_n"], "test_khat": diag["khat"]})
         return out
 

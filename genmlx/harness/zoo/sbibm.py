@@ -30,7 +30,7 @@ from genmlx.distributions import constraints as C
 from genmlx.distributions.base import Distribution, param
 from genmlx.harness.data import SimulatedData, data_dirs
 from genmlx.harness.zoo import Task
-from genmlx.harness.zoo.common import init_params
+from genmlx.harness.zoo.common import init_params, proposal_quality
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
@@ -218,7 +218,7 @@ def build(cfg) -> Task:
         fixed = mx.random.key(cfg.seed + 99991)  # the same held-out simulations every time
         lq = -float(obj.loss(fixed, mx.zeros((n, 1)))[0])
         x = _simulator(model, fixed, n)["x"]
-        diag = gm.amortized.proposal_diagnostics(k2, obj, x, K=K, chunk_size=K)
+        diag = proposal_quality(k2, obj, x, K)
         return {"valid_log_q": lq, "ess_per_n": diag["ess_per_n"], "khat": diag["khat"]}
 
     def evaluate(k, ecfg):
@@ -226,7 +226,7 @@ def build(cfg) -> Task:
         refs = reference_observations(name, cfg.data.data_dir)
         keys = mx.random.split(k, 2 + len(refs))
         x_test = _simulator(model, mx.random.key(cfg.seed + 4242), max(ecfg.examples or 100, 2))["x"]
-        diag = gm.amortized.proposal_diagnostics(keys[0], obj, x_test, K=min(1000, ecfg.particles), chunk_size=min(1000, ecfg.chunk_size))
+        diag = proposal_quality(keys[0], obj, x_test, min(1000, ecfg.particles))
         out.update({"sim_ess_per_n": diag["ess_per_n"], "sim_khat": diag["khat"]})
         errs, esss, lps = [], [], []
         for kk, (xo, ref) in zip(keys[2:], refs):
