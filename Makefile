@@ -2,11 +2,14 @@
 #   make run   -- create .venv, install genmlx, run the main job
 #   make test  -- create .venv, install genmlx[dev], run the test suite
 # Installs are stamped, so repeated runs skip pip until pyproject.toml changes.
+# BACKEND picks MLX's Linux backend extra: cpu (default) or cuda (NVIDIA GPU); on macOS
+# the extra installs nothing. Changing it on an existing .venv needs `make clean-venv`.
 
 PYTHON ?= python3
 VENV   := .venv
 VPY    := $(VENV)/bin/python
 PYTEST_ARGS ?=
+BACKEND ?= cpu
 
 .PHONY: run test venv clean-venv
 
@@ -28,11 +31,11 @@ $(VPY):
 	$(VPY) -m pip install --quiet --upgrade pip
 
 $(VENV)/.stamp-run: pyproject.toml | $(VPY)
-	$(VPY) -m pip install --quiet -e .
+	$(VPY) -m pip install --quiet -e ".[$(BACKEND)]"
 	touch $@
 
 $(VENV)/.stamp-dev: pyproject.toml | $(VPY)
-	$(VPY) -m pip install --quiet -e ".[dev]"
+	$(VPY) -m pip install --quiet -e ".[$(BACKEND),dev]"
 	touch $@ $(VENV)/.stamp-run
 
 clean-venv:

@@ -1,15 +1,16 @@
 """Load an optimized BLAS before MLX on Linux.
 
-MLX's Linux CPU wheel (``mlx-cpu``) links the netlib *reference* BLAS/LAPACK that it
-ships in ``mlx_cpu.libs`` (about 6 GFLOP/s for a float32 1024² matmul). Loading
-OpenBLAS from the ``cmeel-openblas`` wheel with ``RTLD_GLOBAL`` *before* ``mlx.core``
+MLX's Linux backend wheels (``mlx-cpu``, and ``mlx-cuda-*`` for CPU-stream ops) link the
+netlib *reference* BLAS/LAPACK that they ship in ``mlx_cpu.libs`` / ``mlx_cuda_*.libs``
+(about 6 GFLOP/s for a float32 1024² matmul). Loading OpenBLAS from the
+``cmeel-openblas`` wheel with ``RTLD_GLOBAL`` *before* ``mlx.core``
 is imported puts OpenBLAS's ``cblas_*`` / LAPACK symbols in the process's global
 lookup scope, which the dynamic linker searches before MLX's own dependencies, so
 MLX's calls resolve to OpenBLAS (30× faster matmul, identical results up to float32
 rounding).
 
 ``cmeel-openblas`` needs ``libgfortran.so.5`` but does not ship it. When the system has
-none, we take the libgfortran that ``mlx-cpu`` (or numpy/scipy) bundles: those copies
+none, we take the libgfortran that MLX's backend wheel (or numpy/scipy) bundles: those copies
 are renamed by auditwheel (SONAME ``libgfortran-<hash>.so.5.0.0``), so the dynamic
 linker would not accept them for ``libgfortran.so.5``. We load an in-memory copy
 (``memfd``) whose SONAME is rewritten to ``libgfortran.so.5``; nothing is written to
@@ -50,27 +51,43 @@ def _openblas_path() -> str | None:
     return None
 
 
-def _mlx_libs_dir() -> str | None:
-    """``mlx_cpu.libs`` beside an ``mlx`` package directory (mlx is a namespace package,
-    so every location is checked), or None."""
+def _mlx_locations() -> list[str]:
+    """Directories of the ``mlx`` package (a namespace package: there may be several)."""
     spec = importlib.util.find_spec("mlx")
     if spec is None or not spec.submodule_search_locations:
-        return None
-    for loc in spec.submodule_search_locations:
-        d = os.path.join(os.path.dirname(loc), "mlx_cpu.libs")
-        if os.path.isdir(d):
-            return d
+        return []
+    return list(spec.submodule_search_locations)
+
+
+def _mlx_libs_dir() -> str | None:
+    """The libraries bundled with MLX's Linux backend wheel (``mlx_cpu.libs``,
+    ``mlx_cuda_13.libs``, …) beside an ``mlx`` directory: the one holding a reference
+    ``libblas``, or None."""
+    for loc in _mlx_locations():
+        for d in sorted(glob.glob(os.path.join(os.path.dirname(loc), "mlx_*.libs"))):
+            if glob.glob(os.path.join(d, "libblas-*.so*")):
+                return d
     return None
 
 
 def _mlx_uses_reference_blas() -> bool:
-    """True when the installed MLX ships (and so links) the netlib reference BLAS."""
-    d = _mlx_libs_dir()
-    return bool(d and glob.glob(os.path.join(d, "libblas-*.so*")))
+    """True when the installed MLX backend ships (and so links) the netlib reference BLAS."""
+    return _mlx_libs_dir() is not None
+
+
+def _check_linux_backend() -> None:
+    """On Linux the ``mlx`` wheel alone has no backend library: say how to get one."""
+    locs = _mlx_locations()
+    if locs and not any(os.path.exists(os.path.join(loc, "lib", "libmlx.so")) for loc in locs):
+        raise ImportError(
+            "genmlx: MLX is installed without a backend (no mlx/lib/libmlx.so). On Linux "
+            "install one: pip install 'genmlx[cpu]' (CPU) or 'genmlx[cuda]' (NVIDIA GPU, "
+            "CUDA 13), or equivalently 'mlx[cpu]' / 'mlx[cuda13]'"
+        )
 
 
 def _bundled_gfortrans() -> list[str]:
-    """libgfortran copies bundled by wheels: mlx-cpu's first, then numpy's, scipy's."""
+    """libgfortran copies bundled by wheels: MLX's backend's first, then numpy's, scipy's."""
     dirs = [_mlx_libs_dir()] + [
         os.path.join(e, name) for e in _site_dirs() for name in ("numpy.libs", "scipy.libs")
     ]
@@ -216,11 +233,12 @@ def ensure_fast_blas() -> str:
 def _decide() -> str:
     if not sys.platform.startswith("linux"):
         return "platform BLAS (Accelerate on macOS)"
+    _check_linux_backend()
     reference = _mlx_uses_reference_blas()
     if not reference:
         return "MLX's own BLAS (no reference BLAS bundled with MLX)"
     if os.environ.get("GENMLX_OPENBLAS", "1").strip().lower() in _OPT_OUT_VALUES:
-        return "reference BLAS (netlib, bundled with mlx-cpu; GENMLX_OPENBLAS=0)"
+        return f"reference BLAS (netlib, bundled in {os.path.basename(_mlx_libs_dir())}; GENMLX_OPENBLAS=0)"
     path = _openblas_path()
     if "mlx.core" in sys.modules:
         if path is not None:

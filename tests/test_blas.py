@@ -173,3 +173,23 @@ def test_soname_rewrite_of_bundled_gfortran():
     assert soname2[1] == "libgfortran.so.5" and needed2 == needed and soname[1] != soname2[1]
     with pytest.raises(ValueError, match="ELF"):
         _blas._elf_dynamic(b"not an elf file at all")
+
+
+def test_reference_blas_found_in_any_mlx_backend_wheel(tmp_path, monkeypatch):
+    """mlx-cpu ships mlx_cpu.libs, mlx-cuda-13 ships mlx_cuda_13.libs: both are detected."""
+    (tmp_path / "mlx" / "lib").mkdir(parents=True)
+    (tmp_path / "mlx" / "lib" / "libmlx.so").touch()
+    monkeypatch.setattr(_blas, "_mlx_locations", lambda: [str(tmp_path / "mlx")])
+    assert _blas._mlx_libs_dir() is None and not _blas._mlx_uses_reference_blas()
+    libs = tmp_path / "mlx_cuda_13.libs"
+    libs.mkdir()
+    (libs / "libblas-0123abcd.so.3.10.0").touch()
+    assert _blas._mlx_libs_dir() == str(libs)
+    _blas._check_linux_backend()  # a backend is present: no error
+
+
+def test_missing_linux_backend_is_a_clear_error(tmp_path, monkeypatch):
+    (tmp_path / "mlx").mkdir()
+    monkeypatch.setattr(_blas, "_mlx_locations", lambda: [str(tmp_path / "mlx")])
+    with pytest.raises(ImportError, match=r"genmlx\[cpu\].*genmlx\[cuda\]"):
+        _blas._check_linux_backend()

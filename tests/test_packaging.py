@@ -31,10 +31,12 @@ def test_pyproject_metadata(project):
     deps = project["dependencies"]
     for name in ("mlx", "mlx-data", "numpy", "tqdm", "tensorboardx", "cmeel-openblas"):
         assert name in _names(deps), f"dependency {name} missing"
-    # Linux needs the CPU backend extra; OpenBLAS only on Linux
-    assert any(d.startswith("mlx[cpu]") and "Linux" in d for d in deps)
     assert all("Linux" in d for d in deps if d.startswith("cmeel-openblas"))
+    # MLX's Linux backends are extras; mlx-cpu and mlx-cuda-13 both ship mlx/lib/libmlx.so,
+    # so no backend may be a base dependency (genmlx[cuda] would install both)
+    assert not any(d.startswith("mlx[") for d in deps)
     extras = project["optional-dependencies"]
+    assert any(d.startswith("mlx[cpu]") and "Linux" in d for d in extras["cpu"])
     assert any(d.startswith("mlx[cuda13]") for d in extras["cuda"])
     for name in ("pytest", "hypothesis", "scipy"):
         assert name in _names(extras["dev"])
