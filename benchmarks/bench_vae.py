@@ -15,7 +15,10 @@ reparameterized ELBO estimate for a batch, its gradient, and an Adam update:
 
 Both are one ``mx.compile``d function with parameters and optimizer state declared and
 the PRNG key as an input. Data: random binary images (timing only). Reports median step
-time at batch 64 … 1024 and the genmlx / hand-written ratio (target ≤ 1.1).
+time at batch 64 … 1024 and the genmlx / hand-written ratio (target ≤ 1.1): the ratio of
+the medians, the median of the per-round ratios of the interleaved runs (robust to load
+drift on a shared machine) and the ratio of the minima. ``--numpyro-python PY`` also
+times the same step in NumPyro + Flax (SVI, Trace_ELBO, jitted) in that Python's venv.
 
 Run: ``.venv/bin/python benchmarks/bench_vae.py [--append-results] [--repeats N]``.
 """
@@ -23,25 +26,32 @@ Run: ``.venv/bin/python benchmarks/bench_vae.py [--append-results] [--repeats N]
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import statistics
+import subprocess
 import sys
+import time
 from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import genmlx as gm  # noqa: E402  (before mlx.core: fast BLAS)
-import mlx.core as mx  # noqa: E402
-import mlx.nn as nn  # noqa: E402
-import mlx.optimizers as optim  # noqa: E402
+if "--numpyro-worker" not in sys.argv:  # the NumPyro worker runs in its own venv, without MLX
+    import genmlx as gm  # noqa: E402  (before mlx.core: fast BLAS)
+    import mlx.core as mx  # noqa: E402
+    import mlx.nn as nn  # noqa: E402
+    import mlx.optimizers as optim  # noqa: E402
 
-from benchmarks._timing import append_results, fmt_seconds, markdown_table, timeit_interleaved  # noqa: E402
+    from benchmarks._timing import (  # noqa: E402
+        append_results, fmt_seconds, markdown_table, timeit_interleaved,
+    )
 
 X_DIM, H, Z = 784, 200, 10
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
-class Encoder(nn.Module):
+class Encoder(nn.Module if "--numpyro-worker" not in sys.argv else object):
     def __init__(self):
         super().__init__()
         self.body = gm.nn.mlp([X_DIM, H], "tanh", out_activation="tanh")
@@ -119,12 +129,77 @@ def handwritten_step(enc, dec):
     return step
 
 
+def numpyro_worker(batches: list[int], repeats: int) -> None:
+    """The same VAE step in NumPyro (SVI, Trace_ELBO, Flax modules, Adam), jitted; prints
+    JSON {batch: median seconds}. Runs under the NumPyro venv's Python."""
+    import flax.linen as fnn
+    import jax
+    import jax.numpy as jnp
+    import numpyro
+    import numpyro.distributions as dist
+    from numpyro.contrib.module import flax_module
+    from numpyro.infer import SVI, Trace_ELBO
+
+    class Enc(fnn.Module):
+        @fnn.compact
+        def __call__(self, x):
+            h = jnp.tanh(fnn.Dense(H)(x))
+            return fnn.Dense(Z)(h), jax.nn.softplus(fnn.Dense(Z)(h)) + 1e-4
+
+    class Dec(fnn.Module):
+        @fnn.compact
+        def __call__(self, z):
+            return fnn.Dense(X_DIM)(jnp.tanh(fnn.Dense(H)(z)))
+
+    def model(x):
+        dec = flax_module("dec", Dec(), input_shape=(1, Z))
+        with numpyro.plate("batch", x.shape[0]):
+            z = numpyro.sample("z", dist.Normal(jnp.zeros(Z), 1.0).to_event(1))
+            numpyro.sample("x", dist.Bernoulli(logits=dec(z)).to_event(1), obs=x)
+
+    def guide(x):
+        enc = flax_module("enc", Enc(), input_shape=(1, X_DIM))
+        m, s = enc(x)
+        with numpyro.plate("batch", x.shape[0]):
+            numpyro.sample("z", dist.Normal(m, s).to_event(1))
+
+    out = {}
+    for B in batches:
+        x = (jax.random.uniform(jax.random.PRNGKey(B), (B, X_DIM)) < 0.3).astype(jnp.float32)
+        svi = SVI(model, guide, numpyro.optim.Adam(1e-3), Trace_ELBO())
+        state = svi.init(jax.random.PRNGKey(0), x)
+        update = jax.jit(svi.update)
+        for _ in range(3):
+            state, loss = update(state, x)
+        loss.block_until_ready()
+        times = []
+        while len(times) < repeats or sum(times) < 0.5:
+            t0 = time.perf_counter()
+            state, loss = update(state, x)
+            loss.block_until_ready()
+            times.append(time.perf_counter() - t0)
+        out[B] = statistics.median(times)
+    print(json.dumps(out))
+
+
+def numpyro_times(python: str, batches: list[int], repeats: int) -> dict[int, float]:
+    cmd = [python, __file__, "--numpyro-worker", "--repeats", str(repeats), "--batches", *map(str, batches)]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return {int(k): v for k, v in json.loads(res.stdout.strip().splitlines()[-1]).items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--append-results", action="store_true")
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--batches", type=int, nargs="*", default=[64, 128, 256, 512, 1024])
+    ap.add_argument("--numpyro-python", default=None,
+                    help="Python of a venv with jax, numpyro, flax: also time the NumPyro step")
+    ap.add_argument("--numpyro-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.numpyro_worker:
+        numpyro_worker(args.batches, args.repeats)
+        return
 
     g_step = genmlx_step(*make_modules(0))
     h_step = handwritten_step(*make_modules(0))
@@ -137,9 +212,18 @@ def main() -> None:
                "mlx": lambda x: h_step(next(keys), x)}
         t = timeit_interleaved(fns, x, warmup=3, repeats=args.repeats, min_total=0.5)
         ratio = t["genmlx"].median / t["mlx"].median
-        rows.append([B, fmt_seconds(t["genmlx"].median), fmt_seconds(t["mlx"].median), f"{ratio:.2f}"])
-        print(f"B={B:5d}  genmlx {t['genmlx']}  mlx {t['mlx']}  ratio {ratio:.2f}", flush=True)
-    body = markdown_table(["batch", "genmlx step", "hand-written MLX step", "ratio"], rows)
+        paired = statistics.median(a / b for a, b in zip(t["genmlx"].times, t["mlx"].times))
+        rows.append([B, fmt_seconds(t["genmlx"].median), fmt_seconds(t["mlx"].median),
+                     f"{ratio:.2f}", f"{paired:.2f}", f"{t['genmlx'].min / t['mlx'].min:.2f}"])
+        print(f"B={B:5d}  genmlx {t['genmlx']}  mlx {t['mlx']}  ratio {ratio:.2f} paired {paired:.2f}", flush=True)
+    header = ["batch", "genmlx step", "hand-written MLX step", "ratio of medians",
+              "median of paired ratios", "ratio of minima"]
+    if args.numpyro_python:
+        np_t = numpyro_times(args.numpyro_python, args.batches, args.repeats)
+        for r, B in zip(rows, args.batches):
+            r.append(fmt_seconds(np_t[B]))
+        header.append("NumPyro+Flax step (jit)")
+    body = markdown_table(header, rows)
     print(body)
     if args.append_results:
         append_results(
