@@ -21,7 +21,6 @@ import math
 from typing import Any, Callable
 
 import mlx.core as mx
-import mlx.nn as nn
 
 from genmlx.core.choicemap import ChoiceMap
 from genmlx.core.gfi import GenerativeFunction
@@ -129,6 +128,11 @@ class Objective:
         whose gradient is this estimator's gradient; metrics are scalar arrays."""
         loss, metrics, _ = self._loss_aux(key, data)
         return loss, metrics
+
+    def loss_aux(self, key: mx.array, data) -> tuple[mx.array, dict, dict]:
+        """(loss, metrics, aux): :meth:`loss` plus the running-state update ``aux`` to
+        pass to :meth:`update_state` after the optimizer step (for custom loops)."""
+        return self._loss_aux(key, data)
 
     def _loss_aux(self, key, data):
         raise NotImplementedError
