@@ -67,7 +67,8 @@ def _params(guide) -> dict:
 def save_guide(path, guide, *, config: dict | None = None, example_args: tuple | None = None) -> Path:
     """Write the guide's parameters and description (atomically: temporary files then
     rename); returns the weights path. ``config`` (JSON-serialisable) defaults to
-    ``guide.config`` when the guide has one."""
+    ``guide.config``, ``example_args`` (guide arguments used once to record the address
+    schema) to ``guide.example_args``, when the guide has them."""
     import genmlx
 
     wpath, jpath = _paths(path)
@@ -77,6 +78,8 @@ def save_guide(path, guide, *, config: dict | None = None, example_args: tuple |
         raise ValueError("save_guide: the guide has no parameters (no NeuralNetGF or module reachable from it)")
     if config is None:
         config = getattr(guide, "config", None)
+    if example_args is None:
+        example_args = getattr(guide, "example_args", None)
     meta = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "genmlx_version": getattr(genmlx, "__version__", "unknown"),
