@@ -83,7 +83,7 @@ def parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train an experiment config (resumes from a checkpoint in --run-dir)")
     t.add_argument("config", help="experiment TOML (see experiments/)")
     t.add_argument("--run-dir", help="run directory (default runs/<name>)")
-    t.add_argument("--fresh", action="store_true", help="ignore existing checkpoints (start over)")
+    t.add_argument("--fresh", action="store_true", help="start over: delete the run directory's checkpoints, logs and results first")
     t.add_argument("--no-eval", action="store_true", help="skip the final test evaluation")
     t.set_defaults(fn=cmd_train)
 

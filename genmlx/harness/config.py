@@ -99,7 +99,6 @@ class TrainConfig:
     nan_policy: str = _f("stop", one_of("stop", "skip"))
     max_skipped: int = _f(100, NONNEG, "skip policy: stop after this many skipped steps")
     compile: bool = _f(True)
-    threads: int = _f(0, NONNEG, "reserved; 0 = library default")
 
 
 @dataclass(frozen=True)

@@ -62,6 +62,17 @@ def _check_writable(run_dir: Path) -> None:
         raise TrainingError(f"run directory {run_dir} is not writable: {e.strerror or e}") from None
 
 
+def _clear_run(run_dir: Path) -> None:
+    """Remove the outputs of an earlier run (``--fresh``): checkpoints, logs, results."""
+    import shutil
+
+    for name in ("checkpoints", "tb"):
+        if (run_dir / name).is_dir():
+            shutil.rmtree(run_dir / name)
+    for name in ("metrics.jsonl", "eval.json", "results.json", "samples.png"):
+        (run_dir / name).unlink(missing_ok=True)
+
+
 def _resumable(old: dict, new: dict) -> list[str]:
     return [k for k in config_diff(old, new) if not any(k == p or (p.endswith(".") and k.startswith(p)) for p in RESUMABLE_CHANGES)]
 
@@ -101,6 +112,8 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, task=None, resume: bool
     run_dir = Path(run_dir)
     _check_writable(run_dir)
     ckpts = CheckpointManager(run_dir, cfg.checkpoint.keep_last)
+    if not resume:
+        _clear_run(run_dir)
     ck = ckpts.load_latest() if resume else None
     cfg_dict = cfg.to_dict()
     if ck is not None:

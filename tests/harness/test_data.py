@@ -90,3 +90,33 @@ def test_png_writer():
     rows = np.frombuffer(zlib.decompress(idat), dtype=np.uint8).reshape(h, w + 1)
     assert (rows[:, 0] == 0).all()
     assert np.array_equal(rows[:, 1:], (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8))
+
+
+def test_mnist_download_is_cached_and_checked(genmlx_data, tmp_path, monkeypatch):
+    """Online path with the network replaced by the reference files: the first load
+    downloads into the cache, the second reads the cache; a corrupt download is caught."""
+    require_data(genmlx_data, "mnist", "t10k-images-idx3-ubyte.gz")
+    import io
+    import urllib.request
+
+    served = []
+
+    def fake_urlopen(url, timeout=None):
+        name = url.rsplit("/", 1)[1]
+        served.append(name)
+        return io.BytesIO((genmlx_data / "mnist" / name).read_bytes())
+
+    monkeypatch.delenv("GENMLX_DATA", raising=False)
+    monkeypatch.setenv("GENMLX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
+    m = load_mnist("", download=True)
+    assert m["test"].shape == (10000, 784) and len(served) == 2
+    assert (tmp_path / "cache" / "mnist" / "t10k-images-idx3-ubyte.gz").exists()
+    load_mnist("", download=True)
+    assert len(served) == 2  # cached
+    bad = tmp_path / "cache" / "mnist" / "t10k-images-idx3-ubyte.gz"
+    raw = bytearray(gzip.decompress(bad.read_bytes()))
+    raw[100] ^= 1
+    bad.write_bytes(gzip.compress(bytes(raw)))
+    with pytest.raises(DataError, match="checksum mismatch"):
+        load_mnist("", download=True)
