@@ -300,7 +300,7 @@ def initial_positions(density: UnconstrainedDensity, key, num_chains: int, init=
     chain draws Uniform(−2, 2)^D (redrawn where the density is not finite)."""
     if init is not None:
         U = mx.array(init, dtype=mx.float32)
-        if U.ndim == 1:
+        if U.ndim == 1 and U.shape[0] == density.dim:
             U = mx.broadcast_to(U, (num_chains, density.dim))
         if tuple(U.shape) != (num_chains, density.dim):
             raise ValueError(f"init must have shape ({density.dim},) or ({num_chains}, {density.dim}), got {tuple(U.shape)}")
