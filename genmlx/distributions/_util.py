@@ -18,6 +18,15 @@ def open_uniform(key, shape) -> mx.array:
     return mx.clip(u, _U_EPS, 1.0 - 2.0**-24)
 
 
+def categorical_sample(key, logits, shape) -> mx.array:
+    """Indices of ``shape`` (= sample + batch) drawn from ``logits`` [..., K] by the
+    Gumbel-max trick, argmax_k(logits_k + G_k), G_k = −log(−log u_k). Unlike
+    ``mx.random.categorical`` it works when ``logits`` are vmapped."""
+    k = logits.shape[-1]
+    u = open_uniform(key, tuple(shape) + (k,))
+    return mx.argmax(logits - mx.log(-mx.log(u)), axis=-1).astype(mx.int32)
+
+
 def batch_shape(name: str, params: dict, shape=None, event_ndims: dict | None = None) -> tuple:
     """Broadcast of the parameters' batch shapes (less their event dims) and of ``shape``
     (an extra requested batch shape); ValueError naming the distribution otherwise."""

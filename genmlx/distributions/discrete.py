@@ -9,7 +9,7 @@ import mlx.nn as nn
 from genmlx.distributions import constraints as C
 from genmlx.distributions._counting import binomial_sample, poisson_sample
 from genmlx.distributions._gamma import standard_gamma
-from genmlx.distributions._util import as_float, batch_shape, check, open_uniform
+from genmlx.distributions._util import as_float, batch_shape, categorical_sample, check, open_uniform
 from genmlx.distributions.base import Distribution, param
 from genmlx.distributions.special import log_binomial_pmf, log_poisson_pmf
 
@@ -255,7 +255,7 @@ class Categorical(Distribution):
         return C.integer_interval(0, self.num_categories - 1)
 
     def _sample(self, key, shape):
-        return mx.random.categorical(self.logits, axis=-1, shape=tuple(shape), key=key).astype(mx.int32)
+        return categorical_sample(key, self.logits, shape)
 
     def _log_prob(self, x):
         x = x if isinstance(x, mx.array) else mx.array(x)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from genmlx.distributions import constraints as C
+from genmlx.distributions._util import categorical_sample
 from genmlx.distributions.base import Distribution, param
 
 
@@ -99,7 +100,7 @@ class Mixture(Distribution):
         ne = len(self.event_shape)
         sample_shape = tuple(shape[: len(shape) - len(self.shape)])
         k_idx, k_comp = mx.random.split(key)
-        idx = mx.random.categorical(self.log_weights, axis=-1, shape=sample_shape + self.batch_shape, key=k_idx)
+        idx = categorical_sample(k_idx, self.log_weights, sample_shape + self.batch_shape)
         idx = idx.reshape(idx.shape + (1,) * ne)
         if self._stacked is not None:
             xs = self._stacked.sample(k_comp, sample_shape)  # sample + batch + (K,) + event
