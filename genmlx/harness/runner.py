@@ -255,8 +255,12 @@ def evaluate_run(cfg: ExperimentConfig, task, run_dir: Path, log: MetricsLog | N
     if log is not None:
         log.scalars(cfg.train.steps, {k: v for k, v in m.items() if isinstance(v, (int, float))}, prefix="test/")
     (Path(run_dir) / "eval.json").write_text(json.dumps(m, indent=1, sort_keys=True))
+    echo(f"{cfg.name}: test metrics (eval.json)")
     for line in format_metrics(m):
         echo(line)
+    if "nll" in m:
+        echo(f"{cfg.name}: test log p(x) = {-m['nll']:.3f} ± {m.get('log_px_se', float('nan')):.3f} nats "
+             f"(importance sampling with the trained guide, K = {cfg.eval.particles})")
     return m
 
 
