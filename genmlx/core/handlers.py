@@ -73,12 +73,53 @@ def run_with_handler(handler: "Handler", fn, args: tuple) -> Any:
         stack.pop()
 
 
+class BatchNoise:
+    """Batched base randomness for the outermost handler of a vectorized execution.
+
+    Under ``mx.vmap`` each particle would otherwise draw each choice from its own key
+    (a threefry evaluation per particle and site). Instead, a distribution that can be
+    sampled as a transform of standard noise (``_noise_kind`` "normal" or "uniform")
+    gets its noise for all n particles from ONE unbatched key — the same work as
+    hand-batched code — and each particle takes its row by its index ``idx`` (a
+    batched input of the vmap).
+    """
+
+    def __init__(self, key: mx.array, idx: mx.array, n: int):
+        self.key, self.idx, self.n = key, idx, n
+
+    def draw(self, site: int, dist) -> mx.array:
+        k = self.key + _site_constant(site)
+        full = (self.n,) + tuple(dist.shape)
+        if dist._noise_kind == "normal":
+            eps = mx.random.normal(full, key=k)
+        else:
+            eps = mx.random.uniform(shape=full, key=k)
+        return eps[self.idx]
+
+
+def batch_noise_scope(noise: "BatchNoise"):
+    """Context manager offering ``noise`` to the next handler created (the outermost)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def scope():
+        _local.noise = noise
+        try:
+            yield
+        finally:
+            _local.noise = None
+
+    return scope()
+
+
 class Handler:
     """Shared bookkeeping: keys, address-collision checks and sub-trace records."""
 
     def __init__(self, fn_name: str, key: mx.array | None = None):
         self.fn_name = fn_name
         self.key = key
+        self.noise = getattr(_local, "noise", None)  # only the outermost handler takes it
+        _local.noise = None
         self.subtraces: dict[Path, Any] = {}
         self._prefixes: set[Path] = set()
         self.score = mx.array(0.0)
@@ -100,6 +141,13 @@ class Handler:
         if gen_fn is not None and not getattr(gen_fn, "_is_distribution", False):
             sub = mx.random.split(sub, 2)[0]
         return sub
+
+    def simulate_site(self, gen_fn, args: tuple):
+        """Draw an unconstrained site: from batched noise where available, else by key."""
+        if self.noise is not None and getattr(gen_fn, "_noise_kind", None):
+            self._count += 1
+            return gen_fn.simulate_from_noise(self.noise.draw(self._count, gen_fn))
+        return gen_fn.simulate(self.next_key(gen_fn), args)
 
     def check_fresh(self, path: Path) -> None:
         if path in self._prefixes:
@@ -159,7 +207,7 @@ def _site_constant(i: int) -> mx.array:
 
 class SimulateHandler(Handler):
     def step(self, path, gen_fn, args):
-        return gen_fn.simulate(self.next_key(gen_fn), args)
+        return self.simulate_site(gen_fn, args)
 
 
 class GenerateHandler(Handler):
@@ -170,7 +218,7 @@ class GenerateHandler(Handler):
     def step(self, path, gen_fn, args):
         sub_c = self.constraints.submap_at_path(path)
         if sub_c.is_empty():
-            return gen_fn.simulate(self.next_key(gen_fn), args)
+            return self.simulate_site(gen_fn, args)
         tr, w = gen_fn.generate(self.next_key(gen_fn), args, sub_c)
         self.weight = self.weight + w
         return tr

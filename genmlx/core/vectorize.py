@@ -18,6 +18,7 @@ import mlx.core as mx
 
 from genmlx.core.choicemap import ChoiceMap
 from genmlx.core.errors import ConstraintShapeError
+from genmlx.core.handlers import BatchNoise, batch_noise_scope
 from genmlx.core.pytree import tree_flatten, tree_unflatten
 from genmlx.core.selection import Selection
 from genmlx.core.trace import Trace
@@ -68,16 +69,24 @@ def _vmapped(body, in_axes=0):
     return call
 
 
+def _keys_and_noise(key: mx.array, n: int):
+    """Per-particle keys, and the unbatched key of the batched base noise."""
+    k_particles, k_noise = mx.random.split(key)
+    return _split(k_particles, n), k_noise, mx.arange(n)
+
+
 def vsimulate(gf, key: mx.array, args: tuple, n: int) -> Trace:
     """n independent ``simulate`` calls, batched."""
-    keys = _split(key, n)
+    keys, k_noise, idx = _keys_and_noise(key, n)
     box = {}
 
-    def body(k):
-        leaves, box["td"] = _flat_trace(gf.simulate(k, args))
+    def body(k, i):
+        with batch_noise_scope(BatchNoise(k_noise, i, n)):
+            tr = gf.simulate(k, args)
+        leaves, box["td"] = _flat_trace(tr)
         return leaves
 
-    leaves = _vmapped(body)(keys)
+    leaves = _vmapped(body)(keys, idx)
     return _dress(tree_unflatten(box["td"], leaves), args, n)
 
 
@@ -133,18 +142,19 @@ def vgenerate(gf, key: mx.array, args: tuple, constraints: ChoiceMap, n: int):
     from genmlx.core.dynamic import _as_choicemap
 
     constraints = _as_choicemap(constraints)
-    keys = _split(key, n)
+    keys, k_noise, idx = _keys_and_noise(key, n)
     axes = _constraint_axes(gf, key, args, constraints, n)
     cvals = [v for _, v in constraints.leaves()]
     box = {}
 
-    def body(k, *vals):
+    def body(k, i, *vals):
         cm = _cm_from_leaves(constraints, vals)
-        tr, w = gf.generate(k, args, cm)
+        with batch_noise_scope(BatchNoise(k_noise, i, n)):
+            tr, w = gf.generate(k, args, cm)
         leaves, box["td"] = _flat_trace(tr)
         return [w] + leaves
 
-    out = _vmapped(body, in_axes=(0, *axes))(keys, *cvals)
+    out = _vmapped(body, in_axes=(0, 0, *axes))(keys, idx, *cvals)
     return _dress(tree_unflatten(box["td"], out[1:]), args, n), out[0]
 
 

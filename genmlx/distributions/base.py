@@ -101,6 +101,9 @@ class Distribution(GenerativeFunction):
 
     name: ClassVar[str] = "distribution"
     _is_distribution: ClassVar[bool] = True
+    #: "normal" / "uniform" when a draw is ``_from_noise(standard noise)`` (enables
+    #: batched base noise in vsimulate/vgenerate); None otherwise.
+    _noise_kind: ClassVar[str | None] = None
     arg_constraints: ClassVar[dict] = {}
     reparameterized: ClassVar[bool] = False
     discrete: ClassVar[bool] = False
@@ -198,6 +201,17 @@ class Distribution(GenerativeFunction):
     def simulate(self, key, args=()):
         """Draw v; score = Σ log p(v)."""
         v = self.sample(key)
+        return DistTrace(type(self), (), v, self._score(v))
+
+    def _from_noise(self, eps: mx.array) -> mx.array:
+        raise NotImplementedError
+
+    def simulate_from_noise(self, eps: mx.array) -> DistTrace:
+        """Like ``simulate`` with the draw given as a transform of standard noise
+        ``eps`` (N(0, 1) or U(0, 1) per ``_noise_kind``) of this choice's shape."""
+        v = mx.contiguous(self._from_noise(eps))
+        if not self.reparameterized:
+            v = mx.stop_gradient(v)
         return DistTrace(type(self), (), v, self._score(v))
 
     def _constrained_value(self, constraints: ChoiceMap):

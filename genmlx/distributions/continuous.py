@@ -40,11 +40,18 @@ class Normal(Distribution):
     def support(self):
         return C.real
 
+    _noise_kind = "normal"
+
     def _sample(self, key, shape):
-        return self.mu + self.sigma * mx.random.normal(shape=shape, key=key)
+        return self._from_noise(mx.random.normal(shape=shape, key=key))
+
+    def _from_noise(self, eps):
+        return self.mu + self.sigma * eps
 
     def _log_prob(self, x):
-        z = (x - self.mu) / self.sigma
+        # (μ − x) rather than (x − μ): under mx.vmap a batched μ on the left keeps the
+        # particle axis leading, avoiding a transpose of [n, data] intermediates.
+        z = (self.mu - x) / self.sigma
         return -0.5 * z * z - mx.log(self.sigma) - HALF_LOG_2PI
 
     def mean(self):
@@ -75,12 +82,17 @@ class Uniform(Distribution):
     def support(self):
         return C.interval(self.low, self.high)
 
+    _noise_kind = "uniform"
+
     def _sample(self, key, shape):
-        u = mx.random.uniform(shape=shape, key=key)
+        return self._from_noise(mx.random.uniform(shape=shape, key=key))
+
+    def _from_noise(self, u):
         return self.low + (self.high - self.low) * u
 
     def _log_prob(self, x):
-        inside = (x >= self.low) & (x <= self.high)
+        # logical_and: MLX 0.32's vmap of `&` with one batched operand mis-shapes
+        inside = mx.logical_and(x >= self.low, x <= self.high)
         return mx.where(inside, -mx.log(self.high - self.low), -mx.inf)
 
     def mean(self):
