@@ -308,6 +308,8 @@ def check_consistency(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"objective.kind: \"neural_is\" trains on model simulations; use it with an sbibm model, got model.kind = {_show(m.kind)}")
     if m.kind == "sbn" and o.kind in ("elbo", "iwae", "dreg"):
         raise ConfigError(f"objective.kind: the sigmoid belief net has discrete latents; use vimco, nvil or rws, got {_show(o.kind)}")
+    if o.kind in ("nvil", "neural_is") and o.particles != 1:
+        raise ConfigError(f"objective.particles: {o.kind} uses one sample per datum; expected 1, got {o.particles}")
     if o.kind in ("vimco",) and o.particles < 2:
         raise ConfigError(f"objective.particles: VIMCO needs at least 2 particles, got {o.particles}")
     if d.dataset == "binarized_mnist" and d.binarization not in ("fixed",):
