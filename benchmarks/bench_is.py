@@ -65,19 +65,6 @@ def make_data(key) -> tuple[mx.array, mx.array]:
     return xs, ys
 
 
-class _NormalMuFirst(gm.Normal):
-    """Normal whose log-density computes z = (μ − x)/σ instead of (x − μ)/σ (same value).
-    Under ``mx.vmap`` the batched operand then stands on the left of the subtraction,
-    which keeps MLX from transposing the [n, 50] mean (see RESULTS.md)."""
-
-    def _log_prob(self, x):
-        z = (self.mu - x) / self.sigma
-        return -0.5 * z * z - mx.log(self.sigma) - 0.5 * math.log(2 * math.pi)
-
-
-quadratic_mu_first = make_model(_NormalMuFirst)
-
-
 def genmlx_log_weights(xs, ys, n: int, model=quadratic):
     """Compiled key -> [n] log-weights through ``vgenerate``."""
     obs = gm.choicemap({"ys": ys})
@@ -108,8 +95,8 @@ def hand_log_weights(xs, ys, n: int):
 
 
 def _loglik_one(a, b, c, xs, ys, mu_first: bool = False):
-    """log N(ys; a + b x + c x², σ²) summed over the data, for ONE particle; z = (y − μ)/σ
-    as in genmlx's normal, or (μ − y)/σ (same value) with ``mu_first``."""
+    """log N(ys; a + b x + c x², σ²) summed over the data, for ONE particle; z = (y − μ)/σ,
+    or (μ − y)/σ (same value, the order genmlx's normal uses) with ``mu_first``."""
     mu = a + b * xs + c * xs**2
     z = ((mu - ys) if mu_first else (ys - mu)) / SIGMA
     return mx.sum(-0.5 * z * z) + N_DATA * LOG_NORM
@@ -143,7 +130,7 @@ def vmap_split_keys_log_weights(xs, ys, n: int):
 
 def vmap_added_keys_log_weights(xs, ys, n: int):
     """Diagnostic, no genmlx code: per-particle keys, choice i's key = key + (0, i·φ)
-    (one add per choice, the scheme genmlx's handlers use)."""
+    (one add per choice; genmlx's scheme for sites without a noise transform)."""
 
     def site_key(k, i):
         return k + mx.array([0, (i * 0x9E3779B9) & 0xFFFFFFFF], dtype=mx.uint32)
@@ -174,15 +161,13 @@ VARIANTS = {
     "vmap_added_keys": vmap_added_keys_log_weights,
     "vmap_lik": vmap_lik_log_weights,
     "vmap_lik_1": lambda xs, ys, n: vmap_lik_log_weights(xs, ys, n, (1,)),
-    "genmlx_mu_first": lambda xs, ys, n: genmlx_log_weights(xs, ys, n, quadratic_mu_first),
     "vmap_lik_mu_first": lambda xs, ys, n: vmap_lik_log_weights(xs, ys, n, mu_first=True),
 }
 DIAGNOSTICS = {
     "vmap_split_keys": "mx.vmap, key split per choice",
-    "vmap_added_keys": "mx.vmap, key + constant per choice (genmlx's scheme)",
+    "vmap_added_keys": "mx.vmap, key + constant per choice",
     "vmap_lik": "batched draws, mx.vmap likelihood",
     "vmap_lik_1": "same, particle values shaped (1,)",
-    "genmlx_mu_first": "genmlx, normal log-density as (μ − x)/σ",
     "vmap_lik_mu_first": "batched draws, mx.vmap likelihood as (μ − x)/σ",
 }
 
