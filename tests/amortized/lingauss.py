@@ -67,7 +67,7 @@ def prior_guide(x):
     return gm.normal(mx.zeros(d), 1.0) @ "z"
 
 
-def train(objective, steps=(600, 300), lrs=(2e-2, 5e-4), batches=(64, 256), seed=0):
+def train(objective, steps=(600, 300), lrs=(2e-2, 5e-4), batches=(64, 512), seed=0):
     """Two phases of Adam (the second with a lower rate and larger batches)."""
     key = mx.random.key(seed)
     for n, lr, B in zip(steps, lrs, batches):
