@@ -76,14 +76,21 @@ def _mlx_uses_reference_blas() -> bool:
 
 
 def _check_linux_backend() -> None:
-    """On Linux the ``mlx`` wheel alone has no backend library: say how to get one."""
+    """On Linux the ``mlx`` wheel alone has no backend library: say how to get one.
+
+    Only when no ``mlx/lib/libmlx.so`` is found is ``mlx.core`` imported to check (other
+    layouts, e.g. conda builds, import fine and are left alone)."""
     locs = _mlx_locations()
-    if locs and not any(os.path.exists(os.path.join(loc, "lib", "libmlx.so")) for loc in locs):
+    if not locs or any(os.path.exists(os.path.join(loc, "lib", "libmlx.so")) for loc in locs):
+        return
+    try:
+        import mlx.core  # noqa: F401
+    except ImportError as e:
         raise ImportError(
             "genmlx: MLX is installed without a backend (no mlx/lib/libmlx.so). On Linux "
             "install one: pip install 'genmlx[cpu]' (CPU) or 'genmlx[cuda]' (NVIDIA GPU, "
             "CUDA 13), or equivalently 'mlx[cpu]' / 'mlx[cuda13]'"
-        )
+        ) from e
 
 
 def _bundled_gfortrans() -> list[str]:

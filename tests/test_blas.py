@@ -191,5 +191,7 @@ def test_reference_blas_found_in_any_mlx_backend_wheel(tmp_path, monkeypatch):
 def test_missing_linux_backend_is_a_clear_error(tmp_path, monkeypatch):
     (tmp_path / "mlx").mkdir()
     monkeypatch.setattr(_blas, "_mlx_locations", lambda: [str(tmp_path / "mlx")])
+    _blas._check_linux_backend()  # mlx.core imports here (another layout): no error
+    monkeypatch.setitem(sys.modules, "mlx.core", None)  # now `import mlx.core` fails
     with pytest.raises(ImportError, match=r"genmlx\[cpu\].*genmlx\[cuda\]"):
         _blas._check_linux_backend()
