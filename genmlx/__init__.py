@@ -31,6 +31,7 @@ from genmlx.combinators import (  # noqa: E402
     CustomGradientGF, Map, Mask, Mix, Recurse, Scan, Switch, Unfold, contramap, dimap,
 )
 from genmlx import inference  # noqa: E402,F401
+from genmlx import diagnostics  # noqa: E402,F401
 from genmlx import nn  # noqa: E402,F401
 from genmlx import amortized  # noqa: E402,F401
 

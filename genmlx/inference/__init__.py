@@ -28,3 +28,4 @@ from genmlx.inference.hmc import HMCKernel, hmc, hmc_kernel  # noqa: F401,E402
 from genmlx.inference.mala import mala, mala_kernel  # noqa: F401,E402
 from genmlx.inference.nuts import NUTSKernel, nuts  # noqa: F401,E402
 from genmlx.inference.mcmc import MCMCResult  # noqa: F401,E402
+from genmlx.inference.advi import ADVIResult, advi  # noqa: F401,E402
