@@ -1,0 +1,197 @@
+"""HMC on Bayesian quadratic regression: genmlx vs hand-written MLX vs NumPyro.
+
+Model: w ∈ R³ ~ N(0, 1), σ ~ half-N(0, 1), y ~ N(Φw, σ) with Φ = [1, x, x²], N = 100.
+All three run 4 chains as one batched computation, 20 leapfrog steps per transition,
+1000 transitions, a fixed step size and identity metric (no adaptation), from the
+same initial point; wall time of the 1000 transitions after one untimed warm-up call
+(compilation). NumPyro runs in its own virtual environment (``--numpyro PYTHON``).
+
+    python benchmarks/bench_hmc.py [--numpyro /tmp/numpyro-venv/bin/python] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+
+import genmlx as gm
+import mlx.core as mx
+import numpy as np
+
+N, CHAINS, STEPS, ITERS, EPS = 100, 4, 20, 1000, 0.015
+
+
+def data(seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(-2, 2, N)
+    y = 0.5 - 1.0 * x + 0.7 * x**2 + rng.normal(0, 1.0, N)
+    return x.astype(np.float32), y.astype(np.float32)
+
+
+def design(x):
+    """Φ = [1, x, x²], [N, 3]."""
+    return np.stack([np.ones_like(x), x, x * x], 1).astype(np.float32)
+
+
+@gm.gen
+def quadratic(phi):
+    w = gm.trace("w", gm.normal(mx.zeros(3), 1.0))
+    sigma = gm.trace("sigma", gm.half_normal(1.0))
+    return gm.trace("y", gm.normal(phi @ w, sigma))
+
+
+def run_genmlx(x, y, init):
+    def go():
+        return gm.inference.hmc(mx.random.key(1), quadratic, (mx.array(design(x)),), gm.choicemap({"y": mx.array(y)}),
+                                num_samples=ITERS, num_warmup=0, num_chains=CHAINS, step_size=EPS,
+                                num_steps=STEPS, mass="identity", adapt_step_size=False, init=init,
+                                progress=False)
+
+    gm.inference.hmc(mx.random.key(0), quadratic, (mx.array(design(x)),), gm.choicemap({"y": mx.array(y)}),
+                     num_samples=5, num_warmup=0, num_chains=CHAINS, step_size=EPS, num_steps=STEPS,
+                     mass="identity", adapt_step_size=False, init=init, progress=False)
+    t = time.perf_counter()
+    r = go()
+    return time.perf_counter() - t, float(r.accept_prob.mean()), r.samples["w"].reshape(-1, 3).mean(0)
+
+
+def run_hand_mlx(x, y, init):
+    """The same transition written directly in MLX (one compiled function)."""
+    PHI = mx.array(design(x))
+    Y = mx.array(y)
+    half_log_2pi = 0.5 * math.log(2 * math.pi)
+
+    def logp(U):
+        w, s_u = U[:, :3], U[:, 3]
+        s = mx.exp(s_u)
+        mean = w @ PHI.T
+        z = (Y - mean) / s[:, None]
+        ll = mx.sum(-0.5 * z * z, -1) - N * s_u - N * half_log_2pi
+        prior = mx.sum(-0.5 * w * w, -1) - 3 * half_log_2pi
+        prior_s = math.log(2) - 0.5 * s * s - half_log_2pi + s_u  # half-normal + log-Jacobian
+        return ll + prior + prior_s
+
+    def vg(U):
+        (_, lp), g = mx.value_and_grad(lambda u: (mx.sum(logp(u)), logp(u)))(U)
+        return lp, g
+
+    def transition(key, U, lp, g):
+        k1, k2 = mx.random.split(key)
+        p = mx.random.normal(U.shape, key=k1)
+        h0 = -lp + 0.5 * mx.sum(p * p, -1)
+        u1, p1, g1, lp1 = U, p, g, lp
+        for _ in range(STEPS):
+            p1 = p1 + 0.5 * EPS * g1
+            u1 = u1 + EPS * p1
+            lp1, g1 = vg(u1)
+            p1 = p1 + 0.5 * EPS * g1
+        h1 = -lp1 + 0.5 * mx.sum(p1 * p1, -1)
+        acc = mx.log(mx.random.uniform(shape=lp.shape, key=k2)) < h0 - h1
+        return (mx.where(acc[:, None], u1, U), mx.where(acc, lp1, lp), mx.where(acc[:, None], g1, g),
+                acc)
+
+    step = mx.compile(transition)
+    U = mx.array(init)
+    lp, g = vg(U)
+    keys = mx.random.split(mx.random.key(1), ITERS)
+    out = step(keys[0], U, lp, g)
+    mx.eval(out)
+    t = time.perf_counter()
+    accs, draws = [], []
+    for i in range(ITERS):
+        U, lp, g, acc = step(keys[i], U, lp, g)
+        accs.append(acc)
+        draws.append(U)
+        mx.eval(U, lp, g, acc)
+    dt = time.perf_counter() - t
+    return dt, float(mx.stack(accs).astype(mx.float32).mean()), np.array(mx.stack(draws))[..., :3].reshape(-1, 3).mean(0)
+
+
+NUMPYRO_SCRIPT = r"""
+import json, sys, time
+import numpy as np
+import jax, jax.numpy as jnp
+import numpyro, numpyro.distributions as dist
+from numpyro.infer import HMC, MCMC, init_to_value
+cfg = json.loads(sys.argv[1])
+x, y = np.array(cfg["x"], np.float32), np.array(cfg["y"], np.float32)
+init = np.array(cfg["init"], np.float32)
+def model(x, y=None):
+    w = numpyro.sample("w", dist.Normal(jnp.zeros(3), 1.0).to_event(1))
+    sigma = numpyro.sample("sigma", dist.HalfNormal(1.0))
+    phi = jnp.stack([jnp.ones_like(x), x, x * x], 1)
+    numpyro.sample("y", dist.Normal(phi @ w, sigma), obs=y)
+def run(n):
+    k = HMC(model, step_size=cfg["eps"], num_steps=cfg["steps"], trajectory_length=cfg["eps"] * cfg["steps"], adapt_step_size=False,
+            adapt_mass_matrix=False, init_strategy=init_to_value(values={"w": init[0, :3], "sigma": float(np.exp(init[0, 3]))}))
+    m = MCMC(k, num_warmup=0, num_samples=n, num_chains=cfg["chains"], chain_method="vectorized", progress_bar=False)
+    t = time.perf_counter(); m.run(jax.random.PRNGKey(1), x, y, extra_fields=("accept_prob",)); 
+    jax.block_until_ready(m.get_samples()["w"]); return time.perf_counter() - t, m
+t_small, _ = run(cfg["iters"])   # includes compilation
+t, m = run(cfg["iters"])          # warm: the jitted sampler is cached
+w = np.asarray(m.get_samples()["w"]).mean(0)
+print(json.dumps({"time_s": t, "first_call_s": t_small, "accept": float(np.mean(m.get_extra_fields()["accept_prob"])), "w_mean": w.tolist(),
+                  "numpyro": numpyro.__version__, "jax": jax.__version__}))
+"""
+
+
+def run_numpyro(python, x, y, init):
+    cfg = dict(x=x.tolist(), y=y.tolist(), init=np.asarray(init).tolist(), eps=EPS, steps=STEPS,
+               iters=ITERS, chains=CHAINS)
+    out = subprocess.run([python, "-c", NUMPYRO_SCRIPT, json.dumps(cfg)], capture_output=True, text=True,
+                         env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-2000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--numpyro", default=None, help="python of a venv with numpyro")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--append-results", action="store_true")
+    ap.add_argument("--note", default="")
+    a = ap.parse_args(argv)
+    x, y = data()
+    init = np.tile(np.array([[0.0, 0.0, 0.0, 0.0]], np.float32), (CHAINS, 1))
+    res = {"genmlx_s": [], "mlx_s": [], "numpyro_s": []}
+    for _ in range(a.repeats):
+        tg, ag, wg = run_genmlx(x, y, init)
+        th, ah, wh = run_hand_mlx(x, y, init)
+        res["genmlx_s"].append(tg)
+        res["mlx_s"].append(th)
+        if a.numpyro:
+            npr = run_numpyro(a.numpyro, x, y, init)
+            res["numpyro_s"].append(npr["time_s"])
+            res["numpyro_accept"], res["numpyro_w_mean"] = npr["accept"], npr["w_mean"]
+            res["numpyro_version"] = f"numpyro {npr['numpyro']}, jax {npr['jax']}"
+    res.update(genmlx_accept=ag, mlx_accept=ah, genmlx_w_mean=wg.tolist(), mlx_w_mean=wh.tolist())
+    best = {k: min(v) for k, v in res.items() if k.endswith("_s") and v}
+    res["best_s"] = best
+    res["genmlx_over_mlx"] = best["genmlx_s"] / best["mlx_s"]
+    if "numpyro_s" in best:
+        res["genmlx_over_numpyro"] = best["genmlx_s"] / best["numpyro_s"]
+    print(json.dumps(res, indent=1))
+    if a.append_results:
+        sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
+        from _timing import append_results, markdown_table
+
+        rows = [["genmlx `gm.inference.hmc`", f"{best['genmlx_s']:.2f} s", f"{res['genmlx_accept']:.3f}", "1.00"],
+                ["hand-written MLX (compiled transition)", f"{best['mlx_s']:.2f} s", f"{res['mlx_accept']:.3f}",
+                 f"{best['genmlx_s'] / best['mlx_s']:.2f}"]]
+        if "numpyro_s" in best:
+            rows.append([f"NumPyro HMC ({res['numpyro_version']})", f"{best['numpyro_s']:.2f} s",
+                         f"{res['numpyro_accept']:.3f}", f"{best['genmlx_s'] / best['numpyro_s']:.2f}"])
+        body = (f"Bayesian quadratic regression (N = {N}), HMC with {STEPS} leapfrog steps, ε = {EPS}, identity "
+                f"metric, {ITERS} transitions of {CHAINS} batched chains; best of {a.repeats} (compiled) runs.\n\n"
+                + markdown_table(["implementation", "time (1000 transitions)", "accept rate", "genmlx / this"], rows)
+                + "\nTarget: genmlx ≤ 1.2× hand-written MLX.\n")
+        append_results("Issue 4: HMC, genmlx vs hand-written MLX vs NumPyro (bench_hmc.py)", body, a.note)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""NUTS effective samples per second: genmlx vs NumPyro on eight schools
+(non-centred) and sblrc-blr (posteriordb).
+
+Both samplers: 4 chains (genmlx: one batched computation; NumPyro: both
+``chain_method="vectorized"`` and ``"sequential"``, the better one is compared), the same numbers of warm-up and sampling iterations,
+target accept 0.8, max tree depth 10, diagonal (eight schools) / dense (blr) mass
+matrix adapted in Stan's windows. Both sets of draws go through the same ESS
+estimator (gm.diagnostics, bulk ESS, minimum over parameters); ESS/s divides by the
+wall time of the whole run (warm-up + sampling) of a second run: for NumPyro on the same
+MCMC object, so that its compiled sampler is reused (compilation excluded); genmlx's second
+run still traces and compiles its steps (a few hundred ms), which is counted.
+
+    GENMLX_DATA=../shared/data python benchmarks/bench_nuts.py \
+        [--numpyro /tmp/numpyro-venv/bin/python] [--warmup 1000] [--samples 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import genmlx as gm
+import mlx.core as mx
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments" / "posteriordb"))
+from models import POSTERIORS, load  # noqa: E402
+
+NAMES = ["eight_schools-eight_schools_noncentered", "sblrc-blr"]
+
+NUMPYRO_SCRIPT = r"""
+import json, sys, time
+import numpy as np
+import jax, jax.numpy as jnp
+import numpyro, numpyro.distributions as dist
+from numpyro.infer import MCMC, NUTS
+cfg = json.loads(sys.argv[1])
+d = json.load(open(cfg["data"]))
+if cfg["name"].startswith("eight_schools"):
+    sigma, y = np.array(d["sigma"], np.float32), np.array(d["y"], np.float32)
+    def model():
+        mu = numpyro.sample("mu", dist.Normal(0.0, 5.0))
+        tau = numpyro.sample("tau", dist.HalfCauchy(5.0))
+        tt = numpyro.sample("theta_tilde", dist.Normal(jnp.zeros(len(y)), 1.0).to_event(1))
+        numpyro.sample("y", dist.Normal(mu + tau * tt, sigma).to_event(1), obs=y)
+    dense = False
+else:
+    X, y = np.array(d["X"], np.float32), np.array(d["y"], np.float32)
+    def model():
+        beta = numpyro.sample("beta", dist.Normal(jnp.zeros(X.shape[1]), 10.0).to_event(1))
+        sigma = numpyro.sample("sigma", dist.HalfNormal(10.0))
+        numpyro.sample("y", dist.Normal(X @ beta, sigma).to_event(1), obs=y)
+    dense = True
+m = MCMC(NUTS(model, dense_mass=dense, target_accept_prob=0.8, max_tree_depth=10),
+         num_warmup=cfg["warmup"], num_samples=cfg["samples"], num_chains=4,
+         chain_method=cfg["chain_method"], progress_bar=False)
+def run(seed):
+    t = time.perf_counter()
+    m.run(jax.random.PRNGKey(seed), extra_fields=("num_steps", "diverging"))
+    s = m.get_samples(group_by_chain=True)
+    jax.block_until_ready(s)
+    return time.perf_counter() - t, m
+t0, _ = run(0)  # compiles; the second run on the same MCMC object reuses the compiled sampler
+t, m = run(1)
+s = {k: np.asarray(v) for k, v in m.get_samples(group_by_chain=True).items()}
+np.savez(cfg["out"], **s)
+e = m.get_extra_fields(group_by_chain=True)
+print(json.dumps({"time_s": t, "first_run_s": t0, "mean_steps": float(np.mean(e["num_steps"])),
+                  "divergences": int(np.sum(e["diverging"])), "version": f"numpyro {numpyro.__version__}, jax {jax.__version__}"}))
+"""
+
+
+def flat_params(name, samples):
+    """Reference-named parameters {name: [chains, draws]} from either sampler."""
+    return POSTERIORS[name].params(samples)
+
+
+def min_ess(params):
+    return min(float(gm.diagnostics.ess_bulk(v)) for v in params.values())
+
+
+def run_genmlx(root, name, warmup, samples):
+    post, args, obs, _ = load(root, name)
+
+    def go(seed):
+        t = time.perf_counter()
+        r = gm.inference.nuts(mx.random.key(seed), post.model, args, obs, num_samples=samples,
+                              num_warmup=warmup, num_chains=4, mass=post.mass, progress=False)
+        return time.perf_counter() - t, r
+
+    t0, _ = go(0)
+    t, r = go(1)
+    p = flat_params(name, r.samples)
+    return dict(time_s=t, first_run_s=t0, min_ess_bulk=min_ess(p), mean_steps=float(r.num_steps.mean()),
+                divergences=r.num_divergences)
+
+
+def run_numpyro(python, root, name, warmup, samples, chain_method="vectorized"):
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "draws.npz")
+        cfg = dict(name=name, data=str(Path(root) / "posteriordb" / name / "data.json"), warmup=warmup,
+                   samples=samples, out=out, chain_method=chain_method)
+        res = subprocess.run([python, "-c", NUMPYRO_SCRIPT, json.dumps(cfg)], capture_output=True, text=True,
+                             env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
+        if res.returncode != 0:
+            raise RuntimeError(res.stderr[-3000:])
+        info = json.loads(res.stdout.strip().splitlines()[-1])
+        draws = dict(np.load(out))
+    info["min_ess_bulk"] = min_ess(flat_params(name, draws))
+    return info
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--numpyro", default=None)
+    ap.add_argument("--warmup", type=int, default=1000)
+    ap.add_argument("--samples", type=int, default=1000)
+    ap.add_argument("--append-results", action="store_true")
+    ap.add_argument("--note", default="")
+    ap.add_argument("names", nargs="*", default=NAMES)
+    a = ap.parse_args(argv)
+    root = Path(os.environ.get("GENMLX_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+    out = {}
+    for name in a.names:
+        g = run_genmlx(root, name, a.warmup, a.samples)
+        g["ess_per_s"] = g["min_ess_bulk"] / g["time_s"]
+        row = {"genmlx": g}
+        if a.numpyro:
+            for cm in ("vectorized", "sequential"):
+                n = run_numpyro(a.numpyro, root, name, a.warmup, a.samples, cm)
+                n["ess_per_s"] = n["min_ess_bulk"] / n["time_s"]
+                row[f"numpyro-{cm}"] = n
+            best = max(row["numpyro-vectorized"]["ess_per_s"], row["numpyro-sequential"]["ess_per_s"])
+            row["genmlx_over_numpyro_ess_per_s"] = g["ess_per_s"] / best
+        out[name] = row
+        print(json.dumps({name: row}, indent=1), flush=True)
+    if a.append_results:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from _timing import append_results, markdown_table
+
+        rows = []
+        for name, row in out.items():
+            for who in ("genmlx", "numpyro-vectorized", "numpyro-sequential"):
+                if who in row:
+                    r = row[who]
+                    rows.append([name, who, f"{r['time_s']:.1f} s", f"{r['mean_steps']:.1f}",
+                                 f"{r['min_ess_bulk']:.0f}", f"{r['ess_per_s']:.1f}", r["divergences"]])
+        ratios = "; ".join(f"{n}: {row['genmlx_over_numpyro_ess_per_s']:.2f}×" for n, row in out.items()
+                           if "genmlx_over_numpyro_ess_per_s" in row)
+        body = (f"NUTS, 4 chains (genmlx batched; NumPyro vectorized and sequential), {a.warmup} warm-up + "
+                f"{a.samples} draws per chain, second (compiled) run timed; ESS = bulk ESS (gm.diagnostics, "
+                "min over parameters) of both samplers' draws; ESS/s over the whole run.\n\n"
+                + markdown_table(["posterior", "sampler", "wall time", "mean leapfrogs/draw",
+                                  "min bulk ESS", "ESS/s", "divergences"], rows)
+                + (f"\ngenmlx / NumPyro (the faster chain method) ESS/s: {ratios} (target ≥ 1.0).\n" if ratios else ""))
+        append_results("Issue 4: NUTS ESS/s vs NumPyro (bench_nuts.py)", body, a.note)
+
+
+if __name__ == "__main__":
+    main()
