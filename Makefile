@@ -1,6 +1,6 @@
 # One-command set-up on a fresh Linux machine with only Python >= 3.11:
-#   make run   -- create .venv, install genmlx, run the main job
-#   make test  -- create .venv, install genmlx[dev], run the test suite
+#   make run   -- create .venv, install genmlx[cpu], run the main job
+#   make test  -- create .venv, install genmlx[cpu,dev], run the test suite
 # Installs are stamped, so repeated runs skip pip until pyproject.toml changes.
 # BACKEND picks MLX's Linux backend extra: cpu (default) or cuda (NVIDIA GPU); on macOS
 # the extra installs nothing. Changing it on an existing .venv needs `make clean-venv`.
