@@ -207,7 +207,10 @@ def cached_call(fn: Callable, static_key: Any, payload: Any, *trees, compile: bo
             ol, box["td"] = tree_flatten(out)
             return ol
 
-        entry = (mx.compile(flat_fn), box)
+        # parameters of neural GFs reachable from the payload are implicit inputs, so a
+        # cached function sees the current weights after further training
+        state = _module_states(payload)
+        entry = (mx.compile(flat_fn, inputs=state) if state else mx.compile(flat_fn), box)
         if ckey is not None:
             _CACHE[ckey] = entry
             if len(_CACHE) > _CACHE_SIZE:
@@ -217,6 +220,12 @@ def cached_call(fn: Callable, static_key: Any, payload: Any, *trees, compile: bo
     cfn, box = entry
     out = cfn(*leaves)
     return tree_unflatten(box["td"], out)
+
+
+def _module_states(payload: Any) -> list:
+    from genmlx.nn.params import find_modules
+
+    return [m.state for m in find_modules(payload)]
 
 
 def clear_compile_cache() -> None:
