@@ -14,7 +14,7 @@ BACKEND ?= cpu
 .PHONY: run test venv clean-venv
 
 run: $(VENV)/.stamp-run
-	$(VPY) training/regression_demo.py
+	$(VENV)/bin/genmlx train experiments/digits_vae.toml --run-dir runs/digits_vae
 
 # pytest exit code 5 means "no tests collected": that is a failure here.
 test: $(VENV)/.stamp-dev
