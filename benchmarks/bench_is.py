@@ -181,6 +181,22 @@ def check_agree(xs, ys, n: int = 2000) -> float:
     return mx.max(mx.abs(w - w_hand) / (1 + mx.abs(w_hand))).item()
 
 
+def run_peers(python: str, ns, repeats: int) -> dict:
+    """Timings of the JAX / NumPyro peers (benchmarks/peers/is_jax.py) in their own process."""
+    import json
+    import os
+    import subprocess
+
+    script = Path(__file__).resolve().parent / "peers" / "is_jax.py"
+    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    out = subprocess.run([python, str(script), ",".join(map(str, ns)), str(repeats)],
+                         capture_output=True, text=True, env=env, timeout=1800)
+    if out.returncode != 0:
+        print("peer run failed:", out.stderr[-2000:])
+        return {}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ns", type=int, nargs="+", default=[10**3, 10**4, 10**5, 10**6])
@@ -190,6 +206,8 @@ def main() -> None:
     ap.add_argument("--append-results", action="store_true",
                     help="append a section to benchmarks/RESULTS.md")
     ap.add_argument("--note", default="", help="note for the results section")
+    ap.add_argument("--jax-python", default=None,
+                    help="python of an environment with JAX/NumPyro: adds peer columns")
     args = ap.parse_args()
 
     xs, ys = make_data(mx.random.key(0))
@@ -199,7 +217,7 @@ def main() -> None:
     assert err < 1e-5, "genmlx and hand-written log-weights disagree"
 
     names = ["genmlx", "hand"] + ([] if args.no_diagnostics else list(DIAGNOSTICS))
-    rows, diag_rows = [], []
+    rows, diag_rows, genmlx_median = [], [], {}
     key = mx.random.key(42)
     for n in args.ns:
         fns = {name: VARIANTS[name](xs, ys, n) for name in names}
@@ -207,6 +225,7 @@ def main() -> None:
         tm = timeit_interleaved(fns, key, repeats=reps, min_total=0.3)
         mem = {name: peak_memory(fn, key) for name, fn in fns.items()}
         g, h = tm["genmlx"], tm["hand"]
+        genmlx_median[n] = g.median
         n_s = f"1e{round(math.log10(n))}" if n == 10 ** round(math.log10(n)) else str(n)
         rows.append([n_s, fmt_seconds(g.median), fmt_seconds(h.median), f"{g.median / h.median:.2f}",
                      f"{g.min / h.min:.2f}", fmt_bytes(mem["genmlx"]), fmt_bytes(mem["hand"]),
@@ -218,9 +237,21 @@ def main() -> None:
             diag_rows.append([n_s] + [f"{tm[k].median / h.median:.2f} / {mem[k] / mem['hand']:.2f}"
                                       for k in ["genmlx", *DIAGNOSTICS]])
 
-    table = markdown_table(
-        ["n", "genmlx vgenerate", "hand-written MLX", "time ratio (median)", "time ratio (min)",
-         "peak mem genmlx", "peak mem hand", "mem ratio"], rows)
+    header = ["n", "genmlx vgenerate", "hand-written MLX", "time ratio (median)", "time ratio (min)",
+              "peak mem genmlx", "peak mem hand", "mem ratio"]
+    if args.jax_python:
+        peers = run_peers(args.jax_python, args.ns, args.repeats)
+        header += ["hand-written JAX (jit)", "genmlx / JAX", "NumPyro (jit, vmap)", "genmlx / NumPyro"]
+        for row, n in zip(rows, args.ns):
+            g = genmlx_median[n]
+            for name in ("hand", "numpyro"):
+                t = peers.get(name, {}).get(str(n))
+                if isinstance(t, (int, float)):
+                    row += [fmt_seconds(t), f"{g / t:.2f}"]
+                else:
+                    row += [str(t), "—"]
+        print("peers:", peers.get("device"), "jax", peers.get("jax"))
+    table = markdown_table(header, rows)
     print("\n" + table)
     diag = ""
     if diag_rows:
