@@ -18,7 +18,9 @@ the PRNG key as an input. Data: random binary images (timing only). Reports medi
 time at batch 64 … 1024 and the genmlx / hand-written ratio (target ≤ 1.1): the ratio of
 the medians, the median of the per-round ratios of the interleaved runs (robust to load
 drift on a shared machine) and the ratio of the minima. ``--numpyro-python PY`` also
-times the same step in NumPyro + Flax (SVI, Trace_ELBO, jitted) in that Python's venv.
+times the same step in NumPyro + Flax (SVI, Trace_ELBO, jitted) in that Python's venv;
+``--pyro-python PY`` in Pyro (SVI, Trace_ELBO and JitTrace_ELBO, Adam, 2 torch threads;
+``bench_vae_pyro.py``) in that one.
 
 Run: ``.venv/bin/python benchmarks/bench_vae.py [--append-results] [--repeats N]``.
 """
@@ -188,6 +190,17 @@ def numpyro_times(python: str, batches: list[int], repeats: int) -> dict[int, fl
     return {int(k): v for k, v in json.loads(res.stdout.strip().splitlines()[-1]).items()}
 
 
+def pyro_times(python: str, batches: list[int], repeats: int) -> dict[str, dict[int, float]]:
+    """Median Pyro step times {"trace_elbo" | "jit_trace_elbo": {batch: s}} from
+    ``bench_vae_pyro.py`` run by ``python`` (a venv with torch and pyro-ppl)."""
+    script = Path(__file__).resolve().parent / "bench_vae_pyro.py"
+    cmd = [python, str(script), "--repeats", str(repeats), "--batches", *map(str, batches)]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    print(f"Pyro worker: {out.pop('versions')}", flush=True)
+    return {name: {int(k): v for k, v in t.items()} for name, t in out.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--append-results", action="store_true")
@@ -195,6 +208,9 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="*", default=[64, 128, 256, 512, 1024])
     ap.add_argument("--numpyro-python", default=None,
                     help="Python of a venv with jax, numpyro, flax: also time the NumPyro step")
+    ap.add_argument("--pyro-python", default=None,
+                    help="Python of a venv with torch and pyro-ppl: also time the Pyro step")
+    ap.add_argument("--note", default="", help="extra note for the results section")
     ap.add_argument("--numpyro-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.numpyro_worker:
@@ -223,14 +239,23 @@ def main() -> None:
         for r, B in zip(rows, args.batches):
             r.append(fmt_seconds(np_t[B]))
         header.append("NumPyro+Flax step (jit)")
+    if args.pyro_python:
+        py_t = pyro_times(args.pyro_python, args.batches, args.repeats)
+        for r, B in zip(rows, args.batches):
+            r += [fmt_seconds(py_t["trace_elbo"][B]), fmt_seconds(py_t["jit_trace_elbo"][B])]
+        header += ["Pyro step (Trace_ELBO)", "Pyro step (JitTrace_ELBO)"]
     body = markdown_table(header, rows)
     print(body)
     if args.append_results:
+        others = [n for n, a in (("NumPyro", args.numpyro_python), ("Pyro", args.pyro_python)) if a]
+        title = "VAE ELBO-gradient step (issue 5): genmlx vs hand-written MLX"
         append_results(
-            "VAE ELBO-gradient step (issue 5): genmlx vs hand-written MLX", body,
+            title + "".join(f", {n}" for n in others), body,
             note="MNIST VAE 784-200-(2x10) / 10-200-784, tanh, single-sample reparameterized "
                  "ELBO + Adam, random binary data; both compiled with state and key as input. "
-                 "Shared 2-core machine: absolute times are noisy, ratios come from interleaved runs.")
+                 "Shared 2-core machine: absolute times are noisy, ratios come from interleaved runs."
+                 + (" NumPyro/Pyro run after the MLX rounds, each in its own venv and process."
+                    if others else "") + (f" {args.note}" if args.note else ""))
 
 
 if __name__ == "__main__":
