@@ -2,7 +2,8 @@
 
     genmlx train CONFIG [--run-dir DIR] [--fresh] [key.path=value …]
     genmlx eval RUN_DIR [--particles K] [--examples N] [--checkpoint best|latest]
-    genmlx infer RUN_DIR (--obs FILE | --example SPLIT:I) [--particles N] [--out FILE]
+    genmlx infer RUN_DIR (--obs FILE | --example SPLIT:I) [--method is|smc] [--proposal guide|prior]
+                 [--particles N] [--out FILE]
     genmlx sweep SWEEP_CONFIG [--workers N] [--sweep-dir DIR]
     genmlx config [CONFIG] [key.path=value …]   (print the validated config, or the schema)
 
@@ -51,7 +52,7 @@ def cmd_infer(a) -> int:
     from genmlx.harness.evaluate import infer_run_dir
 
     infer_run_dir(a.run_dir, obs=a.obs, example=a.example, method=a.method, particles=a.particles,
-                  out=a.out, seed=a.seed, checkpoint=a.checkpoint)
+                  out=a.out, seed=a.seed, checkpoint=a.checkpoint, proposal=a.proposal)
     return 0
 
 
@@ -94,13 +95,16 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", default="best", choices=("best", "latest"))
     e.set_defaults(fn=cmd_eval)
 
-    i = sub.add_parser("infer", help="importance sampling on new observations with the trained guide as proposal")
+    i = sub.add_parser("infer", help="importance sampling or SMC on new observations with the trained guide as proposal")
     i.add_argument("run_dir")
     src = i.add_mutually_exclusive_group(required=True)
     src.add_argument("--obs", help="observations: .csv (one row per observation, header allowed) or .npy")
     src.add_argument("--example", help="SPLIT:I — example I of the run's dataset split (test, valid, train)")
     i.add_argument("--method", default="is", choices=("is", "smc"),
-                   help="is (default); smc applies only to sequential (Unfold/Scan) models, none of which is in the zoo yet")
+                   help="is (default), or smc for sequential models (model.kind = ssm): a particle filter "
+                        "with the guide as per-step proposal; --obs rows are then sequences y_0..y_T-1")
+    i.add_argument("--proposal", default="guide", choices=("guide", "prior"),
+                   help="guide (default): the trained guide; prior: the model's prior (bootstrap filter for smc)")
     i.add_argument("--particles", type=int, default=1000)
     i.add_argument("--seed", type=int, default=0)
     i.add_argument("--out", help="write posterior draws (resampled) to this .safetensors file")

@@ -53,13 +53,13 @@ def _f(default, check: dict | None = None, doc: str = ""):
 class ModelConfig:
     """Which model/guide pair of the zoo (see :mod:`genmlx.harness.zoo`)."""
 
-    kind: str = _f("vae", one_of("vae", "sbn", "two_moons", "gaussian_linear", "slcp", "toy"))
+    kind: str = _f("vae", one_of("vae", "sbn", "two_moons", "gaussian_linear", "slcp", "ssm", "toy"))
     latent_dim: int = _f(50, POSITIVE, "VAE latent dimension")
     hidden: tuple = _f((200, 200), None, "hidden widths of the VAE encoder/decoder MLPs")
     layers: tuple = _f((200, 200, 200), None, "SBN layer widths, data side first")
     activation: str = _f("tanh", one_of("tanh", "relu", "softplus", "gelu"))
     guide_components: int = _f(1, POSITIVE, "sbibm guides: mixture components")
-    guide_hidden: tuple = _f((64, 64), None, "sbibm guides: hidden widths")
+    guide_hidden: tuple = _f((64, 64), None, "sbibm guides and the ssm step proposal: hidden widths")
 
 
 @dataclass(frozen=True)
@@ -299,13 +299,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
 def check_consistency(cfg: ExperimentConfig) -> None:
     """Cross-field checks (model ↔ data ↔ objective)."""
     m, o, d = cfg.model, cfg.objective, cfg.data
-    sbi = m.kind in ("two_moons", "gaussian_linear", "slcp")
+    sbi = m.kind in ("two_moons", "gaussian_linear", "slcp", "ssm")  # simulator models
+    what = "the state-space model 'ssm'" if m.kind == "ssm" else f"the sbibm model {m.kind!r}"
     if sbi and d.dataset != "simulated":
-        raise ConfigError(f"data.dataset: the sbibm model {m.kind!r} trains on simulations; expected \"simulated\", got {_show(d.dataset)}")
+        raise ConfigError(f"data.dataset: {what} trains on simulations; expected \"simulated\", got {_show(d.dataset)}")
     if d.dataset == "simulated" and not sbi:
-        raise ConfigError(f"data.dataset: \"simulated\" needs an sbibm model (model.kind), got model.kind = {_show(m.kind)}")
+        raise ConfigError(f"data.dataset: \"simulated\" needs an sbibm model or \"ssm\" (model.kind), got model.kind = {_show(m.kind)}")
     if o.kind == "neural_is" and not sbi:
-        raise ConfigError(f"objective.kind: \"neural_is\" trains on model simulations; use it with an sbibm model, got model.kind = {_show(m.kind)}")
+        raise ConfigError(f"objective.kind: \"neural_is\" trains on model simulations; use it with an sbibm model or \"ssm\", got model.kind = {_show(m.kind)}")
+    if sbi and o.kind != "neural_is":
+        raise ConfigError(f"objective.kind: {what} trains its guide with \"neural_is\", got {_show(o.kind)}")
     if m.kind == "sbn" and o.kind in ("elbo", "iwae", "dreg"):
         raise ConfigError(f"objective.kind: the sigmoid belief net has discrete latents; use vimco, nvil or rws, got {_show(o.kind)}")
     if o.kind in ("nvil", "neural_is") and o.particles != 1:
