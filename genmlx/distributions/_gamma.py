@@ -68,10 +68,9 @@ def _marsaglia_tsang(key, alpha_ge1, shape):
     pos = v > 0
     v_safe = mx.where(pos, v, 1.0)
     accept = pos & (mx.log(u) < 0.5 * z * z + d - d * v_safe + d * mx.log(v_safe))
-    out = mx.broadcast_to(d, tuple(shape))  # fallback, probability ≤ 7e-14
-    for r in range(ROUNDS - 1, -1, -1):
-        out = mx.where(accept[r], d * v_safe[r], out)
-    return out
+    first = mx.argmax(accept, axis=0)  # the first accepted round
+    v_first = mx.take_along_axis(v_safe, mx.expand_dims(first, 0), axis=0)[0]
+    return mx.where(mx.any(accept, axis=0), d * v_first, d)  # fallback d: probability ≤ 7e-14
 
 
 def standard_gamma(key, alpha, shape) -> mx.array:

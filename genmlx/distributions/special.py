@@ -128,9 +128,12 @@ def _ndtri_log_lower(log_p):
     lp_t = mx.where(tail & (log_p > -mx.inf), log_p, _NDTRI_SWITCH)
     big_l = -2.0 * lp_t
     x = -mx.sqrt(mx.maximum(big_l - mx.log(big_l) - math.log(2 * math.pi), 0.1))
-    for _ in range(4):
-        lc = log_ndtr(x)
-        x = x - (lc - lp_t) * mx.exp(lc - log_normal_pdf_std(x))
+    for _ in range(4):  # x < 0 throughout: log Φ(x) = log ½ + log erfcx(z) − z², z = −x/√2
+        z = -x * SQRT_HALF
+        log_erfcx = _log_erfcx_pos(z)
+        lc = log_erfcx - z * z - LOG_2
+        mills = mx.exp(log_erfcx + (HALF_LOG_2PI - LOG_2))  # Φ(x)/φ(x)
+        x = x - (lc - lp_t) * mills
     x = mx.where(log_p == -mx.inf, -mx.inf, x)
     return mx.where(tail, x, central)
 
@@ -138,17 +141,17 @@ def _ndtri_log_lower(log_p):
 def ndtri_log(log_p) -> mx.array:
     """Φ⁻¹(exp(log_p)) for log_p ≤ 0, accurate in both tails.
 
-    p ≤ ½: central part (p > 0.05) √2·erfinv(2p − 1); lower tail: asymptotic start
-    x₀ = −√(L − log L − log 2π), L = −2 log p, then 4 Newton steps on
-    log Φ(x) = log p (derivative φ(x)/Φ(x)); autodiff through the converged Newton
-    iterations gives the exact implicit derivative. p > ½: −Φ⁻¹(q) with
-    log q = log(−expm1(log p)) computed without cancellation.
+    Written for the lower tail l = min(p, 1 − p) (log(1 − p) = log(−expm1(log p)) without
+    cancellation), then reflected. Central part (l > 0.05): √2·erfinv(2l − 1). Tail:
+    asymptotic start x₀ = −√(L − log L − log 2π), L = −2 log l, then 4 Newton steps on
+    log Φ(x) = log l (derivative φ(x)/Φ(x)); autodiff through the converged Newton
+    iterations gives the exact implicit derivative.
     """
     upper = log_p > _LOG_HALF
-    lp_lo = mx.where(upper, _LOG_HALF, log_p)
     lp_up = mx.where(upper, log_p, _LOG_HALF)
-    log_q = mx.log(-mx.expm1(lp_up))
-    return mx.where(upper, -_ndtri_log_lower(log_q), _ndtri_log_lower(lp_lo))
+    lower = mx.where(upper, mx.log(-mx.expm1(lp_up)), log_p)
+    x = _ndtri_log_lower(lower)
+    return mx.where(upper, -x, x)
 
 
 # -- the regularized incomplete gamma function and its derivative in the shape ----------------
