@@ -1,0 +1,1 @@
+"""sbibm experiment (issue 7): amortize-then-refine vs neural posterior estimation."""

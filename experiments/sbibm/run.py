@@ -1,0 +1,281 @@
+"""sbibm, amortize-then-refine: a NeuralIS mixture-density guide trained on a FIXED budget
+of simulations, then importance resampling with the exact likelihood (and MH rejuvenation
+where the guide is poor), scored by C2ST against the reference posterior samples.
+
+Per (task, budget, seed):
+  1. simulate ``budget`` pairs (θ, x) ~ p(θ) p(x | θ) once (the simulation budget);
+  2. fit q_φ(θ | x) by maximizing Σ log q_φ(θᵢ | xᵢ) (NeuralIS / inclusive KL) with Adam,
+     several epochs over those pairs, early stopping on a held-out 10% of them;
+  3. for each observation x₀: pilot IS with the guide as proposal, w = p(θ, x₀) / q(θ | x₀);
+     if PSIS k-hat ≤ 0.7 and ESS/n ≥ 0.1, importance resampling from 10⁵ proposals ("sir"),
+     else resampling from 5·10⁴ proposals followed by 5 MH sweeps alternating a guide
+     independence proposal and a Gaussian random walk ("sir+mh"); ≤ 10⁵ likelihood
+     evaluations either way; 10⁴ posterior draws;
+  4. C2ST (experiments/sbibm/c2st.py) against the 10⁴ reference draws.
+
+    GENMLX_DATA=../shared/data PYTHONPATH=. /tmp/exp-venv/bin/python experiments/sbibm/run.py \\
+        run --tasks two_moons --budgets 1000 10000 --observations 1 2 3 4 5 --seeds 0
+    PYTHONPATH=. /tmp/exp-venv/bin/python experiments/sbibm/run.py report
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+import tomllib
+from pathlib import Path
+
+import numpy as np
+
+import genmlx as gm  # before mlx.core (fast BLAS)
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten
+
+from genmlx.harness.zoo.common import init_params
+from genmlx.harness.zoo.sbibm import (TASKS, MixtureDensityNet, mixture_guide, reference_observations,
+                                      sbibm_model)
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+RESULTS_DIR = HERE / "results"
+NPE = {  # published C2ST of NPE (mean over 10 observations), sbibm paper
+    "gaussian_linear": {1000: 0.694, 10000: 0.552, 100000: 0.506},
+    "two_moons": {1000: 0.725, 10000: 0.606, 100000: 0.542},
+    "slcp": {1000: 0.975, 10000: 0.901, 100000: 0.831},
+}
+
+
+def load_config() -> dict:
+    cfg = tomllib.loads((HERE / "config.toml").read_text())
+    for task in TASKS:
+        arch = tomllib.loads((REPO / "experiments" / f"neural_is_{task}.toml").read_text())["model"]
+        cfg.setdefault("guide", {})[task] = {k: arch[k] for k in ("guide_components", "guide_hidden", "activation")}
+    return cfg
+
+
+# ---------------------------------------------------------------- amortize (fixed budget)
+
+def simulate(model, key, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """n pairs (θ, x) from the model's joint: the whole simulation budget."""
+    tr = model.vsimulate(key, (), n)
+    th, x = tr["theta"], tr["x"]
+    mx.eval(th, x)
+    return np.asarray(th, dtype=np.float32), np.asarray(x, dtype=np.float32)
+
+
+def mdn_log_q(net: MixtureDensityNet, theta: mx.array, x: mx.array) -> mx.array:
+    """log q(θ | x) = logsumexp_c [log π_c(x) + Σ_d log N(θ_d; μ_cd(x), σ_cd(x)²)] (the
+    density of ``mixture_guide(net)``), batched over rows."""
+    logits, mu, sigma = net(x)
+    z = (theta[:, None, :] - mu) / sigma
+    comp = mx.sum(-0.5 * z * z - mx.log(sigma) - 0.5 * math.log(2 * math.pi), axis=-1)
+    return mx.logsumexp(nn.log_softmax(logits, axis=-1) + comp, axis=-1)
+
+
+def train_guide(task: str, theta: np.ndarray, x: np.ndarray, key, cfg: dict):
+    """Fit the mixture-density guide to the fixed simulations; returns (net, info)."""
+    tc, gc = cfg["train"], cfg["guide"][task]
+    theta_dim, x_dim, _ = TASKS[task]
+    n = len(theta)
+    k_perm, k_init, k_loop = mx.random.split(key, 3)
+    perm = np.asarray(mx.random.permutation(n, key=k_perm))
+    n_val = max(int(round(tc["validation_fraction"] * n)), 1)
+    val, trn = perm[:n_val], perm[n_val:]
+    xs = x[trn].astype(np.float64)
+    net = MixtureDensityNet(x_dim, theta_dim, gc["guide_components"], gc["guide_hidden"], gc["activation"],
+                            xs.mean(0).astype(np.float32), (xs.std(0) + 1e-6).astype(np.float32))
+    init_params(net, k_init)
+    opt = optim.Adam(learning_rate=tc["lr"])
+    th_t, x_t = mx.array(theta[trn]), mx.array(x[trn])
+    th_v, x_v = mx.array(theta[val]), mx.array(x[val])
+
+    def loss_fn(model, th, xx):
+        return -mx.mean(mdn_log_q(model, th, xx))
+
+    grad_fn = nn.value_and_grad(net, loss_fn)
+    state = [net.state, opt.state]
+
+    @mx.compile
+    def step(th, xx):
+        loss, g = grad_fn(net, th, xx)
+        opt.update(net, g)
+        return loss
+
+    step = mx.compile(step, inputs=state, outputs=state)
+    val_loss = mx.compile(lambda th, xx: loss_fn(net, th, xx), inputs=state)
+    B = min(tc["batch_size"], len(trn))
+    best, best_params, bad, steps, epoch = math.inf, None, 0, 0, 0
+    t0 = time.time()
+    history = []
+    for epoch in range(1, tc["max_epochs"] + 1):
+        k_loop, k_ep = mx.random.split(k_loop)
+        order = mx.random.permutation(len(trn), key=k_ep)
+        for i in range(0, len(trn) - B + 1, B):
+            idx = order[i:i + B]
+            mx.eval(step(th_t[idx], x_t[idx]), state)
+            steps += 1
+        v = float(val_loss(th_v, x_v))
+        history.append(v)
+        if v < best - 1e-6:
+            best, bad = v, 0
+            best_params = [(k, mx.array(a)) for k, a in tree_flatten(net.trainable_parameters())]
+        else:
+            bad += 1
+        if bad >= tc["stop_after_epochs"] or steps >= tc["max_steps"]:
+            break
+    net.load_weights(best_params, strict=False)
+    mx.eval(net.parameters())
+    return net, {"epochs": epoch, "steps": steps, "best_valid_log_q": -best, "train_s": time.time() - t0,
+                 "n_train": int(len(trn)), "n_valid": int(n_val), "batch_size": B}
+
+
+# ---------------------------------------------------------------- refine (per observation)
+
+@gm.gen
+def rw_proposal(trace, scale):
+    """Gaussian random walk on θ (symmetric, so the MH ratio is p(x, θ') / p(x, θ))."""
+    gm.normal(trace["theta"], scale) @ "theta"
+
+
+def _ess_frac(lw: np.ndarray) -> float:
+    w = np.exp(lw - lw.max())
+    return float(w.sum() ** 2 / np.sum(w * w) / len(w))
+
+
+def _is(key, model, obs, guide, x0, n: int):
+    res = gm.inference.importance_sampling(key, model, (), obs, n, proposal=guide, proposal_args=(x0,),
+                                           chunk_size=10000)
+    th = res.traces["theta"]
+    mx.eval(th, res.log_weights)
+    return np.asarray(th, dtype=np.float64), np.asarray(res.log_weights, dtype=np.float64)
+
+
+def refine(key, task: str, model, net, x_obs: np.ndarray, cfg: dict) -> tuple[np.ndarray, dict]:
+    """Posterior draws for one observation (see the module docstring); ≤ max_likelihood_evals."""
+    rc = cfg["refine"]
+    guide = mixture_guide(net)
+    x0 = mx.array(x_obs)
+    obs = gm.choicemap({"x": x0})
+    k_pilot, k_more, k_res, k_mh = mx.random.split(key, 4)
+    t0 = time.time()
+    th, lw = _is(k_pilot, model, obs, guide, x0, rc["pilot"])
+    pilot_ess, pilot_khat = _ess_frac(lw), float(gm.diagnostics.psis_khat(lw))
+    use_mh = not (pilot_khat <= rc["khat_max"] and pilot_ess >= rc["min_ess_fraction"])
+    n_is = rc["mh_proposals"] if use_mh else rc["max_likelihood_evals"]
+    if n_is > rc["pilot"]:  # same proposal: the pilot's particles are reused
+        th2, lw2 = _is(k_more, model, obs, guide, x0, n_is - rc["pilot"])
+        th, lw = np.concatenate([th, th2]), np.concatenate([lw, lw2])
+    ess, khat = _ess_frac(lw), float(gm.diagnostics.psis_khat(lw))
+    w = np.exp(lw - lw.max())
+    w /= w.sum()
+    idx = np.asarray(mx.random.categorical(mx.array(np.log(w + 1e-300).astype(np.float32)),
+                                           num_samples=rc["draws"], key=k_res))
+    draws = th[idx]
+    info = {"method": "sir+mh" if use_mh else "sir", "pilot_ess_frac": pilot_ess, "pilot_khat": pilot_khat,
+            "is_proposals": int(n_is), "ess_frac": ess, "ess": ess * n_is, "khat": khat,
+            "log_ml": float(np.log(np.mean(np.exp(lw - lw.max()))) + lw.max()),
+            "unique_frac_sir": float(len(np.unique(idx)) / len(idx))}
+    evals = n_is
+    if use_mh:
+        n_steps = (rc["max_likelihood_evals"] - n_is) // rc["draws"]
+        # local scale: mixture-weighted component sd of the guide at x0, scaled 2.38/sqrt(d)
+        logits, mu, sigma = net(x0[None])
+        pi = mx.softmax(logits[0], axis=-1)
+        scale = (2.38 / math.sqrt(draws.shape[1])) * mx.sum(pi[:, None] * sigma[0], axis=0)
+        cm = gm.choicemap({"theta": mx.array(draws.astype(np.float32)), "x": x0})
+        traces, _ = model.vgenerate(k_mh, (), cm, rc["draws"])  # θ = the resampled draws
+        acc = []
+        keys = mx.random.split(k_mh, max(n_steps, 1))
+        for s in range(n_steps):
+            if s % 2 == 0:
+                traces, a = gm.inference.mh(keys[s], traces, rw_proposal, (scale,))
+            else:
+                traces, a = gm.inference.mh(keys[s], traces, gm.amortized.mh_proposal(guide), (x0,))
+            mx.eval(a)
+            acc.append(float(mx.mean(a.astype(mx.float32))))
+            evals += rc["draws"]
+        draws = np.asarray(traces["theta"], dtype=np.float64)
+        info.update({"mh_steps": n_steps, "mh_accept": acc, "rw_scale": np.asarray(scale).tolist()})
+    info.update({"likelihood_evals": int(evals), "refine_s": time.time() - t0})
+    return draws, info
+
+
+# ---------------------------------------------------------------- driver
+
+def result_path(task: str, budget: int, seed: int) -> Path:
+    return RESULTS_DIR / f"{task}_{budget}_seed{seed}.json"
+
+
+def run_one(task: str, budget: int, seed: int, observations: list[int], cfg: dict, data_dir: str,
+            n_folds: int) -> dict:
+    from experiments.sbibm.c2st import c2st
+
+    refs = reference_observations(task, data_dir)
+    if not refs:
+        raise FileNotFoundError(f"sbibm/{task}: no reference observations found (set GENMLX_DATA)")
+    model = sbibm_model(task)
+    key = mx.random.key(seed)
+    k_sim, k_train, k_ref = mx.random.split(key, 3)
+    t0 = time.time()
+    theta, x = simulate(model, k_sim, budget)
+    sim_s = time.time() - t0
+    net, tinfo = train_guide(task, theta, x, k_train, cfg)
+    print(f"[{task} {budget} seed {seed}] simulate {sim_s:.1f}s, train {tinfo['train_s']:.1f}s "
+          f"({tinfo['epochs']} epochs, {tinfo['steps']} steps, valid log q {tinfo['best_valid_log_q']:.3f})", flush=True)
+    out = {"task": task, "budget": budget, "seed": seed, "simulations": int(len(theta)), "simulate_s": sim_s,
+           "train": tinfo, "c2st_folds": n_folds, "c2st_early_stopping": True, "observations": {}}
+    obs_keys = mx.random.split(k_ref, max(observations))
+    for i in observations:
+        if i < 1 or i > len(refs):
+            raise ValueError(f"--observations: {i} out of range 1..{len(refs)} for {task}")
+        x_obs, ref = refs[i - 1]
+        draws, info = refine(obs_keys[i - 1], task, model, net, x_obs, cfg)
+        t1 = time.time()
+        info["c2st"] = c2st(ref, draws, seed=seed + 1, n_folds=n_folds, early_stopping=True)
+        info["c2st_s"] = time.time() - t1
+        out["observations"][str(i)] = info
+        print(f"  obs {i}: {info['method']}, pilot ESS/n {info['pilot_ess_frac']:.3f}, k-hat {info['pilot_khat']:.2f}, "
+              f"evals {info['likelihood_evals']}, C2ST {info['c2st']:.3f} ({info['refine_s']:.1f}s + C2ST {info['c2st_s']:.0f}s)",
+              flush=True)
+        _save(out)
+    refine_s = sum(o["refine_s"] for o in out["observations"].values())
+    out["wall_s_excl_c2st"] = sim_s + tinfo["train_s"] + refine_s
+    out["mean_c2st"] = float(np.mean([o["c2st"] for o in out["observations"].values()]))
+    _save(out)
+    return out
+
+
+def _save(out: dict) -> None:
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    result_path(out["task"], out["budget"], out["seed"]).write_text(json.dumps(out, indent=1))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="train + refine + C2ST; writes experiments/sbibm/results/*.json")
+    r.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    r.add_argument("--budgets", nargs="+", type=int, default=[1000, 10000, 100000])
+    r.add_argument("--observations", nargs="+", type=int, default=[1, 2, 3, 4, 5])
+    r.add_argument("--seeds", nargs="+", type=int, default=[0])
+    r.add_argument("--folds", type=int, default=5, help="C2ST folds (the benchmark uses 5)")
+    r.add_argument("--data-dir", default="")
+    sub.add_parser("report", help="RESULTS.md sbibm section and the C2ST-vs-budget plot from the JSONs")
+    a = ap.parse_args(argv)
+    if a.cmd == "run":
+        cfg = load_config()
+        for seed in a.seeds:
+            for budget in a.budgets:
+                for task in a.tasks:
+                    run_one(task, budget, seed, a.observations, cfg, a.data_dir, a.folds)
+    else:
+        from experiments.sbibm.report import report
+        report()
+
+
+if __name__ == "__main__":
+    main()
