@@ -123,5 +123,4 @@ def find_reasonable_step_size(key, density, u, lp, g, metric: Metric, eps: mx.ar
             break
         eps = np.where(done, eps, eps * 2.0**direction)
         eps = np.clip(eps, 1e-8, 1e4)
-    # back off the last doubling so that the chosen step accepts ≥ 0.8 on the way up
     return mx.array(eps, dtype=mx.float32)

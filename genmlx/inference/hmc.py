@@ -39,7 +39,7 @@ class StepInfo(NamedTuple):
     accept_prob: mx.array  # [C] mean Metropolis acceptance statistic of the transition
     diverging: mx.array  # [C] bool: energy error above 1000
     num_steps: mx.array  # [C] leapfrog steps taken
-    accepted: mx.array  # [C] bool (HMC/MALA) or depth reached (NUTS)
+    accepted: mx.array  # [C] HMC/MALA: bool, proposal accepted; NUTS: tree depth reached
 
 
 def _hmc_transition(vg, num_steps: int, dense: bool, key, u, lp, g, eps, minv, mfac):

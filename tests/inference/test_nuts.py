@@ -7,7 +7,7 @@ import pytest
 
 import genmlx as gm
 from genmlx.inference.adaptation import DualAveraging, adaptation_windows
-from genmlx.inference.nuts import NUTSKernel, nuts
+from genmlx.inference.nuts import nuts
 
 COV = np.array([[1.0, 0.9 * 2.0], [0.9 * 2.0, 4.0]])
 CHOL = np.linalg.cholesky(COV)

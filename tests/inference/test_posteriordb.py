@@ -10,10 +10,8 @@ shared/data/README.md).
 
 import importlib.util
 import sys
-from pathlib import Path
 
 import mlx.core as mx
-import numpy as np
 import pytest
 
 import genmlx as gm
