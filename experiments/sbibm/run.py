@@ -6,11 +6,13 @@ Per (task, budget, seed):
   1. simulate ``budget`` pairs (θ, x) ~ p(θ) p(x | θ) once (the simulation budget);
   2. fit q_φ(θ | x) by maximizing Σ log q_φ(θᵢ | xᵢ) (NeuralIS / inclusive KL) with Adam,
      several epochs over those pairs, early stopping on a held-out 10% of them;
-  3. for each observation x₀: pilot IS with the guide as proposal, w = p(θ, x₀) / q(θ | x₀);
-     if PSIS k-hat ≤ 0.7 and ESS/n ≥ 0.1, importance resampling from 10⁵ proposals ("sir"),
-     else resampling from 5·10⁴ proposals followed by 5 MH sweeps alternating a guide
-     independence proposal and a Gaussian random walk ("sir+mh"); ≤ 10⁵ likelihood
-     evaluations either way; 10⁴ posterior draws;
+  3. for each observation x₀: pilot IS with 10⁴ guide proposals, w = p(θ, x₀) / q(θ | x₀);
+     if PSIS k-hat ≤ 0.7 and ESS/n ≥ 0.1: importance resampling of 10⁴ draws from 10⁵
+     proposals (the pilot reused) — "sir"; else (guide poor) adaptive tempered SMC from the
+     guide, q^{1−β} p^β with β: 0 → 1, started from 2500 scored pilot draws, random-walk MH
+     moves, the remaining budget spent at β = 1 and the last 4 sweeps kept — "smc"
+     (config ``poor_guide_refinement = "mh"`` gives MH chains from SIR instead — "sir+mh").
+     ≤ 10⁵ likelihood evaluations per observation either way, counted; 10⁴ posterior draws;
   4. C2ST (experiments/sbibm/c2st.py) against the 10⁴ reference draws.
 
     GENMLX_DATA=../shared/data PYTHONPATH=. /tmp/exp-venv/bin/python experiments/sbibm/run.py \\
@@ -107,7 +109,7 @@ def train_guide(task: str, theta: np.ndarray, x: np.ndarray, key, cfg: dict):
 
     step = mx.compile(step, inputs=state, outputs=state)
     val_loss = mx.compile(lambda th, xx: loss_fn(net, th, xx), inputs=state)
-    B = min(tc["batch_size"], len(trn))
+    B = min(tc["batch_size_by_budget"].get(str(n), tc["batch_size"]), len(trn))
     best, best_params, bad, steps, epoch = math.inf, None, 0, 0, 0
     t0 = time.time()
     history = []
@@ -154,6 +156,135 @@ def _is(key, model, obs, guide, x0, n: int):
     return np.asarray(th, dtype=np.float64), np.asarray(res.log_weights, dtype=np.float64)
 
 
+def _log_joint(model, key, theta: np.ndarray, x0) -> np.ndarray:
+    """log p(θᵢ, x0) for the rows of θ (one likelihood evaluation each): the weight of
+    ``generate`` with every choice constrained."""
+    cm = gm.choicemap({"theta": mx.array(theta.astype(np.float32)), "x": x0})
+    _, w = model.vgenerate(key, (), cm, len(theta))
+    return np.asarray(w, dtype=np.float64)
+
+
+def _next_beta(beta: float, dl: np.ndarray, target: float) -> float:
+    """Largest β' ∈ (β, 1] whose incremental weights (β' − β)·dl keep ESS/n ≥ target (bisection)."""
+    def ess(b):
+        lw = (b - beta) * dl
+        return _ess_frac(np.where(np.isfinite(lw), lw, -np.inf)) if np.isfinite(lw).any() else 0.0
+    if ess(1.0) >= target:
+        return 1.0
+    lo, hi = beta, 1.0
+    for _ in range(50):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if ess(mid) >= target else (lo, mid)
+    return max(lo, beta + 1e-6)
+
+
+def tempered_smc(key, model, net, x0, theta: np.ndarray, log_p: np.ndarray, rc: dict) -> tuple[np.ndarray, dict]:
+    """Adaptive tempered SMC from the guide: targets π_β(θ) ∝ q(θ | x0)^{1−β} p(θ, x0)^β,
+    β from 0 (the guide; particles = guide draws with their log p) to 1 (the posterior).
+    Each stage picks β' so the incremental weights exp((β'−β)(log p − log q)) keep
+    ESS/n ≥ ``smc_ess``, resamples, then applies ``smc_moves`` Gaussian random-walk MH
+    moves targeting π_β' (per-dimension scale 2.38/√d × population sd, adapted towards
+    acceptance 0.234). At β = 1 the remaining budget is spent on further moves and the
+    last draws/N sweeps are the draws. Each move costs one likelihood evaluation per particle."""
+    N, d = theta.shape
+    keep = rc["draws"] // N
+    budget = rc["max_likelihood_evals"] - rc["smc_init"]
+    xs = mx.broadcast_to(x0, (N, x0.shape[0]))
+    lq = lambda th: np.asarray(mdn_log_q(net, mx.array(th.astype(np.float32)), xs), dtype=np.float64)  # noqa: E731
+    log_q = lq(theta)
+    keys = iter(mx.random.split(key, 4 * (budget // N + 2) + 2 * 1000))
+    state = {"theta": theta, "log_p": log_p, "log_q": log_q, "factor": 1.0}
+    accs, betas, forced = [], [0.0], False
+
+    def move(beta):
+        th, lp, lqq = state["theta"], state["log_p"], state["log_q"]
+        scale = state["factor"] * 2.38 / math.sqrt(d) * (th.std(0) + 1e-12)
+        prop = th + scale * np.asarray(mx.random.normal((N, d), key=next(keys)), dtype=np.float64)
+        lp_new = _log_joint(model, next(keys), prop, x0)
+        lq_new = lq(prop) if beta < 1.0 else lqq
+        la = beta * (lp_new - lp) + ((1 - beta) * (lq_new - lqq) if beta < 1.0 else 0.0)
+        la = np.where(np.isnan(la), -np.inf, la)
+        u = np.log(np.asarray(mx.random.uniform(shape=(N,), key=next(keys)), dtype=np.float64))
+        acc = u < la
+        state.update(theta=np.where(acc[:, None], prop, th), log_p=np.where(acc, lp_new, lp),
+                     log_q=np.where(acc, lq_new, lqq))
+        accs.append(float(acc.mean()))
+        state["factor"] *= math.exp(2.0 * (accs[-1] - 0.234))
+
+    evals, beta = 0, 0.0
+    while beta < 1.0:
+        left = (budget - evals) // N
+        dl = state["log_p"] - state["log_q"]
+        if left < rc["smc_moves"] + keep:  # out of budget: jump to the posterior by reweighting
+            nb, forced = 1.0, True
+        else:
+            nb = _next_beta(beta, dl, rc["smc_ess"])
+        lw = (nb - beta) * dl
+        lw = np.where(np.isnan(lw), -np.inf, lw)
+        w = np.exp(lw - lw.max())
+        idx = np.asarray(mx.random.categorical(mx.array(np.log(w / w.sum() + 1e-300).astype(np.float32)),
+                                               num_samples=N, key=next(keys)))
+        state.update(theta=state["theta"][idx], log_p=state["log_p"][idx], log_q=state["log_q"][idx])
+        beta = nb
+        betas.append(beta)
+        if beta < 1.0:
+            for _ in range(rc["smc_moves"]):
+                move(beta)
+                evals += N
+    left = (budget - evals) // N
+    out = []
+    for r in range(left):
+        move(1.0)
+        evals += N
+        if r >= left - keep:
+            out.append(state["theta"].copy())
+    return np.concatenate(out), {"smc_particles": N, "smc_stages": len(betas) - 1, "smc_betas": betas,
+                                 "smc_forced_to_posterior": forced, "mh_accept": accs,
+                                 "mh_accept_rw_mean": float(np.mean(accs)), "evals": evals}
+
+
+def mh_population(key, model, guide, net, x0, obs, start: np.ndarray, rc: dict) -> tuple[np.ndarray, dict]:
+    """C MH chains started at the resampled draws ``start`` [C, d]; sweeps cycle through
+    ``rc["mh_kernels"]`` ("rw": Gaussian random walk, its per-dimension scale starting at
+    2.38/sqrt(d) × the guide's mixture-averaged local sd at x0 and adapted between sweeps
+    towards acceptance 0.234; "guide": the guide as independence proposal). The last
+    draws/C sweeps of every chain are the draws. Each sweep costs C likelihood evaluations."""
+    C, draws = len(start), rc["draws"]
+    keep = draws // C
+    budget = rc["max_likelihood_evals"] - rc["mh_proposals"]
+    n_steps = budget // C
+    if keep < 1 or n_steps < keep:
+        raise ValueError(f"refine: mh_chains={C} cannot give {draws} draws within the MH budget {budget}")
+    logits, mu, sigma = net(x0[None])
+    pi = mx.softmax(logits[0], axis=-1)
+    scale = (2.38 / math.sqrt(start.shape[1])) * mx.sum(pi[:, None] * sigma[0], axis=0)
+    cm = gm.choicemap({"theta": mx.array(start.astype(np.float32)), "x": x0})
+    traces, _ = model.vgenerate(key, (), cm, C)  # θ = the resampled draws
+    kernels = rc["mh_kernels"]
+    acc, out = [], []
+    keys = mx.random.split(key, n_steps)
+    for s in range(n_steps):
+        kern = kernels[s % len(kernels)]
+        if kern == "rw":
+            traces, a = gm.inference.mh(keys[s], traces, rw_proposal, (scale,))
+        else:
+            traces, a = gm.inference.mh(keys[s], traces, gm.amortized.mh_proposal(guide), (x0,))
+        mx.eval(a, traces["theta"])
+        acc.append(float(mx.mean(a.astype(mx.float32))))
+        if kern == "rw" and rc["rw_adapt"]:
+            # population-level adaptation from the previous sweep only (as in adaptive SMC kernels)
+            scale = scale * math.exp(4.0 * (acc[-1] - 0.234))
+        if s >= n_steps - keep:
+            out.append(np.asarray(traces["theta"], dtype=np.float64))
+    acc_rw = [a for s, a in enumerate(acc) if kernels[s % len(kernels)] == "rw"]
+    acc_g = [a for s, a in enumerate(acc) if kernels[s % len(kernels)] != "rw"]
+    return np.concatenate(out), {"mh_chains": C, "mh_steps": n_steps, "mh_kept_sweeps": keep,
+                                 "mh_accept_rw_mean": float(np.mean(acc_rw)) if acc_rw else None,
+                                 "mh_accept_guide_mean": float(np.mean(acc_g)) if acc_g else None,
+                                 "mh_accept": acc, "rw_scale": np.asarray(scale).tolist(),
+                                 "evals": n_steps * C}
+
+
 def refine(key, task: str, model, net, x_obs: np.ndarray, cfg: dict) -> tuple[np.ndarray, dict]:
     """Posterior draws for one observation (see the module docstring); ≤ max_likelihood_evals."""
     rc = cfg["refine"]
@@ -172,34 +303,28 @@ def refine(key, task: str, model, net, x_obs: np.ndarray, cfg: dict) -> tuple[np
     ess, khat = _ess_frac(lw), float(gm.diagnostics.psis_khat(lw))
     w = np.exp(lw - lw.max())
     w /= w.sum()
+    C = rc["mh_chains"] if use_mh else rc["draws"]
     idx = np.asarray(mx.random.categorical(mx.array(np.log(w + 1e-300).astype(np.float32)),
-                                           num_samples=rc["draws"], key=k_res))
+                                           num_samples=C, key=k_res))
     draws = th[idx]
     info = {"method": "sir+mh" if use_mh else "sir", "pilot_ess_frac": pilot_ess, "pilot_khat": pilot_khat,
             "is_proposals": int(n_is), "ess_frac": ess, "ess": ess * n_is, "khat": khat,
             "log_ml": float(np.log(np.mean(np.exp(lw - lw.max()))) + lw.max()),
             "unique_frac_sir": float(len(np.unique(idx)) / len(idx))}
     evals = n_is
-    if use_mh:
-        n_steps = (rc["max_likelihood_evals"] - n_is) // rc["draws"]
-        # local scale: mixture-weighted component sd of the guide at x0, scaled 2.38/sqrt(d)
-        logits, mu, sigma = net(x0[None])
-        pi = mx.softmax(logits[0], axis=-1)
-        scale = (2.38 / math.sqrt(draws.shape[1])) * mx.sum(pi[:, None] * sigma[0], axis=0)
-        cm = gm.choicemap({"theta": mx.array(draws.astype(np.float32)), "x": x0})
-        traces, _ = model.vgenerate(k_mh, (), cm, rc["draws"])  # θ = the resampled draws
-        acc = []
-        keys = mx.random.split(k_mh, max(n_steps, 1))
-        for s in range(n_steps):
-            if s % 2 == 0:
-                traces, a = gm.inference.mh(keys[s], traces, rw_proposal, (scale,))
-            else:
-                traces, a = gm.inference.mh(keys[s], traces, gm.amortized.mh_proposal(guide), (x0,))
-            mx.eval(a)
-            acc.append(float(mx.mean(a.astype(mx.float32))))
-            evals += rc["draws"]
-        draws = np.asarray(traces["theta"], dtype=np.float64)
-        info.update({"mh_steps": n_steps, "mh_accept": acc, "rw_scale": np.asarray(scale).tolist()})
+    if use_mh and rc["poor_guide_refinement"] == "smc":
+        # tempered SMC from the guide: its first smc_particles pilot draws (already scored)
+        N = rc["smc_particles"]
+        lq0 = np.asarray(mdn_log_q(net, mx.array(th[:N].astype(np.float32)), mx.broadcast_to(x0, (N, x0.shape[0]))),
+                         dtype=np.float64)
+        draws, minfo = tempered_smc(k_mh, model, net, x0, th[:N], lw[:N] + lq0, rc)
+        info["method"] = "smc"
+        evals += minfo.pop("evals")
+        info.update(minfo)
+    elif use_mh:
+        draws, minfo = mh_population(k_mh, model, guide, net, x0, obs, draws, rc)
+        evals += minfo.pop("evals")
+        info.update(minfo)
     info.update({"likelihood_evals": int(evals), "refine_s": time.time() - t0})
     return draws, info
 
@@ -228,6 +353,10 @@ def run_one(task: str, budget: int, seed: int, observations: list[int], cfg: dic
           f"({tinfo['epochs']} epochs, {tinfo['steps']} steps, valid log q {tinfo['best_valid_log_q']:.3f})", flush=True)
     out = {"task": task, "budget": budget, "seed": seed, "simulations": int(len(theta)), "simulate_s": sim_s,
            "train": tinfo, "c2st_folds": n_folds, "c2st_early_stopping": True, "observations": {}}
+    old = result_path(task, budget, seed)
+    if old.exists():  # observations from an earlier invocation (same seed: same simulations and guide)
+        prev = json.loads(old.read_text())
+        out["observations"] = {i: o for i, o in prev["observations"].items() if int(i) not in observations}
     obs_keys = mx.random.split(k_ref, max(observations))
     for i in observations:
         if i < 1 or i > len(refs):
@@ -238,6 +367,7 @@ def run_one(task: str, budget: int, seed: int, observations: list[int], cfg: dic
         info["c2st"] = c2st(ref, draws, seed=seed + 1, n_folds=n_folds, early_stopping=True)
         info["c2st_s"] = time.time() - t1
         out["observations"][str(i)] = info
+        out["observations"] = dict(sorted(out["observations"].items(), key=lambda kv: int(kv[0])))
         print(f"  obs {i}: {info['method']}, pilot ESS/n {info['pilot_ess_frac']:.3f}, k-hat {info['pilot_khat']:.2f}, "
               f"evals {info['likelihood_evals']}, C2ST {info['c2st']:.3f} ({info['refine_s']:.1f}s + C2ST {info['c2st_s']:.0f}s)",
               flush=True)
