@@ -78,6 +78,7 @@ class Mixture(Distribution):
         self.log_weights = mx.log(raw) if pname == "weights" else raw
         self.log_weights = self.log_weights - mx.logsumexp(self.log_weights, axis=-1, keepdims=True)
         self.num_components = k
+        self.event_ndim = len(event_shape)
         self.discrete = first.discrete
         self._first = first
         self._init({pname: raw}, tuple(comp_batch), tuple(event_shape))

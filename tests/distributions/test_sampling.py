@@ -192,3 +192,17 @@ def test_sample_shapes():
     assert gm.mv_normal(mx.zeros(3), mx.eye(3)).sample(mx.random.key(0), (6, 2)).shape == (6, 2, 3)
     assert gm.poisson(3.0, shape=(4,)).sample(mx.random.key(0), (2,)).shape == (2, 4)
     assert gm.normal(0.0, 1.0, shape=(3,)).shape == (3,)
+
+
+def test_mixture_of_multivariate_components():
+    means = np.array([[0.0, 0.0], [3.0, 1.0], [-2.0, 4.0]])
+    w = np.array([0.2, 0.5, 0.3])
+    d = gm.mixture(mx.array(w.astype(np.float32)), gm.mv_normal(mx.array(means.astype(np.float32)), mx.eye(2)))
+    assert d.shape == (2,) and d.event_shape == (2,)
+    x = np.array(d.sample(mx.random.key(0), (N,)), np.float64)
+    mu = w @ means
+    var = w @ (1.0 + means**2) - mu**2
+    assert np.all(np.abs(x.mean(0) - mu) <= Z * np.sqrt(var / N))
+    xv = np.array([[0.5, 1.0], [3.0, 0.0]])
+    ref = np.log(sum(w[k] * st.multivariate_normal(means[k], np.eye(2)).pdf(xv) for k in range(3)))
+    np.testing.assert_allclose(np.array(d.log_prob(mx.array(xv.astype(np.float32)))), ref, rtol=1e-5)
