@@ -73,6 +73,14 @@ def run_with_handler(handler: "Handler", fn, args: tuple) -> Any:
         stack.pop()
 
 
+def base_noise(key: mx.array, site: int, kind: str, shape: tuple) -> mx.array:
+    """Standard noise (N(0, 1) or U(0, 1)) of ``shape`` for site number ``site``."""
+    k = key + _site_constant(site)
+    if kind == "normal":
+        return mx.random.normal(shape, key=k)
+    return mx.random.uniform(shape=shape, key=k)
+
+
 class BatchNoise:
     """Batched base randomness for the outermost handler of a vectorized execution.
 
@@ -80,21 +88,24 @@ class BatchNoise:
     (a threefry evaluation per particle and site). Instead, a distribution that can be
     sampled as a transform of standard noise (``_noise_kind`` "normal" or "uniform")
     gets its noise for all n particles from ONE unbatched key — the same work as
-    hand-batched code — and each particle takes its row by its index ``idx`` (a
-    batched input of the vmap).
+    hand-batched code. Each particle takes its row either from ``rows`` (noise drawn
+    outside the vmap and passed in as a batched input, when the sites are known from an
+    earlier call) or by gathering row ``idx`` inside the vmap. Both give identical
+    values; ``plan`` records the sites drawn, so the next call can pass rows in.
     """
 
-    def __init__(self, key: mx.array, idx: mx.array, n: int):
+    def __init__(self, key: mx.array, idx: mx.array, n: int, rows: dict | None = None):
         self.key, self.idx, self.n = key, idx, n
+        self.rows = rows or {}
+        self.plan: dict[int, tuple] = {}
 
     def draw(self, site: int, dist) -> mx.array:
-        k = self.key + _site_constant(site)
-        full = (self.n,) + tuple(dist.shape)
-        if dist._noise_kind == "normal":
-            eps = mx.random.normal(full, key=k)
-        else:
-            eps = mx.random.uniform(shape=full, key=k)
-        return eps[self.idx]
+        spec = (dist._noise_kind, tuple(dist.shape))
+        self.plan[site] = spec
+        row = self.rows.get(site)
+        if row is not None and row[0] == spec:
+            return row[1]
+        return base_noise(self.key, site, spec[0], (self.n,) + spec[1])[self.idx]
 
 
 def batch_noise_scope(noise: "BatchNoise"):

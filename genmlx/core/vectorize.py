@@ -12,13 +12,14 @@ leading axis n in addition to the choice's own shape.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import replace
 
 import mlx.core as mx
 
 from genmlx.core.choicemap import ChoiceMap
 from genmlx.core.errors import ConstraintShapeError
-from genmlx.core.handlers import BatchNoise, batch_noise_scope
+from genmlx.core.handlers import BatchNoise, base_noise, batch_noise_scope
 from genmlx.core.pytree import tree_flatten, tree_unflatten
 from genmlx.core.selection import Selection
 from genmlx.core.trace import Trace
@@ -75,18 +76,61 @@ def _keys_and_noise(key: mx.array, n: int):
     return _split(k_particles, n), k_noise, mx.arange(n)
 
 
+_PLANS: "OrderedDict" = OrderedDict()  # (gf, argument signature, constraint signature) -> noise sites
+
+
+def _plan_key(gf, args, constraints: ChoiceMap | None):
+    """A hashable signature of a vectorized call's static structure, or None."""
+    leaves, td = tree_flatten(args)
+    sig = [td, tuple((x.shape, x.dtype) for x in leaves)]
+    if constraints is not None:
+        sig.append(tuple((p, getattr(v, "shape", None)) for p, v in constraints.leaves()))
+    key = (gf, tuple(sig))
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+def _planned_noise(plan_key, k_noise, n):
+    """Noise inputs (outside the vmap) for the sites an earlier call recorded."""
+    plan = _PLANS.get(plan_key) if plan_key is not None else None
+    sites = sorted(plan.items()) if plan else []
+    return sites, [base_noise(k_noise, s, kind, (n,) + shape) for s, (kind, shape) in sites]
+
+
+def _record_plan(plan_key, plan) -> None:
+    if plan_key is None:
+        return
+    _PLANS[plan_key] = dict(plan)
+    _PLANS.move_to_end(plan_key)
+    if len(_PLANS) > 512:
+        _PLANS.popitem(last=False)
+
+
+def _noise_for_body(k_noise, i, n, sites, rows):
+    return BatchNoise(k_noise, i, n, {s: (spec, r) for (s, spec), r in zip(sites, rows)})
+
+
 def vsimulate(gf, key: mx.array, args: tuple, n: int) -> Trace:
     """n independent ``simulate`` calls, batched."""
     keys, k_noise, idx = _keys_and_noise(key, n)
+    pkey = _plan_key(gf, args, None)
+    sites, noise = _planned_noise(pkey, k_noise, n)
+    m = len(sites)
     box = {}
 
-    def body(k, i):
-        with batch_noise_scope(BatchNoise(k_noise, i, n)):
+    def body(k, i, *rows):
+        bn = _noise_for_body(k_noise, i, n, sites, rows)
+        with batch_noise_scope(bn):
             tr = gf.simulate(k, args)
+        box["plan"] = bn.plan
         leaves, box["td"] = _flat_trace(tr)
         return leaves
 
-    leaves = _vmapped(body)(keys, idx)
+    leaves = _vmapped(body)(keys, idx, *noise)
+    _record_plan(pkey, box["plan"])
     return _dress(tree_unflatten(box["td"], leaves), args, n)
 
 
@@ -145,16 +189,22 @@ def vgenerate(gf, key: mx.array, args: tuple, constraints: ChoiceMap, n: int):
     keys, k_noise, idx = _keys_and_noise(key, n)
     axes = _constraint_axes(gf, key, args, constraints, n)
     cvals = [v for _, v in constraints.leaves()]
+    pkey = _plan_key(gf, args, constraints)
+    sites, noise = _planned_noise(pkey, k_noise, n)
+    m = len(sites)
     box = {}
 
-    def body(k, i, *vals):
-        cm = _cm_from_leaves(constraints, vals)
-        with batch_noise_scope(BatchNoise(k_noise, i, n)):
+    def body(k, i, *rest):
+        bn = _noise_for_body(k_noise, i, n, sites, rest[:m])
+        cm = _cm_from_leaves(constraints, rest[m:])
+        with batch_noise_scope(bn):
             tr, w = gf.generate(k, args, cm)
+        box["plan"] = bn.plan
         leaves, box["td"] = _flat_trace(tr)
         return [w] + leaves
 
-    out = _vmapped(body, in_axes=(0, 0, *axes))(keys, idx, *cvals)
+    out = _vmapped(body, in_axes=(0, 0, *([0] * m), *axes))(keys, idx, *noise, *cvals)
+    _record_plan(pkey, box["plan"])
     return _dress(tree_unflatten(box["td"], out[1:]), args, n), out[0]
 
 
