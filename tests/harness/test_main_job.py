@@ -102,11 +102,12 @@ def test_eval_and_infer_on_the_trained_run(main_run, tmp_path):
     assert arr["obs0/z"].shape == (300, 8)
 
 
-@pytest.mark.skipif(os.environ.get("GENMLX_FULL_MAIN") != "1", reason="full main job: set GENMLX_FULL_MAIN=1")
-def test_full_main_job_under_two_minutes(tmp_path):
-    import time
-
-    t0 = time.time()
-    r = run_cli("train", MAIN, "--run-dir", tmp_path / "run", check=True, timeout=600)
-    assert time.time() - t0 < 120, f"took {time.time() - t0:.0f}s"
-    assert json.loads((tmp_path / "run" / "eval.json").read_text())["nll"] < 30.0, r.stdout
+def test_full_main_job_end_to_end(tmp_path):
+    """The README's main job exactly as `make run` runs it (its wall time, about 1 minute
+    on 2 cores, is recorded in benchmarks/RESULTS.md, not asserted here)."""
+    run_dir = tmp_path / "run"
+    r = run_cli("train", MAIN, "--run-dir", run_dir, check=True, timeout=900)
+    ev = json.loads((run_dir / "eval.json").read_text())
+    assert ev["nll"] < 30.0 and ev["log_px_se"] < 1.0, r.stdout
+    assert "test log p(x)" in r.stdout
+    assert (run_dir / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
