@@ -5,7 +5,6 @@ sample image, eval/infer on the trained run."""
 from __future__ import annotations
 
 import json
-import os
 import struct
 import zlib
 from pathlib import Path
