@@ -103,7 +103,12 @@ def section(res: dict) -> str:
               "trained one (values biased towards 0.5), so read the comparison with NPE with that caveat; "
               "the oracles in tests/experiments/test_c2st.py (0.5 for equal distributions, the Bayes "
               "accuracy Φ(1/2), 1.0 for separated ones) are checked for the benchmark setting.",
-              "- 5 observations (the shared data), one seed; NPE's numbers average 10 observations.",
+              "- 5 observations (the shared data), one seed; NPE's numbers average 10 observations. "
+              "gaussian_linear has observations 1–3 at 10³ and 1–2 at 10⁴/10⁵ only: its C2ST (dim 10) took "
+              "0.5–5 min each on the shared machine, and the last run (observation 4 at 10³, started 11:53 "
+              "UTC on a checkout that included the 11:35–11:58 distribution/vectorize commits) hung in an "
+              "MLX worker thread (main thread waiting on a futex, one worker at 100% CPU for > 8 min) and "
+              "was killed. The two_moons and slcp rows ran on the code of commit 387603f.",
               "- Refinement budget: ≤ 10⁵ likelihood evaluations per observation (counted: IS proposals + "
               "one per chain per MH step), 10⁴ posterior draws.",
               "- Refinement rule (experiments/sbibm/config.toml): pilot of 10⁴ guide proposals; if PSIS k-hat ≤ 0.7 "

@@ -124,7 +124,7 @@ def train_guide(task: str, theta: np.ndarray, x: np.ndarray, key, cfg: dict):
         history.append(v)
         if v < best - 1e-6:
             best, bad = v, 0
-            best_params = [(k, mx.array(a)) for k, a in tree_flatten(net.trainable_parameters())]
+            best_params = [(k, mx.array(np.array(a))) for k, a in tree_flatten(net.trainable_parameters())]  # a real copy
         else:
             bad += 1
         if bad >= tc["stop_after_epochs"] or steps >= tc["max_steps"]:
@@ -189,7 +189,7 @@ def tempered_smc(key, model, net, x0, theta: np.ndarray, log_p: np.ndarray, rc: 
     N, d = theta.shape
     keep = rc["draws"] // N
     budget = rc["max_likelihood_evals"] - rc["smc_init"]
-    xs = mx.broadcast_to(x0, (N, x0.shape[0]))
+    xs = mx.array(np.tile(np.asarray(x0), (N, 1)))  # contiguous (a stride-0 broadcast gave NaN here)
     lq = lambda th: np.asarray(mdn_log_q(net, mx.array(th.astype(np.float32)), xs), dtype=np.float64)  # noqa: E731
     log_q = lq(theta)
     keys = iter(mx.random.split(key, 4 * (budget // N + 2) + 2 * 1000))
@@ -315,7 +315,7 @@ def refine(key, task: str, model, net, x_obs: np.ndarray, cfg: dict) -> tuple[np
     if use_mh and rc["poor_guide_refinement"] == "smc":
         # tempered SMC from the guide: its first smc_particles pilot draws (already scored)
         N = rc["smc_particles"]
-        lq0 = np.asarray(mdn_log_q(net, mx.array(th[:N].astype(np.float32)), mx.broadcast_to(x0, (N, x0.shape[0]))),
+        lq0 = np.asarray(mdn_log_q(net, mx.array(th[:N].astype(np.float32)), mx.array(np.tile(x_obs, (N, 1)))),
                          dtype=np.float64)
         draws, minfo = tempered_smc(k_mh, model, net, x0, th[:N], lw[:N] + lq0, rc)
         info["method"] = "smc"
