@@ -75,7 +75,10 @@ def mdn_log_q(net: MixtureDensityNet, theta: mx.array, x: mx.array) -> mx.array:
     logits, mu, sigma = net(x)
     z = (theta[:, None, :] - mu) / sigma
     comp = mx.sum(-0.5 * z * z - mx.log(sigma) - 0.5 * math.log(2 * math.pi), axis=-1)
-    return mx.logsumexp(nn.log_softmax(logits, axis=-1) + comp, axis=-1)
+    # not nn.log_softmax: MLX 0.32's shapeless-compiled log_softmax corrupts the heap when the
+    # softmax axis has size 1 (one mixture component), giving NaN, hangs or aborts
+    log_pi = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    return mx.logsumexp(log_pi + comp, axis=-1)
 
 
 def train_guide(task: str, theta: np.ndarray, x: np.ndarray, key, cfg: dict):
