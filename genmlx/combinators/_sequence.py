@@ -193,6 +193,15 @@ class SequenceGF(GenerativeFunction):
 
     kernel: GenerativeFunction
 
+    def __post_init__(self):
+        from genmlx.combinators.family import as_gf
+
+        object.__setattr__(self, "kernel", as_gf(self.kernel, type(self).__name__))
+
+    @property
+    def name(self) -> str:
+        return f"{type(self).__name__}({getattr(self.kernel, 'name', 'kernel')})"
+
     # -- helpers -----------------------------------------------------------------------
     def _step_keys(self, constraints: ChoiceMap, T: int) -> dict:
         if constraints.is_empty():

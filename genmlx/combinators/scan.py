@@ -42,15 +42,6 @@ class Scan(SequenceGF):
 
     kernel: GenerativeFunction
 
-    def __post_init__(self):
-        from genmlx.combinators.family import as_gf
-
-        object.__setattr__(self, "kernel", as_gf(self.kernel, "Scan"))
-
-    @property
-    def name(self) -> str:
-        return f"Scan({getattr(self.kernel, 'name', 'kernel')})"
-
     def _parse(self, args):
         if len(args) != 2:
             raise ValueError(f"{self.name} is called as scan(init_carry, xs); got {len(args)} argument(s)")

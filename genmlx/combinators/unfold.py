@@ -56,15 +56,6 @@ class Unfold(SequenceGF):
 
     kernel: GenerativeFunction
 
-    def __post_init__(self):
-        from genmlx.combinators.family import as_gf
-
-        object.__setattr__(self, "kernel", as_gf(self.kernel, "Unfold"))
-
-    @property
-    def name(self) -> str:
-        return f"Unfold({getattr(self.kernel, 'name', 'kernel')})"
-
     def _parse(self, args):
         if len(args) < 2:
             raise ValueError(f"{self.name} is called as unfold(T, init_state, *params); "

@@ -28,11 +28,11 @@ from genmlx.core.handlers import (
     run_with_handler,
 )
 from genmlx.core.selection import Selection
-from genmlx.core.trace import Trace
+from genmlx.core.trace import StoredTrace
 
 
 @dataclass(frozen=True, eq=False)
-class DynamicTrace(Trace):
+class DynamicTrace(StoredTrace):
     """Trace of a dynamic GF: the sub-trace recorded at each visited address path."""
 
     gen_fn: "DynamicGF"
@@ -41,14 +41,6 @@ class DynamicTrace(Trace):
     score_: mx.array
     subtraces: dict = field(default_factory=dict)  # Path -> Trace
     batch_size: int | None = None
-
-    @property
-    def retval(self):
-        return self.retval_
-
-    @property
-    def score(self):
-        return self.score_
 
     @property
     def choices(self) -> ChoiceMap:

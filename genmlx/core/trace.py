@@ -55,3 +55,18 @@ class Trace:
 
     def __getstate__(self):
         raise TypeError("genmlx traces are not pickled; save their choices with safetensors")
+
+
+class StoredTrace(Trace):
+    """A trace whose return value and score are stored fields ``retval_`` and ``score_``."""
+
+    retval_: Any
+    score_: Any
+
+    @property
+    def retval(self) -> Any:
+        return self.retval_
+
+    @property
+    def score(self):
+        return self.score_

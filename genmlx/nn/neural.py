@@ -19,12 +19,12 @@ from genmlx.core.choicemap import ChoiceMap
 from genmlx.core.diff import NoChange, UnknownChange, is_no_change
 from genmlx.core.errors import AddressedError
 from genmlx.core.gfi import GenerativeFunction
-from genmlx.core.trace import Trace
+from genmlx.core.trace import StoredTrace
 from genmlx.nn.layers import use_fast_linear
 
 
 @dataclass(frozen=True, eq=False)
-class NeuralTrace(Trace):
+class NeuralTrace(StoredTrace):
     """Trace of a :class:`NeuralNetGF` call: arguments, return value, score 0."""
 
     gen_fn: "NeuralNetGF"
@@ -32,14 +32,6 @@ class NeuralTrace(Trace):
     retval_: Any
     score_: mx.array
     batch_size: int | None = None
-
-    @property
-    def retval(self):
-        return self.retval_
-
-    @property
-    def score(self):
-        return self.score_
 
     @property
     def choices(self) -> ChoiceMap:
