@@ -1,0 +1,20 @@
+"""Fused GPU kernels for the inference hot paths (``mx.fast.cuda_kernel``, with untested
+Metal twins), each beside its generic MLX-ops reference, which runs on CPU, under
+``GENMLX_KERNELS=0``, and inside ``mx.vmap``/``mx.grad`` (via custom-function rules).
+
+- :func:`weight_summary` — (logsumexp, ESS) of log-weights in one pass per row.
+- :func:`resample_systematic`, :func:`resample_stratified` — ancestors by a CDF scan
+  kernel and a per-slot binary-search kernel.
+
+``python -m genmlx.kernels.selftest`` checks every kernel against its reference on the
+current device and prints a JSON report.
+"""
+
+from genmlx.kernels._backend import active_backend, gpu_backend, mode, override, use_kernel
+from genmlx.kernels.resample import resample_stratified, resample_systematic
+from genmlx.kernels.weights import weight_summary, weight_summary_generic
+
+__all__ = [
+    "active_backend", "gpu_backend", "mode", "override", "use_kernel",
+    "resample_stratified", "resample_systematic", "weight_summary", "weight_summary_generic",
+]

@@ -1,0 +1,99 @@
+"""NumPy emulations of the kernels' algorithms, thread by thread (float32 throughout).
+
+They validate the algorithms on any machine: chunked scan + binary search must agree
+with the MLX reference (``genmlx.inference.resampling``) in their tie handling, and the
+online (max, S1, S2) merge with ``logsumexp``. The block scan here adds chunk sums left to
+right, so the emulated CDF equals the GPU's only up to float32 rounding order.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+THREADS = 1024
+
+
+def weight_summary(lw: np.ndarray, threads: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """(logsumexp, ESS) over the last axis by per-thread online triples merged pairwise."""
+    lw = np.asarray(lw, np.float32)
+    rows = lw.reshape(-1, lw.shape[-1])
+    lse, ess = [], []
+    for x in rows:
+        triples = [_online(x[t::threads]) for t in range(threads)]
+        while len(triples) > 1:  # tree merge, as the shuffles do
+            triples = [_merge(triples[i], triples[i + 1]) for i in range(0, len(triples), 2)]
+        m, s1, s2 = triples[0]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            lse.append(np.float32(m + np.log(s1)))
+            ess.append(np.float32(s1 * s1 / s2))
+    shape = lw.shape[:-1]
+    return np.array(lse, np.float32).reshape(shape), np.array(ess, np.float32).reshape(shape)
+
+
+def _online(x: np.ndarray) -> tuple:
+    m, s1, s2 = np.float32(-np.inf), np.float32(0), np.float32(0)
+    with np.errstate(invalid="ignore", over="ignore"):
+        for v in x:
+            if v > m:
+                r = np.float32(0) if m == -np.inf else np.exp(m - v)
+                s1, s2, m = s1 * r + np.float32(1), s2 * r * r + np.float32(1), v
+            elif v != -np.inf:
+                e = np.exp(v - m)
+                s1, s2 = s1 + e, s2 + e * e
+    return m, s1, s2
+
+
+def _merge(a: tuple, b: tuple) -> tuple:
+    (m, s1, s2), (mo, o1, o2) = a, b
+    M = max(m, mo)
+    if M == -np.inf:
+        return M, s1 + o1, s2 + o2
+    ea = np.float32(1) if m == M else np.exp(m - M)
+    eb = np.float32(1) if mo == M else np.exp(mo - M)
+    return M, s1 * ea + o1 * eb, s2 * ea * ea + o2 * eb * eb
+
+
+def cdf(lw: np.ndarray, threads: int = THREADS) -> np.ndarray:
+    """Normalised CDF by the chunked scan: max; per-thread serial chunk sums; exclusive
+    scan of the chunk sums; each chunk re-walked from its prefix; C_{n−1} = 1."""
+    lw = np.asarray(lw, np.float32)
+    n = lw.shape[0]
+    M = lw.max()
+    w = np.ones(n, np.float32) if not M > -np.inf else np.exp(lw - M).astype(np.float32)
+    chunk = -(-n // threads)
+    bounds = [(min(t * chunk, n), min(t * chunk + chunk, n)) for t in range(threads)]
+    sums = [np.float32(0)] * threads
+    for t, (lo, hi) in enumerate(bounds):
+        for i in range(lo, hi):
+            sums[t] = np.float32(sums[t] + w[i])
+    prefix, total = [], np.float32(0)
+    for s in sums:
+        prefix.append(total)
+        total = np.float32(total + s)
+    out = np.empty(n, np.float32)
+    for t, (lo, hi) in enumerate(bounds):
+        acc = prefix[t]
+        for i in range(lo, hi):
+            acc = np.float32(acc + w[i])
+            out[i] = min(np.float32(acc / total), np.float32(1))
+    out[n - 1] = 1
+    return out
+
+
+def search(cdf: np.ndarray, U: np.ndarray, m: int) -> np.ndarray:
+    """Ancestors a_j = first i ≤ n−2 with "u_j ≤ C_i" (else n − 1), decided in float32 as
+    x = m·C_i, f = ⌊x⌋: f > j, or f = j and U_j ≤ x − f."""
+    cdf = np.asarray(cdf, np.float32)
+    U = np.broadcast_to(np.asarray(U, np.float32), (m,))
+    n, mf = cdf.shape[0], np.float32(m)
+    out = np.empty(m, np.int32)
+    for j in range(m):
+        lo, hi = 0, n - 1
+        while lo < hi:
+            mid = (lo + hi) // 2
+            x = np.float32(mf * cdf[mid])
+            f = np.floor(x)
+            hit = f > j or (f == j and U[j] <= np.float32(x - f))
+            lo, hi = (lo, mid) if hit else (mid + 1, hi)
+        out[j] = lo
+    return out

@@ -1,0 +1,246 @@
+"""Systematic and stratified resampling ancestors by two small kernels.
+
+Given log-weights lw [n] and strata uniforms U (one shared U: systematic; U_j per stratum:
+stratified), slot j < m takes ancestor a_j = min{i : u_j ≤ C_i} (a_j = n − 1 if none),
+with u_j = (j + U_j)/m and C the normalised CDF, C_i = Σ_{k≤i} w_k / Σ_k w_k.
+
+1. ``cdf`` kernel (one block of 1024 threads): block max M of lw (all −inf → uniform
+   weights, as the reference's ``_safe_logits``); thread t serially sums
+   w_k = exp(lw_k − M) over its contiguous chunk of ⌈n/1024⌉ entries; a block exclusive
+   scan (warp shuffles + one shared round) of the chunk sums gives each chunk's prefix;
+   thread t re-walks its chunk writing C_k = min(prefix_k / total, 1); C_{n−1} = 1.
+2. ``search`` kernel: thread j binary-searches C[0 .. n−2] for the first i with
+   "u_j ≤ C_i", decided exactly as the reference ``_from_strata`` decides it in float32:
+   x = m·C_i, f = ⌊x⌋; true iff f > j, or f = j and U_j ≤ x − f.
+   So, given the same CDF, the ancestors equal the reference's bit for bit (the reference
+   counts #{j : u_j ≤ C_i}; the search inverts that count). CDFs from the kernel scan and
+   from ``mx.cumsum`` differ by float32 rounding only, which can move an ancestor by one
+   where a u_j falls within rounding of a C_i. Exact for m < 2^24.
+
+The reference (generic) path is ``genmlx.inference.resampling._from_strata(_cdf(lw), U, m)``.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import mlx.core as mx
+
+from genmlx.kernels import _backend as B
+
+MAX_M = 1 << 24  # beyond this float32 slot numbers are inexact: generic path
+_SCAN_THREADS = 1024
+
+_CUDA_CDF = r"""
+  const int n = lw_shape[0];
+  const int tid = threadIdx.x, T = blockDim.x;
+  const int lane = tid & 31, warp = tid >> 5, nwarps = T >> 5;
+  const float NEG_INF = -__int_as_float(0x7f800000);
+  __shared__ float sh[32];
+  __shared__ float bcast;
+  // 1. block max
+  float m = NEG_INF;
+  for (int i = tid; i < n; i += T) m = fmaxf(m, lw[i]);
+  for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+  if (lane == 0) sh[warp] = m;
+  __syncthreads();
+  if (warp == 0) {
+    float v = (lane < nwarps) ? sh[lane] : NEG_INF;
+    for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
+    if (lane == 0) bcast = v;
+  }
+  __syncthreads();
+  const float M = bcast;
+  const bool uniform = !(M > NEG_INF);
+  // 2. serial sum over this thread's contiguous chunk
+  const int chunk = (n + T - 1) / T;
+  const int lo = min(tid * chunk, n), hi = min(lo + chunk, n);
+  float s = 0.f;
+  for (int i = lo; i < hi; ++i) s += uniform ? 1.f : expf(lw[i] - M);
+  // 3. block exclusive scan of the chunk sums
+  float incl = s;
+  for (int off = 1; off < 32; off <<= 1) {
+    float t = __shfl_up_sync(0xffffffffu, incl, off);
+    if (lane >= off) incl += t;
+  }
+  float excl = __shfl_up_sync(0xffffffffu, incl, 1);
+  if (lane == 0) excl = 0.f;
+  __syncthreads();  // sh is reused
+  if (lane == 31) sh[warp] = incl;
+  __syncthreads();
+  if (warp == 0) {
+    float v = (lane < nwarps) ? sh[lane] : 0.f;
+    for (int off = 1; off < 32; off <<= 1) {
+      float t = __shfl_up_sync(0xffffffffu, v, off);
+      if (lane >= off) v += t;
+    }
+    if (lane < nwarps) sh[lane] = v;  // inclusive warp prefixes
+  }
+  __syncthreads();
+  const float total = sh[nwarps - 1];
+  float acc = excl + (warp > 0 ? sh[warp - 1] : 0.f);
+  // 4. write this chunk's normalised prefix sums
+  for (int i = lo; i < hi; ++i) {
+    acc += uniform ? 1.f : expf(lw[i] - M);
+    cdf[i] = (i == n - 1) ? 1.f : fminf(acc / total, 1.f);
+  }
+"""
+
+_CUDA_SEARCH = r"""
+  const int m = U_shape[0];
+  const int j = blockIdx.x * blockDim.x + threadIdx.x;
+  if (j >= m) return;
+  const int n = cdf_shape[0];
+  const float Uj = U[(long long)j * U_strides[0]];
+  const float mf = (float)m, jf = (float)j;
+  int lo = 0, hi = n - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi) >> 1;
+    const float x = mf * cdf[mid];
+    const float f = floorf(x);
+    const bool hit = (f > jf) || (f == jf && Uj <= x - f);
+    if (hit) hi = mid; else lo = mid + 1;
+  }
+  anc[j] = lo;
+"""
+
+# UNTESTED (no Apple GPU was available): Metal twins of the two kernels.
+_METAL_CDF = r"""
+  const int n = lw_shape[0];
+  const int tid = (int)thread_position_in_threadgroup.x, T = (int)threads_per_threadgroup.x;
+  const int lane = tid & 31, warp = tid >> 5, nwarps = T >> 5;
+  threadgroup float sh[32];
+  threadgroup float bcast;
+  float m = -INFINITY;
+  for (int i = tid; i < n; i += T) m = metal::max(m, lw[i]);
+  m = simd_max(m);
+  if (lane == 0) sh[warp] = m;
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  if (warp == 0) {
+    float v = (lane < nwarps) ? sh[lane] : -INFINITY;
+    v = simd_max(v);
+    if (lane == 0) bcast = v;
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  const float M = bcast;
+  const bool uniform = !(M > -INFINITY);
+  const int chunk = (n + T - 1) / T;
+  const int lo = metal::min(tid * chunk, n), hi = metal::min(lo + chunk, n);
+  float s = 0.f;
+  for (int i = lo; i < hi; ++i) s += uniform ? 1.f : metal::exp(lw[i] - M);
+  float excl = simd_prefix_exclusive_sum(s);
+  float incl = excl + s;
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  if (lane == 31) sh[warp] = incl;
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  if (warp == 0) {
+    float v = (lane < nwarps) ? sh[lane] : 0.f;
+    v = simd_prefix_inclusive_sum(v);
+    if (lane < nwarps) sh[lane] = v;
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  const float total = sh[nwarps - 1];
+  float acc = excl + (warp > 0 ? sh[warp - 1] : 0.f);
+  for (int i = lo; i < hi; ++i) {
+    acc += uniform ? 1.f : metal::exp(lw[i] - M);
+    cdf[i] = (i == n - 1) ? 1.f : metal::min(acc / total, 1.f);
+  }
+"""
+
+_METAL_SEARCH = r"""
+  const int m = U_shape[0];
+  const int j = (int)thread_position_in_grid.x;
+  if (j >= m) return;
+  const int n = cdf_shape[0];
+  const float Uj = U[(long)j * U_strides[0]];
+  const float mf = (float)m, jf = (float)j;
+  int lo = 0, hi = n - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi) >> 1;
+    const float x = mf * cdf[mid];
+    const float f = metal::floor(x);
+    const bool hit = (f > jf) || (f == jf && Uj <= x - f);
+    if (hit) hi = mid; else lo = mid + 1;
+  }
+  anc[j] = lo;
+"""
+
+
+def _build(backend: str, which: str):
+    if which == "cdf":
+        src = _CUDA_CDF if backend == "cuda" else _METAL_CDF
+        return B.build(backend, "genmlx_resample_cdf", ("lw",), ("cdf",), src)
+    src = _CUDA_SEARCH if backend == "cuda" else _METAL_SEARCH
+    # U may be a stride-0 broadcast (systematic): it is read through its strides
+    return B.build(backend, "genmlx_resample_search", ("cdf", "U"), ("anc",), src,
+                   row_contiguous=False)
+
+
+def cdf_kernel(backend: str, log_weights: mx.array) -> mx.array:
+    """The normalised CDF [n] of softmax(log_weights) by the one-block scan kernel."""
+    n = log_weights.shape[0]
+    k = _build(backend, "cdf")
+    (c,) = k(inputs=[log_weights], output_shapes=[(n,)], output_dtypes=[mx.float32],
+             grid=(_SCAN_THREADS, 1, 1), threadgroup=(_SCAN_THREADS, 1, 1))
+    return c
+
+
+def search_kernel(backend: str, cdf: mx.array, U: mx.array) -> mx.array:
+    """Ancestors [m] (int32) for strata uniforms ``U`` [m] (a broadcast view is fine)
+    by per-slot binary search of ``cdf`` with the reference's float32 decision rule."""
+    m = U.shape[0]
+    t = 256
+    (a,) = _build(backend, "search")(inputs=[mx.contiguous(cdf), U], output_shapes=[(m,)],
+                                  output_dtypes=[mx.int32],
+                                  grid=(t * ((m + t - 1) // t), 1, 1), threadgroup=(t, 1, 1))
+    return a
+
+
+def _generic(U: mx.array, log_weights: mx.array, m: int) -> mx.array:
+    from genmlx.inference import resampling as R  # lazy: resampling imports this package
+
+    return R._from_strata(R._cdf(log_weights), U, m)
+
+
+def _check(name: str, U: mx.array, log_weights: mx.array, m, per_slot: bool) -> int:
+    try:
+        m = operator.index(m)
+    except TypeError:
+        raise ValueError(f"{name}: m must be a positive int, got {m!r}") from None
+    if m < 1:
+        raise ValueError(f"{name}: m must be a positive int, got {m!r}")
+    if log_weights.ndim != 1 or log_weights.shape[0] < 1:
+        raise ValueError(f"{name}: log_weights must have shape [n] with n ≥ 1, got {log_weights.shape}")
+    u_shape = (m,) if per_slot else ()
+    if tuple(U.shape) != u_shape:
+        raise ValueError(f"{name}: uniforms must have shape {u_shape}, got {tuple(U.shape)}")
+    return m
+
+
+def _dispatch(U: mx.array, log_weights: mx.array, m: int) -> mx.array:
+    backend = B.use_kernel(log_weights)
+    if backend is None or m >= MAX_M or U.dtype != mx.float32:
+        return _generic(U, log_weights, m)
+
+    def kernel_fn(u, lw):
+        uu = mx.broadcast_to(u, (m,)) if u.ndim == 0 else u
+        return (search_kernel(backend, cdf_kernel(backend, lw), uu),)
+
+    f = B.with_generic_transforms(kernel_fn, lambda u, lw: (_generic(u, lw, m),),
+                                  n_out=1, differentiable=False)
+    return f(U, log_weights)[0]
+
+
+def resample_systematic(u: mx.array, log_weights: mx.array, m: int) -> mx.array:
+    """Systematic ancestors [m] (int32, sorted): u_j = (j + u)/m for one u ~ U(0, 1)
+    (a scalar array drawn by the caller from an explicit key)."""
+    u = mx.array(u) if not isinstance(u, mx.array) else u
+    m = _check("resample_systematic", u, log_weights, m, per_slot=False)
+    return _dispatch(u, log_weights, m)
+
+
+def resample_stratified(U: mx.array, log_weights: mx.array, m: int) -> mx.array:
+    """Stratified ancestors [m] (int32, sorted): u_j = (j + U_j)/m, U [m] i.i.d. U(0, 1)
+    drawn by the caller from an explicit key."""
+    m = _check("resample_stratified", U, log_weights, m, per_slot=True)
+    return _dispatch(U, log_weights, m)
