@@ -19,6 +19,8 @@ from typing import Callable
 
 import mlx.core as mx
 
+from genmlx import kernels as _K  # fused GPU kernels; generic path below otherwise
+
 
 def log_normalize(log_weights: mx.array) -> mx.array:
     """log w_i − logsumexp(log w)."""
@@ -32,12 +34,16 @@ def normalized_weights(log_weights: mx.array) -> mx.array:
 
 def effective_sample_size(log_weights: mx.array) -> mx.array:
     """ESS = (Σ w)² / Σ w² = exp(2 logsumexp(lw) − logsumexp(2 lw))."""
+    if _K.use_kernel(log_weights):
+        return _K.weight_summary(log_weights)[1]
     return mx.exp(2 * mx.logsumexp(log_weights, axis=-1) - mx.logsumexp(2 * log_weights, axis=-1))
 
 
 def log_mean_exp(log_weights: mx.array) -> mx.array:
     """log (1/n Σ exp(lw_i)) — the log of the unbiased marginal-likelihood estimate."""
     n = log_weights.shape[-1]
+    if _K.use_kernel(log_weights):
+        return _K.weight_summary(log_weights)[0] - math.log(n)
     return mx.logsumexp(log_weights, axis=-1) - math.log(n)
 
 
@@ -77,13 +83,19 @@ def multinomial(key: mx.array, log_weights: mx.array, m: int | None = None) -> m
 def stratified(key: mx.array, log_weights: mx.array, m: int | None = None) -> mx.array:
     """Stratified resampling: one uniform in each of the m strata [j/m, (j+1)/m)."""
     m = log_weights.shape[0] if m is None else m
-    return _from_strata(_cdf(log_weights), mx.random.uniform(shape=(m,), key=key), m)
+    U = mx.random.uniform(shape=(m,), key=key)
+    if _K.use_kernel(log_weights):
+        return _K.resample_stratified(U, log_weights, m)
+    return _from_strata(_cdf(log_weights), U, m)
 
 
 def systematic(key: mx.array, log_weights: mx.array, m: int | None = None) -> mx.array:
     """Systematic resampling: u_j = (j + U)/m with a single U ~ U(0, 1)."""
     m = log_weights.shape[0] if m is None else m
-    return _from_strata(_cdf(log_weights), mx.random.uniform(shape=(), key=key), m)
+    U = mx.random.uniform(shape=(), key=key)
+    if _K.use_kernel(log_weights):
+        return _K.resample_systematic(U, log_weights, m)
+    return _from_strata(_cdf(log_weights), U, m)
 
 
 def residual(key: mx.array, log_weights: mx.array, m: int | None = None) -> mx.array:
