@@ -29,10 +29,16 @@ def global_norm(grads) -> mx.array:
 
 
 def make_train_step(objective: Objective, optimizer: optim.Optimizer, *, compile: bool = True,
-                    max_grad_norm: float | None = None) -> Callable[[mx.array, mx.array], dict]:
+                    max_grad_norm: float | None = None,
+                    grad_reduce: Callable[[dict], dict] | None = None) -> Callable[[mx.array, mx.array], dict]:
     """``step(key, data) -> metrics`` (dict of scalar arrays incl. ``loss``, ``grad_norm``).
 
-    ``max_grad_norm`` (optional) rescales the gradient to at most that global norm."""
+    ``max_grad_norm`` (optional) rescales the gradient to at most that global norm.
+    ``grad_reduce`` (optional) maps ``{"grads", "loss", "metrics", "aux"}`` to the same
+    tree, once per step, before the norm and the update: data-parallel training passes
+    :func:`genmlx.distributed.all_mean`, so every process applies the gradient of the
+    mean loss over all shards (and averaged metrics / running-state updates) inside the
+    compiled step."""
     params = objective.trainable()
     if not params.trainable_parameters() or not tree_flatten(params.trainable_parameters()):
         raise ValueError(f"{type(objective).__name__}: there are no trainable parameters "
@@ -47,6 +53,9 @@ def make_train_step(objective: Objective, optimizer: optim.Optimizer, *, compile
 
     def step(key, data):
         (loss, (metrics, aux)), grads = loss_and_grad(key, data)
+        if grad_reduce is not None:
+            r = grad_reduce({"grads": grads, "loss": loss, "metrics": metrics, "aux": aux})
+            grads, loss, metrics, aux = r["grads"], r["loss"], r["metrics"], r["aux"]
         gn = global_norm(grads)
         if max_grad_norm is not None:
             s = mx.minimum(1.0, max_grad_norm / (gn + 1e-12))

@@ -99,6 +99,9 @@ class TrainConfig:
     nan_policy: str = _f("stop", one_of("stop", "skip"))
     max_skipped: int = _f(100, NONNEG, "skip policy: stop after this many skipped steps")
     compile: bool = _f(True)
+    time_limit_s: float = _f(0.0, NONNEG, "stop after this much training wall time (0 = no limit), "
+                                          "write a checkpoint and mark the result stopped early")
+    pipeline: bool = _f(True, None, "dispatch step t+1 before reading step t's metrics (same results, faster)")
 
 
 @dataclass(frozen=True)
@@ -153,7 +156,8 @@ class ExperimentConfig:
 _TUPLE_ELEMS = {"hidden": int, "layers": int, "betas": float, "guide_hidden": int, "bound_particles": int}
 
 # keys that may differ between the run that wrote a checkpoint and the one resuming it
-RESUMABLE_CHANGES = ("train.steps", "log.", "checkpoint.", "eval.", "train.compile", "data.prefetch",
+RESUMABLE_CHANGES = ("train.steps", "log.", "checkpoint.", "eval.", "train.compile", "train.time_limit_s",
+                     "train.pipeline", "data.prefetch",
                      "data.data_dir", "data.download")
 
 

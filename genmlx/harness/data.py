@@ -228,6 +228,15 @@ class ImageData:
             return (mx.random.uniform(shape=x.shape, key=key) < x).astype(mx.float32)
         return x
 
+    def prepare_shard(self, key: mx.array, x: mx.array, r: int = 0, N: int = 1) -> mx.array:
+        """Process r's rows ``[r·B/N, (r+1)·B/N)`` of the prepared global batch: the
+        binarization noise is drawn for the whole batch with the step's key, so the N
+        shards together are exactly the batch a one-process run trains on."""
+        from genmlx.distributed import shard
+
+        out = self.prepare(key, x)
+        return out if N == 1 else shard(out, 0, r, N)
+
     def fixed_eval(self, split: str, n: int = 0, seed: int = 1234) -> mx.array:
         """A split (first n examples of a fixed random order; 0 = all), binarized once
         with a fixed key so every evaluation sees the same binary images."""
@@ -262,6 +271,16 @@ class SimulatedData:
 
     def prepare(self, key: mx.array, x) -> dict:
         return self.simulate(key, self.batch_size)
+
+    def prepare_shard(self, key: mx.array, x, r: int = 0, N: int = 1) -> dict:
+        """Process r's B/N fresh simulations, drawn with ``split(key, N)[r]`` (so the
+        processes simulate disjoint data without simulating the whole global batch; the
+        draws differ from a one-process run's, their distribution does not)."""
+        from genmlx.distributed import fold_rank
+
+        if N == 1:
+            return self.prepare(key, x)
+        return self.simulate(fold_rank(key, r, N), self.batch_size // N)
 
     def fixed_eval(self, split: str, n: int = 0, seed: int = 1234) -> dict:
         salt = {"train": 0, "valid": 1, "test": 2}[split]

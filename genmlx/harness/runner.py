@@ -10,7 +10,30 @@ parameters to an uninterrupted one.
 Faults: a non-finite loss or gradient norm rolls the step back; ``train.nan_policy``
 "stop" then writes the last good state and raises :class:`NonFiniteError`, "skip" counts
 it and goes on (at most ``train.max_skipped`` times). SIGINT/SIGTERM finish the current
-step, write a checkpoint and raise :class:`Interrupted`.
+step, write a checkpoint and raise :class:`Interrupted`. ``train.time_limit_s`` > 0 stops
+after that much training wall time the same way, but returns normally with
+``stopped_early = True`` in the result (running again resumes).
+
+Pipelining (``train.pipeline``, default on): step t+1 is dispatched (``mx.async_eval``)
+before step t's metrics are read, so the host builds the next step while the device
+runs this one. It is skipped when something after step t needs its state (validation,
+histograms, a checkpoint, the last step). When step t turns out non-finite, the
+dispatched step t+1 is discarded with the rollback to the state before step t and
+redone from it on the same batch; since every step input is a pure function of
+(seed, step), the result is bit-identical to the unpipelined loop.
+
+Data-parallel (N processes from ``mlx.launch -n N``, ``genmlx.distributed``): step t's
+global batch (``data.batch_size``, divisible by N) is prepared once per process and each
+process r trains on rows [r·B/N, (r+1)·B/N) (simulated data: B/N fresh simulations with
+the rank's key); the objective key is ``split(key_t, N)[r]``. Inside the compiled step
+the gradients, the loss, the metrics and the running-state updates are averaged over
+the processes with ONE all-reduce, so every process applies the same update and holds
+the same parameters; the non-finite decision uses the averaged loss and gradient norm,
+so all ranks agree. A stop request (signal, time limit) on any process is all-reduced
+with each step, so all stop after the same step. Rank 0 alone writes checkpoints (with
+``world_size``), logs, results and shows progress; validation and the final evaluation
+run on rank 0 while the others wait in the next step's all-reduce (or exit at the end).
+A checkpoint resumes under any number of processes.
 """
 
 from __future__ import annotations
@@ -20,6 +43,7 @@ import math
 import os
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
@@ -106,13 +130,55 @@ def _finite(*vals) -> bool:
     return all(math.isfinite(v) for v in vals)
 
 
+class _NullLog:
+    """The metrics log of processes other than rank 0: writes nothing."""
+
+    tb = None
+
+    def scalars(self, *a, **k) -> None:
+        pass
+
+    histogram = image = hparams = scalars
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class _Pending:
+    """A dispatched (possibly still running) optimizer step ``step``: its raw batch, the
+    state before it (for rollback), its lazy metrics, key and data shard, and (N > 1)
+    the all-reduced stop flag dispatched right after it."""
+
+    step: int
+    raw: object
+    snap: tuple
+    metrics: dict
+    key: mx.array
+    data: object
+    stop: mx.array | None = None
+
+
 def train(cfg: ExperimentConfig, run_dir: str | Path, *, task=None, resume: bool = True,
           final_eval: bool = True, echo=print) -> dict:
-    """Train (or resume) the experiment ``cfg`` in ``run_dir``; returns the final metrics."""
+    """Train (or resume) the experiment ``cfg`` in ``run_dir``; returns the final metrics.
+
+    Data-parallel when launched as N processes (``mlx.launch -n N …``): see the module
+    docstring of :mod:`genmlx.harness.runner` and ``genmlx/harness/README.md``."""
+    from genmlx import distributed as dist
+
     run_dir = Path(run_dir)
-    _check_writable(run_dir)
+    R, N = dist.rank(), dist.size()
+    main = R == 0
+    if cfg.data.batch_size % N:
+        raise ConfigError(f"data.batch_size: {cfg.data.batch_size} is not divisible by the number of processes ({N}); "
+                          f"each process trains on an equal share of the global batch, so use a multiple of {N}")
+    if not main:
+        echo = _silent
+    if main:
+        _check_writable(run_dir)
     ckpts = CheckpointManager(run_dir, cfg.checkpoint.keep_last)
-    if not resume:
+    if not resume and main:
         _clear_run(run_dir)
     ck = ckpts.load_latest() if resume else None
     cfg_dict = cfg.to_dict()
@@ -121,7 +187,8 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, task=None, resume: bool
         if diff:
             raise ConfigError(f"{run_dir} holds a checkpoint of a different experiment (keys differ: "
                               f"{', '.join(diff)}); use another --run-dir or the same config")
-    (run_dir / "config.json").write_text(json.dumps(cfg_dict, indent=1, sort_keys=True))
+    if main:
+        (run_dir / "config.json").write_text(json.dumps(cfg_dict, indent=1, sort_keys=True))
 
     if task is None:
         from genmlx.harness.zoo import build_task
@@ -134,22 +201,38 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, task=None, resume: bool
     if ck is not None:
         restore(module, optimizer, ck)
         start, skipped, best = ck.meta["step"], ck.meta.get("skipped", 0), ck.meta.get("best")
-        echo(f"resuming {run_dir} from {ck.path.name} (step {start})")
-    step_fn = make_train_step(task.objective, optimizer, compile=cfg.train.compile)
+        was = ck.meta.get("world_size", 1)
+        echo(f"resuming {run_dir} from {ck.path.name} (step {start}"
+             f"{f', written by {was} processes, now {N}' if was != N else ''})")
+    if N > 1:
+        got = float(dist.all_mean(mx.array(float(start))))
+        if got != start:
+            raise TrainingError(f"the {N} processes start from different steps (rank {R}: {start}, mean {got}); "
+                                f"every process must see the same run directory {run_dir}")
+    step_fn = make_train_step(task.objective, optimizer, compile=cfg.train.compile,
+                              grad_reduce=dist.all_mean if N > 1 else None)
     total = cfg.train.steps
-    log = MetricsLog(run_dir, cfg.log.tensorboard, resume_step=start if ck is not None else None)
-    prog = Progress(total, start, cfg.log.progress, desc=cfg.name)
+    log = (MetricsLog(run_dir, cfg.log.tensorboard, resume_step=start if ck is not None else None)
+           if main else _NullLog())
+    prog = Progress(total, start, cfg.log.progress if main else "off", desc=cfg.name)
+    saved = {"step": None}
 
-    def save(step: int, is_best: bool = False, **extra) -> Path:
+    def save(step: int, is_best: bool = False, **extra) -> Path | None:
+        if not main:
+            return None
         epoch, pos = task.data.position(step)
         meta = {"step": step, "epoch": epoch, "batch_in_epoch": pos, "seed": cfg.seed,
                 "next_key": step_key(cfg.seed, step).tolist(),
-                "skipped": skipped, "best": best, "config": cfg_dict,
+                "skipped": skipped, "best": best, "config": cfg_dict, "world_size": N,
                 "genmlx_version": genmlx_version(), "time": time.time(), **extra}
+        saved["step"] = step
         return ckpts.save(step, flat_params(module), flat_opt_state(optimizer), meta, best=is_best)
 
     def validate(step: int) -> dict:
+        """Rank 0 only (the others go on to the next step, whose all-reduce waits for it)."""
         nonlocal best
+        if not main:
+            return {"improved": False}
         m = task.validate(step_key(cfg.seed, step, VALID_SALT), cfg.log.valid_particles)
         log.scalars(step, m, prefix="valid/")
         # higher is better: the validation bound, or minus a loss
@@ -166,8 +249,8 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, task=None, resume: bool
             log.image(f"images/{tag}", img, step)
 
     def log_histograms(step: int, key, data) -> None:
-        """Parameters, and the gradient of the objective at this step's key and batch
-        (an extra, uncompiled evaluation that changes no state)."""
+        """Parameters, and the gradient of the objective at this step's key and (rank 0's)
+        batch (an extra, uncompiled evaluation that changes no state)."""
         if log.tb is None:
             return
         import mlx.nn as nn
@@ -179,20 +262,46 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, task=None, resume: bool
         for name, g in tree_flatten(grads):
             log.histogram(f"grads/{name}", g, step)
 
+    limit = cfg.train.time_limit_s
+    every = (cfg.checkpoint.every_steps, cfg.log.eval_every_steps, cfg.log.histogram_every_steps)
     batches = task.data.batches(cfg.seed, start)
     t0 = time.time()
+
+    def local_flags(sig) -> tuple[bool, bool]:
+        """(a signal arrived, the time limit is reached) on this process."""
+        return sig.signum is not None, limit > 0 and time.time() - t0 >= limit
+
+    def dispatch(s: int, raw, sig) -> _Pending:
+        """Build and enqueue step s (asynchronously): keys and data are pure functions of
+        (seed, s, rank), so a discarded step is redone identically."""
+        kd, ko = mx.random.split(step_key(cfg.seed, s))
+        data = task.data.prepare_shard(kd, raw, R, N)
+        key = dist.fold_rank(ko, R, N)
+        snap = snapshot(module, optimizer)
+        metrics = step_fn(key, data)
+        stop = None
+        if N > 1:  # every rank learns whether any rank wants to stop after step s (one tiny all-reduce)
+            stop = mx.distributed.all_sum(mx.array([float(f) for f in local_flags(sig)]), group=dist.world())
+        mx.async_eval(metrics, module.state, optimizer.state, *(() if stop is None else (stop,)))
+        return _Pending(s, raw, snap, metrics, key, data, stop)
+
     step = start
+    stopped_early = False
     try:
         with _Signals() as sig:
+            cur = dispatch(step, next(batches), sig) if step < total else None
             while step < total:
-                kd, ko = mx.random.split(step_key(cfg.seed, step))
-                data = task.data.prepare(kd, next(batches))
-                snap = snapshot(module, optimizer)
-                metrics = step_fn(ko, data)
-                mx.eval(metrics)
+                p, cur = cur, None
+                n1 = step + 1
+                # step t+1 may run ahead unless something after step t needs its state
+                if cfg.train.pipeline and n1 < total and all(n1 % e for e in every) and not (N == 1 and any(local_flags(sig))):
+                    cur = dispatch(n1, next(batches), sig)
+                metrics = p.metrics
                 loss, gn = float(metrics["loss"]), float(metrics["grad_norm"])
                 if not _finite(loss, gn):
-                    rollback(module, optimizer, snap)
+                    redo = cur
+                    cur = None  # the already-dispatched step t+1 ran on the bad state: discard it
+                    rollback(module, optimizer, p.snap)
                     if cfg.train.nan_policy == "stop" or skipped >= cfg.train.max_skipped:
                         path = save(step, nonfinite_step=step)
                         why = (f"non-finite loss or gradient in step {step + 1} of {total} (loss={loss}, grad_norm={gn})"
@@ -202,6 +311,8 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, task=None, resume: bool
                                              f"Lower optim.lr, or set train.nan_policy = \"skip\" to skip such steps.")
                     skipped += 1
                     log.scalars(step + 1, {"skipped_steps": skipped}, prefix="train/")
+                    if redo is not None:  # redo step t+1 from the rolled-back state, on the same batch
+                        cur = dispatch(n1, redo.raw, sig)
                 step += 1
                 prog.update(1, epoch=task.data.position(step - 1)[0], loss=loss)
                 if step % cfg.log.every_steps == 0 or step == total:
@@ -211,7 +322,7 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, task=None, resume: bool
                     log.scalars(step, vals, prefix="train/")
                     prog.line()
                 if step % cfg.log.histogram_every_steps == 0:
-                    log_histograms(step, ko, data)
+                    log_histograms(step, p.key, p.data)
                 is_best = False
                 if step % cfg.log.eval_every_steps == 0 or step == total:
                     v = validate(step)
@@ -219,25 +330,49 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, task=None, resume: bool
                     log_images(step)
                 if step % cfg.checkpoint.every_steps == 0 or step == total or is_best:
                     save(step, is_best=is_best)
-                if sig.signum is not None:
-                    path = save(step)
-                    name = signal.Signals(sig.signum).name
-                    raise Interrupted(f"{name} received: stopped after step {step}; checkpoint {path}. "
-                                      f"Run the same command again to resume.", sig.signum)
+                if p.stop is not None:
+                    interrupted, timed_out = (bool(f > 0) for f in p.stop.tolist())
+                else:
+                    interrupted, timed_out = local_flags(sig)
+                if (interrupted or timed_out) and step < total:
+                    if cur is not None:  # discard the step dispatched ahead: back to the state after this one
+                        rollback(module, optimizer, cur.snap)
+                        cur = None
+                    path = save(step) if saved["step"] != step else ckpts.dir / f"ckpt-{step:09d}.json"
+                    if interrupted:
+                        signum = sig.signum if sig.signum is not None else signal.SIGTERM
+                        who = (f"{signal.Signals(signum).name} received" if sig.signum is not None
+                               else "another process was interrupted")
+                        raise Interrupted(f"{who}: stopped after step {step}; checkpoint {path}. "
+                                          f"Run the same command again to resume.", signum)
+                    stopped_early = True
+                    echo(f"train.time_limit_s = {limit:g} s reached: stopped after step {step} of {total}; "
+                         f"checkpoint {path}. Run the same command again to continue.")
+                    break
+                if cur is None and step < total:
+                    cur = dispatch(step, next(batches), sig)
     except CheckpointError as e:
         raise TrainingError(str(e)) from e
     finally:
         prog.close()
-        if step < total:
+        if step < total and not stopped_early:
             log.close()
     elapsed = time.time() - t0
-    result = {"steps": total, "skipped_steps": skipped, "train_seconds": elapsed, "best_valid": best}
+    result = {"steps": step, "total_steps": total, "skipped_steps": skipped, "train_seconds": elapsed,
+              "best_valid": best, "world_size": N, "stopped_early": stopped_early}
+    if not main:
+        log.close()
+        return result
     if final_eval:
         result.update(evaluate_run(cfg, task, run_dir, log=log, echo=echo))
-    log.hparams(_flat_hparams(cfg_dict), {k: v for k, v in result.items() if isinstance(v, (int, float))})
+    log.hparams(_flat_hparams(cfg_dict), {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
     log.close()
     (run_dir / "results.json").write_text(json.dumps(result, indent=1, sort_keys=True))
     return result
+
+
+def _silent(*args, **kwargs) -> None:
+    pass
 
 
 def evaluate_run(cfg: ExperimentConfig, task, run_dir: Path, log: MetricsLog | None = None, echo=print) -> dict:

@@ -77,10 +77,12 @@ def global_norm(grads) -> mx.array:
     return mx.sqrt(sum(mx.sum(mx.square(g.astype(mx.float32))) for _, g in tree_flatten(grads)))
 
 
-def local_train_step(objective, optimizer, compile: bool = True):
+def local_train_step(objective, optimizer, compile: bool = True, grad_reduce=None):
     """``step(key, data) -> metrics`` (loss, grad_norm, objective metrics): one gradient
     step of the objective on all parameters of ``objective.trainable()``, then the
     objective's running-state update (``_loss_aux``/``update_state`` when it has them).
+    ``grad_reduce`` maps ``{"grads", "loss", "metrics", "aux"}`` to the same tree inside
+    the step (data-parallel: :func:`genmlx.distributed.all_mean`, one all-reduce).
 
     The compiled function returns ONE stacked array of the scalar metrics, unpacked
     outside: MLX 0.32.4's compiler fails (``IndexError: _Map_base::at``) on a
@@ -101,6 +103,9 @@ def local_train_step(objective, optimizer, compile: bool = True):
 
     def step(key, data):
         (loss, (metrics, aux)), grads = vg(key, data)
+        if grad_reduce is not None:
+            r = grad_reduce({"grads": grads, "loss": loss, "metrics": metrics, "aux": aux})
+            grads, loss, metrics, aux = r["grads"], r["loss"], r["metrics"], r["aux"]
         gn = global_norm(grads)
         optimizer.update(module, grads)
         if aux:
@@ -121,17 +126,19 @@ def local_train_step(objective, optimizer, compile: bool = True):
     return unpacked
 
 
-def make_train_step(objective, optimizer, compile: bool = True):
+def make_train_step(objective, optimizer, compile: bool = True, grad_reduce=None):
     """``gm.amortized.make_train_step`` for amortized objectives, falling back to
     :func:`local_train_step` when it is unavailable or its compiled form fails to build
-    (the failure happens while tracing, before any state changes)."""
+    (the failure happens while tracing, before any state changes). ``grad_reduce``: see
+    :func:`local_train_step` (None on one process)."""
     if getattr(objective, "harness_local", False):
-        return local_train_step(objective, optimizer, compile)
+        return local_train_step(objective, optimizer, compile, grad_reduce)
     try:
         from genmlx.amortized import make_train_step as mts
     except ImportError:
-        return local_train_step(objective, optimizer, compile)
-    box = {"fn": mts(objective, optimizer, compile=compile), "fallback": False}
+        return local_train_step(objective, optimizer, compile, grad_reduce)
+    kw = {"grad_reduce": grad_reduce} if grad_reduce is not None else {}
+    box = {"fn": mts(objective, optimizer, compile=compile, **kw), "fallback": False}
 
     def step(key, data):
         try:
@@ -141,7 +148,7 @@ def make_train_step(objective, optimizer, compile: bool = True):
                 raise
             warnings.warn(f"gm.amortized.make_train_step failed to compile ({e}); using the harness's "
                           "packed-metrics step instead", RuntimeWarning, stacklevel=2)
-            box["fn"], box["fallback"] = local_train_step(objective, optimizer, compile), True
+            box["fn"], box["fallback"] = local_train_step(objective, optimizer, compile, grad_reduce), True
             return box["fn"](key, data)
 
     return step
