@@ -133,9 +133,32 @@ class Handler:
         _local.noise = None
         self.subtraces: dict[Path, Any] = {}
         self._prefixes: set[Path] = set()
-        self.score = mx.array(0.0)
-        self.weight = mx.array(0.0)
+        # None until the first term arrives: no graph node for an identity "0 + term"
+        self._score: mx.array | None = None
+        self._weight: mx.array | None = None
         self._count = 0
+
+    @property
+    def score(self) -> mx.array:
+        """Σ of the recorded sub-traces' scores (0 before any)."""
+        return mx.array(0.0) if self._score is None else self._score
+
+    @score.setter
+    def score(self, value) -> None:
+        self._score = value
+
+    @property
+    def weight(self) -> mx.array:
+        """The operation's accumulated weight (0 before any term)."""
+        return mx.array(0.0) if self._weight is None else self._weight
+
+    @weight.setter
+    def weight(self, value) -> None:
+        self._weight = value
+
+    def add_weight(self, w) -> None:
+        """weight += w, without a ``0 + w`` node for the first term."""
+        self._weight = w if self._weight is None else self._weight + w
 
     def next_key(self, gen_fn=None) -> mx.array:
         """The key for the next site: the execution key with a site-specific constant
@@ -177,7 +200,7 @@ class Handler:
         self.subtraces[path] = sub
         for i in range(1, len(path) + 1):
             self._prefixes.add(path[:i])
-        self.score = self.score + sub.score
+        self._score = sub.score if self._score is None else self._score + sub.score
 
     def visit(self, path: Path, gen_fn, args: tuple) -> Any:
         self.check_fresh(path)
@@ -231,7 +254,7 @@ class GenerateHandler(Handler):
         if sub_c.is_empty():
             return self.simulate_site(gen_fn, args)
         tr, w = gen_fn.generate(self.next_key(gen_fn), args, sub_c)
-        self.weight = self.weight + w
+        self.add_weight(w)
         return tr
 
 
@@ -277,10 +300,9 @@ class UpdateHandler(Handler):
                 self.weight = self.weight - prev_sub.score
                 self.discard = self.discard.set_submap(path, prev_sub.choices)
             if sub_c.is_empty():
-                tr, w = gen_fn.simulate(self.next_key(gen_fn), args), mx.array(0.0)
-            else:
-                tr, w = gen_fn.generate(self.next_key(gen_fn), args, sub_c)
-        self.weight = self.weight + w
+                return gen_fn.simulate(self.next_key(gen_fn), args)  # weight term 0
+            tr, w = gen_fn.generate(self.next_key(gen_fn), args, sub_c)
+        self.add_weight(w)
         return tr
 
     def finish_removed(self) -> None:
@@ -305,7 +327,7 @@ class RegenerateHandler(Handler):
             argdiffs = default_argdiffs(prev_sub.args, args)
             sub_sel = self.selection.subselection(path)
             tr, w, _ = gen_fn.regenerate(self.next_key(gen_fn), prev_sub, sub_sel, args, argdiffs)
-            self.weight = self.weight + w
+            self.add_weight(w)
             return tr
         return gen_fn.simulate(self.next_key(gen_fn), args)
 

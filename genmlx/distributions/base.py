@@ -196,6 +196,8 @@ class Distribution(GenerativeFunction):
 
     # -- GFI -----------------------------------------------------------------------
     def _score(self, value) -> mx.array:
+        """Σ log p(value) over the choice's elements (the GF score). Families may override
+        it to sum parameter-only terms in closed form (see :func:`sum_broadcast`)."""
         return mx.sum(self._log_prob(value))
 
     def simulate(self, key, args=()):
@@ -293,6 +295,17 @@ class Distribution(GenerativeFunction):
     __hash__ = object.__hash__
 
 
+def sum_broadcast(c: mx.array, shape: tuple) -> mx.array:
+    """Σ of ``c`` broadcast to ``shape``, without materialising the broadcast:
+    sum(c) · (|shape| / |c|) (each element of c is repeated equally often)."""
+    size = 1
+    for d in shape:
+        size *= d
+    reps = size // max(c.size, 1)
+    total = mx.sum(c) if c.ndim else c
+    return total if reps == 1 else total * reps
+
+
 def _as_array(v) -> mx.array:
     if isinstance(v, mx.array):
         return v
@@ -306,6 +319,12 @@ def _show(v) -> str:
         except ValueError:
             return f"array of shape {tuple(v.shape)}"
     return repr(v)
+
+
+def is_static(x, value: float) -> bool:
+    """Whether the parameter ``x`` was given as the plain Python number ``value``
+    (known at trace time, so an operation with it as identity can be skipped)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == value
 
 
 def param(x, dtype=mx.float32) -> mx.array:

@@ -12,7 +12,7 @@ import mlx.core as mx
 
 from genmlx.distributions import constraints as C
 from genmlx.distributions._util import batch_shape, check, is_infinite, open_uniform, bounded_support
-from genmlx.distributions.base import Distribution, param
+from genmlx.distributions.base import Distribution, is_static, param, sum_broadcast
 from genmlx.distributions.special import (
     HALF_LOG_2PI,
     LOG_2,
@@ -33,6 +33,8 @@ class Normal(Distribution):
 
     def __init__(self, mu=0.0, sigma=1.0, *, shape=None):
         self.mu, self.sigma = param(mu), param(sigma)
+        # statically standard location/scale (Python 0 / 1): x = μ + σε skips the no-op terms
+        self._zero_mu, self._unit_sigma = is_static(mu, 0.0), is_static(sigma, 1.0)
         ps = {"mu": self.mu, "sigma": self.sigma}
         self._init(ps, batch_shape(self.name, ps, shape))
 
@@ -46,13 +48,21 @@ class Normal(Distribution):
         return self._from_noise(mx.random.normal(shape=shape, key=key))
 
     def _from_noise(self, eps):
-        return self.mu + self.sigma * eps
+        x = eps if self._unit_sigma else self.sigma * eps
+        return x if self._zero_mu else self.mu + x
 
     def _log_prob(self, x):
         # (μ − x) rather than (x − μ): under mx.vmap a batched μ on the left keeps the
         # particle axis leading, avoiding a transpose of [n, data] intermediates.
         z = (self.mu - x) / self.sigma
         return -0.5 * z * z - mx.log(self.sigma) - HALF_LOG_2PI
+
+    def _score(self, x):
+        """Σ log p(x) = −½ Σ z² − Σ_bcast (log σ + ½ log 2π), z = (μ − x)/σ: only z² is
+        computed per element; the factor −½ and the normaliser are applied once."""
+        z = (self.mu - x) / self.sigma
+        zz = z * z
+        return -0.5 * mx.sum(zz) - sum_broadcast(mx.log(self.sigma) + HALF_LOG_2PI, zz.shape)
 
     def mean(self):
         return mx.broadcast_to(self.mu, self.shape)
@@ -155,6 +165,11 @@ class Laplace(Distribution):
     def _log_prob(self, x):
         return -mx.abs(x - self.loc) / self.scale - mx.log(2.0 * self.scale)
 
+    def _score(self, x):
+        """Σ log p(x) = −Σ |loc − x|/scale − Σ_bcast log(2 scale)."""
+        e = mx.abs(self.loc - x) / self.scale
+        return -mx.sum(e) - sum_broadcast(mx.log(2.0 * self.scale), e.shape)
+
     def mean(self):
         return mx.broadcast_to(self.loc, self.shape)
 
@@ -187,6 +202,12 @@ class Cauchy(Distribution):
         z = (x - self.loc) / self.scale
         return -_LOG_PI - mx.log(self.scale) - mx.log1p(z * z)
 
+    def _score(self, x):
+        """Σ log p(x) = −Σ log(1 + z²) − Σ_bcast (log π + log scale), z = (loc − x)/scale."""
+        z = (self.loc - x) / self.scale
+        e = mx.log1p(z * z)
+        return -mx.sum(e) - sum_broadcast(_LOG_PI + mx.log(self.scale), e.shape)
+
 
 class HalfNormal(Distribution):
     """|N(0, sigma²)|: log p(x) = log 2 − ½(x/σ)² − log σ − ½ log 2π on x ≥ 0. x = σ|ε|."""
@@ -211,6 +232,12 @@ class HalfNormal(Distribution):
         z = x / self.sigma
         lp = LOG_2 - 0.5 * z * z - mx.log(self.sigma) - HALF_LOG_2PI
         return mx.where(x >= 0, lp, -mx.inf)
+
+    def _score(self, x):
+        """Σ log p(x) = −½ Σ z² + Σ_bcast (log 2 − log σ − ½ log 2π), z = x/σ (−∞ if any x < 0)."""
+        z = x / self.sigma
+        e = mx.where(x >= 0, z * z, mx.inf)
+        return -0.5 * mx.sum(e) + sum_broadcast(LOG_2 - mx.log(self.sigma) - HALF_LOG_2PI, e.shape)
 
     def mean(self):
         return mx.broadcast_to(self.sigma * math.sqrt(2 / math.pi), self.shape)
@@ -271,6 +298,14 @@ class LogNormal(Distribution):
         z = (lx - self.mu) / self.sigma
         lp = -lx - mx.log(self.sigma) - HALF_LOG_2PI - 0.5 * z * z
         return mx.where(pos, lp, -mx.inf)
+
+    def _score(self, x):
+        """Σ log p(x) = −Σ (log x + ½ z²) − Σ_bcast (log σ + ½ log 2π), z = (μ − log x)/σ."""
+        pos = x > 0
+        lx = mx.log(mx.where(pos, x, 1.0))
+        z = (self.mu - lx) / self.sigma
+        e = mx.where(pos, lx + 0.5 * z * z, mx.inf)
+        return -mx.sum(e) - sum_broadcast(mx.log(self.sigma) + HALF_LOG_2PI, e.shape)
 
     def mean(self):
         return mx.broadcast_to(mx.exp(self.mu + 0.5 * self.sigma**2), self.shape)

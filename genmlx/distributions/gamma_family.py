@@ -12,7 +12,7 @@ import mlx.core as mx
 from genmlx.distributions import constraints as C
 from genmlx.distributions._gamma import standard_gamma
 from genmlx.distributions._util import batch_shape, check
-from genmlx.distributions.base import Distribution, param
+from genmlx.distributions.base import Distribution, param, sum_broadcast
 from genmlx.distributions.special import lgamma, log_beta
 
 _LOG_PI = math.log(math.pi)
@@ -207,6 +207,15 @@ class StudentT(Distribution):
             lgamma(0.5 * (nu + 1.0)) - lgamma(0.5 * nu) - 0.5 * (mx.log(nu) + _LOG_PI)
             - mx.log(self.scale) - 0.5 * (nu + 1.0) * mx.log1p(t * t / nu)
         )
+
+    def _score(self, x):
+        """Σ log p(x) = −Σ ½(ν + 1) log(1 + t²/ν) + Σ_bcast c(ν, scale), t = (loc − x)/scale,
+        c = log Γ((ν+1)/2) − log Γ(ν/2) − ½ log(νπ) − log scale."""
+        nu = self.df
+        t = (self.loc - x) / self.scale
+        e = 0.5 * (nu + 1.0) * mx.log1p(t * t / nu)
+        c = lgamma(0.5 * (nu + 1.0)) - lgamma(0.5 * nu) - 0.5 * (mx.log(nu) + _LOG_PI) - mx.log(self.scale)
+        return -mx.sum(e) + sum_broadcast(c, e.shape)
 
     def mean(self):
         return mx.broadcast_to(mx.where(self.df > 1, self.loc, mx.nan), self.shape)
