@@ -6,9 +6,9 @@ Tolerances come from float32 rounding: for the weight summary
 |Δ logsumexp| ≤ 2⁻²³ (|lse| + 2 (⌈n/T⌉ + log₂ T + 2)) (serial chunk of ⌈n/T⌉ terms, a
 log₂ T-level tree, the final log and add), and |Δ ESS|/ESS ≤ 3 of those (ESS = S1²/S2
 here, exp(2 lse − lse₂) in the reference). Ancestors must be equal wherever both CDFs are
-exact in float32 (a power-of-two number of equal weights among −inf ones, one finite weight); otherwise every slot where
-they differ must be explained by the CDF rounding: u_j lies within ``cdf_tol`` of the
-reference CDF at the kernel's ancestor boundary, and such slots are few.
+exact in float32 (a power-of-two number of equal weights among −inf ones, one finite weight);
+otherwise every ancestor must be right for the float64 CDF up to the kernel's rounding
+bound, and (n ≤ 10⁴) differ from the reference's in a handful of slots at most.
 """
 
 from __future__ import annotations
@@ -73,21 +73,36 @@ def check_weight_summary(lw: np.ndarray) -> dict:
             "max_rel_err_ess": float(rel_ess.max(initial=0)), "tol_lse": float(tol.max())}
 
 
-def explained(anc: np.ndarray, ref: np.ndarray, cdf_ref: np.ndarray, U: np.ndarray, m: int,
-              tol: float) -> bool:
-    """Every slot where ``anc`` differs from ``ref`` lies within ``tol`` of the reference
-    CDF boundary of the kernel's ancestor: C[a−1] − tol < u_j ≤ C[a] + tol."""
-    j = np.nonzero(anc != ref)[0]
-    if j.size == 0:
-        return True
-    u = (j + np.broadcast_to(U, (m,))[j].astype(np.float64)) / m
-    a = anc[j]
-    hi = cdf_ref[a].astype(np.float64)
-    lo = np.where(a > 0, cdf_ref[np.maximum(a - 1, 0)], 0.0).astype(np.float64)
+def cdf64(lw: np.ndarray) -> np.ndarray:
+    """The exact (float64) normalised CDF, uniform when every weight is −inf."""
+    lw = np.asarray(lw, np.float64)
+    w = np.exp(lw - lw.max()) if lw.max() > -np.inf else np.ones_like(lw)
+    return np.cumsum(w) / w.sum()
+
+
+def cdf_tol(n: int, threads: int = 1024) -> float:
+    """Float32 rounding bound of the kernel CDF: a serial chunk of ⌈n/T⌉ terms, a
+    log₂ T-level scan, the prefix add, the division, and m·C in the decision."""
+    return EPS * (math.ceil(n / threads) + math.log2(threads) + 6)
+
+
+def explained(anc: np.ndarray, cdf: np.ndarray, U: np.ndarray, m: int, tol: float) -> bool:
+    """Every slot's ancestor a is right up to ``tol``: C[a−1] − tol < u_j ≤ C[a] + tol,
+    u_j = (j + U_j)/m, for the (exact) CDF ``cdf``."""
+    j = np.arange(m)
+    u = (j + np.broadcast_to(U, (m,)).astype(np.float64)) / m
+    a = anc.astype(np.int64)
+    hi = np.where(a < len(cdf) - 1, cdf[a], np.inf)
+    lo = np.where(a > 0, cdf[np.maximum(a - 1, 0)], -np.inf)
     return bool(np.all((u <= hi + tol) & (u > lo - tol)))
 
 
 def check_resample(lw: np.ndarray, scheme: str, m: int, exact: bool, seed: int = 1) -> dict:
+    """Kernel ancestors vs the reference: equal when ``exact`` (both CDFs exact in
+    float32); otherwise every ancestor must be right for the float64 CDF up to
+    :func:`cdf_tol`, and, for n ≤ 10⁴, differ from the reference's in at most
+    max(8, m/1000) slots. (For larger n the reference's own serial float32 cumsum is off by
+    ~√n ε — 3·10⁻⁵ at n = 10⁵ on CPU — so its ancestors are not a sharp oracle there.)"""
     x = mx.array(lw)
     key = mx.random.key(seed)
     if scheme == "systematic":
@@ -101,19 +116,20 @@ def check_resample(lw: np.ndarray, scheme: str, m: int, exact: bool, seed: int =
     mx.eval(anc, ref, cdf_ref, U)
     anc, ref, cdf_ref, U = np.array(anc), np.array(ref), np.array(cdf_ref), np.array(U)
     n = lw.shape[0]
+    c64 = cdf64(lw)
     counts = np.bincount(anc, minlength=n)
     ref_counts = np.bincount(ref, minlength=n)
     mism = int((anc != ref).sum())
-    # CDF rounding: both sides sum ≤ n terms of size ≤ 1 relative to the total
-    tol = 4 * EPS * (math.ceil(n / 1024) + 64) + 4 * EPS
     sorted_ok = bool(np.all(np.diff(anc) >= 0)) and anc.min() >= 0 and anc.max() < n
+    right = explained(anc, c64, U, m, cdf_tol(n))
     if exact:
         ok = sorted_ok and mism == 0 and np.array_equal(counts, ref_counts)
     else:
-        ok = sorted_ok and explained(anc, ref, cdf_ref, U, m, tol) and mism <= max(8, m // 1000)
-    return {"pass": bool(ok), "mismatched_slots": mism,
+        ok = sorted_ok and right and (n > 10_000 or mism <= max(8, m // 1000))
+    return {"pass": bool(ok), "mismatched_slots": mism, "right_for_exact_cdf": right,
             "max_index_diff": int(np.abs(anc.astype(np.int64) - ref).max(initial=0)),
-            "count_l1_diff": int(np.abs(counts - ref_counts).sum())}
+            "count_l1_diff": int(np.abs(counts - ref_counts).sum()),
+            "reference_cdf_err": float(np.abs(cdf_ref - c64).max())}
 
 
 def _time(fn, reps: int) -> float:

@@ -1,0 +1,277 @@
+"""Fused inference kernels (genmlx.kernels): dispatch, transformation safety, the
+algorithms (NumPy thread-by-thread emulation) against the MLX references, and, on a GPU,
+the kernels themselves against the references (skipped visibly without one)."""
+
+from __future__ import annotations
+
+import math
+
+import genmlx  # noqa: F401
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from genmlx import kernels as K
+from genmlx.inference import resampling as R
+from genmlx.kernels import _backend as B
+from genmlx.kernels import emulate as E
+from genmlx.kernels import resample as KR
+from genmlx.kernels import selftest as S
+from genmlx.kernels import weights as KW
+
+needs_gpu = pytest.mark.skipif(B.active_backend() is None, reason="no GPU backend")
+
+
+# -- dispatch -------------------------------------------------------------------------
+def test_switch_and_env(monkeypatch):
+    x = mx.zeros((8,))
+    with B.override(False):
+        assert B.use_kernel(x) is None and B.mode() == "0"
+    monkeypatch.setenv("GENMLX_KERNELS", "bogus")
+    with pytest.raises(ValueError, match="GENMLX_KERNELS"):
+        B.mode()
+    monkeypatch.setenv("GENMLX_KERNELS", "0")
+    assert B.active_backend() is None
+    with pytest.raises(ValueError, match="kernel switch"):
+        with B.override("maybe"):
+            pass
+    assert B.use_kernel(mx.zeros((8,), dtype=mx.float16)) is None  # unsupported dtype
+    assert B.use_kernel(mx.zeros((0,))) is None
+
+
+def test_cpu_takes_generic_path():
+    if B.gpu_backend() is not None:
+        pytest.skip("default device is a GPU")
+    assert B.active_backend() is None
+    x = mx.array(np.random.default_rng(0).standard_normal(50).astype(np.float32))
+    lse, ess = K.weight_summary(x)
+    rl, re = KW.weight_summary_generic(x)
+    assert mx.array_equal(lse, rl) and mx.array_equal(ess, re)
+
+
+def test_bad_input_errors():
+    lw = mx.zeros((5,))
+    with pytest.raises(ValueError, match="m must be a positive int"):
+        K.resample_systematic(mx.array(0.5), lw, 0)
+    with pytest.raises(ValueError, match="uniforms must have shape"):
+        K.resample_stratified(mx.zeros((4,)), lw, 5)
+    with pytest.raises(ValueError, match="log_weights must have shape"):
+        K.resample_systematic(mx.array(0.5), mx.zeros((2, 3)), 3)
+    with pytest.raises(ValueError, match="at least one axis"):
+        K.weight_summary(mx.array(1.0))
+    assert K.resample_systematic(mx.array(0.5), lw, np.int64(5)).shape == (5,)
+
+
+# -- transformation safety with stand-in kernels (runs everywhere) ----------------------
+@pytest.fixture
+def fake_kernels(monkeypatch):
+    """Force the kernel path with MLX-op stand-ins whose outputs are recognisable: the
+    weight summary is offset by +1000 and scaled ×2 (so its gradient differs), the
+    search returns −7s. Under vmap/grad the generic rules must be used instead."""
+    monkeypatch.setattr(B, "use_kernel", lambda x: "cuda" if x.dtype == mx.float32 else None)
+    monkeypatch.setattr(K, "use_kernel", B.use_kernel)
+
+    def fake_ws(backend, lw):
+        lse, ess = KW.weight_summary_generic(lw)
+        return 2 * lse + 1000, ess
+
+    monkeypatch.setattr(KW, "_weight_summary_kernel", fake_ws)
+    monkeypatch.setattr(KR, "cdf_kernel", lambda backend, lw: R._cdf(lw))
+    monkeypatch.setattr(KR, "search_kernel",
+                        lambda backend, cdf, U: mx.full((U.shape[0],), -7, dtype=mx.int32))
+
+
+def test_kernel_path_taken_directly_and_compiled(fake_kernels):
+    x = mx.array([0.0, -1.0, 2.0])
+    assert float(K.weight_summary(x)[0]) > 900
+    assert float(mx.compile(lambda a: K.weight_summary(a)[0])(x)) > 900
+    assert mx.all(R.systematic(mx.random.key(0), x) == -7).item()
+    assert mx.all(mx.compile(lambda a: R.stratified(mx.random.key(0), a))(x) == -7).item()
+
+
+def test_vmap_takes_generic_path(fake_kernels):
+    xs = mx.array(np.random.default_rng(1).standard_normal((4, 6)).astype(np.float32))
+    lse, ess = mx.vmap(K.weight_summary)(xs)
+    rl, re = KW.weight_summary_generic(xs)
+    assert mx.allclose(lse, rl).item() and mx.allclose(ess, re).item()
+    keys = mx.random.split(mx.random.key(3), 4)
+    for scheme in (R.systematic, R.stratified):
+        got = mx.compile(mx.vmap(lambda k, lw: scheme(k, lw)))(keys, xs)
+        with B.override(False):
+            want = mx.vmap(lambda k, lw: scheme(k, lw))(keys, xs)
+        assert mx.array_equal(got, want).item()
+    # ESS / log_mean_exp under vmap, as vmapped SMC runs use them
+    assert mx.allclose(mx.vmap(R.effective_sample_size)(xs), re).item()
+
+
+def test_grad_takes_generic_rules(fake_kernels):
+    x = mx.array([0.3, -1.0, 2.0, 0.5])
+
+    def f(a):
+        lse, ess = K.weight_summary(a)
+        return lse + 0.1 * ess
+
+    def g(a):
+        lse, ess = KW.weight_summary_generic(a)
+        return lse + 0.1 * ess
+
+    assert mx.allclose(mx.grad(f)(x), mx.grad(g)(x), atol=1e-6).item()
+    assert mx.allclose(mx.compile(mx.grad(f))(x), mx.grad(g)(x), atol=1e-6).item()
+    _, t = mx.jvp(f, [x], [mx.ones_like(x)])
+    _, t_ref = mx.jvp(g, [x], [mx.ones_like(x)])
+    assert mx.allclose(t[0], t_ref[0], atol=1e-6).item()
+
+
+# -- the algorithms, emulated thread by thread in NumPy --------------------------------
+def _uniforms(scheme: str, m: int, seed: int = 1) -> np.ndarray:
+    shape = () if scheme == "systematic" else (m,)
+    return np.array(mx.random.uniform(shape=shape, key=mx.random.key(seed)))
+
+
+def _reference(lw: np.ndarray, U: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
+    cdf = R._cdf(mx.array(lw))
+    return np.array(R._from_strata(cdf, mx.array(U), m)), np.array(cdf)
+
+
+@pytest.mark.parametrize("n", [1, 7, 1000])
+@pytest.mark.parametrize("scheme", ["systematic", "stratified"])
+def test_search_rule_equals_reference_exactly(n, scheme):
+    """Given the reference's own CDF, the binary search reproduces its ancestors bit for
+    bit: the tie rule (x = m·C, f = ⌊x⌋, U_j ≤ x − f) is the reference's."""
+    for name, lw in S.cases(n).items():
+        for m in (n, 3 * n + 1):
+            U = _uniforms(scheme, m)
+            ref, cdf = _reference(lw, U, m)
+            assert np.array_equal(E.search(cdf, U, m), ref), (name, m)
+
+
+def test_search_rule_on_exact_boundaries():
+    """u_j landing exactly on a CDF value (U = 0, dyadic CDF) must go to the left."""
+    lw = np.log(np.array([1, 1, 2, 4], np.float32))  # C = 1/8, 1/4, 1/2, 1 (exact)
+    for U in (np.float32(0.0), np.zeros(8, np.float32)):
+        ref, cdf = _reference(lw, U, 8)
+        assert np.array_equal(E.search(cdf, U, 8), ref)
+
+
+@pytest.mark.parametrize("n", [1, 7, 1000, 100_003])
+def test_chunked_scan_and_search_against_reference(n):
+    """The whole algorithm (chunked scan → search): exact where both CDFs are exact in
+    float32 (dyadic and one-finite weights); else every ancestor is right for the float64
+    CDF up to the kernel's rounding bound and (n ≤ 10⁴) few slots differ from the
+    reference's."""
+    m = n if n <= 1000 else 2000  # the NumPy search is a Python loop: fewer slots for 1e5
+    for name, lw in S.cases(n).items():
+        c = E.cdf(lw)
+        for scheme in ("systematic", "stratified"):
+            U = _uniforms(scheme, m)
+            ref, cdf_ref = _reference(lw, U, m)
+            anc = E.search(c, U, m)
+            assert np.all(np.diff(anc) >= 0)
+            if name in ("dyadic", "one_finite"):
+                assert np.array_equal(c, cdf_ref), name
+                assert np.array_equal(anc, ref), (name, scheme)
+                assert np.array_equal(np.bincount(anc, minlength=n), np.bincount(ref, minlength=n))
+            else:
+                tol = S.cdf_tol(n)
+                assert np.abs(c - S.cdf64(lw)).max() <= tol, name
+                assert S.explained(anc, S.cdf64(lw), U, m, tol), (name, scheme)
+                if n <= 10_000:  # beyond, the reference's serial cumsum is itself ~√n ε off
+                    assert (anc != ref).sum() <= max(8, m // 1000), (name, scheme)
+
+
+def test_one_finite_weight_takes_every_slot():
+    lw = np.full(1000, -np.inf, np.float32)
+    lw[417] = 3.0
+    anc = E.search(E.cdf(lw), _uniforms("stratified", 1000), 1000)
+    assert np.all(anc == 417)
+
+
+@pytest.mark.parametrize("n", [1, 7, 1000, 5003])
+def test_online_weight_summary_against_generic(n):
+    for name, lw in S.cases(n).items():
+        lse, ess = E.weight_summary(lw)
+        rl, re = (np.array(a) for a in KW.weight_summary_generic(mx.array(lw)))
+        if name == "all_neg_inf":
+            assert lse == -np.inf and np.isnan(ess) and rl == -np.inf and np.isnan(re)
+            continue
+        tol = S.lse_tol(rl, n, threads=32)
+        assert abs(lse - rl) <= tol, name
+        assert abs(ess - re) <= 3 * tol * re, name
+
+
+def test_selftest_checks_catch_a_wrong_kernel(monkeypatch):
+    """The selftest's comparisons can fail: an off-by-one search and a biased lse must
+    be reported as failures (emulated kernels stand in for the GPU ones)."""
+    monkeypatch.setattr(B, "use_kernel", lambda x: "cuda")
+    monkeypatch.setattr(KR, "cdf_kernel", lambda b, lw: mx.array(E.cdf(np.array(lw))))
+    good = lambda b, cdf, U: mx.array(E.search(np.array(cdf), np.array(U), U.shape[0]))  # noqa: E731
+    monkeypatch.setattr(KR, "search_kernel", good)
+    lw = S.cases(1000)["normal"]
+    assert S.check_resample(lw, "stratified", 1000, exact=False)["pass"]
+    assert S.check_resample(S.cases(1000)["dyadic"], "systematic", 1000, exact=True)["pass"]
+    monkeypatch.setattr(KR, "search_kernel",
+                        lambda b, cdf, U: mx.minimum(good(b, cdf, U) + 1, cdf.shape[0] - 1))
+    assert not S.check_resample(lw, "stratified", 1000, exact=False)["pass"]
+
+    def emulated(backend, x):
+        lse, ess = E.weight_summary(np.array(x))
+        return mx.array(lse), mx.array(ess)
+
+    monkeypatch.setattr(KW, "_weight_summary_kernel", emulated)
+    assert S.check_weight_summary(lw)["pass"]
+    monkeypatch.setattr(KW, "_weight_summary_kernel",
+                        lambda b, x: (emulated(b, x)[0] + 1e-4, emulated(b, x)[1]))
+    assert not S.check_weight_summary(lw)["pass"]
+
+
+# -- the kernels themselves (GPU only) ------------------------------------------------
+@needs_gpu
+@pytest.mark.parametrize("n", S.SIZES)
+def test_gpu_weight_summary(n):
+    for name, lw in S.cases(n).items():
+        r = S.check_weight_summary(lw)
+        assert r["pass"], (name, r)
+    rows = np.stack([S.cases(n, seed=s)["normal"] for s in range(3)])
+    assert S.check_weight_summary(rows)["pass"]
+
+
+@needs_gpu
+@pytest.mark.parametrize("n", S.SIZES)
+@pytest.mark.parametrize("scheme", ["systematic", "stratified"])
+def test_gpu_resampling(n, scheme):
+    for name, lw in S.cases(n).items():
+        r = S.check_resample(lw, scheme, n, exact=name in ("dyadic", "one_finite"))
+        assert r["pass"], (name, r)
+    for m in (37, 4099):
+        assert S.check_resample(S.cases(1000)["normal"], scheme, m, exact=False)["pass"]
+
+
+@needs_gpu
+def test_gpu_search_kernel_exact_on_reference_cdf():
+    """The search kernel fed the reference CDF reproduces the reference bit for bit."""
+    backend = B.active_backend()
+    for n in (7, 1000, 100_003):
+        for name, lw in S.cases(n).items():
+            x = mx.array(lw)
+            cdf = R._cdf(x)
+            Us = mx.random.uniform(shape=(n,), key=mx.random.key(2))
+            u = mx.random.uniform(shape=(), key=mx.random.key(2))
+            for U_kernel, U_ref in ((Us, Us), (mx.broadcast_to(u, (n,)), u)):
+                got = KR.search_kernel(backend, cdf, U_kernel)
+                want = R._from_strata(cdf, U_ref, n)
+                assert mx.array_equal(got, want).item(), (n, name)
+
+
+@needs_gpu
+def test_gpu_kernels_under_compile_and_vmap():
+    xs = mx.array(np.random.default_rng(5).standard_normal((3, 500)).astype(np.float32))
+    lse, ess = mx.compile(K.weight_summary)(xs)
+    rl, re = KW.weight_summary_generic(xs)
+    assert mx.allclose(lse, rl, atol=1e-4).item() and mx.allclose(ess, re, rtol=1e-4).item()
+    keys = mx.random.split(mx.random.key(0), 3)
+    got = mx.compile(mx.vmap(R.systematic))(keys, xs)
+    with B.override(False):
+        want = mx.vmap(R.systematic)(keys, xs)
+    assert mx.array_equal(got, want).item()
+    one = mx.compile(lambda k, x: R.systematic(k, x))(keys[0], xs[0])
+    assert one.shape == (500,) and one.dtype == mx.int32
