@@ -29,3 +29,11 @@ from genmlx.inference.mala import mala, mala_kernel  # noqa: F401,E402
 from genmlx.inference.nuts import NUTSKernel, nuts  # noqa: F401,E402
 from genmlx.inference.mcmc import MCMCResult  # noqa: F401,E402
 from genmlx.inference.advi import ADVIResult, advi  # noqa: F401,E402
+# particle-parallel (mx.distributed) importance sampling and SMC
+from genmlx.inference.sharded import (  # noqa: F401,E402
+    ShardedParticles,
+    ShardedSMCResult,
+    sharded_importance_resampling,
+    sharded_importance_sampling,
+    sharded_smc,
+)

@@ -48,6 +48,9 @@ from genmlx.inference._util import (
     cached_call,
     choice_paths,
     covered,
+    flatten_particles,
+    gather_rows,
+    rebuild_particles,
     set_particle,
     take_particles,
     vmap_particles,
@@ -195,8 +198,11 @@ class _Ancestry:
     the same object afterwards), the step is redone on the resolved trace.
     """
 
-    def __init__(self, enabled: bool):
+    def __init__(self, enabled: bool, take_rows: Callable | None = None):
         self.enabled = enabled
+        # ``take_rows(leaves, idx) -> leaves``: row gather (particle-sharded runs pass a
+        # cross-process gather; ``idx`` then holds global indices)
+        self.take_rows = gather_rows if take_rows is None else take_rows
         self.history: list = []  # ancestor indices of each resampling
         self.epoch: dict = {}  # step -> number of resamplings its rows reflect
 
@@ -207,15 +213,19 @@ class _Ancestry:
 
     def resample(self, traces: Trace, idx: mx.array) -> Trace:
         if not self._applies(traces):
-            return take_particles(traces, idx)
+            leaves, td = flatten_particles(traces)
+            out = self.take_rows(leaves, idx)
+            return rebuild_particles(td, out, traces.args, int(out[0].shape[0]) if out else traces.batch_size)
         K = len(self.history)
         steps = list(traces.steps)
         for t in range(len(steps)):
             self.epoch.setdefault(t, K)
         self.history.append(idx)
-        steps[-1] = _take_sub(steps[-1], idx)
+        steps[-1] = _take_sub(steps[-1], idx, self.take_rows)
         self.epoch[len(steps) - 1] = K + 1
-        return replace(traces, steps=tuple(steps), score_=mx.take(traces.score_, idx, axis=0))
+        score = self.take_rows([traces.score_], idx)[0]
+        return replace(traces, steps=tuple(steps), score_=score,
+                       batch_size=int(score.shape[0]))
 
     def stale(self, traces) -> bool:
         K = len(self.history)
@@ -235,7 +245,7 @@ class _Ancestry:
         for t in range(len(steps)):
             e = self.epoch.get(t, K)
             if e < K:
-                steps[t] = _take_sub(steps[t], comp[e])
+                steps[t] = _take_sub(steps[t], comp[e], self.take_rows)
             self.epoch[t] = K
         return replace(traces, steps=tuple(steps))
 
@@ -253,11 +263,9 @@ class _Ancestry:
         return fn(self.resolve(traces))
 
 
-def _take_sub(sub, idx):
+def _take_sub(sub, idx, take_rows=gather_rows):
     leaves, td = tree_flatten(sub)
-    from genmlx.inference._util import gather_rows
-
-    return tree_unflatten(td, gather_rows(leaves, idx))
+    return tree_unflatten(td, take_rows(leaves, idx))
 
 
 # -- SMC -----------------------------------------------------------------------------
@@ -284,21 +292,60 @@ def smc(key: mx.array, model: GenerativeFunction, args: tuple, observations, n: 
     """
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"smc: n must be a positive int, got {n!r}")
+    out = run_smc(key, model, args, observations, n, proposal=proposal, proposal_args=proposal_args,
+                  resampling=resampling, ess_threshold=ess_threshold, rejuvenation=rejuvenation,
+                  step_args=step_args, callback=callback, progress=progress, compile=compile)
+    return SMCResult(out.traces, out.log_weights, out.ess_history, out.resampled)
+
+
+@dataclass(frozen=True)
+class SMCRun:
+    """Raw output of :func:`run_smc`: this process's particles and log-weights, the
+    global log-weights (equal to ``log_weights`` without a communicator), the ESS
+    history, the resampling flags and the ancestor indices of each resampling."""
+
+    traces: Trace
+    log_weights: mx.array
+    global_log_weights: mx.array
+    ess_history: tuple
+    resampled: tuple
+    ancestors: tuple
+
+
+def run_smc(key: mx.array, model: GenerativeFunction, args: tuple, observations, n_local: int, *,
+            proposal: GenerativeFunction | None = None, proposal_args: tuple = (),
+            resampling: str | Callable = "systematic", ess_threshold: float = 0.5,
+            rejuvenation: Callable | None = None,
+            step_args: Callable[[int], tuple] | None = None,
+            callback: Callable[[int, Trace, mx.array], None] | None = None,
+            progress: bool = True, compile: bool = False, comm=None) -> SMCRun:
+    """The SMC loop behind :func:`smc` with ``n_local`` particles in this process.
+
+    ``comm`` (None: one process) shards the particles across processes; it provides
+    ``local_key(k)`` (this process's key for particle-wise randomness; resampling keys
+    stay shared), ``gather(lw)`` (the global log-weights [n], identical everywhere),
+    ``local(x)`` (this process's slice of a global [n] array), ``sort_ancestors`` and
+    ``take_rows(leaves, idx)`` (rows ``idx`` — global indices — of the global particle
+    arrays, for this process's slots). Resampling decisions and ancestors are then
+    computed by the same code on the same global weights in every process.
+    """
     if not 0.0 <= ess_threshold <= 1.0:
         raise ValueError(f"smc: ess_threshold must lie in [0, 1], got {ess_threshold!r}")
     R.get_scheme(resampling)
     args, pargs = tuple(args), tuple(proposal_args or ())
     T, obs_at, args_at = _steps(args, observations, step_args, model)
     keys = mx.random.split(key, 3 * T).reshape(T, 3, -1)
-    ess_hist, flags = [], []
-    traces = lw = None
-    anc = _Ancestry(enabled=step_args is None)
+    ess_hist, flags, ancestors = [], [], []
+    traces = lw = glw = None
+    anc = _Ancestry(enabled=step_args is None, take_rows=None if comm is None else comm.take_rows)
     for t in tqdm(range(T), disable=not progress, desc="smc"):
         k_ext, k_res, k_rej = keys[t]
+        if comm is not None:
+            k_ext, k_rej = comm.local_key(k_ext), comm.local_key(k_rej)
         a_t, d_t = args_at(t)
         obs = obs_at(t)
         if t == 0:
-            traces, lw = cached_call(_init, (model, proposal, n), (model, proposal, n),
+            traces, lw = cached_call(_init, (model, proposal, n_local), (model, proposal, n_local),
                                      k_ext, a_t, obs, pargs, compile=compile)
         else:
             if proposal is not None:  # a proposal may read any earlier step
@@ -311,12 +358,17 @@ def smc(key: mx.array, model: GenerativeFunction, args: tuple, observations, n: 
         if callback is not None:
             traces = anc.resolve(traces)
             callback(t, traces, lw)
-        idx, lw, ess, did = cached_call(_resample, (resampling, float(ess_threshold)),
-                                        (resampling, float(ess_threshold)), k_res, lw)
-        mx.eval(idx, lw, ess, did)
+        glw = lw if comm is None else comm.gather(lw)
+        idx, glw, ess, did = cached_call(_resample, (resampling, float(ess_threshold)),
+                                         (resampling, float(ess_threshold)), k_res, glw)
+        mx.eval(idx, glw, ess, did)
         ess_hist.append(float(ess.item()))
         flags.append(bool(did.item()))
+        lw = glw if comm is None else comm.local(glw)
         if flags[-1]:
+            if comm is not None and comm.sort_ancestors:
+                idx = mx.sort(idx)
+            ancestors.append(idx)
             traces = anc.resample(traces, idx)
         if rejuvenation is not None:
             traces = anc.resolve(traces)
@@ -324,7 +376,7 @@ def smc(key: mx.array, model: GenerativeFunction, args: tuple, observations, n: 
         _eval_particles(traces, lw, full=rejuvenation is not None or t == 0)
     traces = anc.resolve(traces)
     _eval_particles(traces, lw)
-    return SMCResult(traces, lw, tuple(ess_hist), tuple(flags))
+    return SMCRun(traces, lw, glw, tuple(ess_hist), tuple(flags), tuple(ancestors))
 
 
 # -- conditional SMC and particle Gibbs ---------------------------------------------
