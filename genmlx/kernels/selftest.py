@@ -30,6 +30,7 @@ from genmlx.kernels.weights import weight_summary, weight_summary_generic
 
 EPS = 2.0 ** -23
 SIZES = (1, 7, 1000, 100_003)
+LARGE = 1_000_003  # weight summary: the split (two-launch) path; resampling: long scans
 
 
 def lse_tol(lse: np.ndarray, n: int, threads: int = 1024) -> np.ndarray:
@@ -171,6 +172,17 @@ def main(argv: list[str] | None = None) -> int:
                 report["checks"].append(r)
         rows = np.stack([cases(n, seed=s)["normal"] for s in range(3)])
         report["checks"].append({"kernel": "weight_summary", "n": n, "case": "batched[3,n]",
+                                 **check_weight_summary(rows)})
+    if not a.quick:
+        for name, lw in cases(LARGE).items():
+            report["checks"].append({"kernel": "weight_summary", "n": LARGE, "case": name,
+                                     **check_weight_summary(lw)})
+            for scheme in ("systematic", "stratified"):
+                report["checks"].append({"kernel": f"resample_{scheme}", "n": LARGE, "case": name,
+                                         **check_resample(lw, scheme, LARGE,
+                                                          name in ("dyadic", "one_finite"))})
+        rows = np.stack([cases(LARGE, seed=s)["normal"] for s in range(2)])
+        report["checks"].append({"kernel": "weight_summary", "n": LARGE, "case": "batched[2,n]",
                                  **check_weight_summary(rows)})
     # m != n (fewer and more slots than particles)
     lw = cases(1000)["normal"]

@@ -5,6 +5,7 @@ the kernels themselves against the references (skipped visibly without one)."""
 from __future__ import annotations
 
 import math
+import shutil
 
 import genmlx  # noqa: F401
 import mlx.core as mx
@@ -14,6 +15,7 @@ import pytest
 from genmlx import kernels as K
 from genmlx.inference import resampling as R
 from genmlx.kernels import _backend as B
+from genmlx.kernels import cuda_check
 from genmlx.kernels import emulate as E
 from genmlx.kernels import resample as KR
 from genmlx.kernels import selftest as S
@@ -224,9 +226,19 @@ def test_selftest_checks_catch_a_wrong_kernel(monkeypatch):
     assert not S.check_weight_summary(lw)["pass"]
 
 
+# -- the CUDA sources compile (wherever nvcc is installed; no GPU needed) ---------------
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+def test_cuda_sources_compile():
+    parts = cuda_check.kernels()
+    assert set(parts) >= {"weight_summary", "weight_partial", "weight_finish", "resample_cdf",
+                          "resample_search"}
+    ok, log = cuda_check.nvcc_compile(cuda_check.translation_unit(parts))
+    assert ok, log
+
+
 # -- the kernels themselves (GPU only) ------------------------------------------------
 @needs_gpu
-@pytest.mark.parametrize("n", S.SIZES)
+@pytest.mark.parametrize("n", S.SIZES + (S.LARGE,))
 def test_gpu_weight_summary(n):
     for name, lw in S.cases(n).items():
         r = S.check_weight_summary(lw)
