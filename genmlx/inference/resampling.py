@@ -59,16 +59,23 @@ def _cdf(log_weights: mx.array) -> mx.array:
     return c / c[-1]
 
 
-def _from_strata(cdf: mx.array, U: mx.array, m: int) -> mx.array:
-    """Indices for u_j = (j + U_j)/m, j < m, by counting: #{j : u_j ≤ C} =
-    ⌊mC⌋ + [U_⌊mC⌋ ≤ frac(mC)] (capped at m). Gathers and scatters only, so it vmaps
-    over keys and weights alike (unlike searchsorted over a batched CDF)."""
+def strata_counts(cdf: mx.array, U: mx.array, m: int) -> mx.array:
+    """N(C) = #{j < m : u_j ≤ C} for u_j = (j + U_j)/m, elementwise over CDF values C:
+    ⌊mC⌋ + [U_⌊mC⌋ ≤ frac(mC)] (capped at m); ``U`` is one shared uniform (systematic)
+    or one per stratum [m]."""
     x = m * cdf
     fl = mx.floor(x)
     j = mx.minimum(fl, m - 1).astype(mx.int32)
     Uj = U if U.ndim == 0 else mx.take(U, j)  # one shared U (systematic) or one per stratum
     extra = mx.logical_and(fl < m, Uj <= x - fl)  # not `&`: its vmap rule mis-batches (MLX 0.32)
-    N = mx.minimum(fl.astype(mx.int32) + extra.astype(mx.int32), m)
+    return mx.minimum(fl.astype(mx.int32) + extra.astype(mx.int32), m)
+
+
+def _from_strata(cdf: mx.array, U: mx.array, m: int) -> mx.array:
+    """Indices for u_j = (j + U_j)/m, j < m, by counting (:func:`strata_counts`).
+    Gathers and scatters only, so it vmaps over keys and weights alike (unlike
+    searchsorted over a batched CDF)."""
+    N = strata_counts(cdf, U, m)
     N = mx.concatenate([N[:-1], mx.array([m], dtype=mx.int32)])  # C_n = 1 exactly
     counts = N - mx.concatenate([mx.zeros((1,), dtype=mx.int32), N[:-1]])
     return indices_from_counts(counts, m)

@@ -51,6 +51,7 @@ process; its cost is a small fraction of the particle extension for trace-based 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -61,10 +62,10 @@ from genmlx.core.gfi import GenerativeFunction
 from genmlx.core.trace import Trace
 from genmlx.core.vectorize import unbatch
 from genmlx.inference import resampling as R
-from genmlx.inference._util import flatten_particles, gather_rows, rebuild_particles
+from genmlx.inference._util import cached_call, flatten_particles, gather_rows, rebuild_particles
 from genmlx.inference.importance import importance_resampling, importance_sampling
 from genmlx.inference.particles import WeightedParticles
-from genmlx.inference.smc import SMCResult, run_smc, smc
+from genmlx.inference.smc import SMCResult, _resample, run_smc, smc
 
 _SORTED_SCHEMES = ("systematic", "stratified", "residual")
 
@@ -96,42 +97,94 @@ class Shards:
         m = x.shape[0] // self.size
         return x[self.rank * m:(self.rank + 1) * m]
 
+    # -- resampling ----------------------------------------------------------------
+    def resample(self, key: mx.array, lw: mx.array, scheme, threshold: float):
+        """Global ESS test and resampling of the sharded particles with local
+        log-weights ``lw`` [m]: (idx [m], new lw [m], ESS, did), ``idx`` holding the
+        global source rows of this process's slots. Systematic resampling runs on local
+        data and R·2 gathered scalars (:func:`_systematic_local`); other schemes on the
+        gathered weights."""
+        if isinstance(scheme, str) and scheme == "systematic":
+            return self._systematic(key, lw, threshold)
+        glw = self.gather(lw)
+        idx, glw, ess, did = cached_call(_resample, (scheme, threshold), (scheme, threshold), key, glw)
+        if self.sort_ancestors:
+            idx = mx.sort(idx)  # the same multiset of ancestors; sorted ones move least
+        return self.local(idx), self.local(glw), ess, did
+
+    def _systematic(self, key, lw, threshold):
+        m = int(lw.shape[0])
+        stats = self.gather(mx.stack([mx.logsumexp(lw), mx.logsumexp(2 * lw)])[None])
+        payload = (self.size, self.rank, threshold)
+        ess, did, new_lw, Nb, counts = cached_call(_systematic_local, payload, payload, key, lw, stats)
+        mx.eval(ess, did, Nb)
+        if not bool(did.item()):
+            return self.rank * m + mx.arange(m, dtype=mx.int32), new_lw, ess, did
+        S = [int(v) for v in np.array(Nb)]
+        n_r = S[self.rank + 1] - S[self.rank]
+        seg = self.rank * m + (R.indices_from_counts(counts, n_r) if n_r else mx.zeros((0,), mx.int32))
+        return self._segments_to_slots(seg, S, m), new_lw, ess, did
+
+    def _segments_to_slots(self, seg: mx.array, S: list, m: int) -> mx.array:
+        """Process q holds the sources of the global slots [S_q, S_{q+1}) (``seg`` here);
+        return the sources of this process's slots [r·m, (r+1)·m). Process q exports the
+        part of its segment below its own block (to lower ranks) and above it (to higher
+        ranks); those windows are all-gathered."""
+        Rk, r = self.size, self.rank
+        L = [max(0, min(S[q + 1], q * m) - S[q]) for q in range(Rk)]
+        H = [max(0, S[q + 1] - max(S[q], (q + 1) * m)) for q in range(Rk)]
+        WL, WH = max(L), max(H)
+        if WL + WH == 0:  # every segment is its process's own block
+            return seg
+        n_r = S[r + 1] - S[r]
+        buf = mx.concatenate([_pad(seg[:L[r]], WL), _pad(seg[n_r - H[r]:], WH)])
+        table = mx.concatenate([seg, self.gather(buf)])
+        j = r * m + mx.arange(m, dtype=mx.int32)
+        owner = mx.sum(j[:, None] >= mx.array(S[1:Rk], dtype=mx.int32)[None, :], axis=1).astype(mx.int32)
+        starts = mx.array(S[:Rk], dtype=mx.int32)
+        hstarts = mx.array([max(S[q], (q + 1) * m) for q in range(Rk)], dtype=mx.int32)
+        base = n_r + owner * (WL + WH)
+        pos = mx.where(owner == r, j - S[r],
+                       mx.where(owner < r, base + WL + j - mx.take(hstarts, owner),
+                                base + j - mx.take(starts, owner)))
+        return mx.take(table, pos)
+
     # -- particle movement ---------------------------------------------------------
+    def compose(self, nxt: mx.array, c: mx.array) -> mx.array:
+        """nxt[c] for sharded ancestor vectors (global rows)."""
+        return self.take_rows([nxt], c)[0]
+
     def take_rows(self, leaves: list, idx: mx.array) -> list:
-        """Rows ``idx[rank·k:(rank+1)·k]`` (k = len(idx)/R) of the global arrays whose
-        process-r block is ``leaves`` (each with m local rows); ``idx`` holds global row
-        indices and must be identical in every process. Only exported windows of rows
-        cross processes (see the module docstring)."""
+        """Rows ``idx`` (this process's slots' global source rows) of the global arrays
+        whose block in this process is ``leaves`` (m rows each). Only windows of rows
+        needed elsewhere cross processes (see the module docstring); exact for any idx,
+        cheapest for nondecreasing idx."""
         if not leaves:
             return []
         Rk, r = self.size, self.rank
         m = int(leaves[0].shape[0])
-        k = int(idx.shape[0]) // Rk
-        blocks = idx.reshape(Rk, k)
-        bounds = np.array(mx.stack([mx.min(blocks, axis=1), mx.max(blocks, axis=1)]))
-        lo_s, hi_s = [int(v) for v in bounds[0]], [int(v) for v in bounds[1]]
+        bounds = np.array(self.gather(mx.stack([mx.min(idx), mx.max(idx)]).astype(mx.int32)[None]))
+        lo_s, hi_s = [int(v) for v in bounds[:, 0]], [int(v) for v in bounds[:, 1]]
         low, high = [], []  # per exporter q: (start, stop) local rows needed by d < q / d > q
         for q in range(Rk):
             q0, q1 = q * m, (q + 1) * m
             for dests, out in ((range(q), low), (range(q + 1, Rk), high)):
-                a = [max(lo_s[d], q0) for d in dests if lo_s[d] < q1 and hi_s[d] >= q0]
-                b = [min(hi_s[d] + 1, q1) for d in dests if lo_s[d] < q1 and hi_s[d] >= q0]
-                out.append((min(a) - q0, max(b) - q0) if a else (0, 0))
+                hit = [d for d in dests if lo_s[d] < q1 and hi_s[d] >= q0]
+                out.append((min(max(lo_s[d], q0) for d in hit) - q0,
+                            max(min(hi_s[d] + 1, q1) for d in hit) - q0) if hit else (0, 0))
         WL = max(b - a for a, b in low)
         WH = max(b - a for a, b in high)
-        mine = idx[r * k:(r + 1) * k]
-        owner = mine // m
-        loc = mine - owner * m
+        owner = idx // m
+        loc = idx - owner * m
         if WL + WH == 0:  # every source is local
             return gather_rows(leaves, loc)
         full = WL + WH >= m
         if full:
-            pos = mine  # rows of the gathered global arrays
+            pos = idx  # rows of the gathered global arrays
         else:
             ls = mx.array([min(a, m - WL) for a, _ in low], dtype=idx.dtype)
             hs = mx.array([min(a, m - WH) for a, _ in high], dtype=idx.dtype)
-            W = WL + WH
-            base = m + owner * W
+            base = m + owner * (WL + WH)
             pos = mx.where(owner == r, loc,
                            mx.where(owner < r, base + WL + loc - mx.take(hs, owner),
                                     base + loc - mx.take(ls, owner)))
@@ -149,6 +202,51 @@ class Shards:
             return out.astype(mx.bool_) if cast else out
 
         return _grouped(leaves, move)
+
+
+def _pad(x: mx.array, w: int) -> mx.array:
+    if x.shape[0] >= w:
+        return x
+    return mx.concatenate([x, mx.zeros((w - x.shape[0],), dtype=x.dtype)])
+
+
+def _systematic_local(payload, key, lw, stats):
+    """Systematic resampling's global offspring counts of this process's particles.
+
+    With per-process log-sums ℓ_q = logsumexp(lw^(q)) (``stats[:, 0]``), the global CDF
+    at local particle i of process r is C = B_r + (B_{r+1} − B_r) c_i with the process
+    boundaries B_q = Σ_{p<q} e^{ℓ_p} / Σ_p e^{ℓ_p} (computed identically everywhere from
+    the gathered scalars) and the local normalised CDF c. The number of systematic
+    points u_j = (j + U)/n, j < n, at or below C is N(C) (``strata_counts``); particle
+    i's count is N(C_i) − N(C_{i−1}), with C_{−1} = B_r and the last C set to B_{r+1}
+    exactly, so the counts of all processes telescope to N(1) − N(0) = n and process r's
+    offspring fill the global slots [N(B_r), N(B_{r+1})). Returns (ESS, did, new lw,
+    N(B) [R+1], counts [m])."""
+    Rk, r, threshold = payload
+    m = lw.shape[0]
+    n = Rk * m
+    lse, lse2 = stats[:, 0], stats[:, 1]
+    LSE = mx.logsumexp(lse)
+    ess = mx.exp(2 * LSE - mx.logsumexp(lse2))
+    did = ess < threshold * n
+    ok = LSE > -mx.inf  # all particles impossible: resample uniformly (as _safe_logits)
+    W = mx.where(ok, mx.exp(lse - LSE), mx.ones_like(lse))
+    B = mx.concatenate([mx.zeros((1,)), mx.cumsum(W)])
+    B = B / B[-1]
+    own = mx.where(ok, lse[r], mx.array(0.0))
+    w = mx.where(own > -mx.inf, mx.exp(lw - own), mx.ones_like(lw))
+    c = mx.cumsum(w)
+    c = c / c[-1]
+    C = B[r] + (B[r + 1] - B[r]) * c
+    C = mx.concatenate([C[:-1], B[r + 1:r + 2]])
+    U = mx.random.uniform(shape=(), key=key)
+    Nb = R.strata_counts(B, U, n)
+    Nb = mx.concatenate([mx.zeros((1,), mx.int32), Nb[1:Rk], mx.array([n], dtype=mx.int32)])
+    Nc = R.strata_counts(C, U, n)
+    Nc = mx.concatenate([Nc[:-1], Nb[r + 1:r + 2]])
+    counts = Nc - mx.concatenate([Nb[r:r + 1], Nc[:-1]])
+    new_lw = mx.where(did, mx.broadcast_to(LSE - math.log(n), lw.shape), lw)
+    return ess, did, new_lw, Nb, counts
 
 
 def _grouped(leaves: list, fn: Callable) -> list:
@@ -223,13 +321,13 @@ class _Sharded:
         idx = R.resample_indices(key, self.global_log_weights, m, scheme)
         if scheme not in _SORTED_SCHEMES:
             idx = mx.sort(idx)
-        return _take_global(self.shards, self.traces, idx)
+        return _take_global(self.shards, self.traces, self.shards.local(idx))
 
 
 def _take_global(sh: Shards, traces: Trace, idx: mx.array) -> Trace:
+    """The batched trace of global particles ``idx`` (this process's slots)."""
     leaves, td = flatten_particles(traces)
-    out = sh.take_rows(leaves, idx)
-    return rebuild_particles(td, out, traces.args, int(idx.shape[0]) // sh.size)
+    return rebuild_particles(td, sh.take_rows(leaves, idx), traces.args, int(idx.shape[0]))
 
 
 @dataclass(frozen=True)
@@ -291,7 +389,7 @@ def sharded_importance_resampling(key: mx.array, model: GenerativeFunction, args
                                       compile=compile)
     if m is None:
         idx = R.resample_indices(k_res, res.global_log_weights, 1, scheme)
-        tr = _take_global(sh, res.traces, mx.broadcast_to(idx, (sh.size,)))
+        tr = _take_global(sh, res.traces, idx)
         return unbatch(tr, 0), res.log_marginal_likelihood
     return res.resample(k_res, m, scheme), res.log_marginal_likelihood
 

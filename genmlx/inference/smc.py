@@ -198,11 +198,14 @@ class _Ancestry:
     the same object afterwards), the step is redone on the resolved trace.
     """
 
-    def __init__(self, enabled: bool, take_rows: Callable | None = None):
+    def __init__(self, enabled: bool, take_rows: Callable | None = None,
+                 compose: Callable | None = None):
         self.enabled = enabled
-        # ``take_rows(leaves, idx) -> leaves``: row gather (particle-sharded runs pass a
-        # cross-process gather; ``idx`` then holds global indices)
+        # ``take_rows(leaves, idx) -> leaves``: rows ``idx`` of every leaf;
+        # ``compose(nxt, c)``: nxt[c]. Particle-sharded runs pass cross-process versions
+        # (``idx`` then holds this process's slots' global source rows).
         self.take_rows = gather_rows if take_rows is None else take_rows
+        self.compose = (lambda nxt, c: mx.take(nxt, c, axis=0)) if compose is None else compose
         self.history: list = []  # ancestor indices of each resampling
         self.epoch: dict = {}  # step -> number of resamplings its rows reflect
 
@@ -214,18 +217,15 @@ class _Ancestry:
     def resample(self, traces: Trace, idx: mx.array) -> Trace:
         if not self._applies(traces):
             leaves, td = flatten_particles(traces)
-            out = self.take_rows(leaves, idx)
-            return rebuild_particles(td, out, traces.args, int(out[0].shape[0]) if out else traces.batch_size)
+            return rebuild_particles(td, self.take_rows(leaves, idx), traces.args, int(idx.shape[0]))
         K = len(self.history)
         steps = list(traces.steps)
         for t in range(len(steps)):
             self.epoch.setdefault(t, K)
         self.history.append(idx)
-        steps[-1] = _take_sub(steps[-1], idx, self.take_rows)
+        (steps[-1],), score = _take_subs([steps[-1]], idx, self.take_rows, extra=traces.score_)
         self.epoch[len(steps) - 1] = K + 1
-        score = self.take_rows([traces.score_], idx)[0]
-        return replace(traces, steps=tuple(steps), score_=score,
-                       batch_size=int(score.shape[0]))
+        return replace(traces, steps=tuple(steps), score_=score, batch_size=int(idx.shape[0]))
 
     def stale(self, traces) -> bool:
         K = len(self.history)
@@ -235,18 +235,22 @@ class _Ancestry:
         if not self.stale(traces):
             return traces
         K = len(self.history)
-        comp = {K: None}
-        c = None
-        for e in range(K - 1, -1, -1):
-            nxt = self.history[e]
-            c = nxt if c is None else mx.take(nxt, c, axis=0)
-            comp[e] = c
         steps = list(traces.steps)
+        by_epoch: dict = {}
         for t in range(len(steps)):
             e = self.epoch.get(t, K)
             if e < K:
-                steps[t] = _take_sub(steps[t], comp[e], self.take_rows)
+                by_epoch.setdefault(e, []).append(t)
             self.epoch[t] = K
+        comp, c = {}, None
+        for e in range(K - 1, min(by_epoch) - 1, -1):
+            nxt = self.history[e]
+            c = nxt if c is None else self.compose(nxt, c)
+            comp[e] = c
+        for e, ts in sorted(by_epoch.items()):  # one gather per epoch, all its steps
+            subs, _ = _take_subs([steps[t] for t in ts], comp[e], self.take_rows)
+            for t, sub in zip(ts, subs):
+                steps[t] = sub
         return replace(traces, steps=tuple(steps))
 
     def extend(self, fn, traces: Trace):
@@ -263,9 +267,17 @@ class _Ancestry:
         return fn(self.resolve(traces))
 
 
-def _take_sub(sub, idx, take_rows=gather_rows):
-    leaves, td = tree_flatten(sub)
-    return tree_unflatten(td, take_rows(leaves, idx))
+def _take_subs(subs: list, idx, take_rows=gather_rows, extra=None):
+    """Rows ``idx`` of several sub-traces (and of the array ``extra``) in one
+    ``take_rows`` call: (sub-traces, taken extra)."""
+    flats = [tree_flatten(sub) for sub in subs]
+    leaves = [x for ls, _ in flats for x in ls] + ([] if extra is None else [extra])
+    out = take_rows(leaves, idx)
+    res, i = [], 0
+    for ls, td in flats:
+        res.append(tree_unflatten(td, out[i:i + len(ls)]))
+        i += len(ls)
+    return res, (None if extra is None else out[-1])
 
 
 # -- SMC -----------------------------------------------------------------------------
@@ -323,11 +335,10 @@ def run_smc(key: mx.array, model: GenerativeFunction, args: tuple, observations,
 
     ``comm`` (None: one process) shards the particles across processes; it provides
     ``local_key(k)`` (this process's key for particle-wise randomness; resampling keys
-    stay shared), ``gather(lw)`` (the global log-weights [n], identical everywhere),
-    ``local(x)`` (this process's slice of a global [n] array), ``sort_ancestors`` and
-    ``take_rows(leaves, idx)`` (rows ``idx`` — global indices — of the global particle
-    arrays, for this process's slots). Resampling decisions and ancestors are then
-    computed by the same code on the same global weights in every process.
+    stay shared), ``resample(key, lw, scheme, threshold) -> (idx, lw, ess, did)`` (the
+    global ESS test and resampling; ``idx`` holds the global source rows of this
+    process's slots), ``take_rows(leaves, idx)`` and ``compose(nxt, c)`` (their
+    cross-process versions of row gathers) and ``gather(lw)`` (the global log-weights).
     """
     if not 0.0 <= ess_threshold <= 1.0:
         raise ValueError(f"smc: ess_threshold must lie in [0, 1], got {ess_threshold!r}")
@@ -336,8 +347,9 @@ def run_smc(key: mx.array, model: GenerativeFunction, args: tuple, observations,
     T, obs_at, args_at = _steps(args, observations, step_args, model)
     keys = mx.random.split(key, 3 * T).reshape(T, 3, -1)
     ess_hist, flags, ancestors = [], [], []
-    traces = lw = glw = None
-    anc = _Ancestry(enabled=step_args is None, take_rows=None if comm is None else comm.take_rows)
+    traces = lw = None
+    anc = _Ancestry(enabled=step_args is None, take_rows=None if comm is None else comm.take_rows,
+                    compose=None if comm is None else comm.compose)
     for t in tqdm(range(T), disable=not progress, desc="smc"):
         k_ext, k_res, k_rej = keys[t]
         if comm is not None:
@@ -358,16 +370,15 @@ def run_smc(key: mx.array, model: GenerativeFunction, args: tuple, observations,
         if callback is not None:
             traces = anc.resolve(traces)
             callback(t, traces, lw)
-        glw = lw if comm is None else comm.gather(lw)
-        idx, glw, ess, did = cached_call(_resample, (resampling, float(ess_threshold)),
-                                         (resampling, float(ess_threshold)), k_res, glw)
-        mx.eval(idx, glw, ess, did)
+        if comm is None:
+            idx, lw, ess, did = cached_call(_resample, (resampling, float(ess_threshold)),
+                                            (resampling, float(ess_threshold)), k_res, lw)
+        else:
+            idx, lw, ess, did = comm.resample(k_res, lw, resampling, float(ess_threshold))
+        mx.eval(idx, lw, ess, did)
         ess_hist.append(float(ess.item()))
         flags.append(bool(did.item()))
-        lw = glw if comm is None else comm.local(glw)
         if flags[-1]:
-            if comm is not None and comm.sort_ancestors:
-                idx = mx.sort(idx)
             ancestors.append(idx)
             traces = anc.resample(traces, idx)
         if rejuvenation is not None:
@@ -376,6 +387,7 @@ def run_smc(key: mx.array, model: GenerativeFunction, args: tuple, observations,
         _eval_particles(traces, lw, full=rejuvenation is not None or t == 0)
     traces = anc.resolve(traces)
     _eval_particles(traces, lw)
+    glw = lw if comm is None else comm.gather(lw)
     return SMCRun(traces, lw, glw, tuple(ess_hist), tuple(flags), tuple(ancestors))
 
 
