@@ -53,13 +53,14 @@ def _merge(a: tuple, b: tuple) -> tuple:
     return M, s1 * ea + o1 * eb, s2 * ea * ea + o2 * eb * eb
 
 
-def cdf(lw: np.ndarray, threads: int = THREADS) -> np.ndarray:
-    """Normalised CDF by the chunked scan: max; per-thread serial chunk sums; exclusive
-    scan of the chunk sums; each chunk re-walked from its prefix; C_{n−1} = 1."""
-    lw = np.asarray(lw, np.float32)
+def _block_scan(lw: np.ndarray, M, uniform: bool, threads: int, start,
+                limit=None) -> tuple[np.ndarray, np.float32]:
+    """One block's chunked scan of exp(lw − M) from ``start``: (prefix sums, block total).
+    Threads own contiguous chunks of ⌈len/threads⌉ entries; chunk starts are made monotone
+    (running max, capped at ``limit``, the block total when None) and each chunk is capped
+    at the next chunk's start, as in the kernels."""
     n = lw.shape[0]
-    M = lw.max()
-    w = np.ones(n, np.float32) if not M > -np.inf else np.exp(lw - M).astype(np.float32)
+    w = np.ones(n, np.float32) if uniform else np.exp(lw - M).astype(np.float32)
     chunk = -(-n // threads)
     bounds = [(min(t * chunk, n), min(t * chunk + chunk, n)) for t in range(threads)]
     sums = [np.float32(0)] * threads
@@ -67,15 +68,59 @@ def cdf(lw: np.ndarray, threads: int = THREADS) -> np.ndarray:
         for i in range(lo, hi):
             sums[t] = np.float32(sums[t] + w[i])
     prefix, total = [], np.float32(0)
-    for s in sums:
+    for sm in sums:
         prefix.append(total)
-        total = np.float32(total + s)
+        total = np.float32(total + sm)
+    lim = total if limit is None else np.float32(limit)
+    starts = np.minimum(np.maximum.accumulate(
+        np.array([np.float32(start + p) for p in prefix], np.float32)), lim)
     out = np.empty(n, np.float32)
     for t, (lo, hi) in enumerate(bounds):
-        acc = prefix[t]
+        acc, cap = starts[t], starts[t + 1] if t + 1 < threads else lim
         for i in range(lo, hi):
             acc = np.float32(acc + w[i])
-            out[i] = min(np.float32(acc / total), np.float32(1))
+            out[i] = min(acc, cap)
+    return out, total
+
+
+def cdf(lw: np.ndarray, threads: int = THREADS, segment: int | None = None) -> np.ndarray:
+    """Normalised CDF by the chunked scan: max; per-thread serial chunk sums; exclusive
+    scan of the chunk sums; each chunk re-walked from its (monotone) start, capped at the
+    next one; C_{n−1} = 1.
+
+    With ``segment``: the multi-block variant — G = min(threads, ⌈n/segment⌉) contiguous
+    segments; segment triples (max m_g, Σ exp(lw − m_g)); masses t_g = S_g exp(m_g − M)
+    scanned into offsets; each segment scanned from its offset, capped at the next one."""
+    lw = np.asarray(lw, np.float32)
+    n = lw.shape[0]
+    M = lw.max()
+    uniform = not M > -np.inf
+    if segment is None:
+        pre, total = _block_scan(lw, M, uniform, threads, np.float32(0))
+    else:
+        G = min(threads, -(-n // segment))
+        L = -(-n // G)
+        segs = [(min(g * L, n), min(g * L + L, n)) for g in range(G)]
+        t = []
+        for lo, hi in segs:
+            if uniform:
+                t.append(np.float32(hi - lo))
+                continue
+            mg = lw[lo:hi].max() if hi > lo else np.float32(-np.inf)
+            if not mg > -np.inf:  # an empty or all −inf segment has no mass
+                t.append(np.float32(0))
+                continue
+            sg = np.float32(np.exp(lw[lo:hi] - mg, dtype=np.float32).sum(dtype=np.float32))
+            t.append(np.float32(sg * np.exp(mg - M)))
+        off = np.concatenate([[0], np.cumsum(np.array(t, np.float32), dtype=np.float32)]).astype(np.float32)
+        off[:G] = np.minimum(np.maximum.accumulate(off[:G]), off[G])
+        total = off[G]
+        pre = np.empty(n, np.float32)
+        for g, (lo, hi) in enumerate(segs):
+            if hi > lo:
+                pre[lo:hi] = _block_scan(lw[lo:hi], M, uniform, threads, off[g], off[g + 1])[0]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.minimum((pre / total).astype(np.float32), np.float32(1))
     out[n - 1] = 1
     return out
 

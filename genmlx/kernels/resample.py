@@ -8,7 +8,13 @@ with u_j = (j + U_j)/m and C the normalised CDF, C_i = Σ_{k≤i} w_k / Σ_k w_k
    weights, as the reference's ``_safe_logits``); thread t serially sums
    w_k = exp(lw_k − M) over its contiguous chunk of ⌈n/1024⌉ entries; a block exclusive
    scan (warp shuffles + one shared round) of the chunk sums gives each chunk's prefix;
-   thread t re-walks its chunk writing C_k = min(prefix_k / total, 1); C_{n−1} = 1.
+   thread t re-walks its chunk writing C_k = min(prefix_k / total, 1); C_{n−1} = 1. The
+   chunk starts are made monotone (a max-scan; float scans of nonnegative terms need not
+   be) and each chunk is capped at the next chunk's start, so C is nondecreasing.
+   For n > ``SPLIT_N`` (CUDA) the row is cut into G ≤ 1024 contiguous segments, one block
+   each: segment (max, Σ exp) triples, one block scanning the rescaled segment masses into
+   offsets, then each block scanning its segment from its offset as above (the prefix
+   capped at the next offset, keeping C monotone across segment edges).
 2. ``search`` kernel: thread j binary-searches C[0 .. n−2] for the first i with
    "u_j ≤ C_i", decided exactly as the reference ``_from_strata`` decides it in float32:
    x = m·C_i, f = ⌊x⌋; true iff f > j, or f = j and U_j ≤ x − f.
@@ -34,55 +40,23 @@ _SCAN_THREADS = 1024
 _CUDA_CDF = r"""
   const int n = lw_shape[0];
   const int tid = threadIdx.x, T = blockDim.x;
-  const int lane = tid & 31, warp = tid >> 5, nwarps = T >> 5;
-  const float NEG_INF = -__int_as_float(0x7f800000);
-  __shared__ float sh[32];
-  __shared__ float bcast;
-  // 1. block max
-  float m = NEG_INF;
+  // 1. block max (all -inf: uniform weights)
+  float m = GMX_NEG_INF_S;
   for (int i = tid; i < n; i += T) m = fmaxf(m, lw[i]);
-  for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
-  if (lane == 0) sh[warp] = m;
-  __syncthreads();
-  if (warp == 0) {
-    float v = (lane < nwarps) ? sh[lane] : NEG_INF;
-    for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
-    if (lane == 0) bcast = v;
-  }
-  __syncthreads();
-  const float M = bcast;
-  const bool uniform = !(M > NEG_INF);
+  const float M = gmx_block_max(m);
+  const bool uniform = !(M > GMX_NEG_INF_S);
   // 2. serial sum over this thread's contiguous chunk
   const int chunk = (n + T - 1) / T;
   const int lo = min(tid * chunk, n), hi = min(lo + chunk, n);
   float s = 0.f;
   for (int i = lo; i < hi; ++i) s += uniform ? 1.f : expf(lw[i] - M);
-  // 3. block exclusive scan of the chunk sums
-  float incl = s;
-  for (int off = 1; off < 32; off <<= 1) {
-    float t = __shfl_up_sync(0xffffffffu, incl, off);
-    if (lane >= off) incl += t;
-  }
-  float excl = __shfl_up_sync(0xffffffffu, incl, 1);
-  if (lane == 0) excl = 0.f;
-  __syncthreads();  // sh is reused
-  if (lane == 31) sh[warp] = incl;
-  __syncthreads();
-  if (warp == 0) {
-    float v = (lane < nwarps) ? sh[lane] : 0.f;
-    for (int off = 1; off < 32; off <<= 1) {
-      float t = __shfl_up_sync(0xffffffffu, v, off);
-      if (lane >= off) v += t;
-    }
-    if (lane < nwarps) sh[lane] = v;  // inclusive warp prefixes
-  }
-  __syncthreads();
-  const float total = sh[nwarps - 1];
-  float acc = excl + (warp > 0 ? sh[warp - 1] : 0.f);
-  // 4. write this chunk's normalised prefix sums
+  // 3. block exclusive scan of the chunk sums; monotone chunk starts
+  float total, next;
+  float acc = gmx_monotone_starts(gmx_block_exscan(s, total), total, next);
+  // 4. this chunk's normalised prefix sums (capped at the next chunk's start)
   for (int i = lo; i < hi; ++i) {
     acc += uniform ? 1.f : expf(lw[i] - M);
-    cdf[i] = (i == n - 1) ? 1.f : fminf(acc / total, 1.f);
+    cdf[i] = (i == n - 1) ? 1.f : fminf(fminf(acc, next) / total, 1.f);
   }
 """
 
@@ -102,6 +76,136 @@ _CUDA_SEARCH = r"""
     if (hit) hi = mid; else lo = mid + 1;
   }
   anc[j] = lo;
+"""
+
+# Long rows (n > SPLIT_N): stage 1 is the weight-summary partial kernel (segment triples
+# over G contiguous segments of L = ceil(n / G) entries); then:
+_SCAN_HEADER = r"""
+#define GMX_NEG_INF_S (-__int_as_float(0x7f800000))
+// block max (any blockDim.x multiple of 32); every thread gets the result
+__device__ __forceinline__ float gmx_block_max(float v) {
+  __shared__ float sh[32];
+  __shared__ float res;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  __syncthreads();
+  for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
+  if (lane == 0) sh[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    float w = (lane < nwarps) ? sh[lane] : GMX_NEG_INF_S;
+    for (int off = 16; off > 0; off >>= 1) w = fmaxf(w, __shfl_xor_sync(0xffffffffu, w, off));
+    if (lane == 0) res = w;
+  }
+  __syncthreads();
+  return res;
+}
+// block exclusive scan of s (thread order); `total` gets the block sum in every thread
+__device__ __forceinline__ float gmx_block_exscan(float s, float& total) {
+  __shared__ float sh[32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  float incl = s;
+  for (int off = 1; off < 32; off <<= 1) {
+    float t = __shfl_up_sync(0xffffffffu, incl, off);
+    if (lane >= off) incl += t;
+  }
+  float excl = __shfl_up_sync(0xffffffffu, incl, 1);
+  if (lane == 0) excl = 0.f;
+  __syncthreads();
+  if (lane == 31) sh[warp] = incl;
+  __syncthreads();
+  if (warp == 0) {
+    float v = (lane < nwarps) ? sh[lane] : 0.f;
+    for (int off = 1; off < 32; off <<= 1) {
+      float t = __shfl_up_sync(0xffffffffu, v, off);
+      if (lane >= off) v += t;
+    }
+    if (lane < nwarps) sh[lane] = v;
+  }
+  __syncthreads();
+  total = sh[nwarps - 1];
+  return excl + (warp > 0 ? sh[warp - 1] : 0.f);
+}
+// per-thread chunk starts made monotone (inclusive max-scan in thread order, capped at
+// `limit`: float scans of nonnegative terms need not be monotone); `cap` gets the next
+// thread's start (`limit` for the last thread), so chunk values min(acc, cap) are monotone
+__device__ __forceinline__ float gmx_monotone_starts(float st, float limit, float& cap) {
+  __shared__ float sh[32];
+  __shared__ float starts[1024];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  for (int off = 1; off < 32; off <<= 1) {
+    float t = __shfl_up_sync(0xffffffffu, st, off);
+    if (lane >= off) st = fmaxf(st, t);
+  }
+  __syncthreads();
+  if (lane == 31) sh[warp] = st;
+  __syncthreads();
+  if (warp == 0) {
+    float v = (lane < nwarps) ? sh[lane] : GMX_NEG_INF_S;
+    for (int off = 1; off < 32; off <<= 1) {
+      float t = __shfl_up_sync(0xffffffffu, v, off);
+      if (lane >= off) v = fmaxf(v, t);
+    }
+    if (lane < nwarps) sh[lane] = v;
+  }
+  __syncthreads();
+  if (warp > 0) st = fmaxf(st, sh[warp - 1]);
+  st = fminf(st, limit);
+  starts[threadIdx.x] = st;
+  __syncthreads();
+  cap = (threadIdx.x + 1 < blockDim.x) ? starts[threadIdx.x + 1] : limit;
+  return st;
+}
+"""
+
+# stage 2 (one block of 1024 >= G threads): global max M over the segment maxima, segment
+# masses t_g = S1_g exp(m_g - M) (segment lengths when every weight is -inf), their
+# exclusive scan off[0..G-1], off[G] = total, gmax[0] = M.
+_CUDA_OFFSETS = r"""
+  const long long n = lw_shape[0];
+  const int G = pm_shape[1];
+  const long long L = (n + G - 1) / G;
+  const int g = threadIdx.x;
+  const float mg = (g < G) ? pm[g] : GMX_NEG_INF_S;
+  const float M = gmx_block_max(mg);
+  const bool uniform = !(M > GMX_NEG_INF_S);
+  float t = 0.f;
+  if (g < G) {
+    if (uniform) {
+      const long long lo = min((long long)g * L, n), hi = min(lo + L, n);
+      t = (float)(hi - lo);
+    } else if (mg > GMX_NEG_INF_S) {
+      t = ps1[g] * expf(mg - M);
+    }
+  }
+  float total, unused;
+  const float excl = gmx_monotone_starts(gmx_block_exscan(t, total), total, unused);
+  if (g < G) off[g] = excl;
+  if (g == 0) { off[G] = total; gmax[0] = M; }
+"""
+
+# stage 3 (G blocks of 1024): block g scans its segment as the one-block kernel scans the
+# whole row (contiguous per-thread chunks, block scan), starting at off[g]; the prefix is
+# capped at off[g + 1] so that C stays monotone across segment edges despite rounding.
+_CUDA_SEGMENTS = r"""
+  const long long n = lw_shape[0];
+  const int G = off_shape[0] - 1;
+  const int g = blockIdx.x;
+  const long long L = (n + G - 1) / G;
+  const long long slo = min((long long)g * L, n), shi = min(slo + L, n);
+  const float M = gmax[0];
+  const bool uniform = !(M > GMX_NEG_INF_S);
+  const float total = off[G], cap = off[g + 1];
+  const long long T = blockDim.x;
+  const long long chunk = (shi - slo + T - 1) / T;
+  const long long lo = min(slo + (long long)threadIdx.x * chunk, shi), hi = min(lo + chunk, shi);
+  float s = 0.f;
+  for (long long i = lo; i < hi; ++i) s += uniform ? 1.f : expf(lw[i] - M);
+  float seg_total, next;
+  float acc = gmx_monotone_starts(off[g] + gmx_block_exscan(s, seg_total), cap, next);
+  for (long long i = lo; i < hi; ++i) {
+    acc += uniform ? 1.f : expf(lw[i] - M);
+    cdf[i] = (i == n - 1) ? 1.f : fminf(fminf(acc, next) / total, 1.f);
+  }
 """
 
 # UNTESTED (no Apple GPU was available): Metal twins of the two kernels.
@@ -169,19 +273,43 @@ _METAL_SEARCH = r"""
 def _build(backend: str, which: str):
     if which == "cdf":
         src = _CUDA_CDF if backend == "cuda" else _METAL_CDF
-        return B.build(backend, "genmlx_resample_cdf", ("lw",), ("cdf",), src)
+        return B.build(backend, "genmlx_resample_cdf", ("lw",), ("cdf",), src,
+                       _SCAN_HEADER if backend == "cuda" else "")
     src = _CUDA_SEARCH if backend == "cuda" else _METAL_SEARCH
     # U may be a stride-0 broadcast (systematic): it is read through its strides
     return B.build(backend, "genmlx_resample_search", ("cdf", "U"), ("anc",), src,
                    row_contiguous=False)
 
 
+SPLIT_N = 1 << 17  # longer rows: the three-stage multi-block CDF (CUDA)
+
+
 def cdf_kernel(backend: str, log_weights: mx.array) -> mx.array:
-    """The normalised CDF [n] of softmax(log_weights) by the one-block scan kernel."""
+    """The normalised CDF [n] of softmax(log_weights): the one-block scan kernel, or for
+    n > ``SPLIT_N`` (CUDA) segment triples → segment offsets → segment scans."""
     n = log_weights.shape[0]
-    k = _build(backend, "cdf")
-    (c,) = k(inputs=[log_weights], output_shapes=[(n,)], output_dtypes=[mx.float32],
-             grid=(_SCAN_THREADS, 1, 1), threadgroup=(_SCAN_THREADS, 1, 1))
+    f32 = mx.float32
+    if backend != "cuda" or n <= SPLIT_N:
+        k = _build(backend, "cdf")
+        (c,) = k(inputs=[log_weights], output_shapes=[(n,)], output_dtypes=[f32],
+                 grid=(_SCAN_THREADS, 1, 1), threadgroup=(_SCAN_THREADS, 1, 1))
+        return c
+    from genmlx.kernels import weights as W
+
+    G = min(_SCAN_THREADS, -(-n // W.SEGMENT))
+    k1 = B.build(backend, "genmlx_weight_partial", ("lw",), ("pm", "ps1", "ps2"),
+                 W._CUDA_PARTIAL, W._HEADER)
+    pm, ps1, _ = k1(inputs=[log_weights.reshape(1, n)], output_shapes=[(1, G)] * 3,
+                    output_dtypes=[f32] * 3, grid=(G * 1024, 1, 1), threadgroup=(1024, 1, 1))
+    k2 = B.build(backend, "genmlx_resample_offsets", ("lw", "pm", "ps1"), ("off", "gmax"),
+                 _CUDA_OFFSETS, _SCAN_HEADER)
+    off, gmax = k2(inputs=[log_weights, pm, ps1], output_shapes=[(G + 1,), (1,)],
+                   output_dtypes=[f32, f32], grid=(_SCAN_THREADS, 1, 1),
+                   threadgroup=(_SCAN_THREADS, 1, 1))
+    k3 = B.build(backend, "genmlx_resample_segments", ("lw", "off", "gmax"), ("cdf",),
+                 _CUDA_SEGMENTS, _SCAN_HEADER)
+    (c,) = k3(inputs=[log_weights, off, gmax], output_shapes=[(n,)], output_dtypes=[f32],
+              grid=(G * _SCAN_THREADS, 1, 1), threadgroup=(_SCAN_THREADS, 1, 1))
     return c
 
 

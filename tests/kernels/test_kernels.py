@@ -164,6 +164,7 @@ def test_chunked_scan_and_search_against_reference(n):
     m = n if n <= 1000 else 2000  # the NumPy search is a Python loop: fewer slots for 1e5
     for name, lw in S.cases(n).items():
         c = E.cdf(lw)
+        assert np.all(np.diff(c) >= 0), name
         for scheme in ("systematic", "stratified"):
             U = _uniforms(scheme, m)
             ref, cdf_ref = _reference(lw, U, m)
@@ -179,6 +180,22 @@ def test_chunked_scan_and_search_against_reference(n):
                 assert S.explained(anc, S.cdf64(lw), U, m, tol), (name, scheme)
                 if n <= 10_000:  # beyond, the reference's serial cumsum is itself ~√n ε off
                     assert (anc != ref).sum() <= max(8, m // 1000), (name, scheme)
+
+
+@pytest.mark.parametrize("n", [1000, 20_011])
+def test_multiblock_scan_against_exact_cdf(n):
+    """The multi-block CDF (segments, offsets, capped segment scans; emulated with small
+    segments so that G > 1) is monotone, within the rounding bound of the float64 CDF,
+    exact on dyadic weights, and its ancestors are right up to that bound."""
+    for name, lw in S.cases(n).items():
+        c = E.cdf(lw, threads=32, segment=64)
+        assert np.all(np.diff(c) >= 0), name
+        c64 = S.cdf64(lw)
+        if name in ("dyadic", "one_finite"):
+            assert np.array_equal(c, np.array(R._cdf(mx.array(lw)))), name
+        assert np.abs(c - c64).max() <= S.cdf_tol(n, threads=32), name
+        U = _uniforms("stratified", n)
+        assert S.explained(E.search(c, U, n), c64, U, n, S.cdf_tol(n, threads=32)), name
 
 
 def test_one_finite_weight_takes_every_slot():
