@@ -47,7 +47,7 @@ _CUDA_CDF = r"""
   const bool uniform = !(M > GMX_NEG_INF_S);
   // 2. serial sum over this thread's contiguous chunk
   const int chunk = (n + T - 1) / T;
-  const int lo = min(tid * chunk, n), hi = min(lo + chunk, n);
+  const int lo = gmx_min(tid * chunk, n), hi = gmx_min(lo + chunk, n);
   float s = 0.f;
   for (int i = lo; i < hi; ++i) s += uniform ? 1.f : expf(lw[i] - M);
   // 3. block exclusive scan of the chunk sums; monotone chunk starts
@@ -82,6 +82,10 @@ _CUDA_SEARCH = r"""
 # over G contiguous segments of L = ceil(n / G) entries); then:
 _SCAN_HEADER = r"""
 #define GMX_NEG_INF_S (-__int_as_float(0x7f800000))
+#ifndef GMX_MIN_DEFINED
+#define GMX_MIN_DEFINED
+__device__ __forceinline__ long long gmx_min(long long a, long long b) { return a < b ? a : b; }
+#endif
 // block max (any blockDim.x multiple of 32); every thread gets the result
 __device__ __forceinline__ float gmx_block_max(float v) {
   __shared__ float sh[32];
@@ -171,7 +175,7 @@ _CUDA_OFFSETS = r"""
   float t = 0.f;
   if (g < G) {
     if (uniform) {
-      const long long lo = min((long long)g * L, n), hi = min(lo + L, n);
+      const long long lo = gmx_min((long long)g * L, n), hi = gmx_min(lo + L, n);
       t = (float)(hi - lo);
     } else if (mg > GMX_NEG_INF_S) {
       t = ps1[g] * expf(mg - M);
@@ -191,13 +195,13 @@ _CUDA_SEGMENTS = r"""
   const int G = off_shape[0] - 1;
   const int g = blockIdx.x;
   const long long L = (n + G - 1) / G;
-  const long long slo = min((long long)g * L, n), shi = min(slo + L, n);
+  const long long slo = gmx_min((long long)g * L, n), shi = gmx_min(slo + L, n);
   const float M = gmax[0];
   const bool uniform = !(M > GMX_NEG_INF_S);
   const float total = off[G], cap = off[g + 1];
   const long long T = blockDim.x;
   const long long chunk = (shi - slo + T - 1) / T;
-  const long long lo = min(slo + (long long)threadIdx.x * chunk, shi), hi = min(lo + chunk, shi);
+  const long long lo = gmx_min(slo + (long long)threadIdx.x * chunk, shi), hi = gmx_min(lo + chunk, shi);
   float s = 0.f;
   for (long long i = lo; i < hi; ++i) s += uniform ? 1.f : expf(lw[i] - M);
   float seg_total, next;

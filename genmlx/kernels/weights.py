@@ -22,6 +22,10 @@ from genmlx.kernels import _backend as B
 
 _HEADER = r"""
 #define GMX_NEG_INF (-__int_as_float(0x7f800000))
+#ifndef GMX_MIN_DEFINED
+#define GMX_MIN_DEFINED
+__device__ __forceinline__ long long gmx_min(long long a, long long b) { return a < b ? a : b; }
+#endif
 // merge triple (mo, o1, o2) into (m, s1, s2): sums rescaled to the larger max
 __device__ __forceinline__ void gmx_merge(float& m, float& s1, float& s2,
                                           float mo, float o1, float o2) {
@@ -93,7 +97,7 @@ _CUDA_PARTIAL = r"""
   const int G = gridDim.x, g = blockIdx.x, row = blockIdx.y;
   const long long L = ((long long)n + G - 1) / G;
   const long long lo = (long long)g * L;
-  const long long hi = min(lo + L, (long long)n);
+  const long long hi = gmx_min(lo + L, (long long)n);
   const float* x = lw + (size_t)row * (size_t)n;
   float m = GMX_NEG_INF, s1 = 0.f, s2 = 0.f;
   for (long long i = lo + threadIdx.x; i < hi; i += blockDim.x) gmx_push(m, s1, s2, x[i]);
