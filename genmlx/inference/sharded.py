@@ -59,6 +59,7 @@ import mlx.core as mx
 import numpy as np
 
 from genmlx.core.gfi import GenerativeFunction
+from genmlx.distributed import fold_rank, world
 from genmlx.core.trace import Trace
 from genmlx.core.vectorize import unbatch
 from genmlx.inference import resampling as R
@@ -83,7 +84,7 @@ class Shards:
     # -- keys and weights ----------------------------------------------------------
     def local_key(self, key: mx.array) -> mx.array:
         """This process's key: split(key, R)[rank]."""
-        return mx.random.split(key, self.size)[self.rank]
+        return fold_rank(key, self.rank, self.size)
 
     def gather(self, x: mx.array) -> mx.array:
         """Concatenation over processes (rank order) along axis 0."""
@@ -267,10 +268,10 @@ def _grouped(leaves: list, fn: Callable) -> list:
 
 
 def shards_for(group: Any = None, n: int | None = None, who: str = "sharded") -> Shards | None:
-    """The :class:`Shards` of ``group`` (default: ``mx.distributed.init()``), or None when
+    """The :class:`Shards` of ``group`` (default: ``genmlx.distributed.world()``), or None when
     it has a single process. Checks that n is divisible by the number of processes."""
     if group is None:
-        group = mx.distributed.init() if mx.distributed.is_available() else None
+        group = world() if mx.distributed.is_available() else None
     if group is None or group.size() == 1:
         return None
     sh = Shards(group)

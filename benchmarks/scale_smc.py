@@ -1,0 +1,226 @@
+"""Scaling of particle-parallel inference from 1 to N processes (one GPU each).
+
+Measures, in the processes of one ``mlx.launch`` group (or one plain process):
+
+* sharded SMC (``gm.inference.sharded_smc``, bootstrap proposal, systematic resampling at
+  ESS < n/2) on bench_smc.py's linear-Gaussian SSM, T = 100, n = 1e5 … 1e6 particles in
+  total: particle-steps/s and log Ẑ against the Kalman value;
+* the same filter hand-written on the state array (no traces) with the same sharded
+  resampling and particle movement (``Shards``): the ceiling of the scheme;
+* sharded importance sampling (``gm.inference.sharded_importance_sampling``,
+  ``keep_traces=False``) on bench_is.py's Bayesian quadratic regression, n = 1e6, 1e7:
+  particles/s and log Ẑ.
+
+Each timed call starts and ends with a barrier (a tiny all-sum), so a time is the
+slowest process's. Results go to ``--out`` as JSON (rank 0 writes).
+
+Launch on one host with 2 GPUs (the lead's H200 machine, MLX CUDA build). ``mlx.launch
+--backend nccl`` starts one process per rank on 127.0.0.1 with CUDA_VISIBLE_DEVICES=rank
+(``rank % n``: rank r sees only physical GPU r, as its device 0) and NCCL_HOST_IP /
+NCCL_PORT / MLX_WORLD_SIZE / MLX_RANK set; the environment is inherited, so a
+CUDA_VISIBLE_DEVICES set by hand is overridden. NVLink multicast stays off::
+
+    cd /path/to/genmlx
+    python3 benchmarks/scale_smc.py --out /tmp/scale_1.json                      # 1 GPU
+    NCCL_NVLS_ENABLE=0 mlx.launch -n 2 --backend nccl --env NCCL_NVLS_ENABLE=0 \\
+        --python "$(command -v python3)" benchmarks/scale_smc.py --out /tmp/scale_2.json
+    python3 benchmarks/scale_smc.py --compare /tmp/scale_1.json /tmp/scale_2.json \\
+        --append-results --note "H200 x2, NCCL, NCCL_NVLS_ENABLE=0"
+
+(``--backend ring`` runs the same on CPUs, e.g. to try it on a laptop.) Target: >= 1.8x
+throughput from 1 to 2 GPUs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import genmlx as gm  # noqa: E402  (before mlx.core: fast BLAS)
+import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
+
+from benchmarks._timing import append_results, fmt_seconds, machine_info, markdown_table  # noqa: E402
+from benchmarks.bench_is import make_data, quadratic  # noqa: E402
+from benchmarks.bench_smc import A, Q, RR, kalman_loglik, step  # noqa: E402
+from genmlx.inference import sharded_importance_sampling, sharded_smc  # noqa: E402
+from genmlx.inference._util import cached_call  # noqa: E402
+from genmlx.inference.sharded import shards_for  # noqa: E402
+from genmlx.inference.smc import _resample  # noqa: E402
+
+
+def _barrier(sh) -> None:
+    if sh is not None:
+        mx.eval(sh.all_sum(mx.array(1.0)))
+
+
+def _time(fn, sh, repeats: int, warmup: int = 1) -> list[float]:
+    """Wall times of ``mx.eval(fn())`` between barriers (the slowest process's)."""
+    for _ in range(warmup):
+        mx.eval(fn())
+    _barrier(sh)
+    out = []
+    for _ in range(repeats):
+        _barrier(sh)
+        t0 = time.perf_counter()
+        mx.eval(fn())
+        _barrier(sh)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def lgssm_data(T: int):
+    rng = np.random.default_rng(0)
+    xs = np.zeros(T)
+    for t in range(T):
+        xs[t] = A * (xs[t - 1] if t else 0.0) + Q * rng.normal()
+    return (xs + RR * rng.normal(size=T)).astype(np.float32)
+
+
+@mx.compile
+def _propagate(key, x, lw, y):
+    """One bootstrap step on the state array: x ~ N(A x, Q), lw += log N(y; x, RR)."""
+    x = A * x + Q * mx.random.normal(x.shape, key=key)
+    z = (y - x) / RR
+    return x, lw - 0.5 * z * z - math.log(RR) - 0.5 * math.log(2 * math.pi)
+
+
+def hand_filter(key, ys, n: int, sh):
+    """States-only bootstrap filter, sharded like sharded_smc (systematic, ESS < n/2)."""
+    R = 1 if sh is None else sh.size
+    m = n // R
+    x, lw = mx.zeros((m,)), mx.zeros((m,))
+    for t, k in enumerate(mx.random.split(key, len(ys))):
+        k_prop, k_res = mx.random.split(k)
+        x, lw = _propagate(k_prop if sh is None else sh.local_key(k_prop), x, lw, mx.array(ys[t]))
+        if sh is None:
+            idx, lw, _, did = cached_call(_resample, ("systematic", 0.5), ("systematic", 0.5), k_res, lw)
+        else:
+            idx, lw, _, did = sh.resample(k_res, lw, "systematic", 0.5)
+        mx.eval(x, lw, did)
+        if did.item():
+            x = mx.take(x, idx) if sh is None else sh.take_rows([x], idx)[0]
+    glw = lw if sh is None else sh.gather(lw)
+    return mx.logsumexp(glw) - math.log(n)
+
+
+def run(a) -> dict:
+    sh = shards_for()
+    R = 1 if sh is None else sh.size
+    rank = 0 if sh is None else sh.rank
+    gm.set_validation(False)
+    T = a.T
+    ys = lgssm_data(T)
+    obs = gm.choicemap({(t, "y"): float(ys[t]) for t in range(T)})
+    model = gm.Unfold(step)
+    args = (T, mx.array(0.0), A, Q, RR)
+    res = {"processes": R, "device": str(mx.default_device()), "machine": machine_info(),
+           "T": T, "kalman_log_z": float(kalman_loglik(ys)), "smc": {}, "smc_hand": {}, "is": {}}
+    keys = iter(mx.random.split(mx.random.key(0), 10_000))
+    for n in a.ns_smc:
+        if n % R:
+            continue
+        last = {}
+
+        def f_smc():
+            out = sharded_smc(next(keys), model, args, obs, n, progress=False)
+            last["lz"] = out.log_marginal_likelihood
+            return out.log_weights
+
+        ts = _time(f_smc, sh, a.repeats)
+        med = statistics.median(ts)
+        res["smc"][str(n)] = {"median_s": med, "times": ts, "particle_steps_per_s": n * T / med,
+                              "log_z": float(last["lz"])}
+        if rank == 0:
+            print(f"[{R} proc] sharded_smc n={n}: {fmt_seconds(med)}, {n * T / med:.3g} particle-steps/s, "
+                  f"log Z {float(last['lz']):.2f} (Kalman {res['kalman_log_z']:.2f})", flush=True)
+        if not a.skip_hand:
+            ts = _time(lambda: hand_filter(next(keys), ys, n, sh), sh, a.repeats)
+            med = statistics.median(ts)
+            res["smc_hand"][str(n)] = {"median_s": med, "times": ts, "particle_steps_per_s": n * T / med}
+            if rank == 0:
+                print(f"[{R} proc] hand filter n={n}: {fmt_seconds(med)}, {n * T / med:.3g} particle-steps/s",
+                      flush=True)
+    xs, yq = make_data(mx.random.key(0))
+    qobs = gm.choicemap({"ys": yq})
+    for n in a.ns_is:
+        if n % R:
+            continue
+        last = {}
+
+        def f_is():
+            out = sharded_importance_sampling(next(keys), quadratic, (xs,), qobs, n, keep_traces=False,
+                                              chunk_size=a.is_chunk)
+            last["lz"] = out.log_marginal_likelihood
+            return last["lz"]
+
+        ts = _time(f_is, sh, a.repeats)
+        med = statistics.median(ts)
+        res["is"][str(n)] = {"median_s": med, "times": ts, "particles_per_s": n / med,
+                             "log_z": float(last["lz"])}
+        if rank == 0:
+            print(f"[{R} proc] sharded IS n={n}: {fmt_seconds(med)}, {n / med:.3g} particles/s, "
+                  f"log Z {float(last['lz']):.2f}", flush=True)
+    return res
+
+
+def compare(paths: list[str], append: bool, note: str) -> None:
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    base = min(runs, key=lambda r: r["processes"])
+    rows = []
+    for kind, rate in (("smc", "particle_steps_per_s"), ("smc_hand", "particle_steps_per_s"),
+                       ("is", "particles_per_s")):
+        for n in base.get(kind, {}):
+            b = base[kind][n][rate]
+            for r in runs:
+                if r is base or n not in r.get(kind, {}):
+                    continue
+                x = r[kind][n]
+                rows.append([kind, n, f"1 → {r['processes']}", fmt_seconds(base[kind][n]["median_s"]),
+                             fmt_seconds(x["median_s"]), f"{b:.3g}", f"{x[rate]:.3g}", f"{x[rate] / b:.2f}",
+                             f"{x['log_z']:.2f}" if "log_z" in x else "—"])
+    table = markdown_table(["benchmark", "n (total)", "processes", "time (1)", "time (N)", "rate (1)",
+                            "rate (N)", "speed-up", "log Ẑ (N)"], rows)
+    body = (f"Sharded SMC (linear-Gaussian SSM, T = {base['T']}, systematic resampling at ESS < n/2; "
+            f"Kalman log Z = {base['kalman_log_z']:.2f}), the states-only hand-written filter with the "
+            "same sharding, and sharded IS (quadratic regression, 50 points, keep_traces=False); "
+            "rates are particle-steps/s (SMC) and particles/s (IS); median of the runs, timed "
+            f"between barriers. Devices: {', '.join(sorted({r['device'] for r in runs}))}.\n\n" + table)
+    print(body)
+    if append:
+        append_results("Issue 8: particle-parallel scaling (scale_smc.py)", body, note)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--ns-smc", type=int, nargs="+", default=[100_000, 300_000, 1_000_000])
+    ap.add_argument("--ns-is", type=int, nargs="+", default=[1_000_000, 10_000_000])
+    ap.add_argument("--is-chunk", type=int, default=None, help="IS chunk_size (particles per process at once)")
+    ap.add_argument("--T", type=int, default=100)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--skip-hand", action="store_true", help="skip the hand-written filter")
+    ap.add_argument("--out", default=None, help="JSON file for this run's results (rank 0 writes)")
+    ap.add_argument("--compare", nargs="+", default=None, metavar="JSON",
+                    help="no run: compare result files of 1 and N processes")
+    ap.add_argument("--append-results", action="store_true", help="with --compare: append to RESULTS.md")
+    ap.add_argument("--note", default="")
+    a = ap.parse_args()
+    if a.compare:
+        compare(a.compare, a.append_results, a.note)
+        return
+    res = run(a)
+    sh = shards_for()
+    if a.out and (sh is None or sh.rank == 0):
+        Path(a.out).write_text(json.dumps(res, indent=1))
+        print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
