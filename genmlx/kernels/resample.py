@@ -28,6 +28,7 @@ The reference (generic) path is ``genmlx.inference.resampling._from_strata(_cdf(
 
 from __future__ import annotations
 
+import functools
 import operator
 
 import mlx.core as mx
@@ -248,10 +249,20 @@ _METAL_CDF = r"""
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
   const float total = sh[nwarps - 1];
-  float acc = excl + (warp > 0 ? sh[warp - 1] : 0.f);
+  // monotone chunk starts (running max, capped at total; one thread, T entries)
+  threadgroup float starts[1024];
+  starts[tid] = excl + (warp > 0 ? sh[warp - 1] : 0.f);
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  if (tid == 0) {
+    float r = -INFINITY;
+    for (int t = 0; t < T; ++t) { r = metal::max(r, starts[t]); starts[t] = metal::min(r, total); }
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  float acc = starts[tid];
+  const float next = (tid + 1 < T) ? starts[tid + 1] : total;
   for (int i = lo; i < hi; ++i) {
     acc += uniform ? 1.f : metal::exp(lw[i] - M);
-    cdf[i] = (i == n - 1) ? 1.f : metal::min(acc / total, 1.f);
+    cdf[i] = (i == n - 1) ? 1.f : metal::min(metal::min(acc, next) / total, 1.f);
   }
 """
 
@@ -354,13 +365,17 @@ def _dispatch(U: mx.array, log_weights: mx.array, m: int) -> mx.array:
     if backend is None or m >= MAX_M or U.dtype != mx.float32:
         return _generic(U, log_weights, m)
 
+    return _transformable(backend, m)(U, log_weights)[0]
+
+
+@functools.lru_cache(maxsize=64)
+def _transformable(backend: str, m: int):
     def kernel_fn(u, lw):
         uu = mx.broadcast_to(u, (m,)) if u.ndim == 0 else u
         return (search_kernel(backend, cdf_kernel(backend, lw), uu),)
 
-    f = B.with_generic_transforms(kernel_fn, lambda u, lw: (_generic(u, lw, m),),
-                                  n_out=1, differentiable=False)
-    return f(U, log_weights)[0]
+    return B.with_generic_transforms(kernel_fn, lambda u, lw: (_generic(u, lw, m),),
+                                     n_out=1, differentiable=False)
 
 
 def resample_systematic(u: mx.array, log_weights: mx.array, m: int) -> mx.array:

@@ -16,6 +16,8 @@ row), and a second small launch merges the segment triples. The generic path is 
 
 from __future__ import annotations
 
+import functools
+
 import mlx.core as mx
 
 from genmlx.kernels import _backend as B
@@ -224,7 +226,11 @@ def weight_summary(log_weights: mx.array) -> tuple[mx.array, mx.array]:
     backend = B.use_kernel(log_weights)
     if backend is None:
         return weight_summary_generic(log_weights)
-    f = B.with_generic_transforms(lambda x: _weight_summary_kernel(backend, x),
-                                  weight_summary_generic, n_out=2, differentiable=True)
-    lse, ess = f(log_weights)
+    lse, ess = _transformable(backend)(log_weights)
     return lse, ess
+
+
+@functools.lru_cache(maxsize=None)
+def _transformable(backend: str):
+    return B.with_generic_transforms(lambda x: _weight_summary_kernel(backend, x),
+                                     weight_summary_generic, n_out=2, differentiable=True)
