@@ -243,6 +243,16 @@ def test_selftest_checks_catch_a_wrong_kernel(monkeypatch):
     assert not S.check_weight_summary(lw)["pass"]
 
 
+def test_selftest_entry_point_runs(capsys):
+    """``python -m genmlx.kernels.selftest`` prints a JSON report (checks forced on the
+    generic path where no GPU is present)."""
+    import json
+
+    assert S.main(["--quick", "--force"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["pass"] and report["n_checks"] > 40 and report["n_failed"] == 0
+
+
 # -- the CUDA sources compile (wherever nvcc is installed; no GPU needed) ---------------
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
 def test_cuda_sources_compile():
