@@ -187,7 +187,7 @@ def _threads(n: int) -> int:
     return int(min(1024, max(32, 32 * ((n + 31) // 32))))
 
 
-SPLIT_N = 1 << 17  # rows longer than this are split over several blocks (two launches)
+SPLIT_N = 1 << 15  # rows longer than this are split over several blocks (two launches)
 SEGMENT = 1 << 13  # elements per block in the split pass
 
 
