@@ -34,5 +34,6 @@ from genmlx import inference  # noqa: E402,F401
 from genmlx import diagnostics  # noqa: E402,F401
 from genmlx import nn  # noqa: E402,F401
 from genmlx import amortized  # noqa: E402,F401
+from genmlx import distributed  # noqa: E402,F401  (data-parallel helpers; no init at import)
 
 __version__ = "0.1.0"
