@@ -293,3 +293,30 @@ def test_time_limit_stops_early_and_resumes(tmp_path):
     train(cfg2, tmp_path / "ref", final_eval=False, echo=lambda *a: None)
     a, b = _state(tmp_path / "r"), _state(tmp_path / "ref")
     assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_distributed_helpers_on_one_process():
+    from genmlx import distributed as dist
+
+    assert dist.size() == 1 and dist.rank() == 0 and dist.is_main()
+    tree = {"a": mx.array([1.0, 2.0]), "b": [mx.array(3, dtype=mx.int32)], "c": None}
+    assert dist.all_mean(tree) is tree  # identity on one process
+    assert dist.shard_bounds(12, 1, 3) == (4, 8)
+    x = mx.arange(12).reshape(6, 2)
+    assert np.array_equal(np.asarray(dist.shard(x, 0, 2, 3)), np.asarray(x[4:6]))
+    with pytest.raises(ValueError, match="cannot split 10 items evenly over 4"):
+        dist.shard_bounds(10, 0, 4)
+    k = mx.random.key(5)
+    assert np.array_equal(np.asarray(dist.fold_rank(k, 0, 1)), np.asarray(k))
+    assert not np.array_equal(np.asarray(dist.fold_rank(k, 0, 2)), np.asarray(dist.fold_rank(k, 1, 2)))
+    dist.barrier()
+
+
+def test_batch_size_not_divisible_is_a_config_error_naming_the_key(tmp_path, monkeypatch):
+    from genmlx import distributed as dist
+    from genmlx.harness.config import ConfigError
+
+    monkeypatch.setattr(dist, "size", lambda: 3)
+    cfg = load_config(toy_config(tmp_path, steps=5), ["data.batch_size=16"])
+    with pytest.raises(ConfigError, match=r"data.batch_size: 16 is not divisible by the number of processes \(3\)"):
+        train(cfg, tmp_path / "r", final_eval=False, echo=lambda *a: None)
