@@ -16,37 +16,53 @@ lw = concat_r lw^(r) [n] is all-gathered (n floats, the only communication), so 
 are computed from the same array in every process (identical results). Estimates
 Σ_i w̄_i f(x_i) sum the local terms and all-sum them.
 
-Global resampling and particle movement. Ancestors a [m] are drawn by the chosen
-scheme from the gathered weights with the shared key (identical in every process, so
-the resampling is exactly the single-process one applied to the global particle set);
-process r's new particles are global slots a[r·m/R : (r+1)·m/R]. Only rows owned by
-another process move (:meth:`Shards.take_rows`): every process knows a, hence for every
-destination block the range [min, max] of its sources; process q exports one window
-of its rows needed by lower-ranked and one needed by higher-ranked processes (the hulls
-of those ranges, padded to the common widths W_lo, W_hi), all windows are all-gathered
-([R · (W_lo + W_hi)] rows) and each process gathers its slots from its own rows and the
-windows. This is exact for any a. With sorted ancestors (systematic, stratified and
-residual are sorted; multinomial ones are sorted here, which leaves the resampled
-multiset unchanged) each block's sources are contiguous and the windows hold only the
-particles that change process: roughly the weight imbalance between processes, not
-the particle state. When the windows would cover a whole shard, the shard is gathered.
+Ancestor vectors. After a resampling with m draws, process r holds the global slots
+[r·m/R, (r+1)·m/R); its part of the ancestor vector a (``idx`` below, the global source
+row of each of its slots) is all it stores. a is identical to what one process would
+draw on the gathered weights with the shared key, so all processes agree on it.
 
-SMC. As :func:`~genmlx.inference.smc.smc` (the loop is shared: ``smc.run_smc``): each
-step extends and reweights the local particles (no communication), all-gathers the
-log-weights, and every process runs the same compiled ESS test and resampling on the
-same global weights with the same key — so all processes agree on whether to resample
-and on the global ancestor vector, and the log-weights after resampling are the global
-log-mean weight. The global particle system is therefore exactly a single-process SMC
-with n particles (for a given realisation of the per-process draws), and
-log Ẑ = logsumexp(lw_T) − log n is the usual unbiased (in Ẑ) estimate. For
-``gm.Unfold``/``gm.Scan`` traces a resampling moves only the last step and the score
-(the lazy ancestry of ``smc``); the earlier steps are moved once, when the full traces
-are resolved at the end (or for rejuvenation/callbacks/proposals), with the composed
-ancestor vectors — still sorted, so again only the boundary particles move.
+Particle movement (:meth:`Shards.take_rows`). The processes all-gather the [min, max]
+of their slots' sources (2 ints each); process q then exports one window of its rows
+needed by lower-ranked processes and one needed by higher-ranked ones (the hulls of
+those ranges within q's rows, padded to common widths W_lo, W_hi); the windows are
+all-gathered ([R · (W_lo + W_hi)] rows) and each process gathers its slots from its own
+rows and the windows. Exact for any a. Ancestors are kept sorted (systematic, stratified
+and residual are; multinomial draws are sorted, which leaves the resampled multiset —
+all that matters after resampling, as the particles then carry equal weights —
+unchanged), so each process's sources are contiguous and the windows hold only the
+particles that change process: about the weight imbalance between processes, not the
+particle state. Windows covering a whole shard fall back to gathering the shard.
 
-Communication per step: n log-weights (all-gather) and, on resampling, the moved rows
-of the last step. The resampling itself (O(n)) is computed redundantly in every
-process; its cost is a small fraction of the particle extension for trace-based models.
+Systematic resampling in O(n/R) per process (:func:`_systematic_local`, the default of
+SMC). Each process all-gathers only (logsumexp(lw^(r)), logsumexp(2 lw^(r))): R·2
+scalars give the global ESS, the log-mean weight log Ẑ_t and the process boundaries
+B_q of the global CDF, identically everywhere. With the shared uniform U (the single-
+process ``systematic`` draws it from the same key) each process counts, for its own
+particles, the systematic points u_j = (j + U)/n below their global CDF values: these
+offspring counts telescope across processes (the boundary values are the same floats
+everywhere) to exactly n, and equal the single-process systematic counts on the global
+weights (up to the rounding of the CDF; the 2-process test finds them identical).
+Process q's offspring fill the global slots [N(B_q), N(B_{q+1})) in order; the parts
+of that segment outside q's own block are all-gathered (index windows, as above) so
+that every process knows its slots' sources. Other schemes draw from the gathered
+weights (n floats per step, O(n) work per process).
+
+SMC. As :func:`~genmlx.inference.smc.smc` (one loop: ``smc.run_smc`` with this module's
+:class:`Shards` as communicator): each step extends and reweights the local particles
+(no communication); the ESS test and the resampling are global, as above, so every
+process agrees on whether to resample and on the ancestors, and after a resampling
+every log-weight is the global log-mean weight. The global particle system is thus a
+single-process SMC with n particles (given the per-process draws), and
+log Ẑ = logsumexp(lw_T) − log n over all processes is the usual estimate, unbiased in
+Ẑ. For ``gm.Unfold``/``gm.Scan`` traces a resampling moves only the last step and the
+score (the lazy ancestry of ``smc``); the earlier steps move once, when the full traces
+are resolved (at the end, or for rejuvenation, callbacks or proposals), along the
+composed ancestor vectors (composed with the same cross-process gather; compositions
+of sorted vectors are sorted, so again only boundary particles move).
+
+Communication per step: 2R scalars; on a resampling, a few index windows, 2R ints and
+the moved rows of the last step; at the end n log-weights and the moved rows of the
+earlier steps.
 """
 
 from __future__ import annotations
@@ -63,7 +79,7 @@ from genmlx.distributed import fold_rank, world
 from genmlx.core.trace import Trace
 from genmlx.core.vectorize import unbatch
 from genmlx.inference import resampling as R
-from genmlx.inference._util import cached_call, flatten_particles, gather_rows, rebuild_particles
+from genmlx.inference._util import cached_call, flatten_particles, rebuild_particles
 from genmlx.inference.importance import importance_resampling, importance_sampling
 from genmlx.inference.particles import WeightedParticles
 from genmlx.inference.smc import SMCResult, _resample, run_smc, smc
@@ -121,34 +137,12 @@ class Shards:
         mx.eval(ess, did, Nb)
         if not bool(did.item()):
             return self.rank * m + mx.arange(m, dtype=mx.int32), new_lw, ess, did
-        S = [int(v) for v in np.array(Nb)]
-        n_r = S[self.rank + 1] - S[self.rank]
-        seg = self.rank * m + (R.indices_from_counts(counts, n_r) if n_r else mx.zeros((0,), mx.int32))
-        return self._segments_to_slots(seg, S, m), new_lw, ess, did
-
-    def _segments_to_slots(self, seg: mx.array, S: list, m: int) -> mx.array:
-        """Process q holds the sources of the global slots [S_q, S_{q+1}) (``seg`` here);
-        return the sources of this process's slots [r·m, (r+1)·m). Process q exports the
-        part of its segment below its own block (to lower ranks) and above it (to higher
-        ranks); those windows are all-gathered."""
-        Rk, r = self.size, self.rank
-        L = [max(0, min(S[q + 1], q * m) - S[q]) for q in range(Rk)]
-        H = [max(0, S[q + 1] - max(S[q], (q + 1) * m)) for q in range(Rk)]
-        WL, WH = max(L), max(H)
-        if WL + WH == 0:  # every segment is its process's own block
-            return seg
-        n_r = S[r + 1] - S[r]
-        buf = mx.concatenate([_pad(seg[:L[r]], WL), _pad(seg[n_r - H[r]:], WH)])
-        table = mx.concatenate([seg, self.gather(buf)])
-        j = r * m + mx.arange(m, dtype=mx.int32)
-        owner = mx.sum(j[:, None] >= mx.array(S[1:Rk], dtype=mx.int32)[None, :], axis=1).astype(mx.int32)
-        starts = mx.array(S[:Rk], dtype=mx.int32)
-        hstarts = mx.array([max(S[q], (q + 1) * m) for q in range(Rk)], dtype=mx.int32)
-        base = n_r + owner * (WL + WH)
-        pos = mx.where(owner == r, j - S[r],
-                       mx.where(owner < r, base + WL + j - mx.take(hstarts, owner),
-                                base + j - mx.take(starts, owner)))
-        return mx.take(table, pos)
+        plan = SegmentPlan([int(v) for v in np.array(Nb)], m)
+        seg = plan.segment(counts, self.rank)
+        if plan.local:
+            return seg, new_lw, ess, did
+        idx = plan.assemble(seg, self.gather(plan.export(seg, self.rank)), self.rank)
+        return idx, new_lw, ess, did
 
     # -- particle movement ---------------------------------------------------------
     def compose(self, nxt: mx.array, c: mx.array) -> mx.array:
@@ -158,51 +152,127 @@ class Shards:
     def take_rows(self, leaves: list, idx: mx.array) -> list:
         """Rows ``idx`` (this process's slots' global source rows) of the global arrays
         whose block in this process is ``leaves`` (m rows each). Only windows of rows
-        needed elsewhere cross processes (see the module docstring); exact for any idx,
+        needed elsewhere cross processes (:class:`WindowPlan`); exact for any idx,
         cheapest for nondecreasing idx."""
         if not leaves:
             return []
-        Rk, r = self.size, self.rank
         m = int(leaves[0].shape[0])
-        bounds = np.array(self.gather(mx.stack([mx.min(idx), mx.max(idx)]).astype(mx.int32)[None]))
-        lo_s, hi_s = [int(v) for v in bounds[:, 0]], [int(v) for v in bounds[:, 1]]
-        low, high = [], []  # per exporter q: (start, stop) local rows needed by d < q / d > q
-        for q in range(Rk):
-            q0, q1 = q * m, (q + 1) * m
-            for dests, out in ((range(q), low), (range(q + 1, Rk), high)):
-                hit = [d for d in dests if lo_s[d] < q1 and hi_s[d] >= q0]
-                out.append((min(max(lo_s[d], q0) for d in hit) - q0,
-                            max(min(hi_s[d] + 1, q1) for d in hit) - q0) if hit else (0, 0))
-        WL = max(b - a for a, b in low)
-        WH = max(b - a for a, b in high)
-        owner = idx // m
-        loc = idx - owner * m
-        if WL + WH == 0:  # every source is local
-            return gather_rows(leaves, loc)
-        full = WL + WH >= m
-        if full:
-            pos = idx  # rows of the gathered global arrays
-        else:
-            ls = mx.array([min(a, m - WL) for a, _ in low], dtype=idx.dtype)
-            hs = mx.array([min(a, m - WH) for a, _ in high], dtype=idx.dtype)
-            base = m + owner * (WL + WH)
-            pos = mx.where(owner == r, loc,
-                           mx.where(owner < r, base + WL + loc - mx.take(hs, owner),
-                                    base + loc - mx.take(ls, owner)))
-            l0, h0 = min(low[r][0], m - WL), min(high[r][0], m - WH)
+        plan = WindowPlan(np.array(self.gather(source_bounds(idx))), m)
+        r = self.rank
 
         def move(x):
-            cast = x.dtype == mx.bool_
-            y = x.astype(mx.uint8) if cast else x
-            if full:
-                table = self.gather(y)
-            else:
-                buf = mx.concatenate([y[l0:l0 + WL], y[h0:h0 + WH]], axis=0)
-                table = mx.concatenate([y, self.gather(buf)], axis=0)
-            out = mx.take(table, pos, axis=0)
-            return out.astype(mx.bool_) if cast else out
+            if plan.local:
+                return mx.take(x, idx - r * m, axis=0)
+            buf = x if plan.full else plan.export(x, r)
+            return plan.assemble(x, self.gather(buf), idx, r)
 
-        return _grouped(leaves, move)
+        return _grouped(leaves, _bool_safe(move))
+
+
+def source_bounds(idx: mx.array) -> mx.array:
+    """[[min, max]] of a process's source rows (int32 [1, 2]), to be all-gathered."""
+    return mx.stack([mx.min(idx), mx.max(idx)]).astype(mx.int32)[None]
+
+
+class WindowPlan:
+    """Which rows cross processes for a row gather, from the gathered [min, max] of every
+    process's sources (``bounds`` [R, 2], identical everywhere) and the rows per process m.
+
+    Process q exports the window ``low[q]`` of its rows needed by lower-ranked processes
+    and ``high[q]`` of those needed by higher-ranked ones (hulls of the requested ranges
+    within its rows), padded to the common widths WL, WH; gathered, process q's windows
+    sit at [q·W, q·W + WL) and [q·W + WL, (q + 1)·W), W = WL + WH. ``local``: no process
+    needs another's rows; ``full``: the windows would cover a shard, gather all rows."""
+
+    def __init__(self, bounds, m: int):
+        self.m = m
+        R = len(bounds)
+        lo, hi = [int(b[0]) for b in bounds], [int(b[1]) for b in bounds]
+        low, high = [], []
+        for q in range(R):
+            q0, q1 = q * m, (q + 1) * m
+            for dests, out in ((range(q), low), (range(q + 1, R), high)):
+                hit = [d for d in dests if lo[d] < q1 and hi[d] >= q0]
+                out.append((min(max(lo[d], q0) for d in hit) - q0,
+                            max(min(hi[d] + 1, q1) for d in hit) - q0) if hit else (0, 0))
+        self.WL = max(b - a for a, b in low)
+        self.WH = max(b - a for a, b in high)
+        self.local = self.WL + self.WH == 0
+        self.full = self.WL + self.WH >= m
+        # window starts, shifted down so that a padded window stays inside the rows
+        self.ls = [min(a, m - self.WL) for a, _ in low]
+        self.hs = [min(a, m - self.WH) for a, _ in high]
+
+    def export(self, x: mx.array, q: int) -> mx.array:
+        """Process q's windows of its rows ``x`` [m, …] ([WL + WH, …])."""
+        return mx.concatenate([x[self.ls[q]:self.ls[q] + self.WL],
+                               x[self.hs[q]:self.hs[q] + self.WH]], axis=0)
+
+    def assemble(self, x: mx.array, gathered: mx.array, idx: mx.array, r: int) -> mx.array:
+        """Process r's rows ``idx`` from its own rows ``x`` and the gathered windows (or,
+        when ``full``, the gathered rows of every process)."""
+        if self.full:
+            return mx.take(gathered, idx, axis=0)
+        m, W = self.m, self.WL + self.WH
+        owner = idx // m
+        loc = idx - owner * m
+        base = m + owner * W
+        ls = mx.array(self.ls, dtype=idx.dtype)
+        hs = mx.array(self.hs, dtype=idx.dtype)
+        pos = mx.where(owner == r, loc,
+                       mx.where(owner < r, base + self.WL + loc - mx.take(hs, owner),
+                                base + loc - mx.take(ls, owner)))
+        return mx.take(mx.concatenate([x, gathered], axis=0), pos, axis=0)
+
+
+class SegmentPlan:
+    """Systematic offspring of process q fill the global slots [S_q, S_{q+1}) (its
+    *segment*); process r's slots are its block [r·m, (r+1)·m). Process q exports the
+    part of its segment below its block (to lower ranks, ``L[q]`` entries) and above it
+    (``H[q]``), padded to WL, WH; every process then reads its block's sources from its
+    own segment and the gathered windows."""
+
+    def __init__(self, S: list, m: int):
+        self.S, self.m = S, m
+        R = len(S) - 1
+        self.R = R
+        self.L = [max(0, min(S[q + 1], q * m) - S[q]) for q in range(R)]
+        self.H = [max(0, S[q + 1] - max(S[q], (q + 1) * m)) for q in range(R)]
+        self.WL, self.WH = max(self.L), max(self.H)
+        self.local = self.WL + self.WH == 0  # every segment is its own block
+
+    def segment(self, counts: mx.array, q: int) -> mx.array:
+        """Global source rows of process q's segment from its offspring counts."""
+        n_q = self.S[q + 1] - self.S[q]
+        if n_q == 0:
+            return mx.zeros((0,), mx.int32)
+        return q * self.m + R.indices_from_counts(counts, n_q)
+
+    def export(self, seg: mx.array, q: int) -> mx.array:
+        n_q = self.S[q + 1] - self.S[q]
+        return mx.concatenate([_pad(seg[:self.L[q]], self.WL), _pad(seg[n_q - self.H[q]:], self.WH)])
+
+    def assemble(self, seg: mx.array, gathered: mx.array, r: int) -> mx.array:
+        S, m, R_ = self.S, self.m, self.R
+        n_r = S[r + 1] - S[r]
+        j = r * m + mx.arange(m, dtype=mx.int32)
+        owner = mx.sum(j[:, None] >= mx.array(S[1:R_], dtype=mx.int32)[None, :], axis=1).astype(mx.int32)
+        starts = mx.array(S[:R_], dtype=mx.int32)
+        hstarts = mx.array([max(S[q], (q + 1) * m) for q in range(R_)], dtype=mx.int32)
+        base = n_r + owner * (self.WL + self.WH)
+        pos = mx.where(owner == r, j - S[r],
+                       mx.where(owner < r, base + self.WL + j - mx.take(hstarts, owner),
+                                base + j - mx.take(starts, owner)))
+        return mx.take(mx.concatenate([seg, gathered]), pos)
+
+
+def _bool_safe(fn: Callable) -> Callable:
+    """``fn`` on bool arrays through uint8 (NCCL has no bool type)."""
+    def wrapped(x):
+        if x.dtype != mx.bool_:
+            return fn(x)
+        return fn(x.astype(mx.uint8)).astype(mx.bool_)
+    return wrapped
 
 
 def _pad(x: mx.array, w: int) -> mx.array:
@@ -234,8 +304,8 @@ def _systematic_local(payload, key, lw, stats):
     W = mx.where(ok, mx.exp(lse - LSE), mx.ones_like(lse))
     B = mx.concatenate([mx.zeros((1,)), mx.cumsum(W)])
     B = B / B[-1]
-    own = mx.where(ok, lse[r], mx.array(0.0))
-    w = mx.where(own > -mx.inf, mx.exp(lw - own), mx.ones_like(lw))
+    own_ok = mx.logical_and(ok, lse[r] > -mx.inf)  # else this process's mass is 0 (or all uniform)
+    w = mx.where(own_ok, mx.exp(lw - lse[r]), mx.ones_like(lw))
     c = mx.cumsum(w)
     c = c / c[-1]
     C = B[r] + (B[r + 1] - B[r]) * c
@@ -342,8 +412,8 @@ class ShardedParticles(_Sharded, WeightedParticles):
 @dataclass(frozen=True)
 class ShardedSMCResult(_Sharded, SMCResult):
     """SMC result of one process: local particles, global weights, global ESS history
-    and resampling flags, and ``ancestors`` (the global ancestor vector [n] of each
-    resampling, identical in every process)."""
+    and resampling flags, and ``ancestors``: for each resampling, the global source rows
+    of this process's slots (its block of the global ancestor vector)."""
 
     global_log_weights: mx.array = None
     shards: Shards = None

@@ -25,6 +25,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from genmlx.inference.sharded import SegmentPlan, WindowPlan, _systematic_local, source_bounds
 from genmlx.inference import (
     importance_resampling,
     importance_sampling,
@@ -115,6 +116,9 @@ for i, idx in enumerate([
         mx.random.randint(0, 2 * m_loc, (2 * m_loc,), key=mx.random.key(8)),
         mx.arange(2 * m_loc),
         mx.sort(mx.random.randint(m_loc - 5, m_loc + 9, (6,), key=mx.random.key(9))),
+        # unsorted, both ranks importing: windows from both sides, narrower than a shard
+        mx.concatenate([mx.random.randint(m_loc - 5, m_loc + 4, (m_loc,), key=mx.random.key(11)),
+                        mx.random.randint(m_loc - 4, m_loc + 6, (m_loc,), key=mx.random.key(12))]),
         mx.full((4,), 2 * m_loc - 1)]):
     k = idx.shape[0] // 2
     mine = idx[rank * k:(rank + 1) * k]
@@ -184,6 +188,23 @@ for i, k in enumerate(mx.random.split(mx.random.key(5), 40)):
         res["smc_local_n"] = out.n
 res["smc_logz"] = lzs
 res["smc_coherent"] = coherent
+
+# rejuvenation and a callback: the full traces are resolved across ranks every step
+seen = []
+
+def rejuv(k, tr):
+    last = tr.args[0] - 1
+    return gm.inference.mh(k, tr, gm.select((last, "x")))
+
+out = sharded_smc(mx.random.key(6), model, args, obs, 100, progress=False, ess_threshold=0.9,
+                  rejuvenation=rejuv, callback=lambda t, tr, lw: seen.append(tr.batch_size))
+xs = np.stack([np.array(out.traces[(t, "x")]) for t in range(T)], 1)
+prev = np.concatenate([np.zeros((xs.shape[0], 1)), xs[:, :-1]], 1)
+lp = (-0.5 * ((xs - A * prev) / Q) ** 2 - math.log(Q) - 0.5 * ((np.array(YS) - xs) / RR) ** 2
+      - math.log(RR) - math.log(2 * math.pi)).sum(1)
+res["rejuv_coherent"] = bool(np.allclose(lp, np.array(out.traces.score), atol=1e-3, rtol=1e-4))
+res["rejuv_resampled"] = sum(out.resampled)
+res["callback_sizes"] = seen
 with open(f"{out_dir}/rank{rank}.json", "w") as fh:
     json.dump(res, fh)
 '''
@@ -291,6 +312,12 @@ def test_smc_traces_coherent_after_cross_rank_resampling(two_ranks):
     assert all(r["smc_coherent"] for r in two_ranks)
 
 
+def test_smc_rejuvenation_and_callback_see_local_resolved_particles(two_ranks):
+    for r in two_ranks:
+        assert r["rejuv_coherent"] and r["rejuv_resampled"] >= 2
+        assert r["callback_sizes"] == [50] * len(YS)
+
+
 # --- one process: the single-process functions ---------------------------------------
 @gm.gen
 def _nn():
@@ -326,6 +353,81 @@ def test_single_process_smc_equals_smc():
     assert a.resampled == b.resampled and any(a.resampled)
     for t in range(T):
         assert mx.array_equal(a.traces[(t, "x")], b.traces[(t, "x")])
+
+
+# --- R processes simulated in one (the collectives replaced by concatenation) ----------
+def _virtual_take(blocks, idxs):
+    """Shards.take_rows's plan, exports and assembly for every rank of a virtual group."""
+    m = blocks[0].shape[0]
+    plan = WindowPlan(np.concatenate([np.array(source_bounds(i)) for i in idxs]), m)
+    if plan.local:
+        return [mx.take(b, i - r * m, axis=0) for r, (b, i) in enumerate(zip(blocks, idxs))], plan
+    gathered = mx.concatenate([b if plan.full else plan.export(b, r) for r, b in enumerate(blocks)])
+    return [plan.assemble(b, gathered, i, r) for r, (b, i) in enumerate(zip(blocks, idxs))], plan
+
+
+@pytest.mark.parametrize("R", [3, 4])
+def test_window_plan_moves_exactly_the_requested_rows(R):
+    m = 16
+    n = R * m
+    X = mx.random.normal((n, 2), key=mx.random.key(R))
+    blocks = [X[r * m:(r + 1) * m] for r in range(R)]
+    keys = mx.random.split(mx.random.key(100 + R), 6)
+    cases = [
+        mx.sort(mx.random.randint(0, n, (n,), key=keys[0])),  # sorted, global
+        mx.random.randint(0, n, (n,), key=keys[1]),  # unsorted
+        mx.arange(n),  # nothing moves
+        mx.sort(mx.random.randint(m - 3, 2 * m + 3, (n,), key=keys[2])),  # around one block
+        mx.concatenate([mx.random.randint(max(r * m - 2, 0), min((r + 1) * m + 2, n), (m,), key=k)
+                        for r, k in enumerate(mx.random.split(keys[3], R))]),  # both sides, narrow
+        mx.full((n,), n - 1),
+    ]
+    kinds = set()
+    for idx in cases:
+        idxs = [idx[r * m:(r + 1) * m] for r in range(R)]
+        outs, plan = _virtual_take(blocks, idxs)
+        kinds.add("local" if plan.local else "full" if plan.full else "windows")
+        for o, i in zip(outs, idxs):
+            assert mx.array_equal(o, X[i])
+    assert kinds == {"local", "full", "windows"}
+
+
+@pytest.mark.parametrize("R", [2, 3, 4])
+def test_local_systematic_counts_equal_systematic_on_all_weights(R):
+    """_systematic_local + SegmentPlan on R virtual processes give R.systematic's
+    ancestors on the concatenated weights, the global ESS and log-mean weight."""
+    from genmlx.inference import resampling as RS
+
+    m = 24
+    n = R * m
+    for case in range(5):
+        k = mx.random.key(10 * R + case)
+        lws = [mx.random.normal((m,), key=kk) * (0.5 + 4 * case) for kk in mx.random.split(k, R)]
+        if case == 2:  # nearly all the mass in the last process
+            lws = [lw + (6.0 if r == R - 1 else -6.0) for r, lw in enumerate(lws)]
+        if case == 3:  # one process's particles are all impossible
+            lws[0] = mx.full((m,), -mx.inf)
+        if case == 4:  # every particle impossible: uniform resampling, as R.systematic
+            lws = [mx.full((m,), -mx.inf) for _ in range(R)]
+        stats = mx.stack([mx.stack([mx.logsumexp(lw), mx.logsumexp(2 * lw)]) for lw in lws])
+        k_res = mx.random.key(1000 + case)
+        outs = [_systematic_local((R, r, 1.0), k_res, lw, stats) for r, lw in enumerate(lws)]
+        Nb = [int(v) for v in np.array(outs[0][3])]
+        assert all([int(v) for v in np.array(o[3])] == Nb for o in outs)
+        plan = SegmentPlan(Nb, m)
+        segs = [plan.segment(o[4], r) for r, o in enumerate(outs)]
+        if plan.local:
+            got = mx.concatenate(segs)
+        else:
+            gathered = mx.concatenate([plan.export(sg, r) for r, sg in enumerate(segs)])
+            got = mx.concatenate([plan.assemble(sg, gathered, r) for r, sg in enumerate(segs)])
+        glw = mx.concatenate(lws)
+        assert mx.array_equal(got, RS.systematic(k_res, glw, n)), case
+        if case < 4:
+            ess = float(outs[0][0])
+            assert abs(ess - float(RS.effective_sample_size(glw))) <= 1e-4 * ess
+            assert all(bool(o[1]) for o in outs)
+            assert mx.allclose(outs[1][2], mx.broadcast_to(RS.log_mean_exp(glw), (m,)), atol=1e-5)
 
 
 class _FakeGroup:
