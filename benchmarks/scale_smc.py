@@ -14,11 +14,14 @@ Measures, in the processes of one ``mlx.launch`` group (or one plain process):
 Each timed call starts and ends with a barrier (a tiny all-sum), so a time is the
 slowest process's. Results go to ``--out`` as JSON (rank 0 writes).
 
-Launch on one host with 2 GPUs (the lead's H200 machine, MLX CUDA build). ``mlx.launch
---backend nccl`` starts one process per rank on 127.0.0.1 with CUDA_VISIBLE_DEVICES=rank
-(``rank % n``: rank r sees only physical GPU r, as its device 0) and NCCL_HOST_IP /
-NCCL_PORT / MLX_WORLD_SIZE / MLX_RANK set; the environment is inherited, so a
-CUDA_VISIBLE_DEVICES set by hand is overridden. NVLink multicast stays off::
+Launch on one host with 2 GPUs (the lead's H200 machine, MLX CUDA build). How ranks map
+to GPUs: ``mlx.launch -n 2 --backend nccl`` (MLX 0.32, mlx/_distributed_utils/launch.py)
+starts one local process per rank with MLX_RANK=r, MLX_WORLD_SIZE=2, NCCL_HOST_IP /
+NCCL_PORT (rank 0 bootstraps the NCCL id over TCP) and CUDA_VISIBLE_DEVICES=r (``rank %
+n``), so rank r sees only physical GPU r; MLX's NCCL group then calls
+cudaSetDevice(rank % visible devices) = 0, i.e. that GPU, which is also MLX's default
+gpu device. The environment is otherwise inherited (a CUDA_VISIBLE_DEVICES set by hand
+is overridden). NVLink multicast stays off::
 
     cd /path/to/genmlx
     python3 benchmarks/scale_smc.py --out /tmp/scale_1.json                      # 1 GPU

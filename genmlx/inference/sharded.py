@@ -104,7 +104,7 @@ class Shards:
 
     def gather(self, x: mx.array) -> mx.array:
         """Concatenation over processes (rank order) along axis 0."""
-        return mx.distributed.all_gather(x, group=self.group)
+        return mx.distributed.all_gather(mx.contiguous(x), group=self.group)
 
     def all_sum(self, x: mx.array) -> mx.array:
         return mx.distributed.all_sum(x, group=self.group)
