@@ -75,9 +75,9 @@ import mlx.core as mx
 import numpy as np
 
 from genmlx.core.gfi import GenerativeFunction
-from genmlx.distributed import fold_rank, world
 from genmlx.core.trace import Trace
 from genmlx.core.vectorize import unbatch
+from genmlx.distributed import fold_rank, world
 from genmlx.inference import resampling as R
 from genmlx.inference._util import cached_call, flatten_particles, rebuild_particles
 from genmlx.inference.importance import importance_resampling, importance_sampling
