@@ -1,7 +1,9 @@
 """Particle-parallel IS and SMC (genmlx.inference.sharded).
 
 In-process: with no group (a single process) the sharded functions are the
-single-process ones; bad n is rejected. Two processes: one ``mlx.launch -n 2 --backend
+single-process ones; bad n is rejected; the movement plans and the local systematic
+counts are checked for R = 2, 3, 4 simulated processes. Two processes (on the CPU: the
+ring backend moves host memory; the package code itself is device-neutral): one ``mlx.launch -n 2 --backend
 ring`` run of the worker below (written to a temporary file) checks, against exact
 oracles, the normal-normal posterior mean and log p(y) of sharded IS (3.5 delta-method
 standard errors), SMC's Ẑ on a linear-Gaussian SSM against the Kalman likelihood (mean
@@ -78,6 +80,9 @@ from genmlx.inference.sharded import shards_for
 from tests.inference.test_sharded import MU0, S0, SY, Y_NN, A, Q, RR, YS
 
 out_dir = sys.argv[1]
+# the ring backend moves host memory: keep this correctness run on the CPU even where
+# MLX's default device is a GPU (GPU runs use NCCL: benchmarks/scale_smc.py)
+mx.set_default_device(mx.cpu)
 g = mx.distributed.init()
 sh = shards_for(g)
 rank = g.rank()
