@@ -26,6 +26,13 @@ the caller is overridden for the ranks (do not rely on it to pick GPUs). Without
 backend is ``ring`` over 127.0.0.1 (what the CPU test machine can run: there the "devices"
 are processes sharing the same cores, so no speedup is expected). ``--backend`` overrides.
 
+``--pipeline-ab`` instead measures the train loop itself on one process:
+``genmlx.harness.runner.train`` with ``train.pipeline`` true vs false (interleaved, ``--reps``
+each), steady-state steps/s between the middle and the last logged step (compilation
+excluded), no validation, checkpoints or TensorBoard in between::
+
+    .venv/bin/python benchmarks/scale_train.py --pipeline-ab --config experiments/digits_vae.toml --steps 400
+
 Options: ``--config`` (default experiments/mnist_iwae.toml; experiments/digits_vae.toml
 needs no data files), ``--steps``/``--warmup`` per batch size, ``--set key=value`` config
 overrides, ``--append`` adds a section to benchmarks/RESULTS.md, ``--note`` text for it.
@@ -105,6 +112,36 @@ def worker(a) -> None:
         Path(a.out).write_text(json.dumps(rows))
 
 
+# -- the train loop: pipelined vs not ---------------------------------------------------------------
+def pipeline_ab(config: str, steps: int, reps: int, overrides: list[str]) -> dict:
+    """Median steady-state steps/s of ``runner.train`` with ``train.pipeline`` on and off."""
+    import statistics
+
+    from genmlx.harness.config import load_config
+    from genmlx.harness.runner import train
+
+    half = steps // 2
+    ov = [*overrides, f"train.steps={steps}", f"log.every_steps={half}", f"log.eval_every_steps={10 * steps}",
+          f"checkpoint.every_steps={10 * steps}", f"log.histogram_every_steps={10 * steps}", "log.tensorboard=false",
+          "log.progress=off", "log.images=false"]
+    rates: dict[bool, list[float]] = {True: [], False: []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(reps):
+            for pipe in (True, False):
+                cfg = load_config(config, [*ov, f"train.pipeline={str(pipe).lower()}"])
+                run = Path(tmp) / f"r{i}{pipe}"
+                train(cfg, run, resume=False, final_eval=False, echo=lambda *a: None)
+                recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
+                        if '"train/steps_per_s"' in line]
+                (s1, r1), (s2, r2) = [(r["step"], r["train/steps_per_s"]) for r in recs[-2:]]
+                rates[pipe].append((s2 - s1) / (s2 / r2 - s1 / r1))
+                print(f"rep {i} pipeline={pipe}: {rates[pipe][-1]:.1f} steps/s", file=sys.stderr, flush=True)
+    on, off = statistics.median(rates[True]), statistics.median(rates[False])
+    return {"benchmark": "pipeline_ab", "config": config, "overrides": overrides, "steps": steps, "reps": reps,
+            "steps_per_s_pipelined": on, "steps_per_s_unpipelined": off, "gain": on / off,
+            "all_pipelined": rates[True], "all_unpipelined": rates[False], "device": str(mx.default_device())}
+
+
 # -- the driver -------------------------------------------------------------------------------------
 def _free_port(n: int) -> int:
     for _ in range(200):
@@ -154,12 +191,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], help="config override key.path=value (repeatable)")
     p.add_argument("--append", action="store_true", help="append a section to benchmarks/RESULTS.md")
     p.add_argument("--note", default="")
+    p.add_argument("--pipeline-ab", action="store_true", help="measure the pipelined vs unpipelined train loop (1 process)")
+    p.add_argument("--reps", type=int, default=3, help="--pipeline-ab: runs of each variant")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     a.batch = [int(b) for b in str(a.batch).split(",")]
     if a.worker:
         worker(a)
+        return 0
+    if a.pipeline_ab:
+        res = pipeline_ab(a.config, a.steps, a.reps, a.set)
+        print(json.dumps(res, indent=1))
+        if a.append:
+            from benchmarks._timing import append_results
+
+            body = (f"`runner.train` on `{Path(a.config).name}` ({' '.join(a.set)}), {a.steps} steps, one process, "
+                    f"device {res['device']}; steady-state steps/s (median of {a.reps} interleaved runs): pipelined "
+                    f"{res['steps_per_s_pipelined']:.1f}, unpipelined {res['steps_per_s_unpipelined']:.1f}, "
+                    f"gain {res['gain']:.2f}x.\n")
+            append_results("Issue 8: pipelined train loop (scale_train.py --pipeline-ab)", body, a.note)
         return 0
     procs = [int(n) for n in a.procs.split(",")]
     backend = a.backend or ("nccl" if mx.cuda.is_available() else "ring")
