@@ -62,8 +62,8 @@ def _genmlx(*args: str, timeout: float | None = None, log: Path | None = None) -
 
 def choose(probe: list[dict], min_fraction: float) -> dict:
     """The probed batch size with the most images/s among those whose steps/s is at least
-    ``min_fraction`` of the smallest batch's (loop ``sync``, the harness's)."""
-    rows = sorted((r for r in probe if r["loop"] == "sync"), key=lambda r: r["batch"])
+    ``min_fraction`` of the smallest batch's (loop ``async``: the harness pipelines its steps)."""
+    rows = sorted((r for r in probe if r["loop"] == "async"), key=lambda r: r["batch"])
     base = rows[0]["steps_per_s"]
     ok = [r for r in rows if r["steps_per_s"] >= min_fraction * base]
     return max(ok, key=lambda r: r["images_per_s"])
