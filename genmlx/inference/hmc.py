@@ -123,10 +123,13 @@ def hmc(key: mx.array, model, args: tuple, observations, num_samples: int = 1000
     when None), kept fixed when ``adapt_step_size`` is False. Returns an
     :class:`~genmlx.inference.mcmc.MCMCResult`.
     """
+    from genmlx.inference.flat_density import cached_density, cached_kernel
     from genmlx.inference.mcmc import run_mcmc
 
-    density = UnconstrainedDensity(model, args, observations)
-    return run_mcmc(HMCKernel(density, num_steps), density, key, num_samples=num_samples,
+    if not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"hmc: num_steps must be a positive int, got {num_steps!r}")
+    density = cached_density(model, args, observations)
+    return run_mcmc(cached_kernel(density, HMCKernel, num_steps), density, key, num_samples=num_samples,
                     num_warmup=num_warmup, num_chains=num_chains, step_size=step_size, mass=mass,
                     adapt_step_size=adapt_step_size, adapt_mass=adapt_mass,
                     target_accept=target_accept, init=init, progress=progress, desc="hmc", thin=thin)

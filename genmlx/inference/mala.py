@@ -27,10 +27,11 @@ def mala(key: mx.array, model, args: tuple, observations, num_samples: int = 100
     """MALA over the unconstrained latents; warm-up adapts ε by dual averaging toward
     ``target_accept`` (0.574 is optimal for MALA) and the metric in Stan's windows.
     Returns an :class:`~genmlx.inference.mcmc.MCMCResult`."""
+    from genmlx.inference.flat_density import cached_density, cached_kernel
     from genmlx.inference.mcmc import run_mcmc
 
-    density = UnconstrainedDensity(model, args, observations)
-    return run_mcmc(HMCKernel(density, 1), density, key, num_samples=num_samples,
+    density = cached_density(model, args, observations)
+    return run_mcmc(cached_kernel(density, HMCKernel, 1), density, key, num_samples=num_samples,
                     num_warmup=num_warmup, num_chains=num_chains, step_size=step_size, mass=mass,
                     adapt_step_size=adapt_step_size, adapt_mass=adapt_mass,
                     target_accept=target_accept, init=init, progress=progress, desc="mala", thin=thin)

@@ -84,10 +84,10 @@ def sample_momentum(key, mfac, dense: bool, shape):
 
 def leapfrog(vg, u, p, g, eps, minv, dense: bool):
     """One leapfrog step of size ``eps`` [C, 1] (negative: backwards in time):
-    p½ = p + ε/2·∇, u' = u + ε·M⁻¹p½, p' = p½ + ε/2·∇'. ``vg(u) → (log π, ∇ log π)``."""
+    p½ = p + ε/2·∇, u' = u + ε·M⁻¹p½, p' = p½ + ε/2·∇'. ``vg(u) → (log π, ∇ log π)``
+    with NaN log densities already mapped to −inf (as every density here does)."""
     p = p + 0.5 * eps * g
     u = u + eps * velocity(p, minv, dense)
     lp, g = vg(u)
-    lp = mx.where(mx.isnan(lp), -mx.inf, lp)
     p = p + 0.5 * eps * g
     return u, p, g, lp

@@ -13,11 +13,16 @@ p⁻, p⁺ turns when ρ·M⁻¹p⁻ ≤ 0 or ρ·M⁻¹p⁺ ≤ 0. It is checke
 trajectory after each doubling and, iteratively, for every balanced sub-subtree of
 the subtree under construction: leaf n closes the sub-subtrees of size 2^k with
 (n + 1) mod 2^k = 0, whose first momentum and preceding prefix sum are kept in
-checkpoint slot k (written at the leaves n with n mod 2^k = 0).
+checkpoint k (written at the leaves n with n mod 2^k = 0).
 
-All chains advance in lockstep: a chain that has stopped keeps its state (masked),
-so each leapfrog step is one compiled call for all chains, and the only Python loops
-are over the tree depth and the 2^j steps of a subtree.
+Execution: all chains advance in lockstep (a chain that has stopped keeps its state,
+masked). A doubling of 2^j ≤ B leaves (B = ``block``, 8 by default) is ONE compiled
+call (subtree start, its leaves unrolled, merge into the trajectory); a longer one runs
+in compiled blocks of B leaves. Leaf indices inside a block are static, so the
+checkpoint writes and sub-subtree checks of sizes ≤ B are unrolled at trace time; the
+larger sizes span blocks and take their write/check masks as inputs. The host syncs
+once per doubling (does any chain continue?) and once between the blocks of a long
+doubling (does any subtree continue?), never per leapfrog step.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from functools import partial
 from typing import NamedTuple
 
 import mlx.core as mx
+import numpy as np
 
 from genmlx.inference.hmc import ChainState, StepInfo
 from genmlx.inference.metric import Metric, kinetic, leapfrog, sample_momentum, velocity
@@ -55,6 +61,9 @@ class Tree(NamedTuple):
 
 
 class Sub(NamedTuple):
+    """The subtree under construction (and, for long doublings, the checkpoints of
+    sizes > B in ``ckp``/``ckr``: tuples of [C, D] arrays)."""
+
     u: mx.array
     p: mx.array
     g: mx.array
@@ -63,13 +72,15 @@ class Sub(NamedTuple):
     gs: mx.array
     logw: mx.array
     psum: mx.array
-    ckp: mx.array
-    ckr: mx.array
     on: mx.array
     bad: mx.array
     div: mx.array
     nsteps: mx.array
     accsum: mx.array
+    fwd: mx.array
+    eps: mx.array
+    ckp: tuple
+    ckr: tuple
 
 
 def _w(mask, a, b):
@@ -78,7 +89,7 @@ def _w(mask, a, b):
     return mx.where(m, a, b)
 
 
-def _start(dense, key, u, lp, g, minv, mfac):
+def _start(dense, key, u, lp, g, minv, mfac) -> Tree:
     p = sample_momentum(key, mfac, dense, u.shape)
     h0 = -lp + kinetic(p, minv, dense)
     c = lp.shape[0]
@@ -87,58 +98,87 @@ def _start(dense, key, u, lp, g, minv, mfac):
                 mx.zeros((c,), dtype=mx.int32), mx.zeros((c,)))
 
 
-def _sub_init(max_depth, t: Tree, fwd):
-    u = _w(fwd, t.ur, t.ul)
-    p = _w(fwd, t.pr, t.pl)
-    g = _w(fwd, t.gr, t.gl)
-    c, d = u.shape
-    z = mx.zeros((max_depth, c, d))
-    return Sub(u, p, g, u, t.lpprop, g, mx.full((c,), -mx.inf), mx.zeros_like(p), z, z, t.active,
-               mx.zeros((c,), dtype=mx.bool_), mx.zeros((c,), dtype=mx.bool_),
-               mx.zeros((c,), dtype=mx.int32), mx.zeros((c,)))
+def _sub_init(t: Tree, key, eps, n_hi: int) -> Sub:
+    """A new subtree starting from the trajectory's end in a random direction."""
+    c, d = t.ul.shape
+    fwd = mx.random.bernoulli(0.5, (c,), key=key)
+    u, p, g = _w(fwd, t.ur, t.ul), _w(fwd, t.pr, t.pl), _w(fwd, t.gr, t.gl)
+    z = mx.zeros((c, d))
+    f = mx.zeros((c,), dtype=mx.bool_)
+    return Sub(u, p, g, u, t.lpprop, g, mx.full((c,), -mx.inf), mx.zeros_like(p), t.active, f, f,
+               mx.zeros((c,), dtype=mx.int32), mx.zeros((c,)), fwd, mx.where(fwd, eps, -eps),
+               (z,) * n_hi, (z,) * n_hi)
 
 
-def _leaf(vg, dense, max_depth, s: Sub, n, unif, eps, h0, minv):
-    u1, p1, g1, lp1 = leapfrog(vg, s.u, s.p, s.g, eps[:, None], minv, dense)
-    dh = (-lp1 + kinetic(p1, minv, dense)) - h0  # energy error H − H₀
-    dh = mx.where(mx.isnan(dh), mx.inf, dh)
-    div = dh > MAX_ENERGY_ERROR
-    lw = -dh
-    acc = mx.exp(mx.minimum(lw, 0.0))
-    logw = mx.logaddexp(s.logw, lw)
-    take = mx.log(unif) < lw - logw
-    psum = s.psum + p1
-    # checkpoints and iterative U-turn checks over balanced sub-subtrees
-    sizes = mx.power(2, mx.arange(1, max_depth + 1, dtype=mx.int32))
-    write = (mx.remainder(n, sizes) == 0)[:, None, None]
-    ckp = mx.where(write, p1[None], s.ckp)
-    ckr = mx.where(write, s.psum[None], s.ckr)
-    check = mx.remainder(n + 1, sizes) == 0  # [K]
-    rho = psum[None] - ckr
-    a = mx.sum(rho * velocity(ckp, minv, dense), axis=-1)
-    b = mx.sum(rho * velocity(p1, minv, dense)[None], axis=-1)
-    turn = mx.any(check[:, None] & ((a <= 0) | (b <= 0)), axis=0)
-    on = s.on
-    stop = turn | div
-    return Sub(
-        _w(on, u1, s.u), _w(on, p1, s.p), _w(on, g1, s.g),
-        _w(on & take, u1, s.us), mx.where(on & take, lp1, s.lps), _w(on & take, g1, s.gs),
-        mx.where(on, logw, s.logw), _w(on, psum, s.psum),
-        mx.where(on[None, :, None], ckp, s.ckp), mx.where(on[None, :, None], ckr, s.ckr),
-        on & ~stop, s.bad | (on & stop), s.div | (on & div),
-        s.nsteps + on.astype(mx.int32), s.accsum + mx.where(on, acc, 0.0),
-    )
+def _turned(rho, pa, pb, minv, dense):
+    """The generalized U-turn criterion for momentum sum ρ and end momenta pa, pb."""
+    a = mx.sum(rho * velocity(pa, minv, dense), axis=-1)
+    b = mx.sum(rho * velocity(pb, minv, dense), axis=-1)
+    return (a <= 0) | (b <= 0)
 
 
-def _merge(dense, max_depth, t: Tree, s: Sub, fwd, unif, minv):
+def _leaves(vg, dense, s: Sub, h0, unifs, minv, i0: int, count: int, lo: list, hi_w=None, hi_c=None) -> Sub:
+    """``count`` leaves (leapfrog steps) of the subtree. ``lo`` lists the sub-subtree
+    sizes 2^k closed inside this call (checkpoint writes at static leaf indices);
+    ``hi_w``/``hi_c`` ([L] bool) mask the writes (first leaf) and checks (last leaf) of
+    the larger sizes carried in ``s.ckp``/``s.ckr``."""
+    e = s.eps[:, None]
+    u, p, g, us, lps, gs, logw, psum = s.u, s.p, s.g, s.us, s.lps, s.gs, s.logw, s.psum
+    on, bad, div_all, nsteps, accsum = s.on, s.bad, s.div, s.nsteps, s.accsum
+    ckp_hi, ckr_hi = list(s.ckp), list(s.ckr)
+    ck_lo: dict = {}
+    for i in range(count):
+        u1, p1, g1, lp1 = leapfrog(vg, u, p, g, e, minv, dense)
+        dh = (-lp1 + kinetic(p1, minv, dense)) - h0  # energy error H − H₀
+        dh = mx.where(mx.isnan(dh), mx.inf, dh)
+        div = dh > MAX_ENERGY_ERROR
+        lw = -dh
+        acc = mx.exp(mx.minimum(lw, 0.0))
+        logw1 = mx.logaddexp(logw, lw)
+        take = mx.log(unifs[i]) < lw - logw1
+        psum1 = psum + p1
+        n = i0 + i
+        for size in lo:  # checkpoints: first momentum and preceding prefix sum
+            if n % size == 0:
+                ck_lo[size] = (p1, psum)
+        if hi_w is not None and i == 0:
+            for k in range(len(ckp_hi)):
+                ckp_hi[k] = _w(hi_w[k], p1, ckp_hi[k])
+                ckr_hi[k] = _w(hi_w[k], psum, ckr_hi[k])
+        turn = None
+        for size in lo:
+            if (n + 1) % size == 0:
+                cp, cr = ck_lo[size]
+                t = _turned(psum1 - cr, cp, p1, minv, dense)
+                turn = t if turn is None else turn | t
+        if hi_c is not None and i == count - 1:
+            for k in range(len(ckp_hi)):
+                t = hi_c[k] & _turned(psum1 - ckr_hi[k], ckp_hi[k], p1, minv, dense)
+                turn = t if turn is None else turn | t
+        stop = div if turn is None else (turn | div)
+        # a chain whose subtree stopped (or never started) keeps integrating unmasked:
+        # its subtree is rejected by the merge (bad, or an inactive trajectory), so
+        # only the statistics below need the mask
+        u, p, g, logw, psum = u1, p1, g1, logw1, psum1
+        us, lps, gs = _w(take, u1, us), mx.where(take, lp1, lps), _w(take, g1, gs)
+        bad = bad | (on & stop)
+        div_all = div_all | (on & div)
+        nsteps = nsteps + on.astype(mx.int32)
+        accsum = accsum + mx.where(on, acc, 0.0)
+        on = on & ~stop
+    return Sub(u, p, g, us, lps, gs, logw, psum, on, bad, div_all, nsteps, accsum, s.fwd, s.eps,
+               tuple(ckp_hi), tuple(ckr_hi))
+
+
+def _merge(dense, max_depth, t: Tree, s: Sub, unif, minv) -> Tree:
     ok = t.active & ~s.bad
     take = ok & (mx.log(unif) < s.logw - t.logw)
-    right = ok & fwd
-    left = ok & ~fwd
+    right = ok & s.fwd
+    left = ok & ~s.fwd
     ul, pl, gl = _w(left, s.u, t.ul), _w(left, s.p, t.pl), _w(left, s.g, t.gl)
     ur, pr, gr = _w(right, s.u, t.ur), _w(right, s.p, t.pr), _w(right, s.g, t.gr)
     psum = _w(ok, t.psum + s.psum, t.psum)
-    turn = (mx.sum(psum * velocity(pl, minv, dense), -1) <= 0) | (mx.sum(psum * velocity(pr, minv, dense), -1) <= 0)
+    turn = _turned(psum, pl, pr, minv, dense)
     depth = t.depth + t.active.astype(mx.int32)
     return Tree(
         ul, pl, gl, ur, pr, gr,
@@ -149,56 +189,167 @@ def _merge(dense, max_depth, t: Tree, s: Sub, fwd, unif, minv):
     )
 
 
+def _sizes(upto: int) -> list:
+    """Sub-subtree sizes 2, 4, …, ``upto``."""
+    out, s = [], 2
+    while s <= upto:
+        out.append(s)
+        s *= 2
+    return out
+
+
+def _uniforms(key, n, c):
+    return mx.random.uniform(shape=(n + 1, c), key=key)
+
+
+# -- compiled pieces (pure functions of arrays; the statics are bound by partial) -----------
+def _first(vg, dense, max_depth, key, u, lp, g, eps, minv, mfac):
+    """Momentum draw and the depth-0 doubling (one leaf) as one call."""
+    k1, k2, k3 = mx.random.split(key, 3)
+    t = _start(dense, k1, u, lp, g, minv, mfac)
+    r = _uniforms(k3, 1, u.shape[0])
+    s = _sub_init(t, k2, eps, 0)
+    s = _leaves(vg, dense, s, t.h0, r, minv, 0, 1, [])
+    return _merge(dense, max_depth, t, s, r[-1], minv)
+
+
+def _small(vg, dense, max_depth, j, t: Tree, key, eps, minv):
+    """A whole doubling of 2^j ≤ B leaves: subtree start, leaves, merge."""
+    k1, k2 = mx.random.split(key)
+    n = 2**j
+    r = _uniforms(k2, n, eps.shape[0])
+    s = _sub_init(t, k1, eps, 0)
+    s = _leaves(vg, dense, s, t.h0, r, minv, 0, n, _sizes(n))
+    return _merge(dense, max_depth, t, s, r[-1], minv)
+
+
+def _big(vg, dense, max_depth, B, n_hi, part, t: Tree, s, key, eps, hi_w, hi_c, minv):
+    """One block of B leaves of a long doubling: ``part`` "first" (starts the subtree),
+    "mid", or "last" (merges it into the trajectory)."""
+    k1, k2 = mx.random.split(key)
+    r = _uniforms(k2, B, eps.shape[0])
+    if part == "first":
+        s = _sub_init(t, k1, eps, n_hi)
+    s = _leaves(vg, dense, s, t.h0, r, minv, 0, B, _sizes(B), hi_w, hi_c)
+    if part == "last":
+        return _merge(dense, max_depth, t, s, r[-1], minv)
+    return s
+
+
 class NUTSKernel:
     """Batched NUTS transition; ``step(key, state, eps, metric) → (state, info)`` with
-    ``info.accepted`` holding the tree depth reached."""
+    ``info.accepted`` holding the tree depth reached. ``block``: leaves per compiled
+    call (a power of two)."""
 
-    def __init__(self, density: UnconstrainedDensity, max_tree_depth: int = 10):
+    def __init__(self, density: UnconstrainedDensity, max_tree_depth: int = 10, block: int = 8):
         if not isinstance(max_tree_depth, int) or not 1 <= max_tree_depth <= 15:
             raise ValueError(f"nuts: max_tree_depth must be an int in [1, 15], got {max_tree_depth!r}")
+        if not isinstance(block, int) or block < 1 or block & (block - 1):
+            raise ValueError(f"nuts: block must be a power of two, got {block!r}")
         self.density = density
         self.max_depth = max_tree_depth
-        self._fns = {}
-        self._n = [mx.array(i, dtype=mx.int32) for i in range(2 ** (max_tree_depth - 1))]
+        self.block = block
+        self.log_block = block.bit_length() - 1
+        self.n_hi = max(0, max_tree_depth - 1 - self.log_block)  # checkpoint sizes > B
+        self._fns: dict = {}
+        self._masks: dict = {}
 
     def init(self, u: mx.array) -> ChainState:
         lp, g = self.density.value_and_grad(u)
         return ChainState(u, lp, g)
 
-    def _get(self, dense: bool):
-        f = self._fns.get(dense)
+    def _fn(self, dense: bool, kind, *static):
+        k = (dense, kind) + static
+        f = self._fns.get(k)
         if f is None:
-            vg, k = self.density.value_and_grad, self.max_depth
-            start = mx.compile(partial(_start, dense))
-            sub_init = mx.compile(lambda *a: _sub_init(k, Tree(*a[:-1]), a[-1]))
-            leaf = mx.compile(lambda *a: _leaf(vg, dense, k, Sub(*a[:15]), *a[15:]))
-            merge = mx.compile(lambda *a: _merge(dense, k, Tree(*a[:17]), Sub(*a[17:32]), *a[32:]))
-            f = self._fns[dense] = (start, sub_init, leaf, merge)
+            vg, md = self.density.value_and_grad, self.max_depth
+            ns = len(Sub._fields) - 2
+            if kind == "first":
+                f = mx.compile(partial(_first, vg, dense, md))
+            elif kind == "merge":
+                nh = self.n_hi
+
+                def merge_only(*a):
+                    t = Tree(*a[:17])
+                    rest = a[17:]
+                    s = Sub(*rest[:ns], tuple(rest[ns:ns + nh]), tuple(rest[ns + nh:ns + 2 * nh]))
+                    key, minv = rest[ns + 2 * nh:]
+                    return _merge(dense, md, t, s, mx.random.uniform(shape=t.lpprop.shape, key=key), minv)
+
+                f = mx.compile(merge_only)
+            elif kind == "small":
+                j = static[0]
+                f = mx.compile(lambda *a: _small(vg, dense, md, j, Tree(*a[:17]), *a[17:]))
+            else:
+                part = static[0]
+                B, nh = self.block, self.n_hi
+
+                def big(*a):
+                    t = Tree(*a[:17])
+                    rest = a[17:]
+                    if part == "first":
+                        s = None
+                    else:
+                        s = Sub(*rest[:ns], tuple(rest[ns:ns + nh]), tuple(rest[ns + nh:ns + 2 * nh]))
+                        rest = rest[ns + 2 * nh:]
+                    out = _big(vg, dense, md, B, nh, part, t, s, *rest)
+                    return out if part == "last" else _flat_sub(out)
+
+                f = mx.compile(big)
+            self._fns[k] = f
         return f
 
+    def _hi_masks(self, j: int, blk: int):
+        """Write/check masks of the checkpoint sizes 2^k > B for block ``blk`` of a
+        doubling of depth j (sizes above 2^j never fire)."""
+        k = (j, blk)
+        m = self._masks.get(k)
+        if m is None:
+            lb = self.log_block
+            w = np.zeros(self.n_hi, bool)
+            c = np.zeros(self.n_hi, bool)
+            for i in range(self.n_hi):
+                size_blocks = 2 ** (i + 1)  # size 2^(lb+1+i) leaves = 2^(i+1) blocks
+                if lb + 1 + i <= j:
+                    w[i] = blk % size_blocks == 0
+                    c[i] = (blk + 1) % size_blocks == 0
+            m = self._masks[k] = (mx.array(w), mx.array(c))
+        return m
+
     def step(self, key, state: ChainState, eps: mx.array, metric: Metric):
-        start, sub_init, leaf, merge = self._get(metric.dense)
-        c = state.lp.shape[0]
-        k1, k2, k3, k4 = mx.random.split(key, 4)
-        tree = Tree(*start(k1, state.u, state.lp, state.grad, metric.minv, metric.mfac))
-        fwd_all = mx.random.bernoulli(0.5, (self.max_depth, c), key=k2)
-        eps_all = mx.where(fwd_all, eps[None], -eps[None])
-        u_merge = mx.random.uniform(shape=(self.max_depth, c), key=k3)
-        u_leaf = mx.random.uniform(shape=(2 ** (self.max_depth - 1), c), key=k4)
-        for j in range(self.max_depth):
-            fwd = fwd_all[j]
-            sub = sub_init(*tree, fwd)
-            e = eps_all[j]
-            for n in range(2**j):
-                sub = leaf(*sub, self._n[n], u_leaf[n], e, tree.h0, metric.minv)
-                if n % 8 == 7 and not bool(mx.any(sub[10])):
-                    break
-            tree = Tree(*merge(*tree, *sub, fwd, u_merge[j], metric.minv))
-            if not bool(mx.any(tree.active)):
+        dense = metric.dense
+        minv, mfac = metric.minv, metric.mfac
+        ks = mx.random.split(key, self.max_depth)
+        tree = Tree(*self._fn(dense, "first")(ks[0], state.u, state.lp, state.grad, eps, minv, mfac))
+        for j in range(1, self.max_depth):
+            if not bool(mx.any(tree.active)):  # one host sync per doubling
                 break
+            if 2**j <= self.block:
+                tree = Tree(*self._fn(dense, "small", j)(*tree, ks[j], eps, minv))
+                continue
+            nb = 2**j // self.block
+            bkeys = mx.random.split(ks[j], nb)
+            w, c = self._hi_masks(j, 0)
+            sub = self._fn(dense, "big", "first")(*tree, bkeys[0], eps, w, c, minv)
+            for b in range(1, nb):
+                w, c = self._hi_masks(j, b)
+                last = b == nb - 1
+                if not last and not bool(mx.any(sub[8])):  # every subtree has stopped
+                    tree = Tree(*self._fn(dense, "merge")(*tree, *sub, bkeys[b], minv))
+                    break
+                part = "last" if last else "mid"
+                out = self._fn(dense, "big", part)(*tree, *sub, bkeys[b], eps, w, c, minv)
+                if last:
+                    tree = Tree(*out)
+                    break
+                sub = out
         steps = mx.maximum(tree.nsteps, 1)
         info = StepInfo(tree.accsum / steps, tree.diverging, tree.nsteps, tree.depth)
         return ChainState(tree.uprop, tree.lpprop, tree.gprop), info
+
+
+def _flat_sub(s: Sub) -> list:
+    return list(s[:-2]) + list(s.ckp) + list(s.ckr)
 
 
 def nuts(key: mx.array, model, args: tuple, observations, num_samples: int = 1000,
@@ -214,10 +365,14 @@ def nuts(key: mx.array, model, args: tuple, observations, num_samples: int = 100
     ``mass``: "identity", "diag" (default) or "dense", adapted in Stan's windows, or
     a fixed inverse mass matrix array.
     """
+    from genmlx.inference.flat_density import cached_density, cached_kernel
     from genmlx.inference.mcmc import run_mcmc
 
-    density = UnconstrainedDensity(model, args, observations)
-    return run_mcmc(NUTSKernel(density, max_tree_depth), density, key, num_samples=num_samples,
+    if not isinstance(max_tree_depth, int) or not 1 <= max_tree_depth <= 15:
+        raise ValueError(f"nuts: max_tree_depth must be an int in [1, 15], got {max_tree_depth!r}")
+    density = cached_density(model, args, observations)
+    kernel = cached_kernel(density, NUTSKernel, max_tree_depth)
+    return run_mcmc(kernel, density, key, num_samples=num_samples,
                     num_warmup=num_warmup, num_chains=num_chains, step_size=step_size, mass=mass,
                     adapt_step_size=adapt_step_size, adapt_mass=adapt_mass,
                     target_accept=target_accept, init=init, progress=progress, desc="nuts", thin=thin)

@@ -1,0 +1,431 @@
+"""A flattened unconstrained log density: log π(u) computed straight from array slices.
+
+:class:`~genmlx.inference.unconstrained.UnconstrainedDensity` evaluates
+
+    log π(u) = Σ_obs log p(y_a | ·) + Σ_latent [log p(f_a(u_a) | ·) + log|det ∂f_a/∂u_a|]
+
+through the model's ``generate`` (choice maps of ``UnconstrainedValue``s, traces, the
+handler stack), vmapped over chains. :class:`FlatDensity` gives the same number with a
+minimal handler and a smaller graph:
+
+* the model body runs once per compilation under ``mx.vmap`` over chains (so any model
+  code works), with every latent's block of U [C, D] passed in as its own vmap input
+  (no per-chain slicing); each ``gm.trace`` of a distribution returns x_a = f_a(u_a)
+  (latent) or the observed value, and nothing else is built — no traces, choice maps,
+  keys or address bookkeeping;
+* *hoisted* sites: for a scalar-event family whose array attributes are exactly its
+  parameters, the vmapped body only returns the parameters (and x_a); the log density
+  Σ_{elements} log p is then evaluated OUTSIDE the vmap on the batched parameters,
+  aligned as [C, 1, …, 1, *param_shape] against the value [C, *shape] (or the unbatched
+  observation). Under vmap every constant operand of the family's arithmetic costs
+  extra reshape/broadcast/transpose nodes; batched explicitly it is one fused kernel
+  plus a reduction, as in hand-written code;
+* other sites (multivariate families, families with derived arrays) are scored inside
+  the vmap with the family's own score; calls of ``@gm.gen`` sub-functions are
+  flattened; any other generative function (combinators) is evaluated by its own
+  ``generate`` on the sub-choice-map, exactly as in the generic path;
+* the gradient is that of Σ_c log π(U_c) (rows are independent), and NaN → −inf is
+  applied after differentiation (a NaN state is rejected whatever its gradient).
+
+Site scores are accumulated in execution order, as ``generate`` does, so both paths
+agree to float32 rounding (the hoisted sites sum elementwise log densities instead of
+the family's closed-form score).
+
+Static structure: the flat path is valid only when every chain visits the same latent
+addresses with the same shapes. :func:`make_density` checks this at u = 0 and at a
+random point (addresses and shapes of the generic execution agree, and the flat and
+generic log densities and gradients agree there); otherwise — e.g. control flow on a
+latent's value decides which addresses exist — it returns the generic
+:class:`UnconstrainedDensity`. The hoisted variant is tried first, then the
+unhoisted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from typing import NamedTuple
+
+import mlx.core as mx
+import numpy as np
+
+from genmlx.core.choicemap import ChoiceMap
+from genmlx.core.dynamic import DynamicGF
+from genmlx.core.handlers import run_with_handler
+from genmlx.distributions.base import Distribution, UnconstrainedValue, _as_array
+from genmlx.distributions.constraints import _Real
+from genmlx.inference.unconstrained import Latent, UnconstrainedDensity, _as_cm, _key0
+
+
+class StructureChanged(Exception):
+    """The model visited an address that is neither a known latent nor observed."""
+
+
+def _total(a: mx.array) -> mx.array:
+    """Σ of a site's log densities (no reduction node for a scalar)."""
+    return a if a.ndim == 0 else mx.sum(a)
+
+
+def _param_attrs(d: Distribution) -> dict | None:
+    """{attribute: parameter name} when ``d`` can be scored outside the vmap: a
+    continuous scalar-event family whose every array attribute is one of its
+    parameters (nothing derived from them is stored). None otherwise."""
+    if d.event_ndim != 0 or d.event_shape != () or d.discrete:
+        return None
+    params = getattr(d, "_params", None)
+    if not params:
+        return None
+    out = {}
+    for k, v in vars(d).items():
+        if isinstance(v, mx.array):
+            names = [n for n, p in params.items() if p is v]
+            if not names:
+                return None
+            out[k] = names[0]
+    if set(out.values()) != set(params):
+        return None
+    return out
+
+
+class _Site(NamedTuple):
+    """One scored site of the execution. ``hoisted``: outputs are the u-dependent
+    parameters (in ``names`` order) then, for a latent, x (and log|J|); else one output,
+    the site's score."""
+
+    hoisted: bool
+    dist: Distribution | None  # hoisted: the template (traced inside the vmap)
+    attrs: dict | None  # hoisted: {attribute: parameter name}
+    names: tuple  # parameters passed out of the vmap (batched)
+    consts: dict  # parameters that do not depend on u: concrete arrays, kept unbatched
+    batch_shape: tuple
+    value: mx.array | None  # hoisted observed value (unbatched)
+    latent: bool
+    logdet: bool  # a log-Jacobian output follows (hoisted latents on a non-real support)
+
+
+def _concrete(a: mx.array) -> bool:
+    """Whether ``a`` does not depend on the traced inputs (it can be evaluated now,
+    inside compile/vmap/grad tracing: a constant of the model, e.g. a prior's
+    parameters or a function of the data)."""
+    try:
+        mx.eval(a)
+        return True
+    except (RuntimeError, ValueError):
+        return False
+
+
+def _split_params(d: Distribution):
+    """(names of u-dependent parameters, {name: concrete parameter}, their arrays)."""
+    names, consts, outs = [], {}, []
+    for n, p in d._params.items():
+        if _concrete(p):
+            consts[n] = p
+        else:
+            names.append(n)
+            outs.append(p)
+    return tuple(names), consts, outs
+
+
+class _Plan:
+    def __init__(self):
+        self.sites: list[_Site] = []
+        self.outputs: list = []
+        self.visited: list = []
+
+
+class _FlatHandler:
+    """Receives ``gm.trace`` calls inside the vmapped body (one chain)."""
+
+    def __init__(self, dens: "FlatDensity", blocks: dict, prefix: tuple, plan: _Plan):
+        self.dens, self.blocks, self.prefix, self.plan = dens, blocks, prefix, plan
+
+    def _emit(self, site: _Site, outs: list):
+        self.plan.sites.append(site)
+        self.plan.outputs.extend(outs)
+
+    def visit(self, path, gen_fn, args):
+        full = self.prefix + tuple(path)
+        self.plan.visited.append(full)
+        if isinstance(gen_fn, Distribution):
+            ua = self.blocks.get(full)
+            if ua is not None:
+                sup = gen_fn.support
+                x = sup.from_unconstrained(ua)
+                ld = None if isinstance(sup, _Real) else _total(sup.log_abs_det_jacobian(ua))
+                attrs = _param_attrs(gen_fn) if self.dens.hoist else None
+                if attrs is not None:
+                    names, consts, outs = _split_params(gen_fn)
+                    outs += [x] + ([ld] if ld is not None else [])
+                    self._emit(_Site(True, gen_fn, attrs, names, consts, tuple(gen_fn.batch_shape), None,
+                                     True, ld is not None), outs)
+                else:
+                    s = gen_fn._score(x)
+                    self._emit(_Site(False, None, None, (), {}, (), None, True, False),
+                               [s if ld is None else s + ld])
+                return x
+            obs = self.dens.observations.submap_at_path(full)
+            if not obs.is_leaf():
+                raise StructureChanged(full)
+            v = obs.get_value()
+            if isinstance(v, UnconstrainedValue):
+                raise StructureChanged(full)
+            v = _as_array(v)
+            if tuple(v.shape) != tuple(gen_fn.shape):
+                raise StructureChanged(full)
+            attrs = _param_attrs(gen_fn) if self.dens.hoist else None
+            if attrs is not None:
+                names, consts, outs = _split_params(gen_fn)
+                self._emit(_Site(True, gen_fn, attrs, names, consts, tuple(gen_fn.batch_shape), v, False,
+                                 False), outs)
+            else:
+                self._emit(_Site(False, None, None, (), {}, (), None, False, False), [gen_fn._score(v)])
+            return v
+        if isinstance(gen_fn, DynamicGF):
+            sub = _FlatHandler(self.dens, self.blocks, full, self.plan)
+            return run_with_handler(sub, gen_fn.fn, tuple(args))
+        # any other GF: its own generate on the latents/observations below this address
+        cm = self.dens._sub_choicemap(self.blocks, full)
+        tr, w = gen_fn.generate(_key0(), tuple(args), cm)
+        self._emit(_Site(False, None, None, (), {}, (), None, False, False), [w])
+        return tr.retval
+
+
+def _aligned(p: mx.array, rank: int) -> mx.array:
+    """A batched parameter [C, *ps] reshaped to [C, 1, …, 1, *ps] of rank 1 + ``rank``."""
+    pad = rank - (p.ndim - 1)
+    return p if pad <= 0 else p.reshape((p.shape[0],) + (1,) * pad + tuple(p.shape[1:]))
+
+
+def _hoisted_score(site: _Site, params: list, x: mx.array | None) -> mx.array:
+    """Σ over the site's elements of log p, per chain: [C]."""
+    rank = len(site.batch_shape)
+    d = object.__new__(type(site.dist))  # a shallow copy (GFs refuse copy/pickle)
+    d.__dict__.update(vars(site.dist))
+    batched = dict(site.consts)
+    batched.update({n: _aligned(p, rank) for n, p in zip(site.names, params)})
+    for attr, n in site.attrs.items():
+        setattr(d, attr, batched[n])
+    d._params = batched
+    value = x if x is not None else site.value
+    lp = d._log_prob(value)
+    if lp.ndim == rank + 1:
+        return lp if rank == 0 else mx.sum(lp, axis=tuple(range(1, lp.ndim)))
+    if lp.ndim == rank:  # independent of the chain (a scalar, broadcast when added)
+        return _total(lp)
+    raise StructureChanged("log-density shape")
+
+
+class FlatDensity(UnconstrainedDensity):
+    """log π(u) on R^D by the flat path (see the module docstring); same interface and
+    values as :class:`UnconstrainedDensity`. ``hoist``: score eligible sites outside
+    the vmap (smaller graph)."""
+
+    def __init__(self, model, args: tuple, observations=None, latents: list[Latent] | None = None,
+                 hoist: bool = True):
+        if not isinstance(model, DynamicGF):
+            raise TypeError("FlatDensity needs a @gm.gen model")
+        self.hoist = hoist
+        if latents is None:
+            super().__init__(model, args, observations)
+        else:  # reuse a generic density's discovery
+            self.model, self.args, self.observations = model, tuple(args), _as_cm(observations)
+            self.latents = list(latents)
+            self.dim = sum(l.size for l in self.latents)
+        self._vg = mx.compile(self._make_value_and_grad())
+        self._batched = mx.compile(self._lp_mapped)
+        self._constrain = mx.compile(mx.vmap(self._constrained_leaves))  # generic (not hot)
+        self.last_plan: _Plan | None = None
+
+    # -- evaluation ----------------------------------------------------------------
+    def _blocks(self, U: mx.array) -> list:
+        c = U.shape[0]
+        out = []
+        for l in self.latents:
+            b = U[:, l.offset: l.offset + l.size]
+            out.append(b.reshape((c,) + l.ushape) if l.ushape != (l.size,) else b)
+        return out
+
+    def _sub_choicemap(self, blocks: dict, prefix: tuple) -> ChoiceMap:
+        """Observations and ``UnconstrainedValue`` latents below ``prefix``, relative to it."""
+        cm = self.observations.submap_at_path(prefix)
+        n = len(prefix)
+        for path, ua in blocks.items():
+            if path[:n] == prefix:
+                cm = cm.set_submap(path[n:], ChoiceMap.leaf(UnconstrainedValue(ua)))
+        return cm
+
+    def _body(self, *blocks):
+        plan = _Plan()
+        bl = {l.path: b for l, b in zip(self.latents, blocks)}
+        run_with_handler(_FlatHandler(self, bl, (), plan), self.model.fn, self.args)
+        self.last_plan = plan
+        return plan.outputs if plan.outputs else [mx.array(0.0)]
+
+    def _lp(self, U: mx.array) -> mx.array:
+        """log π of every row of U [C, D] (NaN kept): [C]."""
+        outs = mx.vmap(self._body)(*self._blocks(U))
+        plan = self.last_plan
+        lp, i = None, 0
+        for s in plan.sites:
+            if s.hoisted:
+                k = len(s.names)
+                params = outs[i:i + k]
+                x = outs[i + k] if s.latent else None
+                i += k + (1 if s.latent else 0)
+                term = _hoisted_score(s, params, x)
+                if s.logdet:
+                    term = term + outs[i]
+                    i += 1
+            else:
+                term = outs[i]
+                i += 1
+            lp = term if lp is None else lp + term
+        if lp is None:
+            return mx.zeros((U.shape[0],))
+        return lp if lp.ndim == 1 else mx.broadcast_to(lp, (U.shape[0],))
+
+    def _lp_mapped(self, U):
+        lp = self._lp(U)
+        return mx.where(mx.isnan(lp), -mx.inf, lp)
+
+    def _make_value_and_grad(self):
+        def total(U):
+            lp = self._lp(U)
+            return mx.sum(lp), lp
+
+        vg = mx.value_and_grad(total)
+
+        def f(U):
+            (_, lp), g = vg(U)
+            return mx.where(mx.isnan(lp), -mx.inf, lp), g
+
+        return f
+
+    def log_density(self, u: mx.array) -> mx.array:
+        """log π(u) for one u ∈ R^D (NaN mapped to −inf)."""
+        return self._lp_mapped(u[None])[0]
+
+    def batched_log_density(self, U: mx.array) -> mx.array:
+        return self._batched(U)
+
+
+
+def _signature(dens: UnconstrainedDensity, u: mx.array):
+    """(address, shape) of every choice of the generic execution at u [D], and its weight."""
+    tr, w = dens.model.generate(_key0(), dens.args, dens.choicemap(u))
+    return [(p, tuple(v.shape)) for p, v in tr.choices.leaves()], w
+
+
+def _agrees(generic: UnconstrainedDensity, fd: FlatDensity, U: mx.array) -> str | None:
+    """None if both densities give the same values and gradients at the rows of U."""
+    lp0, g0 = generic.value_and_grad(U)
+    lp1, g1 = fd.value_and_grad(U)
+    a, b = np.array(lp0, dtype=np.float64), np.array(lp1, dtype=np.float64)
+    ga, gb = np.array(g0, dtype=np.float64), np.array(g1, dtype=np.float64)
+    if not np.array_equal(np.isfinite(a), np.isfinite(b)):
+        return "flat and generic densities differ in finiteness"
+    fin = np.isfinite(a)
+    if not np.allclose(a[fin], b[fin], rtol=1e-4, atol=1e-4):
+        return f"flat and generic densities differ ({b} vs {a})"
+    if not np.allclose(ga[fin], gb[fin], rtol=1e-3, atol=1e-3 * (1 + np.abs(ga[fin]).max(initial=0))):
+        return "flat and generic gradients differ"
+    return None
+
+
+def make_density(model, args: tuple, observations=None, key: mx.array | None = None,
+                 flat: bool | None = None) -> UnconstrainedDensity:
+    """The density used by HMC / NUTS / MALA: a :class:`FlatDensity` when the model's
+    structure is static (see the module docstring), else the generic
+    :class:`UnconstrainedDensity`. ``flat=False`` forces the generic path; ``flat=True``
+    raises if the flat path cannot be used."""
+    generic = UnconstrainedDensity(model, args, observations, key)
+    if flat is False:
+        return generic
+    why = "the model is not a @gm.gen function"
+    if isinstance(model, DynamicGF):
+        d = generic.dim
+        pts = mx.concatenate([mx.zeros((1, d)),
+                              mx.random.uniform(-2.0, 2.0, (2, d), key=mx.random.key(12345))])
+        why = None
+        try:
+            ref = _signature(generic, pts[0])[0]
+            for r in range(1, pts.shape[0]):
+                if _signature(generic, pts[r])[0] != ref:
+                    why = "the addresses or shapes of the choices depend on the latent values"
+                    break
+        except Exception as e:  # an execution failed at a latent value: not static
+            why = f"the generic execution failed at a probe point ({type(e).__name__}: {e})"
+        if why is None:
+            for hoist in (True, False):
+                try:
+                    fd = FlatDensity(model, args, observations, latents=generic.latents, hoist=hoist)
+                    why = _agrees(generic, fd, pts)
+                except StructureChanged as e:
+                    why = f"the model visits {e.args[0]!r}, which is neither a latent nor observed"
+                except Exception as e:
+                    why = f"the flat evaluation failed ({type(e).__name__}: {e})"
+                if why is None:
+                    return fd
+    if flat:
+        raise ValueError(f"flat density unavailable: {why}")
+    return generic
+
+
+# -- reuse across calls -------------------------------------------------------------------
+_DENSITIES: "OrderedDict[tuple, UnconstrainedDensity]" = OrderedDict()
+_MAX_CACHED = 8
+
+
+def _content_key(model, args, observations):
+    """A hashable key of (model, argument and observation contents), or None when the
+    inputs cannot be keyed (unhashable statics) or the model holds neural-network
+    modules (their weights may change between calls)."""
+    from genmlx.core.pytree import tree_flatten
+    from genmlx.inference._util import _module_states
+
+    if _module_states((model, args)):
+        return None
+    leaves, td = tree_flatten((tuple(args), _as_cm(observations)))
+    h = hashlib.blake2b(digest_size=16)
+    for x in leaves:
+        a = np.asarray(x)
+        h.update(repr((a.dtype.str, a.shape)).encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    key = (model, td, h.hexdigest())
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+def cached_density(model, args: tuple, observations=None) -> UnconstrainedDensity:
+    """:func:`make_density`, reused for a repeated (model, args, observations) — equal
+    contents — so that repeated runs reuse its compiled functions (as a jitted sampler
+    is reused). Models with neural-network modules are not cached. Arrays a model
+    reads from outside its arguments are captured when first compiled, as with any
+    compiled function; :func:`clear_density_cache` forgets everything."""
+    key = _content_key(model, args, observations)
+    if key is not None and key in _DENSITIES:
+        _DENSITIES.move_to_end(key)
+        return _DENSITIES[key]
+    d = make_density(model, args, observations)
+    if key is not None:
+        _DENSITIES[key] = d
+        if len(_DENSITIES) > _MAX_CACHED:
+            _DENSITIES.popitem(last=False)
+    return d
+
+
+def cached_kernel(density: UnconstrainedDensity, cls, *params):
+    """One ``cls(density, *params)`` per density (its compiled steps are kept)."""
+    store = density.__dict__.setdefault("_kernels", {})
+    k = (cls, params)
+    if k not in store:
+        store[k] = cls(density, *params)
+    return store[k]
+
+
+def clear_density_cache() -> None:
+    """Forget the cached densities (and their compiled kernels)."""
+    _DENSITIES.clear()
