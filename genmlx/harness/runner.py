@@ -304,6 +304,7 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, task=None, resume: bool
                     rollback(module, optimizer, p.snap)
                     if cfg.train.nan_policy == "stop" or skipped >= cfg.train.max_skipped:
                         path = save(step, nonfinite_step=step)
+                        dist.barrier()  # the others exit (non-zero) only once rank 0 has written it
                         why = (f"non-finite loss or gradient in step {step + 1} of {total} (loss={loss}, grad_norm={gn})"
                                if cfg.train.nan_policy == "stop" else
                                f"more than train.max_skipped = {cfg.train.max_skipped} non-finite steps (the last in step {step + 1})")
@@ -339,6 +340,7 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, task=None, resume: bool
                         rollback(module, optimizer, cur.snap)
                         cur = None
                     path = save(step) if saved["step"] != step else ckpts.dir / f"ckpt-{step:09d}.json"
+                    dist.barrier()  # mlx.launch kills all ranks when one exits non-zero: let rank 0 finish writing
                     if interrupted:
                         signum = sig.signum if sig.signum is not None else signal.SIGTERM
                         who = (f"{signal.Signals(signum).name} received" if sig.signum is not None
