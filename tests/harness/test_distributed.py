@@ -132,6 +132,12 @@ elif phase == "two":
     rc = [cli.main(["train", toml, "--run-dir", str(out / "bad"), "--no-eval", "data.batch_size=15"]),
           cli.main(["train", toml, "--run-dir", str(out / "A"), "--no-eval", "train.steps=20"]),
           cli.main(["train", toml, "--run-dir", str(out / "B"), "--no-eval", "train.steps=40"])]
+elif phase == "sig":  # a long run; the test sends SIGTERM to rank 1 only
+    import os
+
+    (out / f"pid-r{R}").write_text(str(os.getpid()))
+    rc = [cli.main(["train", toml, "--run-dir", str(out / "S"), "--no-eval", "train.steps=1000000",
+                    "checkpoint.every_steps=1000000", "log.eval_every_steps=1000000"])]
 (out / f"rc-{phase}-r{R}.json").write_text(json.dumps(rc))
 '''
 
@@ -284,6 +290,35 @@ def test_resume_across_device_counts(runs):
     ckA = CheckpointManager(d / "A").load_latest()
     assert ckA.meta["step"] == 40 and ckA.meta["world_size"] == 1
     assert all(np.isfinite(np.asarray(v)).all() for _, v in ckA.params)
+
+
+def test_a_signal_to_one_rank_stops_all_after_the_same_step(runs):
+    """SIGTERM to rank 1 alone: the stop request is all-reduced with the step, every rank
+    stops after the same step, rank 0 writes that checkpoint, both exit with 128 + 15."""
+    import signal
+
+    d = runs["dir"]
+    toml = d / "toy.toml"
+    p = subprocess.Popen([str(_mlx_launch()), "-n", "2", "--backend", "ring", "-p", str(_free_port_pair()),
+                          "--python", sys.executable, str(d / "worker.py"), str(d), str(toml), "sig", "0"],
+                         cwd=REPO, env=cli_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    t0 = time.time()
+    while time.time() - t0 < 60 and not ((d / "pid-r1").exists() and (d / "S" / "metrics.jsonl").exists()):
+        time.sleep(0.05)
+    time.sleep(0.3)
+    import os
+
+    os.kill(int((d / "pid-r1").read_text()), signal.SIGTERM)
+    out, _ = p.communicate(timeout=60)
+    rcs = [json.loads((d / f"rc-sig-r{r}.json").read_text()) for r in (0, 1)]
+    assert rcs == [[128 + signal.SIGTERM]] * 2, out
+    assert "another process was interrupted: stopped after step" in out
+    import re
+
+    stopped = int(re.search(r"stopped after step (\d+)", out).group(1))
+    ck = CheckpointManager(d / "S").load_latest()
+    assert ck.meta["step"] == stopped > 0 and ck.meta["world_size"] == 2
 
 
 # -- one process: pipelining and the time limit ---------------------------------------------------
