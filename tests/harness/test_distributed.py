@@ -4,7 +4,9 @@ Two processes on tiny toy configs:
 - gradient averaging is exact: with a key-free loss, the 2-process SGD trajectory equals
   the 1-process one on the full batch (float rounding), each rank saw its disjoint half
   of every global batch, and both ranks hold bit-identical parameters after every step;
+- the amortized (IWAE) compiled step keeps the ranks bit-identical too;
 - a NaN on one rank only is rolled back on both (the decision uses the all-reduced loss);
+  SIGTERM to one rank stops both after the same step, with rank 0's checkpoint;
 - rank 0 alone writes logs, checkpoints and prints; a batch size not divisible by the
   number of processes is a ConfigError naming data.batch_size;
 - resume 2 → 1 and 1 → 2 processes.
@@ -15,8 +17,11 @@ non-finite steps), and ``train.time_limit_s`` stops early with a resumable check
 from __future__ import annotations
 
 import json
+import os
 import random
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -28,7 +33,6 @@ import pytest
 
 import genmlx  # noqa: F401
 import mlx.core as mx
-from mlx.utils import tree_flatten
 
 from genmlx.harness.checkpoint import CheckpointManager
 from genmlx.harness.config import load_config
@@ -47,7 +51,6 @@ from pathlib import Path
 
 import genmlx  # noqa: F401
 import mlx.core as mx
-import numpy as np
 from mlx.utils import tree_flatten
 
 from genmlx import cli, distributed as dist
@@ -307,15 +310,11 @@ def test_a_signal_to_one_rank_stops_all_after_the_same_step(runs):
     while time.time() - t0 < 60 and not ((d / "pid-r1").exists() and (d / "S" / "metrics.jsonl").exists()):
         time.sleep(0.05)
     time.sleep(0.3)
-    import os
-
     os.kill(int((d / "pid-r1").read_text()), signal.SIGTERM)
     out, _ = p.communicate(timeout=60)
     rcs = [json.loads((d / f"rc-sig-r{r}.json").read_text()) for r in (0, 1)]
     assert rcs == [[128 + signal.SIGTERM]] * 2, out
     assert "another process was interrupted: stopped after step" in out
-    import re
-
     stopped = int(re.search(r"stopped after step (\d+)", out).group(1))
     ck = CheckpointManager(d / "S").load_latest()
     assert ck.meta["step"] == stopped > 0 and ck.meta["world_size"] == 2
