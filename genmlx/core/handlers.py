@@ -73,12 +73,30 @@ def run_with_handler(handler: "Handler", fn, args: tuple) -> Any:
         stack.pop()
 
 
-def base_noise(key: mx.array, site: int, kind: str, shape: tuple) -> mx.array:
-    """Standard noise (N(0, 1) or U(0, 1)) of ``shape`` for site number ``site``."""
-    k = key + _site_constant(site)
+def standard_noise(key: mx.array, kind: str, shape: tuple) -> mx.array:
+    """N(0, 1) (``kind`` "normal") or U(0, 1) ("uniform") draws of ``shape``."""
     if kind == "normal":
-        return mx.random.normal(shape, key=k)
-    return mx.random.uniform(shape=shape, key=k)
+        return mx.random.normal(shape, key=key)
+    return mx.random.uniform(shape=shape, key=key)
+
+
+def base_noise(key: mx.array, site: int, kind: str, shape: tuple) -> mx.array:
+    """Standard noise of ``shape`` for site number ``site`` (key ``key + c_site``),
+    materialised (``mx.contiguous``) so that ``mx.compile`` never fuses the sampler's
+    tail into consumers that broadcast it."""
+    return mx.contiguous(standard_noise(key + _site_constant(site), kind, shape))
+
+
+def grouped_base_noise(key: mx.array, sites: list, kind: str, shape: tuple) -> list:
+    """``[base_noise(key, s, kind, shape) for s in sites]`` (identical values) as ONE
+    draw: the site keys ``key + c_s`` in one add, one vmapped sampler over them, and one
+    split of the flat result, instead of a key add, sampler and copy per site."""
+    if len(sites) == 1:
+        return [base_noise(key, sites[0], kind, shape)]
+    keys = key + _site_constants(tuple(sites))
+    flat = mx.contiguous(mx.vmap(lambda k: standard_noise(k, kind, shape))(keys)).reshape(-1)
+    parts = mx.split(flat, len(sites))
+    return parts if len(shape) == 1 else [p.reshape(shape) for p in parts]
 
 
 class BatchNoise:
@@ -229,6 +247,16 @@ class Handler:
 
 
 _SITE_CONSTANTS: dict[int, mx.array] = {}
+_STACKED_CONSTANTS: dict[tuple, mx.array] = {}
+
+
+def _site_constants(sites: tuple) -> mx.array:
+    """The [len(sites), 2] stacked key offsets of several sites."""
+    c = _STACKED_CONSTANTS.get(sites)
+    if c is None:
+        c = mx.array([[0, (i * 0x9E3779B9) & 0xFFFFFFFF] for i in sites], dtype=mx.uint32)
+        _STACKED_CONSTANTS[sites] = c
+    return c
 
 
 def _site_constant(i: int) -> mx.array:

@@ -10,6 +10,7 @@ choice is the SUM over its elements.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -211,7 +212,9 @@ class Distribution(GenerativeFunction):
     def simulate_from_noise(self, eps: mx.array) -> DistTrace:
         """Like ``simulate`` with the draw given as a transform of standard noise
         ``eps`` (N(0, 1) or U(0, 1) per ``_noise_kind``) of this choice's shape."""
-        v = mx.contiguous(self._from_noise(eps))
+        v = self._from_noise(eps)
+        if v is not eps:  # materialise a transform (see ``sample``); plain noise already is
+            v = mx.contiguous(v)
         if not self.reparameterized:
             v = mx.stop_gradient(v)
         return DistTrace(type(self), (), v, self._score(v))
@@ -325,6 +328,14 @@ def is_static(x, value: float) -> bool:
     """Whether the parameter ``x`` was given as the plain Python number ``value``
     (known at trace time, so an operation with it as identity can be skipped)."""
     return isinstance(x, (int, float)) and not isinstance(x, bool) and x == value
+
+
+def static_log(x, offset: float = 0.0) -> float | None:
+    """``log(x) + offset`` as a Python float when ``x`` is a positive plain Python number
+    (a trace-time constant), else None."""
+    if isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0:
+        return math.log(x) + offset
+    return None
 
 
 def param(x, dtype=mx.float32) -> mx.array:

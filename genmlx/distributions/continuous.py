@@ -12,7 +12,7 @@ import mlx.core as mx
 
 from genmlx.distributions import constraints as C
 from genmlx.distributions._util import batch_shape, check, is_infinite, open_uniform, bounded_support
-from genmlx.distributions.base import Distribution, is_static, param, sum_broadcast
+from genmlx.distributions.base import Distribution, is_static, param, static_log, sum_broadcast
 from genmlx.distributions.special import (
     HALF_LOG_2PI,
     LOG_2,
@@ -33,8 +33,10 @@ class Normal(Distribution):
 
     def __init__(self, mu=0.0, sigma=1.0, *, shape=None):
         self.mu, self.sigma = param(mu), param(sigma)
-        # statically standard location/scale (Python 0 / 1): x = μ + σε skips the no-op terms
+        # statically standard location/scale (Python 0 / 1): x = μ + σε skips the no-op terms;
+        # a positive Python σ gives the normaliser as a Python number (no graph nodes)
         self._zero_mu, self._unit_sigma = is_static(mu, 0.0), is_static(sigma, 1.0)
+        self._log_norm = static_log(sigma, HALF_LOG_2PI)
         ps = {"mu": self.mu, "sigma": self.sigma}
         self._init(ps, batch_shape(self.name, ps, shape))
 
@@ -62,6 +64,8 @@ class Normal(Distribution):
         computed per element; the factor −½ and the normaliser are applied once."""
         z = (self.mu - x) / self.sigma
         zz = z * z
+        if self._log_norm is not None:
+            return -0.5 * mx.sum(zz) - self._log_norm * zz.size
         return -0.5 * mx.sum(zz) - sum_broadcast(mx.log(self.sigma) + HALF_LOG_2PI, zz.shape)
 
     def mean(self):
