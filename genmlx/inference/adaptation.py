@@ -45,12 +45,9 @@ class DualAveraging:
     def update(self, accept_prob: mx.array) -> None:
         self.t += 1
         t = self.t
-        a = mx.where(mx.isnan(accept_prob), 0.0, accept_prob)
-        w = 1.0 / (t + self.t0)
-        self.h_bar = (1 - w) * self.h_bar + w * (self.target - a)
-        self.log_eps = self.mu - (t**0.5 / self.gamma) * self.h_bar
-        eta = t ** (-self.kappa)
-        self.log_eps_bar = eta * self.log_eps + (1 - eta) * self.log_eps_bar
+        consts = mx.array([1.0 / (t + self.t0), t**0.5 / self.gamma, t ** (-self.kappa), self.target])
+        self.h_bar, self.log_eps, self.log_eps_bar = _da_update(
+            consts, accept_prob, self.h_bar, self.mu, self.log_eps_bar)
 
     @property
     def step_size(self) -> mx.array:
@@ -59,6 +56,17 @@ class DualAveraging:
     @property
     def final_step_size(self) -> mx.array:
         return mx.exp(self.log_eps_bar)
+
+
+@mx.compile
+def _da_update(consts, accept_prob, h_bar, mu, log_eps_bar):
+    """One dual-averaging step (see the module docstring); ``consts`` = [1/(t + t₀),
+    √t/γ, t^−κ, δ] (an input, so one compiled function serves every t)."""
+    w, sg, eta, target = consts[0], consts[1], consts[2], consts[3]
+    a = mx.where(mx.isnan(accept_prob), 0.0, accept_prob)
+    h_bar = (1 - w) * h_bar + w * (target - a)
+    log_eps = mu - sg * h_bar
+    return h_bar, log_eps, eta * log_eps + (1 - eta) * log_eps_bar
 
 
 def adaptation_windows(num_warmup: int, init_buffer: int = 75, term_buffer: int = 50,

@@ -101,6 +101,8 @@ class _Site(NamedTuple):
     value: mx.array | None  # hoisted observed value (unbatched)
     latent: bool
     logdet: bool  # a log-Jacobian output follows (hoisted latents on a non-real support)
+    path: tuple = ()  # latents: the address
+    outside: bool = False  # latents on a fixed support: x and log|J| computed outside the vmap
 
 
 def _concrete(a: mx.array) -> bool:
@@ -131,6 +133,15 @@ class _Plan:
         self.sites: list[_Site] = []
         self.outputs: list = []
         self.visited: list = []
+        self.supports: dict = {}
+
+
+def _fixed_support(sup, shape: tuple, ushape: tuple) -> bool:
+    """Whether a latent's bijection can run outside the vmap on the batched block: an
+    elementwise (scalar-event) support whose bounds do not depend on u."""
+    if isinstance(sup, _Real) or sup.event_ndim != 0 or tuple(shape) != tuple(ushape):
+        return False
+    return all(_concrete(v) for v in vars(sup).values() if isinstance(v, mx.array))
 
 
 class _FlatHandler:
@@ -150,17 +161,23 @@ class _FlatHandler:
             ua = self.blocks.get(full)
             if ua is not None:
                 sup = gen_fn.support
-                x = sup.from_unconstrained(ua)
-                ld = None if isinstance(sup, _Real) else _total(sup.log_abs_det_jacobian(ua))
+                self.plan.supports[full] = sup
+                outside = full in self.dens._fixed
+                if outside:  # ua is already x = f(u); log|J| is added outside
+                    x, ld = ua, None
+                else:
+                    x = sup.from_unconstrained(ua)
+                    ld = None if isinstance(sup, _Real) else _total(sup.log_abs_det_jacobian(ua))
                 attrs = _param_attrs(gen_fn) if self.dens.hoist else None
                 if attrs is not None:
                     names, consts, outs = _split_params(gen_fn)
-                    outs += [x] + ([ld] if ld is not None else [])
+                    if not outside:
+                        outs += [x] + ([ld] if ld is not None else [])
                     self._emit(_Site(True, gen_fn, attrs, names, consts, tuple(gen_fn.batch_shape), None,
-                                     True, ld is not None), outs)
+                                     True, ld is not None, full, outside), outs)
                 else:
                     s = gen_fn._score(x)
-                    self._emit(_Site(False, None, None, (), {}, (), None, True, False),
+                    self._emit(_Site(False, None, None, (), {}, (), None, True, False, full, outside),
                                [s if ld is None else s + ld])
                 return x
             obs = self.dens.observations.submap_at_path(full)
@@ -231,6 +248,13 @@ class FlatDensity(UnconstrainedDensity):
             self.model, self.args, self.observations = model, tuple(args), _as_cm(observations)
             self.latents = list(latents)
             self.dim = sum(l.size for l in self.latents)
+        # latents on fixed supports (found by one traced run): transformed outside the vmap
+        self._fixed: dict = {}
+        if hoist:
+            mx.vmap(self._body)(*self._blocks(mx.zeros((1, self.dim))))
+            sups = self.last_plan.supports
+            self._fixed = {l.path: sups[l.path] for l in self.latents
+                           if l.path in sups and _fixed_support(sups[l.path], l.shape, l.ushape)}
         self._vg = mx.compile(self._make_value_and_grad())
         self._batched = mx.compile(self._lp_mapped)
         self._constrain = mx.compile(mx.vmap(self._constrained_leaves))  # generic (not hot)
@@ -263,15 +287,29 @@ class FlatDensity(UnconstrainedDensity):
 
     def _lp(self, U: mx.array) -> mx.array:
         """log π of every row of U [C, D] (NaN kept): [C]."""
-        outs = mx.vmap(self._body)(*self._blocks(U))
+        ins, xs, lds = [], {}, {}
+        for l, b in zip(self.latents, self._blocks(U)):
+            sup = self._fixed.get(l.path)
+            if sup is not None:  # x = f(u) and Σ log|J| per chain, batched
+                b, ld = sup.from_unconstrained(b), sup.log_abs_det_jacobian(b)
+                xs[l.path] = b
+                lds[l.path] = ld if ld.ndim == 1 else mx.sum(ld, axis=tuple(range(1, ld.ndim)))
+            ins.append(b)
+        outs = mx.vmap(self._body)(*ins)
         plan = self.last_plan
         lp, i = None, 0
         for s in plan.sites:
             if s.hoisted:
                 k = len(s.names)
                 params = outs[i:i + k]
-                x = outs[i + k] if s.latent else None
-                i += k + (1 if s.latent else 0)
+                i += k
+                if s.outside:
+                    x = xs[s.path]
+                elif s.latent:
+                    x = outs[i]
+                    i += 1
+                else:
+                    x = None
                 term = _hoisted_score(s, params, x)
                 if s.logdet:
                     term = term + outs[i]
@@ -279,6 +317,8 @@ class FlatDensity(UnconstrainedDensity):
             else:
                 term = outs[i]
                 i += 1
+            if s.outside:
+                term = term + lds[s.path]
             lp = term if lp is None else lp + term
         if lp is None:
             return mx.zeros((U.shape[0],))

@@ -70,6 +70,7 @@ class HMCKernel:
         self.density = density
         self.num_steps = num_steps
         self._compiled = {}
+        self._steps = None
 
     def init(self, u: mx.array) -> ChainState:
         lp, g = self.density.value_and_grad(u)
@@ -85,8 +86,9 @@ class HMCKernel:
     def step(self, key, state: ChainState, eps: mx.array, metric: Metric):
         u, lp, g, prob, div, acc = self._fn(metric.dense)(key, state.u, state.lp, state.grad, eps,
                                                           metric.minv, metric.mfac)
-        steps = mx.full(lp.shape, self.num_steps, dtype=mx.int32)
-        return ChainState(u, lp, g), StepInfo(prob, div, steps, acc)
+        if self._steps is None or self._steps.shape != lp.shape:
+            self._steps = mx.full(lp.shape, self.num_steps, dtype=mx.int32)
+        return ChainState(u, lp, g), StepInfo(prob, div, self._steps, acc)
 
 
 def hmc_kernel(density: UnconstrainedDensity, step_size, num_steps: int = 10, inverse_mass=None,

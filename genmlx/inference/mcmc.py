@@ -134,7 +134,7 @@ def run_mcmc(kernel, density: UnconstrainedDensity, key, *, num_samples: int, nu
                     da = DualAveraging.start(eps, target_accept)
             if i + 1 == num_warmup and da is not None:
                 eps = da.final_step_size
-            mx.eval(state, info.accept_prob, *( [da.log_eps_bar] if da is not None else []))
+            mx.eval(state, info.accept_prob, *([da.log_eps_bar] if da is not None else []))
         elif (i - num_warmup) % thin == thin - 1:
             draws.append(state.u)
             accs.append(info.accept_prob)

@@ -203,24 +203,34 @@ def _uniforms(key, n, c):
 
 
 # -- compiled pieces (pure functions of arrays; the statics are bound by partial) -----------
-def _first(vg, dense, max_depth, key, u, lp, g, eps, minv, mfac):
-    """Momentum draw and the depth-0 doubling (one leaf) as one call."""
-    k1, k2, k3 = mx.random.split(key, 3)
-    t = _start(dense, k1, u, lp, g, minv, mfac)
-    r = _uniforms(k3, 1, u.shape[0])
-    s = _sub_init(t, k2, eps, 0)
-    s = _leaves(vg, dense, s, t.h0, r, minv, 0, 1, [])
-    return _merge(dense, max_depth, t, s, r[-1], minv)
-
-
-def _small(vg, dense, max_depth, j, t: Tree, key, eps, minv):
-    """A whole doubling of 2^j ≤ B leaves: subtree start, leaves, merge."""
+def _doubling(vg, dense, max_depth, j, t: Tree, key, eps, minv) -> Tree:
+    """A whole doubling of 2^j leaves (unrolled): subtree start, leaves, merge."""
     k1, k2 = mx.random.split(key)
     n = 2**j
     r = _uniforms(k2, n, eps.shape[0])
     s = _sub_init(t, k1, eps, 0)
     s = _leaves(vg, dense, s, t.h0, r, minv, 0, n, _sizes(n))
     return _merge(dense, max_depth, t, s, r[-1], minv)
+
+
+def _outputs(t: Tree) -> list:
+    """The tree, whether any chain continues, and the mean acceptance statistic."""
+    return list(t) + [mx.any(t.active), t.accsum / mx.maximum(t.nsteps, 1)]
+
+
+def _first(vg, dense, max_depth, upto, key, u, lp, g, eps, minv, mfac):
+    """Momentum draw and the doublings 0..``upto`` as one call."""
+    ks = mx.random.split(key, max_depth + 1)
+    t = _start(dense, ks[-1], u, lp, g, minv, mfac)
+    for j in range(upto + 1):
+        t = _doubling(vg, dense, max_depth, j, t, ks[j], eps, minv)
+    return _outputs(t)
+
+
+def _small(vg, dense, max_depth, j, t: Tree, key, eps, minv):
+    """Doubling j (2^j ≤ B leaves) as one call."""
+    kj = mx.random.split(key, max_depth + 1)[j]
+    return _outputs(_doubling(vg, dense, max_depth, j, t, kj, eps, minv))
 
 
 def _big(vg, dense, max_depth, B, n_hi, part, t: Tree, s, key, eps, hi_w, hi_c, minv):
@@ -232,16 +242,19 @@ def _big(vg, dense, max_depth, B, n_hi, part, t: Tree, s, key, eps, hi_w, hi_c, 
         s = _sub_init(t, k1, eps, n_hi)
     s = _leaves(vg, dense, s, t.h0, r, minv, 0, B, _sizes(B), hi_w, hi_c)
     if part == "last":
-        return _merge(dense, max_depth, t, s, r[-1], minv)
-    return s
+        return _outputs(_merge(dense, max_depth, t, s, r[-1], minv))
+    return _flat_sub(s) + [mx.any(s.on)]
 
 
 class NUTSKernel:
     """Batched NUTS transition; ``step(key, state, eps, metric) → (state, info)`` with
     ``info.accepted`` holding the tree depth reached. ``block``: leaves per compiled
-    call (a power of two)."""
+    call (a power of two); ``fused``: the doublings 0..fused run as one call with the
+    momentum draw (their 2^(fused+1) − 1 leaves are needed whenever any chain gets that
+    deep, and the merged call saves host syncs)."""
 
-    def __init__(self, density: UnconstrainedDensity, max_tree_depth: int = 10, block: int = 8):
+    def __init__(self, density: UnconstrainedDensity, max_tree_depth: int = 10, block: int = 16,
+                 fused: int = 2):
         if not isinstance(max_tree_depth, int) or not 1 <= max_tree_depth <= 15:
             raise ValueError(f"nuts: max_tree_depth must be an int in [1, 15], got {max_tree_depth!r}")
         if not isinstance(block, int) or block < 1 or block & (block - 1):
@@ -249,6 +262,7 @@ class NUTSKernel:
         self.density = density
         self.max_depth = max_tree_depth
         self.block = block
+        self.fused = max(0, min(fused, max_tree_depth - 1))
         self.log_block = block.bit_length() - 1
         self.n_hi = max(0, max_tree_depth - 1 - self.log_block)  # checkpoint sizes > B
         self._fns: dict = {}
@@ -264,36 +278,33 @@ class NUTSKernel:
         if f is None:
             vg, md = self.density.value_and_grad, self.max_depth
             ns = len(Sub._fields) - 2
+            nh = self.n_hi
+
+            def sub_of(rest):
+                return Sub(*rest[:ns], tuple(rest[ns:ns + nh]), tuple(rest[ns + nh:ns + 2 * nh])), rest[ns + 2 * nh:]
+
             if kind == "first":
-                f = mx.compile(partial(_first, vg, dense, md))
-            elif kind == "merge":
-                nh = self.n_hi
-
-                def merge_only(*a):
-                    t = Tree(*a[:17])
-                    rest = a[17:]
-                    s = Sub(*rest[:ns], tuple(rest[ns:ns + nh]), tuple(rest[ns + nh:ns + 2 * nh]))
-                    key, minv = rest[ns + 2 * nh:]
-                    return _merge(dense, md, t, s, mx.random.uniform(shape=t.lpprop.shape, key=key), minv)
-
-                f = mx.compile(merge_only)
+                f = mx.compile(partial(_first, vg, dense, md, self.fused))
             elif kind == "small":
                 j = static[0]
                 f = mx.compile(lambda *a: _small(vg, dense, md, j, Tree(*a[:17]), *a[17:]))
+            elif kind == "merge":
+                def merge_only(*a):
+                    s, (key, minv) = sub_of(a[17:])
+                    t = Tree(*a[:17])
+                    return _outputs(_merge(dense, md, t, s, mx.random.uniform(shape=t.lpprop.shape, key=key), minv))
+
+                f = mx.compile(merge_only)
             else:
                 part = static[0]
-                B, nh = self.block, self.n_hi
 
                 def big(*a):
                     t = Tree(*a[:17])
-                    rest = a[17:]
                     if part == "first":
-                        s = None
+                        s, rest = None, a[17:]
                     else:
-                        s = Sub(*rest[:ns], tuple(rest[ns:ns + nh]), tuple(rest[ns + nh:ns + 2 * nh]))
-                        rest = rest[ns + 2 * nh:]
-                    out = _big(vg, dense, md, B, nh, part, t, s, *rest)
-                    return out if part == "last" else _flat_sub(out)
+                        s, rest = sub_of(a[17:])
+                    return _big(vg, dense, md, self.block, nh, part, t, s, *rest)
 
                 f = mx.compile(big)
             self._fns[k] = f
@@ -319,32 +330,31 @@ class NUTSKernel:
     def step(self, key, state: ChainState, eps: mx.array, metric: Metric):
         dense = metric.dense
         minv, mfac = metric.minv, metric.mfac
-        ks = mx.random.split(key, self.max_depth)
-        tree = Tree(*self._fn(dense, "first")(ks[0], state.u, state.lp, state.grad, eps, minv, mfac))
-        for j in range(1, self.max_depth):
-            if not bool(mx.any(tree.active)):  # one host sync per doubling
+        out = self._fn(dense, "first")(key, state.u, state.lp, state.grad, eps, minv, mfac)
+        for j in range(self.fused + 1, self.max_depth):
+            if not bool(out[17]):  # one host sync per doubling: does any chain continue?
                 break
+            tree = out[:17]
             if 2**j <= self.block:
-                tree = Tree(*self._fn(dense, "small", j)(*tree, ks[j], eps, minv))
+                out = self._fn(dense, "small", j)(*tree, key, eps, minv)
                 continue
             nb = 2**j // self.block
-            bkeys = mx.random.split(ks[j], nb)
+            bkeys = mx.random.split(mx.random.split(key, self.max_depth + 1)[j], nb)
             w, c = self._hi_masks(j, 0)
             sub = self._fn(dense, "big", "first")(*tree, bkeys[0], eps, w, c, minv)
             for b in range(1, nb):
+                if not bool(sub[-1]):  # every subtree has stopped: merge now
+                    out = self._fn(dense, "merge")(*tree, *sub[:-1], bkeys[b], minv)
+                    break
                 w, c = self._hi_masks(j, b)
-                last = b == nb - 1
-                if not last and not bool(mx.any(sub[8])):  # every subtree has stopped
-                    tree = Tree(*self._fn(dense, "merge")(*tree, *sub, bkeys[b], minv))
-                    break
-                part = "last" if last else "mid"
-                out = self._fn(dense, "big", part)(*tree, *sub, bkeys[b], eps, w, c, minv)
-                if last:
-                    tree = Tree(*out)
-                    break
-                sub = out
-        steps = mx.maximum(tree.nsteps, 1)
-        info = StepInfo(tree.accsum / steps, tree.diverging, tree.nsteps, tree.depth)
+                part = "last" if b == nb - 1 else "mid"
+                res = self._fn(dense, "big", part)(*tree, *sub[:-1], bkeys[b], eps, w, c, minv)
+                if part == "last":
+                    out = res
+                else:
+                    sub = res
+        tree = Tree(*out[:17])
+        info = StepInfo(out[18], tree.diverging, tree.nsteps, tree.depth)
         return ChainState(tree.uprop, tree.lpprop, tree.gprop), info
 
 
