@@ -59,3 +59,17 @@ def concrete_all(cond) -> bool | None:
         if "transformation" in str(e) or "compile" in str(e):
             return None
         raise
+
+
+def under_transformation(x: mx.array) -> bool:
+    """Whether ``x`` is being traced by ``mx.compile``/``mx.vmap`` (or genmlx's own
+    traced regions): it cannot be evaluated now. Evaluates ``x`` otherwise."""
+    if _state["tracing"]:
+        return True
+    try:
+        mx.eval(x)
+        return False
+    except ValueError as e:
+        if "transformation" in str(e) or "compile" in str(e):
+            return True
+        raise

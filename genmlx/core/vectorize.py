@@ -23,7 +23,7 @@ from genmlx.core.handlers import BatchNoise, batch_noise_scope, grouped_base_noi
 from genmlx.core.pytree import tree_flatten, tree_unflatten
 from genmlx.core.selection import Selection
 from genmlx.core.trace import Trace
-from genmlx.core.validation import tracing
+from genmlx.core.validation import tracing, under_transformation
 
 
 def _split(key: mx.array, n: int) -> mx.array:
@@ -123,24 +123,41 @@ def _noise_for_body(k_noise, i, n, sites, rows):
     return BatchNoise(k_noise, i, n, {s: (spec, r) for (s, spec), r in zip(sites, rows)})
 
 
+def _with_plan(run, pkey, key):
+    """``run()`` (one batched execution of the body, recording its noise plan). When no
+    plan was known and we are being traced (``mx.compile``/``mx.vmap``), run once more
+    with the plan just recorded: the traced graph then takes the planned noise inputs
+    instead of per-particle gathers (the discarded first pass is never evaluated).
+    Eager calls never run the body twice."""
+    had_plan = pkey is None or pkey in _PLANS
+    out = run()
+    if not had_plan and _PLANS.get(pkey) and under_transformation(key):
+        out = run()
+    return out
+
+
 def vsimulate(gf, key: mx.array, args: tuple, n: int) -> Trace:
     """n independent ``simulate`` calls, batched."""
     keys, k_noise, idx = _keys_and_noise(key, n)
     pkey = _plan_key(gf, args, None)
-    sites, noise = _planned_noise(pkey, k_noise, n)
-    m = len(sites)
-    box = {}
 
-    def body(k, i, *rows):
-        bn = _noise_for_body(k_noise, i, n, sites, rows)
-        with batch_noise_scope(bn):
-            tr = gf.simulate(k, args)
-        box["plan"] = bn.plan
-        leaves, box["td"] = _flat_trace(tr)
-        return leaves
+    def run():
+        sites, noise = _planned_noise(pkey, k_noise, n)
+        box = {}
 
-    leaves = _vmapped(body)(keys, idx, *noise)
-    _record_plan(pkey, box["plan"])
+        def body(k, i, *rows):
+            bn = _noise_for_body(k_noise, i, n, sites, rows)
+            with batch_noise_scope(bn):
+                tr = gf.simulate(k, args)
+            box["plan"] = bn.plan
+            leaves, box["td"] = _flat_trace(tr)
+            return leaves
+
+        leaves = _vmapped(body)(keys, idx, *noise)
+        _record_plan(pkey, box["plan"])
+        return leaves, box
+
+    leaves, box = _with_plan(run, pkey, key)
     return _dress(tree_unflatten(box["td"], leaves), args, n)
 
 
@@ -200,21 +217,26 @@ def vgenerate(gf, key: mx.array, args: tuple, constraints: ChoiceMap, n: int):
     axes = _constraint_axes(gf, key, args, constraints, n)
     cvals = [v for _, v in constraints.leaves()]
     pkey = _plan_key(gf, args, constraints)
-    sites, noise = _planned_noise(pkey, k_noise, n)
-    m = len(sites)
-    box = {}
 
-    def body(k, i, *rest):
-        bn = _noise_for_body(k_noise, i, n, sites, rest[:m])
-        cm = _cm_from_leaves(constraints, rest[m:])
-        with batch_noise_scope(bn):
-            tr, w = gf.generate(k, args, cm)
-        box["plan"] = bn.plan
-        leaves, box["td"] = _flat_trace(tr)
-        return [w] + leaves
+    def run():
+        sites, noise = _planned_noise(pkey, k_noise, n)
+        m = len(sites)
+        box = {}
 
-    out = _vmapped(body, in_axes=(0, 0, *([0] * m), *axes))(keys, idx, *noise, *cvals)
-    _record_plan(pkey, box["plan"])
+        def body(k, i, *rest):
+            bn = _noise_for_body(k_noise, i, n, sites, rest[:m])
+            cm = _cm_from_leaves(constraints, rest[m:])
+            with batch_noise_scope(bn):
+                tr, w = gf.generate(k, args, cm)
+            box["plan"] = bn.plan
+            leaves, box["td"] = _flat_trace(tr)
+            return [w] + leaves
+
+        out = _vmapped(body, in_axes=(0, 0, *([0] * m), *axes))(keys, idx, *noise, *cvals)
+        _record_plan(pkey, box["plan"])
+        return out, box
+
+    out, box = _with_plan(run, pkey, key)
     return _dress(tree_unflatten(box["td"], out[1:]), args, n), out[0]
 
 
