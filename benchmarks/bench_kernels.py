@@ -58,7 +58,9 @@ def bench(sizes: list[int], repeats: int) -> dict:
             for compiled in (False, True):
                 fns = {}
                 for label, flag in (("kernel", kernel_flag), ("generic", "0")):
-                    f = mx.compile(fn) if compiled else fn
+                    # a fresh function object per label: mx.compile caches traces by the
+                    # function's identity, so compiling `fn` twice would time one trace twice
+                    f = mx.compile(lambda x, fn=fn: fn(x)) if compiled else fn
                     fns[label] = _under(flag, f)
                 t = timeit_interleaved(fns, x, warmup=3, repeats=repeats, min_total=0.2)
                 r = {"op": op, "n": n, "compiled": compiled,
