@@ -62,10 +62,12 @@ class Normal(Distribution):
     def _score(self, x):
         """Σ log p(x) = −½ Σ z² − Σ_bcast (log σ + ½ log 2π), z = (μ − x)/σ: only z² is
         computed per element; the factor −½ and the normaliser are applied once."""
-        z = (self.mu - x) / self.sigma
+        d = x if self._zero_mu else self.mu - x  # the sign is squared away
+        z = d if self._unit_sigma else d / self.sigma
         zz = z * z
         if self._log_norm is not None:
-            return -0.5 * mx.sum(zz) - self._log_norm * zz.size
+            size = math.prod(mx.broadcast_shapes(zz.shape, self.shape))
+            return -0.5 * mx.sum(zz) - self._log_norm * size
         return -0.5 * mx.sum(zz) - sum_broadcast(mx.log(self.sigma) + HALF_LOG_2PI, zz.shape)
 
     def mean(self):

@@ -3,6 +3,7 @@
 values and under ``mx.vmap``; no-op affine terms are skipped only when static."""
 
 import numpy as np
+import scipy.stats as st
 import pytest
 
 import genmlx as gm
@@ -68,3 +69,13 @@ def test_static_standard_normal_skips_noop_affine():
     assert d._from_noise(eps) is not eps
     np.testing.assert_array_equal(np.array(d._from_noise(eps)), np.array(eps))
     np.testing.assert_allclose(np.array(gm.normal(1.0, 2.0)._from_noise(eps)), 1.0 + 2.0 * np.array(eps))
+
+
+@pytest.mark.parametrize("mu,sigma", [(0.0, 1.0), (0.0, 2.5), (1.5, 1.0), (mx.array(0.0), mx.array(1.0))])
+def test_static_parameter_scores(mu, sigma):
+    """Python-number 0 / 1 parameters skip no-op terms in the score: same value."""
+    d = gm.normal(mu, sigma, shape=(2, 3))
+    x = mx.random.normal((2, 3), key=mx.random.key(7))
+    _, w = d.generate(mx.random.key(0), (), gm.ChoiceMap.leaf(x))
+    ref = st.norm(float(np.array(mu)), float(np.array(sigma))).logpdf(np.array(x)).sum()
+    np.testing.assert_allclose(w.item(), ref, rtol=2e-6, atol=1e-5)
