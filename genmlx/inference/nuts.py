@@ -117,57 +117,87 @@ def _turned(rho, pa, pb, minv, dense):
     return (a <= 0) | (b <= 0)
 
 
-def _leaves(vg, dense, s: Sub, h0, unifs, minv, i0: int, count: int, lo: list, hi_w=None, hi_c=None) -> Sub:
-    """``count`` leaves (leapfrog steps) of the subtree. ``lo`` lists the sub-subtree
-    sizes 2^k closed inside this call (checkpoint writes at static leaf indices);
-    ``hi_w``/``hi_c`` ([L] bool) mask the writes (first leaf) and checks (last leaf) of
-    the larger sizes carried in ``s.ckp``/``s.ckr``."""
+def _leaves(vg, dense, s: Sub, h0, unifs, minv, count: int, hi_w=None, hi_c=None) -> Sub:
+    """``count`` leaves (leapfrog steps) of the subtree, then their bookkeeping at once.
+
+    The trajectory is integrated unmasked: a chain whose subtree stopped (or never
+    started) is rejected by the merge (``bad``, or an inactive trajectory), so only the
+    statistics need to know where each chain stopped. Over the stacked leaves
+    (P [n, C, D] momenta, log π [n, C]): energy errors, divergences; the U-turn checks
+    of the balanced sub-subtrees of sizes 2 … n inside the block (ρ = Σ p over the
+    sub-subtree, end momenta at its first and last leaf); leaf n stops a chain on a
+    divergence or a check closing at n, and is counted while no earlier leaf stopped
+    it. Sizes larger than the block are checked with the carried checkpoints
+    ``s.ckp``/``s.ckr`` (write at the first leaf where ``hi_w``, check at the last where
+    ``hi_c``). The block's proposal is a multinomial draw ∝ exp(−ΔH) over its leaves
+    (Gumbel-max), replacing the subtree's earlier proposal with probability
+    W_block / (W_earlier + W_block): the same law as leaf-by-leaf progressive sampling.
+    ``unifs``: [count + 1, C] uniforms."""
     e = s.eps[:, None]
-    u, p, g, us, lps, gs, logw, psum = s.u, s.p, s.g, s.us, s.lps, s.gs, s.logw, s.psum
-    on, bad, div_all, nsteps, accsum = s.on, s.bad, s.div, s.nsteps, s.accsum
-    ckp_hi, ckr_hi = list(s.ckp), list(s.ckr)
-    ck_lo: dict = {}
-    for i in range(count):
-        u1, p1, g1, lp1 = leapfrog(vg, u, p, g, e, minv, dense)
-        dh = (-lp1 + kinetic(p1, minv, dense)) - h0  # energy error H − H₀
-        dh = mx.where(mx.isnan(dh), mx.inf, dh)
-        div = dh > MAX_ENERGY_ERROR
-        lw = -dh
-        acc = mx.exp(mx.minimum(lw, 0.0))
-        logw1 = mx.logaddexp(logw, lw)
-        take = mx.log(unifs[i]) < lw - logw1
-        psum1 = psum + p1
-        n = i0 + i
-        for size in lo:  # checkpoints: first momentum and preceding prefix sum
-            if n % size == 0:
-                ck_lo[size] = (p1, psum)
-        if hi_w is not None and i == 0:
-            for k in range(len(ckp_hi)):
-                ckp_hi[k] = _w(hi_w[k], p1, ckp_hi[k])
-                ckr_hi[k] = _w(hi_w[k], psum, ckr_hi[k])
-        turn = None
-        for size in lo:
-            if (n + 1) % size == 0:
-                cp, cr = ck_lo[size]
-                t = _turned(psum1 - cr, cp, p1, minv, dense)
-                turn = t if turn is None else turn | t
-        if hi_c is not None and i == count - 1:
-            for k in range(len(ckp_hi)):
-                t = hi_c[k] & _turned(psum1 - ckr_hi[k], ckp_hi[k], p1, minv, dense)
-                turn = t if turn is None else turn | t
-        stop = div if turn is None else (turn | div)
-        # a chain whose subtree stopped (or never started) keeps integrating unmasked:
-        # its subtree is rejected by the merge (bad, or an inactive trajectory), so
-        # only the statistics below need the mask
-        u, p, g, logw, psum = u1, p1, g1, logw1, psum1
-        us, lps, gs = _w(take, u1, us), mx.where(take, lp1, lps), _w(take, g1, gs)
-        bad = bad | (on & stop)
-        div_all = div_all | (on & div)
-        nsteps = nsteps + on.astype(mx.int32)
-        accsum = accsum + mx.where(on, acc, 0.0)
-        on = on & ~stop
-    return Sub(u, p, g, us, lps, gs, logw, psum, on, bad, div_all, nsteps, accsum, s.fwd, s.eps,
-               tuple(ckp_hi), tuple(ckr_hi))
+    u, p, g = s.u, s.p, s.g
+    us_, ps_, gs_, lps_ = [], [], [], []
+    for _ in range(count):
+        u, p, g, lp = leapfrog(vg, u, p, g, e, minv, dense)
+        us_.append(u)
+        ps_.append(p)
+        gs_.append(g)
+        lps_.append(lp)
+    n = count
+    P, LP = mx.stack(ps_), mx.stack(lps_)  # [n, C, D], [n, C]
+    V = velocity(P, minv, dense)
+    dh = (0.5 * mx.sum(P * V, axis=-1) - LP) - h0  # energy error H − H₀ per leaf
+    dh = mx.where(mx.isnan(dh), mx.inf, dh)
+    div = dh > MAX_ENERGY_ERROR
+    lw = -dh
+    # U-turns of the sub-subtrees inside the block; a flag sits at the leaf closing it
+    stop = div
+    size = 2
+    c = lw.shape[1]
+    while size <= n:
+        grp = n // size
+        rho = mx.sum(P.reshape(grp, size, *P.shape[1:]), axis=1)
+        a = mx.sum(rho * V[0::size], axis=-1)
+        b = mx.sum(rho * V[size - 1::size], axis=-1)
+        t = (a <= 0) | (b <= 0)  # [grp, C]
+        if size > 1:
+            t = mx.concatenate([mx.zeros((grp, size - 1, c), dtype=mx.bool_), t[:, None]], axis=1)
+        stop = stop | t.reshape(n, c)
+        size *= 2
+    psum_end = s.psum + mx.sum(P, axis=0)
+    ckp, ckr = list(s.ckp), list(s.ckr)
+    hi_turn = None
+    if hi_w is not None and ckp:
+        for k in range(len(ckp)):
+            ckp[k] = _w(hi_w[k], ps_[0], ckp[k])
+            ckr[k] = _w(hi_w[k], s.psum, ckr[k])
+            t = hi_c[k] & _turned(psum_end - ckr[k], ckp[k], ps_[-1], minv, dense)
+            hi_turn = t if hi_turn is None else hi_turn | t
+    # leaf i counts while no earlier leaf stopped the chain
+    nstop = mx.cumsum(stop.astype(mx.int32), axis=0)
+    on_i = s.on & ((nstop - stop.astype(mx.int32)) == 0)  # [n, C]
+    last_on = on_i[-1] & ~stop[-1]
+    on = s.on & (nstop[-1] == 0)
+    bad = s.bad | (s.on & (nstop[-1] > 0))
+    if hi_turn is not None:
+        bad = bad | (last_on & hi_turn)
+        on = on & ~hi_turn
+    acc = mx.exp(mx.minimum(lw, 0.0))
+    nsteps = s.nsteps + mx.sum(on_i.astype(mx.int32), axis=0)
+    accsum = s.accsum + mx.sum(mx.where(on_i, acc, 0.0), axis=0)
+    div_all = s.div | mx.any(on_i & div, axis=0)
+    # multinomial proposal of the block, then progressive across blocks
+    gumbel = -mx.log(-mx.log(unifs[:n]))
+    idx = mx.argmax(lw + gumbel, axis=0)  # [C]
+    sel = idx.reshape(1, c, 1)
+    u_b = mx.take_along_axis(mx.stack(us_), sel, axis=0)[0]
+    g_b = mx.take_along_axis(mx.stack(gs_), sel, axis=0)[0]
+    lp_b = mx.take_along_axis(LP, idx.reshape(1, c), axis=0)[0]
+    logw_b = mx.logsumexp(lw, axis=0)
+    logw = mx.logaddexp(s.logw, logw_b)
+    take = mx.log(unifs[n]) < logw_b - logw
+    us, lps, gs = _w(take, u_b, s.us), mx.where(take, lp_b, s.lps), _w(take, g_b, s.gs)
+    return Sub(u, p, g, us, lps, gs, logw, psum_end, on, bad, div_all, nsteps, accsum, s.fwd, s.eps,
+               tuple(ckp), tuple(ckr))
 
 
 def _merge(dense, max_depth, t: Tree, s: Sub, unif, minv) -> Tree:
@@ -189,17 +219,9 @@ def _merge(dense, max_depth, t: Tree, s: Sub, unif, minv) -> Tree:
     )
 
 
-def _sizes(upto: int) -> list:
-    """Sub-subtree sizes 2, 4, …, ``upto``."""
-    out, s = [], 2
-    while s <= upto:
-        out.append(s)
-        s *= 2
-    return out
-
-
 def _uniforms(key, n, c):
-    return mx.random.uniform(shape=(n + 1, c), key=key)
+    """[n + 2, C] uniforms: n + 1 for a block of n leaves, the last for the merge."""
+    return mx.random.uniform(shape=(n + 2, c), key=key)
 
 
 # -- compiled pieces (pure functions of arrays; the statics are bound by partial) -----------
@@ -209,7 +231,7 @@ def _doubling(vg, dense, max_depth, j, t: Tree, key, eps, minv) -> Tree:
     n = 2**j
     r = _uniforms(k2, n, eps.shape[0])
     s = _sub_init(t, k1, eps, 0)
-    s = _leaves(vg, dense, s, t.h0, r, minv, 0, n, _sizes(n))
+    s = _leaves(vg, dense, s, t.h0, r, minv, n)
     return _merge(dense, max_depth, t, s, r[-1], minv)
 
 
@@ -233,14 +255,21 @@ def _small(vg, dense, max_depth, j, t: Tree, key, eps, minv):
     return _outputs(_doubling(vg, dense, max_depth, j, t, kj, eps, minv))
 
 
-def _big(vg, dense, max_depth, B, n_hi, part, t: Tree, s, key, eps, hi_w, hi_c, minv):
-    """One block of B leaves of a long doubling: ``part`` "first" (starts the subtree),
-    "mid", or "last" (merges it into the trajectory)."""
-    k1, k2 = mx.random.split(key)
-    r = _uniforms(k2, B, eps.shape[0])
+def _block_key(k2, b):
+    """The uniform stream of block ``b`` (int32 scalar array) of a doubling: k2 + [0, b]
+    (block 0 — a whole short doubling — uses k2 itself)."""
+    return k2 + mx.concatenate([mx.zeros((1,), dtype=mx.uint32), b.reshape(1).astype(mx.uint32)])
+
+
+def _big(vg, dense, max_depth, B, n_hi, part, t: Tree, s, kj, b, eps, hi_w, hi_c, minv):
+    """Block ``b`` of B leaves of a long doubling with key ``kj`` (the direction comes
+    from kj as in a short doubling, so trees do not depend on B): ``part`` "first"
+    (starts the subtree), "mid", or "last" (merges it into the trajectory)."""
+    k1, k2 = mx.random.split(kj)
+    r = _uniforms(_block_key(k2, b), B, eps.shape[0])
     if part == "first":
         s = _sub_init(t, k1, eps, n_hi)
-    s = _leaves(vg, dense, s, t.h0, r, minv, 0, B, _sizes(B), hi_w, hi_c)
+    s = _leaves(vg, dense, s, t.h0, r, minv, B, hi_w, hi_c)
     if part == "last":
         return _outputs(_merge(dense, max_depth, t, s, r[-1], minv))
     return _flat_sub(s) + [mx.any(s.on)]
@@ -290,9 +319,10 @@ class NUTSKernel:
                 f = mx.compile(lambda *a: _small(vg, dense, md, j, Tree(*a[:17]), *a[17:]))
             elif kind == "merge":
                 def merge_only(*a):
-                    s, (key, minv) = sub_of(a[17:])
+                    s, (kj, b, minv) = sub_of(a[17:])
                     t = Tree(*a[:17])
-                    return _outputs(_merge(dense, md, t, s, mx.random.uniform(shape=t.lpprop.shape, key=key), minv))
+                    k = _block_key(mx.random.split(kj)[1], b)
+                    return _outputs(_merge(dense, md, t, s, mx.random.uniform(shape=t.lpprop.shape, key=k), minv))
 
                 f = mx.compile(merge_only)
             else:
@@ -309,6 +339,12 @@ class NUTSKernel:
                 f = mx.compile(big)
             self._fns[k] = f
         return f
+
+    def _index(self, b: int) -> mx.array:
+        k = ("index", b)
+        if k not in self._masks:
+            self._masks[k] = mx.array(b, dtype=mx.int32)
+        return self._masks[k]
 
     def _hi_masks(self, j: int, blk: int):
         """Write/check masks of the checkpoint sizes 2^k > B for block ``blk`` of a
@@ -339,16 +375,16 @@ class NUTSKernel:
                 out = self._fn(dense, "small", j)(*tree, key, eps, minv)
                 continue
             nb = 2**j // self.block
-            bkeys = mx.random.split(mx.random.split(key, self.max_depth + 1)[j], nb)
+            kj = mx.random.split(key, self.max_depth + 1)[j]
             w, c = self._hi_masks(j, 0)
-            sub = self._fn(dense, "big", "first")(*tree, bkeys[0], eps, w, c, minv)
+            sub = self._fn(dense, "big", "first")(*tree, kj, self._index(0), eps, w, c, minv)
             for b in range(1, nb):
                 if not bool(sub[-1]):  # every subtree has stopped: merge now
-                    out = self._fn(dense, "merge")(*tree, *sub[:-1], bkeys[b], minv)
+                    out = self._fn(dense, "merge")(*tree, *sub[:-1], kj, self._index(b), minv)
                     break
                 w, c = self._hi_masks(j, b)
                 part = "last" if b == nb - 1 else "mid"
-                res = self._fn(dense, "big", part)(*tree, *sub[:-1], bkeys[b], eps, w, c, minv)
+                res = self._fn(dense, "big", part)(*tree, *sub[:-1], kj, self._index(b), eps, w, c, minv)
                 if part == "last":
                     out = res
                 else:

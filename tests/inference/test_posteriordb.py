@@ -27,7 +27,7 @@ _spec.loader.exec_module(models)
 SETTINGS = {
     "eight_schools-eight_schools_noncentered": (300, 500, 10, 0),
     "kidiq-kidscore_momiq": (300, 400, 7, 0),
-    "sblrc-blr": (1000, 400, 10, 0),
+    "sblrc-blr": (1000, 800, 10, 0),  # σ mixes slowly (ESS ≈ 0.2 per draw): 800 draws keep R̂ < 1.01 reliable
     "garch-garch11": (300, 400, 10, 0),
 }
 
