@@ -287,8 +287,13 @@ class FlatDensity(UnconstrainedDensity):
 
     def _lp(self, U: mx.array) -> mx.array:
         """log π of every row of U [C, D] (NaN kept): [C]."""
+        return self._lp_blocks(self._blocks(U))
+
+    def _lp_blocks(self, blocks: list) -> mx.array:
+        """log π from the latents' blocks of U ([C, *ushape] each): [C]."""
         ins, xs, lds = [], {}, {}
-        for l, b in zip(self.latents, self._blocks(U)):
+        c = blocks[0].shape[0]
+        for l, b in zip(self.latents, blocks):
             sup = self._fixed.get(l.path)
             if sup is not None:  # x = f(u) and Σ log|J| per chain, batched
                 b, ld = sup.from_unconstrained(b), sup.log_abs_det_jacobian(b)
@@ -321,22 +326,26 @@ class FlatDensity(UnconstrainedDensity):
                 term = term + lds[s.path]
             lp = term if lp is None else lp + term
         if lp is None:
-            return mx.zeros((U.shape[0],))
-        return lp if lp.ndim == 1 else mx.broadcast_to(lp, (U.shape[0],))
+            return mx.zeros((c,))
+        return lp if lp.ndim == 1 else mx.broadcast_to(lp, (c,))
 
     def _lp_mapped(self, U):
         lp = self._lp(U)
         return mx.where(mx.isnan(lp), -mx.inf, lp)
 
     def _make_value_and_grad(self):
-        def total(U):
-            lp = self._lp(U)
+        """(log π, ∇ log π) of U [C, D]: differentiated with respect to the latents'
+        blocks and concatenated (fewer graph nodes than scattering into U's slices)."""
+        def total(blocks):
+            lp = self._lp_blocks(blocks)
             return mx.sum(lp), lp
 
         vg = mx.value_and_grad(total)
 
         def f(U):
-            (_, lp), g = vg(U)
+            c = U.shape[0]
+            (_, lp), gb = vg(self._blocks(U))
+            g = gb[0].reshape(c, -1) if len(gb) == 1 else mx.concatenate([b.reshape(c, -1) for b in gb], axis=1)
             return mx.where(mx.isnan(lp), -mx.inf, lp), g
 
         return f
