@@ -176,7 +176,7 @@ class Handler:
 
     def add_weight(self, w) -> None:
         """weight += w, without a ``0 + w`` node for the first term."""
-        self._weight = w if self._weight is None else self._weight + w
+        self._weight = _first_term(w) if self._weight is None else self._weight + w
 
     def next_key(self, gen_fn=None) -> mx.array:
         """The key for the next site: the execution key with a site-specific constant
@@ -218,7 +218,7 @@ class Handler:
         self.subtraces[path] = sub
         for i in range(1, len(path) + 1):
             self._prefixes.add(path[:i])
-        self._score = sub.score if self._score is None else self._score + sub.score
+        self._score = _first_term(sub.score) if self._score is None else self._score + sub.score
 
     def visit(self, path: Path, gen_fn, args: tuple) -> Any:
         self.check_fresh(path)
@@ -244,6 +244,14 @@ class Handler:
         left = self.unvisited(constraints)
         if left:
             raise UnvisitedConstraintError(left, self.fn_name)
+
+
+def _first_term(x) -> mx.array:
+    """The first term of a sum that used to start at ``mx.array(0.0)``: the same value and
+    dtype as ``0.0 + x`` (float32 at least), with no op when ``x`` is already float32/64."""
+    if isinstance(x, mx.array) and (x.dtype == mx.float32 or x.dtype == mx.float64):
+        return x
+    return mx.array(0.0) + x
 
 
 _SITE_CONSTANTS: dict[int, mx.array] = {}
