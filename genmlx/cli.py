@@ -18,7 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
-import genmlx  # noqa: F401  (loads the fast BLAS before mlx.core)
+import genmlx  # (loads the fast BLAS before mlx.core)
 
 
 def _err(msg: str, code: int) -> int:
@@ -32,11 +32,14 @@ def cmd_train(a) -> int:
 
     cfg = load_config(a.config, a.overrides)
     run_dir = Path(a.run_dir) if a.run_dir else Path("runs") / cfg.name
-    print(f"genmlx train: {cfg.name} -> {run_dir}", flush=True)
+    main = genmlx.distributed.is_main()  # under mlx.launch only rank 0 prints
+    if main:
+        print(f"genmlx train: {cfg.name} -> {run_dir}", flush=True)
     try:
         train(cfg, run_dir, resume=not a.fresh, final_eval=not a.no_eval)
     except Interrupted as e:
-        print(f"genmlx: {e}", file=sys.stderr)
+        if main:
+            print(f"genmlx: {e}", file=sys.stderr)
         return 128 + int(e.signum)
     return 0
 
