@@ -44,21 +44,27 @@ def take_particles(tr: Trace, idx: mx.array) -> Trace:
     return rebuild_particles(td, gather_rows(leaves, idx), tr.args, int(idx.shape[0]))
 
 
-def gather_rows(leaves: list, idx: mx.array) -> list:
-    """``[x[idx] for x in leaves]``, with leaves of one dtype and row shape stacked and
-    gathered together (one gather instead of hundreds for long sequential traces)."""
+def grouped_rows(leaves: list, fn) -> list:
+    """Apply a row-wise ``fn`` (same leading axis in and out) to every leaf, with leaves
+    of one dtype and row shape stacked along axis 1 and processed together (one op per
+    group instead of one per leaf: long sequential traces have hundreds of leaves)."""
     groups: dict = {}
     for i, x in enumerate(leaves):
         groups.setdefault((x.dtype, tuple(x.shape[1:])), []).append(i)
     out = [None] * len(leaves)
     for ids in groups.values():
         if len(ids) == 1:
-            out[ids[0]] = mx.take(leaves[ids[0]], idx, axis=0)
+            out[ids[0]] = fn(leaves[ids[0]])
             continue
-        big = mx.take(mx.stack([leaves[i] for i in ids], axis=1), idx, axis=0)
+        big = fn(mx.stack([leaves[i] for i in ids], axis=1))
         for j, i in enumerate(ids):
             out[i] = big[:, j]
     return out
+
+
+def gather_rows(leaves: list, idx: mx.array) -> list:
+    """``[x[idx] for x in leaves]``, gathered per group of alike leaves (:func:`grouped_rows`)."""
+    return grouped_rows(leaves, lambda x: mx.take(x, idx, axis=0))
 
 
 def concat_particles(traces: list[Trace]) -> Trace:

@@ -79,7 +79,7 @@ from genmlx.core.trace import Trace
 from genmlx.core.vectorize import unbatch
 from genmlx.distributed import fold_rank, world
 from genmlx.inference import resampling as R
-from genmlx.inference._util import cached_call, flatten_particles, rebuild_particles
+from genmlx.inference._util import cached_call, flatten_particles, grouped_rows, rebuild_particles
 from genmlx.inference.importance import importance_resampling, importance_sampling
 from genmlx.inference.particles import WeightedParticles
 from genmlx.inference.smc import SMCResult, _resample, run_smc, smc
@@ -166,7 +166,7 @@ class Shards:
             buf = x if plan.full else plan.export(x, r)
             return plan.assemble(x, self.gather(buf), idx, r)
 
-        return _grouped(leaves, _bool_safe(move))
+        return grouped_rows(leaves, _bool_safe(move))
 
 
 def source_bounds(idx: mx.array) -> mx.array:
@@ -318,23 +318,6 @@ def _systematic_local(payload, key, lw, stats):
     counts = Nc - mx.concatenate([Nb[r:r + 1], Nc[:-1]])
     new_lw = mx.where(did, mx.broadcast_to(LSE - math.log(n), lw.shape), lw)
     return ess, did, new_lw, Nb, counts
-
-
-def _grouped(leaves: list, fn: Callable) -> list:
-    """Apply a row-wise ``fn`` to the leaves with leaves of one dtype and row shape
-    stacked along axis 1 (one collective per group instead of one per leaf)."""
-    groups: dict = {}
-    for i, x in enumerate(leaves):
-        groups.setdefault((x.dtype, tuple(x.shape[1:])), []).append(i)
-    out = [None] * len(leaves)
-    for ids in groups.values():
-        if len(ids) == 1:
-            out[ids[0]] = fn(leaves[ids[0]])
-            continue
-        big = fn(mx.stack([leaves[i] for i in ids], axis=1))
-        for j, i in enumerate(ids):
-            out[i] = big[:, j]
-    return out
 
 
 def shards_for(group: Any = None, n: int | None = None, who: str = "sharded") -> Shards | None:
