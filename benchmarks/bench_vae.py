@@ -54,28 +54,33 @@ HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
 class Encoder(nn.Module if "--numpyro-worker" not in sys.argv else object):
-    def __init__(self):
+    def __init__(self, hidden=(H,), latent=Z):
         super().__init__()
-        self.body = gm.nn.mlp([X_DIM, H], "tanh", out_activation="tanh")
-        self.head = gm.nn.GaussianHead(H, Z)
+        self.body = gm.nn.mlp([X_DIM, *hidden], "tanh", out_activation="tanh")
+        self.head = gm.nn.GaussianHead(hidden[-1], latent)
 
     def __call__(self, x):
         return self.head(self.body(x))
 
 
-def make_modules(seed: int):
+def make_modules(seed: int, hidden=(H,), latent: int = Z):
+    """(encoder, decoder): X_DIM-hidden-(2×latent) and latent-reversed(hidden)-X_DIM."""
     mx.random.seed(seed)  # parameter initialisation only (MLX's initialisers use it)
-    enc, dec = Encoder(), gm.nn.mlp([Z, H, X_DIM], "tanh")
+    enc = Encoder(tuple(hidden), latent)
+    dec = gm.nn.mlp([latent, *reversed(tuple(hidden)), X_DIM], "tanh")
     mx.eval(enc.parameters(), dec.parameters())
     return enc, dec
 
 
-def genmlx_step(enc, dec):
+def genmlx_step(enc, dec, objective: str = "elbo", K: int = 1):
+    """The genmlx step: ``objective`` "elbo" (K particles) or "iwae" (K particles) of
+    the VAE written as ``@gm.gen`` model and guide around ``NeuralNetGF``s."""
     encoder, decoder = gm.nn.NeuralNetGF(enc), gm.nn.NeuralNetGF(dec)
+    latent = enc.head.mean.weight.shape[0]
 
     @gm.gen
     def model():
-        z = gm.normal(mx.zeros(Z), 1.0) @ "z"
+        z = gm.normal(mx.zeros(latent), 1.0) @ "z"
         logits = decoder(z) @ "dec"
         return gm.bernoulli(logits=logits) @ "x"
 
@@ -84,7 +89,12 @@ def genmlx_step(enc, dec):
         mu, sigma = encoder(x) @ "enc"
         return gm.normal(mu, sigma) @ "z"
 
-    obj = gm.amortized.ELBO(model, guide)
+    if objective == "elbo":
+        obj = gm.amortized.ELBO(model, guide, num_particles=K)
+    elif objective == "iwae":
+        obj = gm.amortized.IWAE(model, guide, K=K)
+    else:
+        raise ValueError(f"objective must be 'elbo' or 'iwae', got {objective!r}")
     return gm.amortized.make_train_step(obj, optim.Adam(learning_rate=1e-3))
 
 
@@ -97,7 +107,7 @@ def standard_linear(module: nn.Module) -> nn.Module:
     return module
 
 
-def handwritten_step(enc, dec):
+def _handwritten(enc, dec, loss_fn):
     enc, dec = standard_linear(enc), standard_linear(dec)
 
     class Both(nn.Module):
@@ -108,18 +118,7 @@ def handwritten_step(enc, dec):
     params = Both()
     opt = optim.Adam(learning_rate=1e-3)
     opt.init(params.trainable_parameters())
-
-    def loss_fn(key, x):
-        mu, sigma = enc(x)
-        eps = mx.random.normal(mu.shape, key=key)
-        z = mu + sigma * eps
-        logits = dec(z)
-        log_px = mx.sum(x * logits - nn.softplus(logits), axis=-1)
-        log_pz = mx.sum(-0.5 * z * z - HALF_LOG_2PI, axis=-1)
-        log_qz = mx.sum(-0.5 * eps * eps - mx.log(sigma) - HALF_LOG_2PI, axis=-1)
-        return -mx.mean(log_px + log_pz - log_qz)
-
-    lg = nn.value_and_grad(params, loss_fn)
+    lg = nn.value_and_grad(params, partial(loss_fn, enc, dec))
     state = [params.state, opt.state]
 
     @partial(mx.compile, inputs=state, outputs=state)
@@ -129,6 +128,41 @@ def handwritten_step(enc, dec):
         return loss
 
     return step
+
+
+def _elbo_loss(enc, dec, key, x):
+    mu, sigma = enc(x)
+    eps = mx.random.normal(mu.shape, key=key)
+    z = mu + sigma * eps
+    logits = dec(z)
+    log_px = mx.sum(x * logits - nn.softplus(logits), axis=-1)
+    log_pz = mx.sum(-0.5 * z * z - HALF_LOG_2PI, axis=-1)
+    log_qz = mx.sum(-0.5 * eps * eps - mx.log(sigma) - HALF_LOG_2PI, axis=-1)
+    return -mx.mean(log_px + log_pz - log_qz)
+
+
+def _iwae_loss(K, enc, dec, key, x):
+    """−mean_b log (1/K) Σ_k w_bk, z_bk = μ(x_b) + σ(x_b) ε_bk (pathwise gradients)."""
+    mu, sigma = enc(x)                                        # [B, L]
+    eps = mx.random.normal((x.shape[0], K, mu.shape[-1]), key=key)
+    z = mu[:, None] + sigma[:, None] * eps                    # [B, K, L]
+    logits = dec(z)                                           # [B, K, D]
+    log_px = mx.sum(x[:, None] * logits - nn.softplus(logits), axis=-1)
+    log_pz = mx.sum(-0.5 * z * z - HALF_LOG_2PI, axis=-1)
+    log_qz = mx.sum(-0.5 * eps * eps - HALF_LOG_2PI, axis=-1) - mx.sum(mx.log(sigma), axis=-1)[:, None]
+    return -mx.mean(mx.logsumexp(log_px + log_pz - log_qz, axis=-1) - math.log(K))
+
+
+def handwritten_step(enc, dec, objective: str = "elbo", K: int = 1):
+    """The same step written directly on [B, ·] (ELBO, one particle) or [B, K, ·]
+    (IWAE) arrays with MLX's ``nn.Linear``."""
+    if objective == "elbo":
+        if K != 1:
+            raise ValueError("the hand-written ELBO step has one particle (K = 1)")
+        return _handwritten(enc, dec, _elbo_loss)
+    if objective == "iwae":
+        return _handwritten(enc, dec, partial(_iwae_loss, K))
+    raise ValueError(f"objective must be 'elbo' or 'iwae', got {objective!r}")
 
 
 def numpyro_worker(batches: list[int], repeats: int) -> None:
