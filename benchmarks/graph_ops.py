@@ -42,7 +42,7 @@ from mlx.utils import tree_flatten  # noqa: E402
 VIEWS = frozenset({
     "Broadcast", "BroadcastAxes", "Reshape", "Squeeze", "ExpandDims", "Slice", "Transpose",
     "AsStrided", "StopGradient", "Depends", "Split", "Flatten", "Unflatten", "NumberOfElements",
-    "Real", "Imag", "View",
+    "Real", "Imag", "View", "CustomTransforms", "Contiguous",
 })
 ELEMENTWISE = frozenset({
     "Abs", "Add", "ArcCos", "ArcCosh", "ArcSin", "ArcSinh", "ArcTan", "ArcTan2", "ArcTanh",
@@ -59,7 +59,7 @@ KERNEL_GROUPS = {
                "Softmax", "Scan", "CumSum"),
     "gather/scatter": ("Gather", "GatherAxis", "Scatter", "ScatterAxis", "Take"),
     "rng": ("RandomBits",),
-    "copy/concat": ("Copy", "Contiguous", "Concatenate", "Pad", "SliceUpdate", "Arange"),
+    "copy/concat": ("Copy", "Concatenate", "Pad", "SliceUpdate", "Arange"),
 }
 
 _NODE = re.compile(r'\{ (\d+) \[label ="([^"]*)", shape=rectangle\]; \}')
@@ -112,14 +112,7 @@ class GraphCount:
 def count_graph(outputs) -> GraphCount:
     """Count the primitives of the lazy graph that produces ``outputs`` (any tree of
     arrays). Evaluated arrays are graph inputs and contribute nothing."""
-    leaves = [a for _, a in tree_flatten(outputs) if isinstance(a, mx.array)]
-    fd, path = tempfile.mkstemp(suffix=".dot")
-    os.close(fd)
-    try:
-        mx.export_to_dot(path, *leaves)
-        text = Path(path).read_text()
-    finally:
-        os.unlink(path)
+    text = _dot([a for _, a in tree_flatten(outputs) if isinstance(a, mx.array)])
     out = GraphCount()
     for _, name in dict(_NODE.findall(text)).items():
         cls = classify(name)
@@ -132,13 +125,59 @@ def count_graph(outputs) -> GraphCount:
     return out
 
 
-def step_graph(step: Callable, state: Callable[[], Any], key: mx.array, x: mx.array) -> GraphCount:
-    """Graph of one lazy call ``step(key, x)`` together with the updated state
-    (``state()``: the parameters; the optimizer moments feed them) it produces; the
-    state and the inputs are evaluated first so that only this step's work is counted."""
+def _dot(leaves) -> str:
+    fd, path = tempfile.mkstemp(suffix=".dot")
+    os.close(fd)
+    try:
+        mx.export_to_dot(path, *leaves)
+        return Path(path).read_text()
+    finally:
+        os.unlink(path)
+
+
+def describe(outputs) -> list[str]:
+    """One line per non-view primitive of the graph of ``outputs``, in topological
+    order: its label and the labels of the non-view primitives feeding it (looking
+    through views), for reading where the launches come from."""
+    leaves = [a for _, a in tree_flatten(outputs) if isinstance(a, mx.array)]
+    text = _dot(leaves)
+    labels = dict(_NODE.findall(text))
+    order = [n for n, _ in _NODE.findall(text)]
+    producer, inputs = {}, {}
+    for a, b in re.findall(r'^"?([^"\s]+)"? -> "?([^"\s]+)"?$', text, flags=re.M):
+        if b in labels:      # array -> primitive
+            inputs.setdefault(b, []).append(a)
+        elif a in labels:    # primitive -> array
+            producer[b] = a
+
+    def sources(node, seen):
+        out = []
+        for arr in inputs.get(node, []):
+            p = producer.get(arr)
+            if p is None or p in seen:
+                continue
+            seen.add(p)
+            out += sources(p, seen) if classify(labels[p]) == "view" else [labels[p]]
+        return out
+
+    return [f"{labels[n]:40s} <- {', '.join(sources(n, set()))}" for n in order
+            if classify(labels[n]) != "view"]
+
+
+def step_graph(step: Callable, state: Callable[[], Any], key: mx.array, x: mx.array,
+               all_outputs: bool = False) -> GraphCount:
+    """Graph of one lazy call ``step(key, x)``: its loss and the updated state
+    (``state()``: the parameters, which the optimizer moments feed), as
+    ``benchmarks/bench_vae.py`` evaluates it; with ``all_outputs`` also every metric the
+    step returns (as the training harness evaluates it: ``grad_norm``, ``bound``, …).
+    State and inputs are evaluated first so that only this step's work is counted."""
     mx.eval(state(), key, x)
     out = step(key, x)
-    g = count_graph([out, state()])
+    loss = out["loss"] if isinstance(out, dict) else out
+    target = [out if all_outputs else loss, state()]
+    g = count_graph(target)
+    if os.environ.get("GRAPH_OPS_DESCRIBE"):
+        print("\n".join(describe(target)))
     mx.eval(out, state())
     return g
 
@@ -161,15 +200,16 @@ def _data(B: int) -> mx.array:
     return (mx.random.uniform(shape=(B, 784), key=mx.random.key(B)) < 0.3).astype(mx.float32)
 
 
-def graph_table(configs, batch: int, traced: bool = False) -> list[list[Any]]:
+def graph_table(configs, batch: int) -> list[list[Any]]:
     rows = []
     for label, objective, K, hidden, latent in configs:
         for impl, (step, state) in build_steps(objective, K, hidden, latent).items():
             x = _data(batch)
-            keys = mx.random.split(mx.random.key(1), 3)
+            keys = mx.random.split(mx.random.key(1), 4)
             mx.eval(step(keys[0], x), state())  # warm-up: compile (and record noise plans)
             g = step_graph(step, state, keys[1], x)
-            rows.append([label, impl, *g.row()])
+            g_all = step_graph(step, state, keys[2], x, all_outputs=True)
+            rows.append([label, impl, *g.row(), g_all.launches])
     return rows
 
 
@@ -209,8 +249,9 @@ def main() -> None:
         (f"IWAE k={args.iwae_k} (784-200-200-2x50)", "iwae", args.iwae_k, (200, 200), 50),
     ]
     rows = graph_table(configs, args.batch)
-    print(markdown_table(["step", "impl", "launches", "fused", "lone elementwise",
-                          "non-fusable", "views", "non-fusable by kind"], rows))
+    print(markdown_table(["step", "impl", "launches (loss + state)", "fused", "lone elementwise",
+                          "non-fusable", "views", "non-fusable by kind",
+                          "launches (+ all metrics)"], rows))
     if args.names:
         for label, objective, K, hidden, latent in configs:
             for impl, (step, state) in build_steps(objective, K, hidden, latent).items():

@@ -50,16 +50,40 @@ class Activation(nn.Module):
         return str(self._label)
 
 
-class Linear(nn.Linear):
-    """``nn.Linear`` computing ``x @ Wᵀ + b`` (same parameters and initialisation).
+@mx.custom_function
+def affine(x: mx.array, weight: mx.array, bias: mx.array) -> mx.array:
+    """``x @ weightᵀ + bias`` as ONE fused ``addmm`` (one kernel), for ``x`` of any rank
+    ≥ 1. Under ``mx.vmap`` (rule below) the batch axes are folded into the rows of one
+    2-D ``addmm``, so its gradient is the ordinary ``xᵀ g`` matmul, never a per-example
+    weight gradient (which MLX 0.32's vmap of ``addmm`` would materialise)."""
+    if x.ndim == 2:
+        return mx.addmm(bias, x, weight.T)
+    rows = x.reshape(-1, x.shape[-1])
+    return mx.addmm(bias, rows, weight.T).reshape(*x.shape[:-1], weight.shape[0])
 
-    MLX 0.32's ``nn.Linear`` uses ``addmm``, whose gradient under ``mx.vmap``
-    materializes per-example weight gradients ([B, in, out]); the plain matmul does not.
-    Every vectorized GFI operation and amortized objective runs networks under vmap."""
+
+@affine.vmap
+def _affine_vmap(inputs, axes):
+    x, weight, bias = inputs
+    ax, aw, ab = axes
+    if aw is None and ab is None:  # shared parameters: fold the batch axis into the rows
+        return affine(mx.moveaxis(x, ax, 0), weight, bias), 0
+    # batched parameters (e.g. an ensemble): the plain formula, vmapped
+    out = mx.vmap(lambda a, w, b: a @ w.T + b, in_axes=(ax, aw, ab))(x, weight, bias)
+    return out, 0
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters and initialisation) computing ``x Wᵀ + b`` with
+    :func:`affine`: one ``addmm`` kernel, and under ``mx.vmap`` (every vectorized GFI
+    operation and amortized objective runs networks under vmap) the batch folded into
+    the rows. MLX 0.32's own ``nn.Linear`` (``addmm``) under vmap materializes
+    per-example weight gradients ([B, in, out]) instead."""
 
     def __call__(self, x):
-        y = x @ self["weight"].T
-        return y + self["bias"] if "bias" in self else y
+        if "bias" in self:
+            return affine(x, self["weight"], self["bias"])
+        return x @ self["weight"].T
 
 
 def use_fast_linear(module: nn.Module) -> nn.Module:
