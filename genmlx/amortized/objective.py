@@ -12,7 +12,8 @@ A *particle* is z ~ q_φ(· | x) with
 and every objective works on the [B, K] arrays (data batch × particles) of log p,
 log q and log q_sf (the log density of the guide's score-function choices, see
 :mod:`genmlx.amortized.sites`), computed as ONE batched computation: the single-particle
-function is ``mx.vmap``-ed over K keys and then over the B data items.
+function is ``mx.vmap``-ed over K particles and then over the B data items, with batched
+base noise (:mod:`genmlx.amortized.particles`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any, Callable
 
 import mlx.core as mx
 
+from genmlx.amortized.particles import NoisePlans, batched_particles
 from genmlx.core.choicemap import ChoiceMap
 from genmlx.core.gfi import GenerativeFunction
 from genmlx.nn.params import Trainable, find_modules
@@ -107,6 +109,7 @@ class Objective:
         self._check = check
         self._checked = False
         self._container: Trainable | None = None
+        self._noise_plans = NoisePlans()
         self.model_modules = find_modules(model)
         self.guide_modules = find_modules(guide)
 
@@ -154,20 +157,14 @@ class Objective:
 
     def _batched(self, fn: Callable, key: mx.array, data, K: int):
         """``fn(key, x)`` (one particle, one data item → tuple of arrays) evaluated for
-        K particles of each of the B data items: every output gets shape [B, K, …]."""
+        K particles of each of the B data items: every output gets shape [B, K, …].
+        One batched computation; the first GF ``fn`` runs draws its reparameterizable
+        choices from batched base noise (:mod:`genmlx.amortized.particles`)."""
         if not isinstance(K, int) or K < 1:
             raise ValueError(f"{type(self).__name__}: the number of particles K must be a positive int, got {K!r}")
         self._first_check(key, data)
         B = batch_size_of(data)
-
-        if K == 1:  # one particle per item: a single vmap level
-            out = mx.vmap(fn)(mx.random.split(key, B), data)
-            return tuple(o[:, None] for o in out) if isinstance(out, tuple) else out[:, None]
-
-        def per_item(k, x):
-            return mx.vmap(fn, in_axes=(0, None))(mx.random.split(k, K), x)
-
-        return mx.vmap(per_item)(mx.random.split(key, B), data)
+        return batched_particles(fn, key, data, B, K, self._noise_plans)
 
     def _data_item_from(self, choices: ChoiceMap):
         """The data item a model sample would be observed as (the inverse of observe)."""
