@@ -43,10 +43,15 @@ class ELBO(Objective):
         else:
             lp, lq, lsf, has_sf = guide_particles(self, key, data, self.K)
         f = lp - lq
-        bound = mx.mean(mx.mean(f, axis=-1))          # one node, reused for the metric
-        objective = bound
+        # mean over the B × K particles as one sum times a constant (the mean of the
+        # per-item means, since every item has K particles); the loss is −bound with the
+        # sign folded into that constant: one reduction and one scalar op in the graph
+        total = mx.sum(f)
+        n = f.size
+        bound = total * (1.0 / n)
         if has_sf:
             signal = f - leave_one_out_mean(f) if self.K > 1 else f
-            objective = objective + mx.mean(mx.stop_gradient(signal) * lsf)
-        loss = -objective
+            loss = (total + mx.sum(mx.stop_gradient(signal) * lsf)) * (-1.0 / n)
+        else:
+            loss = total * (-1.0 / n)
         return loss, {"loss": loss, "bound": mx.stop_gradient(bound)}, {}

@@ -19,6 +19,8 @@ i.e. gradients through z only, with log q's parameters held fixed; for the model
 
 from __future__ import annotations
 
+import math
+
 import mlx.core as mx
 
 from genmlx.amortized.objective import Objective, ess_of, guide_particles, log_mean_exp
@@ -39,12 +41,17 @@ class IWAE(Objective):
     def _loss_aux(self, key, data):
         lp, lq, lsf, has_sf = guide_particles(self, key, data, self.K)
         log_w = lp - lq
-        L = log_mean_exp(log_w)
-        bound = mx.mean(L)
-        objective = bound
+        B, K = log_w.shape
+        # L_K + log K = logsumexp_k log w (MLX's fused primitive: no stop_gradient twin of
+        # log_w in this graph); batch mean and sign folded into one constant
+        lse = mx.logsumexp(log_w, axis=-1)
+        total = mx.sum(lse)
+        bound = total * (1.0 / B) - math.log(K)
         if has_sf:  # plain score function with learning signal L_K
-            objective = objective + mx.mean(mx.stop_gradient(L) * mx.sum(lsf, axis=-1))
-        loss = -objective
+            L = lse - math.log(K)
+            loss = (total + mx.sum(mx.stop_gradient(L) * mx.sum(lsf, axis=-1))) * (-1.0 / B) + math.log(K)
+        else:
+            loss = total * (-1.0 / B) + math.log(K)
         return loss, {"loss": loss, "bound": mx.stop_gradient(bound),
                       "ess": mx.stop_gradient(mx.mean(ess_of(log_w)))}, {}
 
