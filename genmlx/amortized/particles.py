@@ -41,7 +41,10 @@ def particle_offsets(B: int, K: int) -> mx.array:
 
 
 class NoisePlans:
-    """Recorded noise sites {site: (kind, shape)} per call signature (B, K, data shapes)."""
+    """Recorded noise sites {site: (kind, shape)} per call signature (B, K, data shapes);
+    the ``max_plans`` most recent signatures are kept."""
+
+    max_plans = 64
 
     def __init__(self):
         self._plans: dict = {}
@@ -60,7 +63,10 @@ class NoisePlans:
 
     def record(self, sig, plan: dict) -> None:
         if sig is not None:
+            self._plans.pop(sig, None)
             self._plans[sig] = dict(plan)
+            if len(self._plans) > self.max_plans:  # drop the oldest signature
+                self._plans.pop(next(iter(self._plans)))
 
 
 def _planned_rows(key, plan: dict | None, B: int, K: int):
