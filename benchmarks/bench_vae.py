@@ -22,6 +22,10 @@ times the same step in NumPyro + Flax (SVI, Trace_ELBO, jitted) in that Python's
 ``--pyro-python PY`` in Pyro (SVI, Trace_ELBO and JitTrace_ELBO, Adam, 2 torch threads;
 ``bench_vae_pyro.py``) in that one.
 
+``--objective iwae --particles 50 --hidden 200 200 --latent 50`` times the IWAE(k) step
+of the IWAE paper's architecture instead (hand-written: the same bound on [B, K, ·] arrays
+with ``mx.logsumexp``). ``benchmarks/graph_ops.py`` counts the primitives of both steps.
+
 Run: ``.venv/bin/python benchmarks/bench_vae.py [--append-results] [--repeats N]``.
 """
 
@@ -245,14 +249,23 @@ def main() -> None:
     ap.add_argument("--pyro-python", default=None,
                     help="Python of a venv with torch and pyro-ppl: also time the Pyro step")
     ap.add_argument("--note", default="", help="extra note for the results section")
+    ap.add_argument("--objective", choices=["elbo", "iwae"], default="elbo",
+                    help="iwae: the IWAE(k) step (use with --particles, --hidden, --latent; "
+                         "MLX only, no NumPyro/Pyro)")
+    ap.add_argument("--particles", type=int, default=1, help="K (IWAE)")
+    ap.add_argument("--hidden", type=int, nargs="*", default=[H])
+    ap.add_argument("--latent", type=int, default=Z)
     ap.add_argument("--numpyro-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.numpyro_worker:
         numpyro_worker(args.batches, args.repeats)
         return
+    arch = (tuple(args.hidden), args.latent)
+    if args.objective == "iwae" and (args.numpyro_python or args.pyro_python):
+        ap.error("--numpyro-python/--pyro-python time the ELBO step only")
 
-    g_step = genmlx_step(*make_modules(0))
-    h_step = handwritten_step(*make_modules(0))
+    g_step = genmlx_step(*make_modules(0, *arch), args.objective, args.particles)
+    h_step = handwritten_step(*make_modules(0, *arch), args.objective, args.particles)
     keys = iter(mx.random.split(mx.random.key(0), 100000))
     rows = []
     for B in args.batches:
@@ -282,12 +295,16 @@ def main() -> None:
     print(body)
     if args.append_results:
         others = [n for n, a in (("NumPyro", args.numpyro_python), ("Pyro", args.pyro_python)) if a]
-        title = "VAE ELBO-gradient step (issue 5): genmlx vs hand-written MLX"
+        title = ("VAE ELBO-gradient step (issue 5): genmlx vs hand-written MLX" if args.objective == "elbo"
+                 else f"IWAE k={args.particles} step ({X_DIM}-{'-'.join(map(str, args.hidden))}-2x{args.latent}): "
+                      "genmlx vs hand-written MLX")
         append_results(
             title + "".join(f", {n}" for n in others), body,
-            note="MNIST VAE 784-200-(2x10) / 10-200-784, tanh, single-sample reparameterized "
-                 "ELBO + Adam, random binary data; both compiled with state and key as input. "
-                 "Shared 2-core machine: absolute times are noisy, ratios come from interleaved runs."
+            note=(f"MNIST VAE {X_DIM}-{'-'.join(map(str, args.hidden))}-(2x{args.latent}), tanh, "
+                  + ("single-sample reparameterized ELBO" if args.objective == "elbo"
+                     else f"IWAE bound with k={args.particles}")
+                  + " + Adam, random binary data; both compiled with state and key as input. ")
+                 + "Shared 2-core machine: absolute times are noisy, ratios come from interleaved runs."
                  + (" NumPyro/Pyro run after the MLX rounds, each in its own venv and process."
                     if others else "") + (f" {args.note}" if args.note else ""))
 
