@@ -8,7 +8,9 @@ matrix adapted in Stan's windows. Both sets of draws go through the same ESS
 estimator (gm.diagnostics, bulk ESS, minimum over parameters); ESS/s divides by the
 wall time of the whole run (warm-up + sampling) of a second run: for NumPyro on the same
 MCMC object, so that its compiled sampler is reused (compilation excluded); genmlx's second
-run still traces and compiles its steps (a few hundred ms), which is counted.
+call reuses the compiled density and kernel cached for the same model and data
+(``gm.inference`` keeps them, as a jitted sampler is kept). ``--repeats k`` interleaves k
+repeats of the three samplers and reports median times.
 
     GENMLX_DATA=../shared/data python benchmarks/bench_nuts.py \
         [--numpyro /tmp/numpyro-venv/bin/python] [--warmup 1000] [--samples 1000]
@@ -123,21 +125,31 @@ def main(argv=None):
     ap.add_argument("--samples", type=int, default=1000)
     ap.add_argument("--append-results", action="store_true")
     ap.add_argument("--note", default="")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="interleaved repeats (genmlx, NumPyro vectorized, NumPyro sequential); "
+                         "times are medians (each sampler's draws, hence its ESS, are the same every repeat)")
     ap.add_argument("names", nargs="*", default=NAMES)
     a = ap.parse_args(argv)
     root = Path(os.environ.get("GENMLX_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
     out = {}
+    who = ["genmlx"] + ([f"numpyro-{cm}" for cm in ("vectorized", "sequential")] if a.numpyro else [])
     for name in a.names:
-        g = run_genmlx(root, name, a.warmup, a.samples)
-        g["ess_per_s"] = g["min_ess_bulk"] / g["time_s"]
-        row = {"genmlx": g}
+        runs = {w: [] for w in who}
+        for _ in range(a.repeats):
+            runs["genmlx"].append(run_genmlx(root, name, a.warmup, a.samples))
+            if a.numpyro:
+                for cm in ("vectorized", "sequential"):
+                    runs[f"numpyro-{cm}"].append(run_numpyro(a.numpyro, root, name, a.warmup, a.samples, cm))
+        row = {}
+        for w, rs in runs.items():
+            r = dict(rs[0])
+            r["times_s"] = [x["time_s"] for x in rs]
+            r["time_s"] = float(np.median(r["times_s"]))
+            r["ess_per_s"] = r["min_ess_bulk"] / r["time_s"]
+            row[w] = r
         if a.numpyro:
-            for cm in ("vectorized", "sequential"):
-                n = run_numpyro(a.numpyro, root, name, a.warmup, a.samples, cm)
-                n["ess_per_s"] = n["min_ess_bulk"] / n["time_s"]
-                row[f"numpyro-{cm}"] = n
             best = max(row["numpyro-vectorized"]["ess_per_s"], row["numpyro-sequential"]["ess_per_s"])
-            row["genmlx_over_numpyro_ess_per_s"] = g["ess_per_s"] / best
+            row["genmlx_over_numpyro_ess_per_s"] = row["genmlx"]["ess_per_s"] / best
         out[name] = row
         print(json.dumps({name: row}, indent=1), flush=True)
     if a.append_results:
@@ -155,7 +167,8 @@ def main(argv=None):
                            if "genmlx_over_numpyro_ess_per_s" in row)
         body = (f"NUTS, 4 chains (genmlx batched; NumPyro vectorized and sequential), {a.warmup} warm-up + "
                 f"{a.samples} draws per chain, second (compiled) run timed; ESS = bulk ESS (gm.diagnostics, "
-                "min over parameters) of both samplers' draws; ESS/s over the whole run.\n\n"
+                "min over parameters) of both samplers' draws; ESS/s over the whole run"
+                + (f"; wall time = median of {a.repeats} interleaved repeats" if a.repeats > 1 else "") + ".\n\n"
                 + markdown_table(["posterior", "sampler", "wall time", "mean leapfrogs/draw",
                                   "min bulk ESS", "ESS/s", "divergences"], rows)
                 + (f"\ngenmlx / NumPyro (the faster chain method) ESS/s: {ratios} (target ≥ 1.0).\n" if ratios else ""))

@@ -4,9 +4,11 @@ trajectory sampling, batched over chains.
 One transition per chain: draw p ~ N(0, M); the trajectory doubles (depth j adds 2^j
 leapfrog steps in a random direction) until a U-turn, a divergence (energy error
 > 1000) or ``max_tree_depth``. States are weighted by exp(−H); within a new subtree the
-proposal is drawn by progressive multinomial sampling (leaf n replaces the subtree's
-proposal with probability w_n / Σ_{m≤n} w_m), and the subtree's proposal replaces the
-trajectory's with probability min(1, W_subtree / W_old) (biased progressive sampling).
+proposal is multinomial over its leaves (∝ w_n = exp(−ΔH_n); drawn per block of leaves
+and combined progressively: a block's draw replaces the earlier one with probability
+W_block / W_so_far, the same law as leaf-by-leaf progressive sampling), and the
+subtree's proposal replaces the trajectory's with probability min(1, W_subtree / W_old)
+(biased progressive sampling).
 
 U-turn (generalized criterion): a (sub)trajectory with momentum sum ρ and end momenta
 p⁻, p⁺ turns when ρ·M⁻¹p⁻ ≤ 0 or ρ·M⁻¹p⁺ ≤ 0. It is checked for the whole
@@ -15,14 +17,18 @@ the subtree under construction: leaf n closes the sub-subtrees of size 2^k with
 (n + 1) mod 2^k = 0, whose first momentum and preceding prefix sum are kept in
 checkpoint k (written at the leaves n with n mod 2^k = 0).
 
-Execution: all chains advance in lockstep (a chain that has stopped keeps its state,
-masked). A doubling of 2^j ≤ B leaves (B = ``block``, 8 by default) is ONE compiled
-call (subtree start, its leaves unrolled, merge into the trajectory); a longer one runs
-in compiled blocks of B leaves. Leaf indices inside a block are static, so the
-checkpoint writes and sub-subtree checks of sizes ≤ B are unrolled at trace time; the
-larger sizes span blocks and take their write/check masks as inputs. The host syncs
-once per doubling (does any chain continue?) and once between the blocks of a long
-doubling (does any subtree continue?), never per leapfrog step.
+Execution: all chains advance in lockstep (a chain that has stopped is masked in the
+statistics and rejected by the merge; its trajectory is integrated unmasked). The
+momentum draw and the doublings 0..``fused`` are ONE compiled call; each further
+doubling of 2^j ≤ B leaves (B = ``block``, 16 by default) is one compiled call (subtree
+start, its leapfrog steps unrolled, merge), and a longer doubling runs in compiled
+blocks of B leaves. Inside a block the leaves are integrated first and their
+bookkeeping is vectorized over the stacked leaves (energy errors, the U-turn checks of
+the sub-subtrees inside the block, where each chain stopped, a Gumbel-max multinomial
+draw of the block's proposal, progressive across blocks); sub-subtrees longer than a
+block use carried checkpoints with write/check masks. The host syncs once per doubling
+(does any chain continue?) and once between the blocks of a long doubling (does any
+subtree continue?), never per leapfrog step.
 """
 
 from __future__ import annotations
