@@ -22,10 +22,17 @@ from genmlx.amortized.objective import Objective
 
 
 def global_norm(grads) -> mx.array:
+    """‖g‖₂ = sqrt(Σ_leaves Σ g²), accumulated in float32: per leaf one
+    product and one reduction (``g * g``, not ``g ** 2``: no ``pow`` per element)."""
     leaves = [g for _, g in tree_flatten(grads)]
     if not leaves:
         return mx.array(0.0)
-    return mx.sqrt(sum(mx.sum(g.astype(mx.float32) ** 2) for g in leaves))
+
+    def sq(g):
+        g = g if g.dtype == mx.float32 else g.astype(mx.float32)
+        return mx.sum(g * g)
+
+    return mx.sqrt(sum(sq(g) for g in leaves))
 
 
 def make_train_step(objective: Objective, optimizer: optim.Optimizer, *, compile: bool = True,
