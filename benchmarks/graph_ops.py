@@ -18,7 +18,8 @@ produced (its outputs and the updated parameters / optimizer state) with
 
 It also times the compiled steps at tiny batches (where a CPU step is per-op overhead).
 
-Run: ``.venv/bin/python benchmarks/graph_ops.py [--batches 1 8] [--iwae-k 50] [--time]``.
+Run: ``.venv/bin/python benchmarks/graph_ops.py [--batch 64] [--iwae-k 50] [--time [--tiny]
+[--batches 1 8] [--repeats 30]]``; ``GRAPH_OPS_DESCRIBE=1`` prints each counted graph.
 """
 
 from __future__ import annotations
@@ -249,6 +250,7 @@ def main() -> None:
     ap.add_argument("--time", action="store_true", help="also time the steps at tiny batches")
     ap.add_argument("--batches", type=int, nargs="*", default=[1, 8])
     ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--tiny", action="store_true", help="time narrow (16-unit, 4-latent) networks")
     ap.add_argument("--names", action="store_true", help="list non-fused primitive names")
     args = ap.parse_args()
     configs = [
@@ -268,6 +270,9 @@ def main() -> None:
                 g = step_graph(step, state, keys[1], x)
                 print(label, impl, dict(g.by_name.most_common()))
     if args.time:
+        if args.tiny:  # per-op overhead dominates: narrow layers
+            configs = [("VAE ELBO (784-16-2x4)", "elbo", 1, (16,), 4),
+                       (f"IWAE k={args.iwae_k} (784-16-16-2x4)", "iwae", args.iwae_k, (16, 16), 4)]
         rows = time_table(configs, args.batches, args.repeats)
         print(markdown_table(["step", "batch", "genmlx", "hand-written MLX", "median paired ratio"], rows))
 
