@@ -20,24 +20,30 @@ minimal handler and a smaller graph:
   observation). Under vmap every constant operand of the family's arithmetic costs
   extra reshape/broadcast/transpose nodes; batched explicitly it is one fused kernel
   plus a reduction, as in hand-written code;
+  Parameters that do not depend on u (evaluable while tracing: prior constants,
+  functions of the data) stay unbatched constants;
+* latents on a fixed elementwise support (bounds independent of u): x = f(u) and
+  log|J| are computed outside the vmap, and the body receives x;
 * other sites (multivariate families, families with derived arrays) are scored inside
   the vmap with the family's own score; calls of ``@gm.gen`` sub-functions are
   flattened; any other generative function (combinators) is evaluated by its own
   ``generate`` on the sub-choice-map, exactly as in the generic path;
-* the gradient is that of Σ_c log π(U_c) (rows are independent), and NaN → −inf is
-  applied after differentiation (a NaN state is rejected whatever its gradient).
+* the gradient is that of Σ_c log π(U_c) (rows are independent) with respect to the
+  latents' blocks, concatenated; NaN → −inf is applied after differentiation (a NaN
+  state is rejected whatever its gradient).
 
 Site scores are accumulated in execution order, as ``generate`` does, so both paths
 agree to float32 rounding (the hoisted sites sum elementwise log densities instead of
 the family's closed-form score).
 
 Static structure: the flat path is valid only when every chain visits the same latent
-addresses with the same shapes. :func:`make_density` checks this at u = 0 and at a
-random point (addresses and shapes of the generic execution agree, and the flat and
+addresses with the same shapes. :func:`make_density` checks this at u = 0 and at two
+random points (addresses and shapes of the generic execution agree, and the flat and
 generic log densities and gradients agree there); otherwise — e.g. control flow on a
 latent's value decides which addresses exist — it returns the generic
 :class:`UnconstrainedDensity`. The hoisted variant is tried first, then the
-unhoisted one.
+unhoisted one. :func:`cached_density` reuses a density (and its compiled kernels) for
+repeated calls with the same model and equal data.
 """
 
 from __future__ import annotations
@@ -248,6 +254,7 @@ class FlatDensity(UnconstrainedDensity):
             self.model, self.args, self.observations = model, tuple(args), _as_cm(observations)
             self.latents = list(latents)
             self.dim = sum(l.size for l in self.latents)
+        self.last_plan: _Plan | None = None  # the sites of the latest traced execution
         # latents on fixed supports (found by one traced run): transformed outside the vmap
         self._fixed: dict = {}
         if hoist:
@@ -258,7 +265,6 @@ class FlatDensity(UnconstrainedDensity):
         self._vg = mx.compile(self._make_value_and_grad())
         self._batched = mx.compile(self._lp_mapped)
         self._constrain = mx.compile(mx.vmap(self._constrained_leaves))  # generic (not hot)
-        self.last_plan: _Plan | None = None
 
     # -- evaluation ----------------------------------------------------------------
     def _blocks(self, U: mx.array) -> list:

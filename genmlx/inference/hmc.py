@@ -13,7 +13,10 @@ Kernel-level use (e.g. as a rejuvenation move inside SMC)::
     state, info = kern.step(key, state, eps, metric)   # eps: [C]; info.accept_prob
     values = dens.constrain(state.u)           # {path: [C, *shape]}
 
-or :func:`hmc_kernel` for a ready ``step(key, U) -> (U, accepted)`` closure.
+or :func:`hmc_kernel` for a ready ``step(key, U) -> (U, accepted)`` closure. The
+drivers (:func:`hmc`, ``mala``, ``nuts``) evaluate the density by the flat path
+(:mod:`genmlx.inference.flat_density`, same values, a smaller graph) and keep the
+density and compiled kernel for repeated calls with the same model and data.
 """
 
 from __future__ import annotations
