@@ -30,11 +30,13 @@ _OFFSETS: dict[tuple, mx.array] = {}
 
 
 def particle_offsets(B: int, K: int) -> mx.array:
-    """The [B, K, 2] uint32 key offsets ``[1 + b·K + k, 0]`` (cached constants)."""
+    """The uint32 key offsets ``[1 + b·K + k, 0]``, shaped [B, K, 2] ([B, 2] when K = 1);
+    cached constants."""
     c = _OFFSETS.get((B, K))
     if c is None:
-        first = mx.arange(1, B * K + 1, dtype=mx.uint32).reshape(B, K, 1)
-        c = mx.concatenate([first, mx.zeros((B, K, 1), dtype=mx.uint32)], axis=-1)
+        lead = (B,) if K == 1 else (B, K)
+        first = mx.arange(1, B * K + 1, dtype=mx.uint32).reshape(*lead, 1)
+        c = mx.concatenate([first, mx.zeros(lead + (1,), dtype=mx.uint32)], axis=-1)
         mx.eval(c)
         _OFFSETS[(B, K)] = c
     return c
@@ -70,7 +72,8 @@ class NoisePlans:
 
 
 def _planned_rows(key, plan: dict | None, B: int, K: int):
-    """(sites, rows [B, K, *shape]) of the recorded sites, drawn outside the vmaps."""
+    """(sites, rows [B, K, *shape] — [B, *shape] when K = 1) of the recorded sites, drawn
+    outside the vmaps."""
     sites = sorted(plan.items()) if plan else []
     groups: dict = {}
     for j, (_, spec) in enumerate(sites):
@@ -79,7 +82,7 @@ def _planned_rows(key, plan: dict | None, B: int, K: int):
     for (kind, shape), members in groups.items():
         drawn = grouped_base_noise(key, [sites[j][0] for j in members], kind, (B * K,) + shape)
         for j, r in zip(members, drawn):
-            rows[j] = r.reshape((B, K) + shape)
+            rows[j] = r if K == 1 else r.reshape((B, K) + shape)
     return sites, rows
 
 
@@ -89,7 +92,7 @@ def batched_particles(fn: Callable, key: mx.array, data, B: int, K: int, plans: 
     sig = plans.signature(B, K, data)
     had_plan = plans.get(sig) is not None
     keys = key + particle_offsets(B, K)
-    idx = mx.arange(B * K).reshape(B, K)
+    idx = mx.arange(B * K) if K == 1 else mx.arange(B * K).reshape(B, K)
     n = B * K
 
     def run():
@@ -104,8 +107,7 @@ def batched_particles(fn: Callable, key: mx.array, data, B: int, K: int, plans: 
             return out
 
         if K == 1:
-            flat = [a.reshape((B,) + a.shape[2:]) for a in rows]
-            out = mx.vmap(one)(keys.reshape(B, 2), idx.reshape(B), data, *flat)
+            out = mx.vmap(one)(keys, idx, data, *rows)
             out = tuple(o[:, None] for o in out) if isinstance(out, tuple) else out[:, None]
         else:
             def per_item(k, i, x, *r):

@@ -80,6 +80,7 @@ def test_different_keys_give_different_draws_and_offsets_are_distinct():
     (a2, *_), _, _ = draws(4, 3, mx.random.key(2))
     assert not np.allclose(np.array(a1), np.array(a2))
     off = np.array(particle_offsets(5, 7)).reshape(-1, 2)
+    assert particle_offsets(3, 1).shape == (3, 2)
     assert len({tuple(r) for r in off}) == 35 and np.all(off[:, 0] >= 1) and np.all(off[:, 1] == 0)
 
 
