@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# One call's worth of GPU work (issue 8), by part, on the GPU machine from the repository
+# root after MLX's CUDA build is installed under /root/site (../shared/gpu/README.md).
+# Each part fits one 10-minute call and writes its logs/JSON under $OUT.
+#
+#   bash benchmarks/gpu/session.sh scaling   # 2 GPUs (nvidia-h200-x2): data-parallel IWAE
+#                                            # training and sharded SMC/IS, 1 vs 2 processes
+#   bash benchmarks/gpu/session.sh bench     # 1 GPU: IS, VAE/IWAE step, HMC, NUTS, SMC, kernels
+#   bash benchmarks/gpu/session.sh tests K   # 1 GPU: the K-th third of the test suite (K = 1, 2, 3;
+#                                            # a cold run JIT-compiles every kernel: ~25x CPU time)
+#
+# MNIST must be under $GENMLX_DATA (carry a folder holding mnist/ and binarized_mnist.npz).
+set -u
+part=${1:?part: scaling, bench or tests}
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false NCCL_NVLS_ENABLE=0
+export PATH=/root/site/bin:$PATH PYTHONPATH=/root/site:$PWD
+OUT="${OUT:-/tmp/genmlx-gpu}"; mkdir -p "$OUT"
+NOTE="${NOTE:-GPU machine: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1) x $(nvidia-smi -L | wc -l)}"
+py=python3
+run() {  # run NAME TIMEOUT CMD...
+  local name=$1 t=$2; shift 2
+  echo "=== $name"
+  timeout "$t" "$@" > "$OUT/$name.log" 2>&1; echo "rc=$?" >> "$OUT/$name.log"
+  tail -15 "$OUT/$name.log"
+}
+case $part in
+  scaling)
+    run scale_train 300 $py benchmarks/scale_train.py --procs 1,2 --batch 400,1600 --steps 300 --append --note "$NOTE"
+    run scale_smc_1 90 $py benchmarks/scale_smc.py --ns-smc 100000 1000000 --ns-is 10000000 --repeats 3 --out "$OUT/scale_1.json"
+    run scale_smc_2 120 mlx.launch -n 2 --backend nccl --env NCCL_NVLS_ENABLE=0 --python "$(command -v $py)" \
+      benchmarks/scale_smc.py --ns-smc 100000 1000000 --ns-is 10000000 --repeats 3 --out "$OUT/scale_2.json"
+    run scale_cmp 30 $py benchmarks/scale_smc.py --compare "$OUT/scale_1.json" "$OUT/scale_2.json" --append-results --note "$NOTE"
+    ;;
+  bench)
+    run is      150 $py benchmarks/bench_is.py --ns 1000 100000 1000000 10000000 --repeats 5 --no-diagnostics --jax-python $py --append-results --note "$NOTE"
+    run vae     100 $py benchmarks/bench_vae.py --repeats 9 --numpyro-python $py --append-results --note "$NOTE"
+    run hmc     100 $py benchmarks/bench_hmc.py --numpyro $py --repeats 3 --append-results --note "$NOTE"
+    run nuts    150 $py benchmarks/bench_nuts.py --numpyro $py --append-results --note "$NOTE"
+    run kernels  60 $py benchmarks/bench_kernels.py --append-results --note "$NOTE"
+    ;;
+  tests)
+    k=${2:?which third: 1, 2 or 3}
+    # pytest & co. travel as wheels (carry .whl: see the device notes on wheels)
+    $py -c "import pytest, hypothesis" 2>/dev/null || \
+      $py -m pip install -q --no-index --no-deps --no-compile --target /root/site .whl/*.whl
+    mapfile -t files < <(ls tests/*/test_*.py | sort)
+    n=${#files[@]}; lo=$(( (k - 1) * n / 3 )); hi=$(( k * n / 3 ))
+    run "tests_$k" 560 $py -m pytest -q -p no:cacheprovider "${files[@]:lo:hi-lo}"
+    ;;
+  *) echo "unknown part $part"; exit 2 ;;
+esac
+cp benchmarks/RESULTS.md "$OUT/RESULTS.md" 2>/dev/null
