@@ -58,8 +58,8 @@ import numpy as np
 from genmlx.core.choicemap import ChoiceMap
 from genmlx.core.dynamic import DynamicGF
 from genmlx.core.handlers import run_with_handler
-from genmlx.distributions.base import Distribution, UnconstrainedValue, _as_array
-from genmlx.distributions.constraints import _Real
+from genmlx.distributions.base import Distribution, UnconstrainedValue, _as_array, is_static
+from genmlx.distributions.constraints import GreaterThan, _Real
 from genmlx.inference.unconstrained import Latent, UnconstrainedDensity, _as_cm, _key0
 
 
@@ -148,6 +148,13 @@ def _fixed_support(sup, shape: tuple, ushape: tuple) -> bool:
     if isinstance(sup, _Real) or sup.event_ndim != 0 or tuple(shape) != tuple(ushape):
         return False
     return all(_concrete(v) for v in vars(sup).values() if isinstance(v, mx.array))
+
+
+def _from_unconstrained(sup, u: mx.array) -> mx.array:
+    """x = f(u) for a fixed support; (0, ∞) as exp(u), without the ``0 +``."""
+    if isinstance(sup, GreaterThan) and is_static(sup.lower, 0.0):
+        return mx.exp(u)
+    return sup.from_unconstrained(u)
 
 
 class _FlatHandler:
@@ -263,6 +270,7 @@ class FlatDensity(UnconstrainedDensity):
             self._fixed = {l.path: sups[l.path] for l in self.latents
                            if l.path in sups and _fixed_support(sups[l.path], l.shape, l.ushape)}
         self._vg = mx.compile(self._make_value_and_grad())
+        self._vgb = mx.compile(self._value_and_grad_blocks)
         self._batched = mx.compile(self._lp_mapped)
         self._constrain = mx.compile(mx.vmap(self._constrained_leaves))  # generic (not hot)
 
@@ -302,7 +310,7 @@ class FlatDensity(UnconstrainedDensity):
         for l, b in zip(self.latents, blocks):
             sup = self._fixed.get(l.path)
             if sup is not None:  # x = f(u) and Σ log|J| per chain, batched
-                b, ld = sup.from_unconstrained(b), sup.log_abs_det_jacobian(b)
+                b, ld = _from_unconstrained(sup, b), sup.log_abs_det_jacobian(b)
                 xs[l.path] = b
                 lds[l.path] = ld if ld.ndim == 1 else mx.sum(ld, axis=tuple(range(1, ld.ndim)))
             ins.append(b)
@@ -339,22 +347,37 @@ class FlatDensity(UnconstrainedDensity):
         lp = self._lp(U)
         return mx.where(mx.isnan(lp), -mx.inf, lp)
 
+    def _value_and_grad_blocks(self, blocks: list):
+        """(log π [C] with NaN → −inf, ∇ log π per latent block): the gradient of
+        Σ_c log π(U_c) with respect to the blocks (rows are independent)."""
+        def total(bl):
+            lp = self._lp_blocks(bl)
+            return mx.sum(lp), lp
+
+        (_, lp), gb = mx.value_and_grad(total)(list(blocks))
+        return mx.where(mx.isnan(lp), -mx.inf, lp), list(gb)
+
     def _make_value_and_grad(self):
         """(log π, ∇ log π) of U [C, D]: differentiated with respect to the latents'
         blocks and concatenated (fewer graph nodes than scattering into U's slices)."""
-        def total(blocks):
-            lp = self._lp_blocks(blocks)
-            return mx.sum(lp), lp
-
-        vg = mx.value_and_grad(total)
-
         def f(U):
-            c = U.shape[0]
-            (_, lp), gb = vg(self._blocks(U))
-            g = gb[0].reshape(c, -1) if len(gb) == 1 else mx.concatenate([b.reshape(c, -1) for b in gb], axis=1)
-            return mx.where(mx.isnan(lp), -mx.inf, lp), g
+            lp, gb = self._value_and_grad_blocks(self._blocks(U))
+            return lp, self.join(gb)
 
         return f
+
+    # -- block form: one block per latent, [C, *ushape] --------------------------------
+    def split(self, U: mx.array) -> list:
+        return self._blocks(U)
+
+    def join(self, blocks: list) -> mx.array:
+        c = blocks[0].shape[0]
+        if len(blocks) == 1:
+            return blocks[0].reshape(c, -1)
+        return mx.concatenate([b.reshape(c, -1) for b in blocks], axis=1)
+
+    def value_and_grad_blocks(self, blocks: list) -> tuple[mx.array, list]:
+        return self._vgb(list(blocks))
 
     def log_density(self, u: mx.array) -> mx.array:
         """log π(u) for one u ∈ R^D (NaN mapped to −inf)."""

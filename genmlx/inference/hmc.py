@@ -26,7 +26,8 @@ from typing import NamedTuple
 
 import mlx.core as mx
 
-from genmlx.inference.metric import Metric, identity_metric, kinetic, leapfrog, sample_momentum
+from genmlx.inference.metric import (Metric, identity_metric, kinetic, leapfrog, leapfrog_blocks,
+                                     sample_momentum)
 from genmlx.inference.unconstrained import UnconstrainedDensity
 
 
@@ -45,14 +46,28 @@ class StepInfo(NamedTuple):
     accepted: mx.array  # [C] HMC/MALA: bool, proposal accepted; NUTS: tree depth reached
 
 
-def _hmc_transition(vg, num_steps: int, dense: bool, key, u, lp, g, eps, minv, mfac):
+def _trajectory(density: UnconstrainedDensity, num_steps: int, dense: bool, u, p, g, lp, eps, minv):
+    """``num_steps`` leapfrog steps from (u, p) [C, D]. A diagonal metric integrates the
+    density's blocks (one per latent for the flat density: no per-step slicing of U or
+    concatenation of ∇; the same values)."""
+    if dense:
+        e = eps[:, None]
+        for _ in range(num_steps):
+            u, p, g, lp = leapfrog(density.value_and_grad, u, p, g, e, minv, dense)
+        return u, p, g, lp
+    split = density.split
+    ub, pb, gb, mb = split(u), split(p), split(g), split(minv)
+    eb = [eps.reshape(eps.shape + (1,) * (b.ndim - 1)) for b in ub]
+    for _ in range(num_steps):
+        ub, pb, gb, lp = leapfrog_blocks(density.value_and_grad_blocks, ub, pb, gb, eb, mb)
+    return density.join(ub), density.join(pb), density.join(gb), lp
+
+
+def _hmc_transition(density, num_steps: int, dense: bool, key, u, lp, g, eps, minv, mfac):
     k1, k2 = mx.random.split(key)
     p = sample_momentum(k1, mfac, dense, u.shape)
     h0 = -lp + kinetic(p, minv, dense)
-    e = eps[:, None]
-    u1, p1, g1, lp1 = u, p, g, lp
-    for _ in range(num_steps):
-        u1, p1, g1, lp1 = leapfrog(vg, u1, p1, g1, e, minv, dense)
+    u1, p1, g1, lp1 = _trajectory(density, num_steps, dense, u, p, g, lp, eps, minv)
     h1 = -lp1 + kinetic(p1, minv, dense)
     log_alpha = h0 - h1
     log_alpha = mx.where(mx.isnan(log_alpha), -mx.inf, log_alpha)
@@ -83,7 +98,7 @@ class HMCKernel:
         f = self._compiled.get(dense)
         if f is None:
             f = self._compiled[dense] = mx.compile(
-                partial(_hmc_transition, self.density.value_and_grad, self.num_steps, dense))
+                partial(_hmc_transition, self.density, self.num_steps, dense))
         return f
 
     def step(self, key, state: ChainState, eps: mx.array, metric: Metric):

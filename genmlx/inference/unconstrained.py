@@ -256,6 +256,21 @@ class UnconstrainedDensity:
         """(log π(U_c), ∇ log π(U_c)) for every row of U [C, D]."""
         return self._vg(U)
 
+    # -- block form (integrators keep u, p, ∇ as a list of blocks of U's columns) --------
+    def split(self, U: mx.array) -> list:
+        """U [C, D] as the list of blocks that :meth:`value_and_grad_blocks` takes (here
+        one block, U itself; the flat density uses one block per latent)."""
+        return [U]
+
+    def join(self, blocks: list) -> mx.array:
+        """The inverse of :meth:`split`: [C, D]."""
+        return blocks[0]
+
+    def value_and_grad_blocks(self, blocks: list) -> tuple[mx.array, list]:
+        """(log π [C], ∇ log π as blocks) of the position given as :meth:`split` blocks."""
+        lp, g = self.value_and_grad(blocks[0])
+        return lp, [g]
+
     def batched_log_density(self, U: mx.array) -> mx.array:
         return self._batched(U)
 
