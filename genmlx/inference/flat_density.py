@@ -276,12 +276,10 @@ class FlatDensity(UnconstrainedDensity):
 
     # -- evaluation ----------------------------------------------------------------
     def _blocks(self, U: mx.array) -> list:
+        """The latents' blocks of U [C, D], [C, *ushape] each (one Split node)."""
         c = U.shape[0]
-        out = []
-        for l in self.latents:
-            b = U[:, l.offset: l.offset + l.size]
-            out.append(b.reshape((c,) + l.ushape) if l.ushape != (l.size,) else b)
-        return out
+        parts = mx.split(U, [l.offset for l in self.latents[1:]], axis=1) if len(self.latents) > 1 else [U]
+        return [b.reshape((c,) + l.ushape) if l.ushape != (l.size,) else b for l, b in zip(self.latents, parts)]
 
     def _sub_choicemap(self, blocks: dict, prefix: tuple) -> ChoiceMap:
         """Observations and ``UnconstrainedValue`` latents below ``prefix``, relative to it."""
@@ -372,9 +370,8 @@ class FlatDensity(UnconstrainedDensity):
 
     def join(self, blocks: list) -> mx.array:
         c = blocks[0].shape[0]
-        if len(blocks) == 1:
-            return blocks[0].reshape(c, -1)
-        return mx.concatenate([b.reshape(c, -1) for b in blocks], axis=1)
+        flat = [b if b.ndim == 2 else b.reshape(c, -1) for b in blocks]
+        return flat[0] if len(flat) == 1 else mx.concatenate(flat, axis=1)
 
     def value_and_grad_blocks(self, blocks: list) -> tuple[mx.array, list]:
         return self._vgb(list(blocks))
