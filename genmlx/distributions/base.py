@@ -217,7 +217,12 @@ class Distribution(GenerativeFunction):
             v = mx.contiguous(v)
         if not self.reparameterized:
             v = mx.stop_gradient(v)
-        return DistTrace(type(self), (), v, self._score(v))
+        return DistTrace(type(self), (), v, self._noise_score(eps, v))
+
+    def _noise_score(self, eps: mx.array, value: mx.array) -> mx.array:
+        """Σ log p(value) for ``value = _from_noise(eps)``. Families may compute it from the
+        noise (same value, and the same total derivative along the reparameterized path)."""
+        return self._score(value)
 
     def _constrained_value(self, constraints: ChoiceMap):
         """(value, extra log-Jacobian) of a leaf constraint, checking its shape."""

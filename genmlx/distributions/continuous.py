@@ -64,7 +64,15 @@ class Normal(Distribution):
         computed per element; the factor −½ and the normaliser are applied once."""
         d = x if self._zero_mu else self.mu - x  # the sign is squared away
         z = d if self._unit_sigma else d / self.sigma
-        zz = z * z
+        return self._score_z2(z * z)
+
+    def _noise_score(self, eps, value):
+        """At x = μ + σε, z² = ε²: −½ Σ ε² − Σ_bcast (log σ + ½ log 2π). Along the path the
+        total derivative is the value-based score's (∂/∂μ = 0, ∂/∂σ = −1/σ per element),
+        and the backward pass needs no (μ − x)/σ (fewer kernels in ELBO/IWAE steps)."""
+        return self._score_z2(eps * eps)
+
+    def _score_z2(self, zz):
         if self._log_norm is not None:
             size = math.prod(mx.broadcast_shapes(zz.shape, self.shape))
             return -0.5 * mx.sum(zz) - self._log_norm * size
