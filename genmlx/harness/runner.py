@@ -366,7 +366,7 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, task=None, resume: bool
         log.close()
         return result
     if final_eval:
-        result.update(evaluate_run(cfg, task, run_dir, log=log, echo=echo))
+        result.update(evaluate_run(cfg, task, run_dir, log=log, echo=echo, step=step))
     log.hparams(_flat_hparams(cfg_dict), {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
     log.close()
     (run_dir / "results.json").write_text(json.dumps(result, indent=1, sort_keys=True))
@@ -377,7 +377,8 @@ def _silent(*args, **kwargs) -> None:
     pass
 
 
-def evaluate_run(cfg: ExperimentConfig, task, run_dir: Path, log: MetricsLog | None = None, echo=print) -> dict:
+def evaluate_run(cfg: ExperimentConfig, task, run_dir: Path, log: MetricsLog | None = None, echo=print,
+                 step: int | None = None) -> dict:
     """Test metrics of the current parameters (bounds, log p(x), proposal quality) and the
     sample image; written to ``eval.json`` and ``samples.png`` in ``run_dir``."""
     t0 = time.time()
@@ -390,7 +391,8 @@ def evaluate_run(cfg: ExperimentConfig, task, run_dir: Path, log: MetricsLog | N
             p = write_png(run_dir / "samples.png", image_grid(imgs["samples"], shape, scale=max(1, 56 // shape[0])))
             m["samples_png"] = str(p)
     if log is not None:
-        log.scalars(cfg.train.steps, {k: v for k, v in m.items() if isinstance(v, (int, float))}, prefix="test/")
+        at = cfg.train.steps if step is None else step  # the step trained to (a time limit may stop early)
+        log.scalars(at, {k: v for k, v in m.items() if isinstance(v, (int, float))}, prefix="test/")
     (Path(run_dir) / "eval.json").write_text(json.dumps(m, indent=1, sort_keys=True))
     echo(f"{cfg.name}: test metrics (eval.json)")
     for line in format_metrics(m):

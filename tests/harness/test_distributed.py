@@ -379,3 +379,11 @@ def test_batch_size_not_divisible_is_a_config_error_naming_the_key(tmp_path, mon
     cfg = load_config(toy_config(tmp_path, steps=5), ["data.batch_size=16"])
     with pytest.raises(ConfigError, match=r"data.batch_size: 16 is not divisible by the number of processes \(3\)"):
         train(cfg, tmp_path / "r", final_eval=False, echo=lambda *a: None)
+
+
+def test_time_limited_run_logs_its_test_metrics_at_the_step_reached(tmp_path):
+    cfg = load_config(toy_config(tmp_path, steps=10**6, every=10**6), ["train.time_limit_s=0.3", "log.progress=off"])
+    res = train(cfg, tmp_path / "r", echo=lambda *a: None)
+    rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    tested = [r["step"] for r in rows if any(k.startswith("test/") for k in r)]
+    assert res["stopped_early"] and tested == [res["steps"]]
