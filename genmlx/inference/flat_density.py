@@ -30,7 +30,12 @@ minimal handler and a smaller graph:
   ``generate`` on the sub-choice-map, exactly as in the generic path;
 * the gradient is that of Σ_c log π(U_c) (rows are independent) with respect to the
   latents' blocks, concatenated; NaN → −inf is applied after differentiation (a NaN
-  state is rejected whatever its gradient).
+  state is rejected whatever its gradient);
+* block form: ``split(U)`` gives the latents' blocks ([C, *ushape] each, one Split
+  node), ``value_and_grad_blocks`` returns ∇ as blocks and ``join`` concatenates.
+  HMC's diagonal-metric trajectory integrates the blocks (u, p, ∇ split once per
+  transition, joined once at its end), so a leapfrog step has no slicing of U or
+  concatenation of ∇ — the same arithmetic per element, a smaller graph.
 
 Site scores are accumulated in execution order, as ``generate`` does, so both paths
 agree to float32 rounding (the hoisted sites sum elementwise log densities instead of
