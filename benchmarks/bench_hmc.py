@@ -59,8 +59,8 @@ def run_genmlx(x, y, init):
     return time.perf_counter() - t, float(r.accept_prob.mean()), r.samples["w"].reshape(-1, 3).mean(0)
 
 
-def run_hand_mlx(x, y, init):
-    """The same transition written directly in MLX (one compiled function)."""
+def hand_transition(x, y):
+    """The transition written directly in MLX: (compiled step(key, U, lp, g), vg)."""
     PHI = mx.array(design(x))
     Y = mx.array(y)
     half_log_2pi = 0.5 * math.log(2 * math.pi)
@@ -94,7 +94,12 @@ def run_hand_mlx(x, y, init):
         return (mx.where(acc[:, None], u1, U), mx.where(acc, lp1, lp), mx.where(acc[:, None], g1, g),
                 acc)
 
-    step = mx.compile(transition)
+    return mx.compile(transition), vg
+
+
+def run_hand_mlx(x, y, init):
+    """The same transition written directly in MLX (one compiled function)."""
+    step, vg = hand_transition(x, y)
     U = mx.array(init)
     lp, g = vg(U)
     keys = mx.random.split(mx.random.key(1), ITERS)
@@ -109,6 +114,45 @@ def run_hand_mlx(x, y, init):
         mx.eval(U, lp, g, acc)
     dt = time.perf_counter() - t
     return dt, float(mx.stack(accs).astype(mx.float32).mean()), np.array(mx.stack(draws))[..., :3].reshape(-1, 3).mean(0)
+
+
+def transition_times(x, y, init, rounds: int, chunk: int = 200):
+    """Per-transition wall time of genmlx's compiled HMC transition (``HMCKernel.step``
+    with its outputs evaluated, as ``gm.inference.hmc`` runs it) and of the hand-written
+    one, interleaved in chunks of ``chunk`` transitions: {name: [seconds per transition]}."""
+    from genmlx.inference.flat_density import cached_density, cached_kernel
+    from genmlx.inference.hmc import HMCKernel
+    from genmlx.inference.metric import identity_metric
+
+    dens = cached_density(quadratic, (mx.array(design(x)),), gm.choicemap({"y": mx.array(y)}))
+    kern = cached_kernel(dens, HMCKernel, STEPS)
+    metric = identity_metric(CHAINS, dens.dim, "diag")
+    eps = mx.full((CHAINS,), EPS)
+    st0 = kern.init(mx.array(init))
+    hand, _ = hand_transition(x, y)
+    keys = mx.random.split(mx.random.key(2), chunk)
+    mx.eval(st0, keys)
+
+    def gen():
+        st = st0
+        for i in range(chunk):
+            st, info = kern.step(keys[i], st, eps, metric)
+            mx.eval(st, info)
+
+    def mlx():
+        s = tuple(st0)
+        for i in range(chunk):
+            *s, acc = hand(keys[i], *s)
+            mx.eval(s, acc)
+
+    out = {"genmlx": [], "mlx": []}
+    gen(), mlx()  # compile
+    for _ in range(rounds):
+        for name, fn in (("genmlx", gen), ("mlx", mlx)):
+            t = time.perf_counter()
+            fn()
+            out[name].append((time.perf_counter() - t) / chunk)
+    return out
 
 
 NUMPYRO_SCRIPT = r"""
@@ -155,6 +199,8 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--append-results", action="store_true")
     ap.add_argument("--note", default="")
+    ap.add_argument("--transition-rounds", type=int, default=15,
+                    help="interleaved rounds of 200 isolated transitions each (0: skip)")
     a = ap.parse_args(argv)
     x, y = data()
     init = np.tile(np.array([[0.0, 0.0, 0.0, 0.0]], np.float32), (CHAINS, 1))
@@ -178,6 +224,12 @@ def main(argv=None):
     res["genmlx_over_mlx_paired_median"] = float(np.median(np.array(res["genmlx_s"]) / np.array(res["mlx_s"])))
     if "numpyro_s" in best:
         res["genmlx_over_numpyro"] = best["genmlx_s"] / best["numpyro_s"]
+    if a.transition_rounds:
+        tt = transition_times(x, y, init, a.transition_rounds)
+        g_, h_ = np.array(tt["genmlx"]), np.array(tt["mlx"])
+        res["transition_ms"] = {"genmlx_median": 1e3 * float(np.median(g_)), "mlx_median": 1e3 * float(np.median(h_)),
+                                "genmlx_min": 1e3 * float(g_.min()), "mlx_min": 1e3 * float(h_.min()),
+                                "paired_ratio_median": float(np.median(g_ / h_)), "ratio_of_minima": float(g_.min() / h_.min())}
     print(json.dumps(res, indent=1))
     if a.append_results:
         sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
@@ -199,6 +251,13 @@ def main(argv=None):
                                   "genmlx / this (best)", "genmlx / this (median)"], rows)
                 + f"\nMedian of the per-repeat genmlx / hand-written ratios: {res['genmlx_over_mlx_paired_median']:.2f}. "
                 "Target: genmlx ≤ 1.2× hand-written MLX.\n")
+        if "transition_ms" in res:
+            t = res["transition_ms"]
+            body += (f"\nIsolated compiled transition ({a.transition_rounds} interleaved rounds of 200 transitions; "
+                     "genmlx = `HMCKernel.step` with its outputs evaluated as `gm.inference.hmc` does): "
+                     f"genmlx {t['genmlx_median']:.3f} ms (min {t['genmlx_min']:.3f}), hand-written "
+                     f"{t['mlx_median']:.3f} ms (min {t['mlx_min']:.3f}); median of paired ratios "
+                     f"{t['paired_ratio_median']:.2f}, ratio of minima {t['ratio_of_minima']:.2f}.\n")
         append_results("Issue 4: HMC, genmlx vs hand-written MLX vs NumPyro (bench_hmc.py)", body, a.note)
 
 
