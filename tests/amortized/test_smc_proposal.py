@@ -15,6 +15,7 @@ import genmlx as gm
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
+from genmlx.harness.zoo.ssm import kalman_filter
 import numpy as np
 
 A, Q, R_ = 0.8, 1.0, 0.7
@@ -35,14 +36,7 @@ ssm = gm.Unfold(ssm_step)
 
 
 def kalman_log_evidence(ys) -> float:
-    m, P, ll = 0.0, 0.0, 0.0
-    for y in ys:
-        mp, Pp = A * m, A * A * P + Q * Q
-        S = Pp + R_ * R_
-        ll += -0.5 * math.log(2 * math.pi * S) - 0.5 * (y - mp) ** 2 / S
-        K = Pp / S
-        m, P = mp + K * (y - mp), (1 - K) * Pp
-    return ll
+    return kalman_filter(ys, A, Q, R_, 0.0)[0]
 
 
 @gm.gen

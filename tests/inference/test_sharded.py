@@ -27,6 +27,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from genmlx.harness.zoo.ssm import kalman_filter
 from genmlx.inference.sharded import SegmentPlan, WindowPlan, _systematic_local, source_bounds
 from genmlx.inference import (
     importance_resampling,
@@ -60,14 +61,7 @@ def normal_normal_exact():
 
 
 def kalman_loglik(ys):
-    m, P, ll = 0.0, 0.0, 0.0
-    for y in ys:
-        mp, Pp = A * m, A * A * P + Q * Q
-        S = Pp + RR * RR
-        ll += -0.5 * math.log(2 * math.pi * S) - 0.5 * (y - mp) ** 2 / S
-        K = Pp / S
-        m, P = mp + K * (y - mp), (1 - K) * Pp
-    return ll
+    return kalman_filter(ys, A, Q, RR, 0.0)[0]
 
 
 WORKER = r'''
