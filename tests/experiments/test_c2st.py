@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-sklearn = pytest.importorskip("sklearn", reason="scikit-learn (experiment-only extra) is not installed")
+sklearn = pytest.importorskip("sklearn", reason="scikit-learn (experiment-only extra) is not installed: pip install -e '.[experiments]' to check the C2ST oracles")
 
 from experiments.sbibm.c2st import c2st  # noqa: E402
 

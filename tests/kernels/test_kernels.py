@@ -21,7 +21,7 @@ from genmlx.kernels import resample as KR
 from genmlx.kernels import selftest as S
 from genmlx.kernels import weights as KW
 
-needs_gpu = pytest.mark.skipif(B.active_backend() is None, reason="no GPU backend")
+needs_gpu = pytest.mark.skipif(B.active_backend() is None, reason="no GPU backend: the fused kernels run only on MLX's CUDA (or Metal) device; the generic path is tested here")
 
 
 # -- dispatch -------------------------------------------------------------------------
@@ -43,7 +43,7 @@ def test_switch_and_env(monkeypatch):
 
 def test_cpu_takes_generic_path():
     if B.gpu_backend() is not None:
-        pytest.skip("default device is a GPU")
+        pytest.skip("the default device is a GPU, where the kernel path is taken; this checks the CPU fallback")
     assert B.active_backend() is None
     x = mx.array(np.random.default_rng(0).standard_normal(50).astype(np.float32))
     lse, ess = K.weight_summary(x)
@@ -254,7 +254,7 @@ def test_selftest_entry_point_runs(capsys):
 
 
 # -- the CUDA sources compile (wherever nvcc is installed; no GPU needed) ---------------
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc (CUDA toolkit) not installed: the offline compile check of the CUDA kernel sources needs it")
 def test_cuda_sources_compile():
     parts = cuda_check.kernels()
     assert set(parts) >= {"weight_summary", "weight_partial", "weight_finish", "resample_cdf",
