@@ -77,17 +77,20 @@ def genmlx_log_weights(xs, ys, n: int, model=quadratic):
     return f
 
 
+def _coefficient_draws(key, n: int):
+    """a, b, c ~ N(0, 1), each [n, 1]. ``mx.contiguous`` materialises each draw: without it
+    mx.compile fuses the normal sampler's elementwise tail into the [n, 50] kernel and
+    recomputes it 50×."""
+    ka, kb, kc = mx.random.split(key, 3)
+    return tuple(mx.contiguous(mx.random.normal((n, 1), key=k)) for k in (ka, kb, kc))
+
+
 def hand_log_weights(xs, ys, n: int):
     """Compiled key -> [n] log-weights written directly in MLX."""
 
     @mx.compile
     def f(key):
-        ka, kb, kc = mx.random.split(key, 3)
-        # mx.contiguous materialises each draw: without it mx.compile fuses the normal
-        # sampler's elementwise tail into the [n, 50] kernel and recomputes it 50x.
-        a = mx.contiguous(mx.random.normal((n, 1), key=ka))
-        b = mx.contiguous(mx.random.normal((n, 1), key=kb))
-        c = mx.contiguous(mx.random.normal((n, 1), key=kc))
+        a, b, c = _coefficient_draws(key, n)
         z = (ys - (a + b * xs + c * xs**2)) / SIGMA
         return mx.sum(-0.5 * z * z, axis=1) + N_DATA * LOG_NORM
 
@@ -101,10 +104,7 @@ def hand_hoisted_log_weights(xs, ys, n: int):
 
     @mx.compile
     def f(key):
-        ka, kb, kc = mx.random.split(key, 3)
-        a = mx.contiguous(mx.random.normal((n, 1), key=ka))
-        b = mx.contiguous(mx.random.normal((n, 1), key=kb))
-        c = mx.contiguous(mx.random.normal((n, 1), key=kc))
+        a, b, c = _coefficient_draws(key, n)
         z = ((a + b * xs + c * xs**2) - ys) / SIGMA
         return -0.5 * mx.sum(z * z, axis=1) + N_DATA * LOG_NORM
 

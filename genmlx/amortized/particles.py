@@ -22,7 +22,7 @@ from typing import Callable
 
 import mlx.core as mx
 
-from genmlx.core.handlers import BatchNoise, batch_noise_scope, grouped_base_noise
+from genmlx.core.handlers import BatchNoise, batch_noise_scope, planned_noise
 from genmlx.core.pytree import tree_flatten
 from genmlx.core.validation import under_transformation
 
@@ -74,15 +74,9 @@ class NoisePlans:
 def _planned_rows(key, plan: dict | None, B: int, K: int):
     """(sites, rows [B, K, *shape] — [B, *shape] when K = 1) of the recorded sites, drawn
     outside the vmaps."""
-    sites = sorted(plan.items()) if plan else []
-    groups: dict = {}
-    for j, (_, spec) in enumerate(sites):
-        groups.setdefault(spec, []).append(j)
-    rows = [None] * len(sites)
-    for (kind, shape), members in groups.items():
-        drawn = grouped_base_noise(key, [sites[j][0] for j in members], kind, (B * K,) + shape)
-        for j, r in zip(members, drawn):
-            rows[j] = r if K == 1 else r.reshape((B, K) + shape)
+    sites, rows = planned_noise(key, plan, B * K)
+    if K > 1:
+        rows = [r.reshape((B, K) + r.shape[1:]) for r in rows]
     return sites, rows
 
 

@@ -99,6 +99,22 @@ def grouped_base_noise(key: mx.array, sites: list, kind: str, shape: tuple) -> l
     return parts if len(shape) == 1 else [p.reshape(shape) for p in parts]
 
 
+def planned_noise(key: mx.array, plan: dict | None, n: int) -> tuple[list, list]:
+    """(sites, rows [n, *shape]) for the sites a plan recorded ({site: (kind, shape)}),
+    drawn outside the vmap: sites of the same kind and shape in one sampler call
+    (:func:`grouped_base_noise`); values are those of per-site ``base_noise``."""
+    sites = sorted(plan.items()) if plan else []
+    groups: dict = {}
+    for j, (_, spec) in enumerate(sites):
+        groups.setdefault(spec, []).append(j)
+    rows = [None] * len(sites)
+    for (kind, shape), members in groups.items():
+        drawn = grouped_base_noise(key, [sites[j][0] for j in members], kind, (n,) + shape)
+        for j, r in zip(members, drawn):
+            rows[j] = r
+    return sites, rows
+
+
 class BatchNoise:
     """Batched base randomness for the outermost handler of a vectorized execution.
 

@@ -19,7 +19,7 @@ import mlx.core as mx
 
 from genmlx.core.choicemap import ChoiceMap
 from genmlx.core.errors import ConstraintShapeError
-from genmlx.core.handlers import BatchNoise, batch_noise_scope, grouped_base_noise
+from genmlx.core.handlers import BatchNoise, batch_noise_scope, planned_noise
 from genmlx.core.pytree import tree_flatten, tree_unflatten
 from genmlx.core.selection import Selection
 from genmlx.core.trace import Trace
@@ -94,20 +94,9 @@ def _plan_key(gf, args, constraints: ChoiceMap | None):
 
 
 def _planned_noise(plan_key, k_noise, n):
-    """Noise inputs (outside the vmap) for the sites an earlier call recorded: sites of
-    the same kind and shape are drawn together (one sampler call, see
-    ``grouped_base_noise``); values are those of per-site ``base_noise``."""
-    plan = _PLANS.get(plan_key) if plan_key is not None else None
-    sites = sorted(plan.items()) if plan else []
-    groups: dict = {}
-    for j, (s, spec) in enumerate(sites):
-        groups.setdefault(spec, []).append(j)
-    rows = [None] * len(sites)
-    for (kind, shape), members in groups.items():
-        drawn = grouped_base_noise(k_noise, [sites[j][0] for j in members], kind, (n,) + shape)
-        for j, r in zip(members, drawn):
-            rows[j] = r
-    return sites, rows
+    """Noise inputs (outside the vmap) for the sites an earlier call recorded under
+    ``plan_key`` (see :func:`genmlx.core.handlers.planned_noise`)."""
+    return planned_noise(k_noise, _PLANS.get(plan_key) if plan_key is not None else None, n)
 
 
 def _record_plan(plan_key, plan) -> None:
