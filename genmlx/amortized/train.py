@@ -21,18 +21,34 @@ from mlx.utils import tree_flatten, tree_map
 from genmlx.amortized.objective import Objective
 
 
+_NORM_CHUNK = 1 << 24  # elements per concatenated group: bounds the transient copy (64 MiB)
+
+
 def global_norm(grads) -> mx.array:
-    """‖g‖₂ = sqrt(Σ_leaves Σ g²), accumulated in float32: per leaf one
-    product and one reduction (``g * g``, not ``g ** 2``: no ``pow`` per element)."""
-    leaves = [g for _, g in tree_flatten(grads)]
+    """‖g‖₂ = sqrt(Σ_leaves Σ g²), accumulated in float32.
+
+    Leaves are flattened and concatenated into groups of at most ``_NORM_CHUNK``
+    elements, each reduced by one product and one sum: a handful of kernels for the
+    whole tree instead of two per leaf (on a GPU each is a launch; a small network's
+    step is launch bound). A leaf larger than a group is reduced on its own."""
+    leaves = [g.reshape(-1) if g.dtype == mx.float32 else g.reshape(-1).astype(mx.float32)
+              for _, g in tree_flatten(grads)]
     if not leaves:
         return mx.array(0.0)
+    groups, cur, size = [], [], 0
+    for g in leaves:
+        if cur and size + g.size > _NORM_CHUNK:
+            groups.append(cur)
+            cur, size = [], 0
+        cur.append(g)
+        size += g.size
+    groups.append(cur)
 
-    def sq(g):
-        g = g if g.dtype == mx.float32 else g.astype(mx.float32)
-        return mx.sum(g * g)
+    def sq(parts):
+        v = parts[0] if len(parts) == 1 else mx.concatenate(parts)
+        return mx.sum(v * v)
 
-    return mx.sqrt(sum(sq(g) for g in leaves))
+    return mx.sqrt(sum(sq(p) for p in groups))
 
 
 def make_train_step(objective: Objective, optimizer: optim.Optimizer, *, compile: bool = True,

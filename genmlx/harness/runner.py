@@ -21,6 +21,8 @@ histograms, a checkpoint, the last step). When step t turns out non-finite, the
 dispatched step t+1 is discarded with the rollback to the state before step t and
 redone from it on the same batch; since every step input is a pure function of
 (seed, step), the result is bit-identical to the unpipelined loop.
+Each step evaluates only the loss, the gradient norm and the state; the other metrics
+of the step (ESS, bound, ...) stay lazy and are computed on logging steps alone.
 
 Data-parallel (N processes from ``mlx.launch -n N``, ``genmlx.distributed``): step t's
 global batch (``data.batch_size``, divisible by N) is prepared once per process and each
@@ -282,7 +284,10 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, task=None, resume: bool
         stop = None
         if N > 1:  # every rank learns whether any rank wants to stop after step s (one tiny all-reduce)
             stop = mx.distributed.all_sum(mx.array([float(f) for f in local_flags(sig)]), group=dist.world())
-        mx.async_eval(metrics, module.state, optimizer.state, *(() if stop is None else (stop,)))
+        # only what every step needs (the non-finite check and the state): the other metrics
+        # stay lazy and are computed on logging steps alone (fewer kernels per step on a GPU)
+        mx.async_eval(metrics["loss"], metrics["grad_norm"], module.state, optimizer.state,
+                      *(() if stop is None else (stop,)))
         return _Pending(s, raw, snap, metrics, key, data, stop)
 
     step = start

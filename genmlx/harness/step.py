@@ -14,6 +14,8 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_map
 
+from genmlx.amortized.train import global_norm
+
 _MASK = (1 << 64) - 1
 
 
@@ -71,12 +73,6 @@ def build_optimizer(cfg_optim, steps_per_epoch: int = 1):
 
 
 # -- the step ----------------------------------------------------------------------------------------
-def global_norm(grads) -> mx.array:
-    from mlx.utils import tree_flatten
-
-    return mx.sqrt(sum(mx.sum(mx.square(g.astype(mx.float32))) for _, g in tree_flatten(grads)))
-
-
 def local_train_step(objective, optimizer, compile: bool = True, grad_reduce=None):
     """``step(key, data) -> metrics`` (loss, grad_norm, objective metrics): one gradient
     step of the objective on all parameters of ``objective.trainable()``, then the

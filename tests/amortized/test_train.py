@@ -113,3 +113,22 @@ def test_mixed_continuous_discrete_elbo_gradient_unbiased():
     exact = exact_grads(obj.trainable(), neg_elbo)
     mean, se = estimate(obj, mx.random.key(11), x=x)
     assert_unbiased(mean, se, exact)
+
+
+@pytest.mark.parametrize("chunk", [1 << 24, 7, 1])
+def test_global_norm_matches_per_leaf_sum_of_squares(monkeypatch, chunk):
+    """One concatenated reduction per group of leaves (any group size, a leaf bigger than
+    the group alone, float16 leaves accumulated in float32) is the global L2 norm."""
+    import genmlx.amortized.train as T
+
+    monkeypatch.setattr(T, "_NORM_CHUNK", chunk)
+    rng = np.random.default_rng(0)
+    tree = {"a": rng.normal(size=(3, 4)), "b": [rng.normal(size=(5,)), rng.normal(size=(2, 2, 2))],
+            "c": rng.normal(size=())}
+    expect = math.sqrt(sum(float(np.sum(np.square(v))) for v in (tree["a"], *tree["b"], tree["c"])))
+    arrays = {"a": mx.array(tree["a"], dtype=mx.float32),
+              "b": [mx.array(tree["b"][0], dtype=mx.float16), mx.array(tree["b"][1], dtype=mx.float32)],
+              "c": mx.array(tree["c"], dtype=mx.float32)}
+    got = float(gm.amortized.global_norm(arrays))
+    assert got == pytest.approx(expect, rel=2e-3)  # float16 leaf: its own rounding only
+    assert float(gm.amortized.global_norm({})) == 0.0
