@@ -8,6 +8,9 @@
 #   bash benchmarks/gpu/session.sh bench     # 1 GPU: IS, VAE/IWAE step, HMC, NUTS, SMC, kernels
 #   bash benchmarks/gpu/session.sh tests K   # 1 GPU: the K-th third of the test suite (K = 1, 2, 3;
 #                                            # a cold run JIT-compiles every kernel: ~25x CPU time)
+#   bash benchmarks/gpu/session.sh iwae [PHASE_S]  # 2 GPUs: the IWAE k = 50 budgeted runs (issue 7)
+#   bash benchmarks/gpu/session.sh shards [K] [T]  # all GPUs: the test files in K shards for T s,
+#                                            # resumable (per-file logs under /root/gputests)
 #
 # MNIST must be under $GENMLX_DATA (carry a folder holding mnist/ and binarized_mnist.npz).
 set -u
@@ -46,6 +49,49 @@ case $part in
     mapfile -t files < <(ls tests/*/test_*.py | sort)
     n=${#files[@]}; lo=$(( (k - 1) * n / 3 )); hi=$(( k * n / 3 ))
     run "tests_$k" 560 $py -m pytest -q -p no:cacheprovider "${files[@]:lo:hi-lo}"
+    ;;
+  iwae)
+    # issue 7: IWAE k = 50 within 10 GPU-minutes, plain gradients on GPU 0 and DReG on GPU 1,
+    # each an exclusive GPU; resumable: run again (the next call) to spend the rest of the
+    # budget and evaluate (test -log p(x), K = 5000). Run dirs persist under /root/runs.
+    phase=${2:-500}
+    for v in "0 iwae50" "1 dreg50"; do
+      set -- $v
+      extra=(); [ "$2" = dreg50 ] && extra=(--set objective.kind=dreg)
+      CUDA_VISIBLE_DEVICES=$1 timeout $((phase + 80)) $py experiments/iwae/gpu_run.py main --run-dir /root/runs/$2 \
+        --budget-s 600 --phase-s "$phase" --batch 400 --step-fill 0.9 --out "$OUT/$2" "${extra[@]}" \
+        > "$OUT/$2.log" 2>&1 &
+    done
+    wait
+    tail -3 "$OUT"/iwae50.log "$OUT"/dreg50.log
+    ;;
+  shards)
+    # the test files in K shards run side by side on the GPUs (round robin), one pytest per
+    # file so a shard that runs out of time still reports every finished file; files whose
+    # log under /root/gputests says they finished are skipped (run again to continue)
+    K=${2:-4}; T=${3:-500}; mkdir -p /root/gputests
+    $py -c "import pytest, hypothesis" 2>/dev/null || \
+      $py -m pip install -q --no-index --no-deps --no-compile --target /root/site .whl/*.whl
+    ngpu=$(nvidia-smi -L | wc -l)
+    mapfile -t files < <(ls tests/*/test_*.py tests/test_*.py 2>/dev/null | sort)
+    end=$(( $(date +%s) + T ))
+    for k in $(seq 0 $((K - 1))); do
+      (
+        for i in "${!files[@]}"; do
+          [ $((i % K)) -eq "$k" ] || continue
+          f=${files[$i]}; log=/root/gputests/$(echo "$f" | tr / _).log
+          grep -q "^rc=" "$log" 2>/dev/null && continue
+          left=$(( end - $(date +%s) )); [ "$left" -gt 20 ] || break
+          CUDA_VISIBLE_DEVICES=$((k % ngpu)) timeout "$left" $py -m pytest -q -p no:cacheprovider "$f" > "$log.tmp" 2>&1
+          rc=$?; [ $rc -eq 124 ] && { mv "$log.tmp" "$log.timeout"; break; }
+          mv "$log.tmp" "$log"; echo "rc=$rc" >> "$log"
+        done
+      ) &
+    done
+    wait
+    mkdir -p "$OUT/tests"; cp /root/gputests/* "$OUT/tests/" 2>/dev/null
+    for l in /root/gputests/*.log; do echo "$(basename "$l"): $(grep -E '(passed|failed|error|skipped)' "$l" | tail -1) $(tail -1 "$l")"; done
+    echo "not finished: $(( ${#files[@]} - $(ls /root/gputests/*.log 2>/dev/null | wc -l) )) of ${#files[@]} files"
     ;;
   *) echo "unknown part $part"; exit 2 ;;
 esac
