@@ -107,6 +107,52 @@ def fold_in(key: mx.array, t: int) -> mx.array:
     return mx.random.split(key + mx.array([0, t], dtype=mx.uint32), 2)[1]
 
 
+class StepIndexUsed(Exception):
+    """A kernel used the step number while it was being traced for all steps at once."""
+
+
+class _StepIndex:
+    """Stands in for the step number t when a kernel is traced once for every step
+    (e.g. SMC's compiled step function): any use of its value (arithmetic, comparison,
+    conversion, formatting, hashing into a lookup) raises :class:`StepIndexUsed`, so a
+    kernel that depends on t is detected and run with the real t instead. Identity
+    comparison and the identity hash (cache keys) are the only allowed uses."""
+
+    __slots__ = ()
+
+    def _used(self, *_, **__):
+        raise StepIndexUsed("the kernel reads the step number t")
+
+    def __eq__(self, other):
+        return True if other is self else self._used()
+
+    def __ne__(self, other):
+        return False if other is self else self._used()
+
+    __hash__ = object.__hash__
+    __index__ = __int__ = __float__ = __complex__ = __bool__ = __len__ = _used
+    __repr__ = __str__ = __format__ = __iter__ = __getitem__ = __call__ = _used
+    __lt__ = __le__ = __gt__ = __ge__ = _used
+    __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = _used
+    __truediv__ = __rtruediv__ = __floordiv__ = __rfloordiv__ = __mod__ = __rmod__ = _used
+    __pow__ = __rpow__ = __neg__ = __pos__ = __abs__ = __divmod__ = __rdivmod__ = _used
+    __and__ = __rand__ = __or__ = __ror__ = __xor__ = __rxor__ = __lshift__ = __rshift__ = _used
+    __matmul__ = __rmatmul__ = __round__ = __trunc__ = __floor__ = __ceil__ = _used
+
+
+STEP_INDEX = _StepIndex()
+
+
+def holds_step_index(treedef) -> bool:
+    """Whether a treedef (nested tuples of statics) holds :data:`STEP_INDEX`, i.e. the
+    stand-in leaked into a returned structure (e.g. a sub-call's stored arguments)."""
+    if treedef is STEP_INDEX:
+        return True
+    if isinstance(treedef, (tuple, list)):
+        return any(holds_step_index(x) for x in treedef)
+    return False
+
+
 class _Single:
     """Kernel operations for one trace (also used per particle under vmap)."""
 
@@ -187,7 +233,9 @@ def _first(tree):
 
 class SequenceGF(GenerativeFunction):
     """Base of Unfold and Scan. Subclasses define ``kernel`` and the hooks
-    ``_parse(args) -> (T, init_carry)``, ``_step_args(args, t, carry)``,
+    ``_parse(args) -> (T, init_carry)``, ``_kernel_inputs(args, t, index)`` (the step's
+    kernel inputs other than the carry, with ``index`` passed where the kernel gets the
+    step number), ``_kernel_args(inputs, carry)`` (the kernel's argument tuple),
     ``_carry_out(step_retval)``, ``_retval_of(args, step_retvals, batched)``,
     ``_arg_changes(old_args, new_args, argdiffs) -> ArgChanges``."""
 
@@ -216,6 +264,10 @@ class SequenceGF(GenerativeFunction):
 
     def _init_carry(self, args):
         return self._parse(args)[1]
+
+    def _step_args(self, args, t, carry):
+        """The kernel's argument tuple at step t."""
+        return self._kernel_args(self._kernel_inputs(args, t, t), carry)
 
     def _carry_before(self, trace, args, t):
         return self._init_carry(args) if t == 0 else self._carry_out(trace.steps[t - 1].retval)
@@ -274,6 +326,67 @@ class SequenceGF(GenerativeFunction):
                 w = w + project_subtrace(dress(sub, self._step_args(trace.args, t, carry)), s)
             carry = self._carry_out(sub.retval)
         return w
+
+    # -- one new step of n particles (sequential Monte Carlo) ----------------------------------
+    def vextend(self, key: mx.array, inputs, carry, carry_batched: bool, constraints: ChoiceMap,
+                caxes: tuple, n: int):
+        """Step t of n particles as ONE vmapped kernel ``generate``: ``(sub, w)`` with the
+        stripped step sub-trace (leaves [n, …]) and w_i = log p(c_t | carry_i) − …, the
+        kernel's generate weight (0 without constraints), which is also the weight of
+        extending a sequence trace by this step.
+
+        ``inputs = self._kernel_inputs(args, t, index)`` are the step's other (shared)
+        kernel inputs; ``carry`` is per particle (leading n) when ``carry_batched``, else
+        shared; ``constraints`` are relative to the step, their leaves mapped by ``caxes``.
+        Base noise is drawn for all particles from one key (``BatchNoise``, as ``vgenerate``).
+        """
+        from genmlx.core.handlers import batch_noise_scope
+        from genmlx.core.pytree import tree_flatten, tree_unflatten
+        from genmlx.core.vectorize import (
+            _cm_from_leaves,
+            _keys_and_noise,
+            _noise_for_body,
+            _planned_noise,
+            _record_plan,
+            _vmapped,
+            _with_plan,
+        )
+
+        keys, k_noise, idx = _keys_and_noise(key, n)
+        cleaves, ctd = tree_flatten(carry)
+        ileaves, itd = tree_flatten(inputs)
+        cvals = [v for _, v in constraints.leaves()]
+        try:
+            pkey = (self, "vextend", itd, ctd, carry_batched, tuple(caxes),
+                    tuple((x.shape, x.dtype) for x in ileaves + cleaves),
+                    tuple((p, getattr(v, "shape", None)) for p, v in constraints.leaves()))
+            hash(pkey)
+        except TypeError:
+            pkey = None
+        nc, cax = len(cleaves), 0 if carry_batched else None
+
+        def run():
+            sites, noise = _planned_noise(pkey, k_noise, n)
+            m = len(sites)
+            box = {}
+
+            def body(k, i, *rest):
+                bn = _noise_for_body(k_noise, i, n, sites, rest[:m])
+                c = tree_unflatten(ctd, list(rest[m:m + nc]))
+                cm = _cm_from_leaves(constraints, rest[m + nc:])
+                with batch_noise_scope(bn):
+                    tr, w = self.kernel.generate(k, self._kernel_args(inputs, c), cm)
+                box["plan"] = bn.plan
+                leaves, box["td"] = tree_flatten(strip(tr))
+                return [w] + leaves
+
+            out = _vmapped(body, in_axes=(0, 0, *([0] * m), *([cax] * nc), *caxes))(
+                keys, idx, *noise, *cleaves, *cvals)
+            _record_plan(pkey, box["plan"])
+            return out, box
+
+        out, box = _with_plan(run, pkey, key)
+        return tree_unflatten(box["td"], out[1:]), out[0]
 
     # -- update / regenerate with prefix skipping -----------------------------------------
     def update(self, key, trace, constraints, args=None, argdiffs=None):
@@ -459,4 +572,5 @@ def changed_everywhere(_t) -> bool:
     return True
 
 
-__all__ = ["SequenceGF", "SequenceTrace", "ArgChanges", "stack_leading", "fold_in"]
+__all__ = ["SequenceGF", "SequenceTrace", "ArgChanges", "stack_leading", "fold_in", "STEP_INDEX",
+           "StepIndexUsed", "holds_step_index"]

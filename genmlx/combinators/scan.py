@@ -58,8 +58,11 @@ class Scan(SequenceGF):
     def _init_carry(self, args):
         return args[0]
 
-    def _step_args(self, args, t, carry):
-        return (carry, tree_map(lambda a: a[t], args[1]))
+    def _kernel_inputs(self, args, t, index):
+        return (tree_map(lambda a: a[t], args[1]),)
+
+    def _kernel_args(self, inputs, carry):
+        return (carry, inputs[0])
 
     def _carry_out(self, retval):
         if not isinstance(retval, (tuple, list)) or len(retval) != 2:

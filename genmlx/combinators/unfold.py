@@ -65,8 +65,11 @@ class Unfold(SequenceGF):
     def _init_carry(self, args):
         return args[1]
 
-    def _step_args(self, args, t, carry):
-        return (t, carry, *args[2:])
+    def _kernel_inputs(self, args, t, index):
+        return (index, *args[2:])
+
+    def _kernel_args(self, inputs, carry):
+        return (inputs[0], carry, *inputs[1:])
 
     def _carry_out(self, retval):
         return retval

@@ -67,6 +67,34 @@ def gather_rows(leaves: list, idx: mx.array) -> list:
     return grouped_rows(leaves, lambda x: mx.take(x, idx, axis=0))
 
 
+def gather_rows_each(leaves: list, rows: list) -> list:
+    """``[x[r] for x, r in zip(leaves, rows)]`` (each leaf with its own index vector of
+    one length m): leaves of one dtype and row shape are stacked along a new leading
+    axis and gathered by ONE ``take_along_axis`` with the stacked index vectors. A leaf
+    repeated (the same array with the same index vector) is gathered once."""
+    groups: dict = {}
+    first: dict = {}
+    out = [None] * len(leaves)
+    for i, x in enumerate(leaves):
+        j = first.setdefault((id(x), id(rows[i])), i)
+        if j == i:
+            groups.setdefault((x.dtype, tuple(x.shape[1:])), []).append(i)
+    for (_, shape), ids in groups.items():
+        if len(ids) == 1:
+            i = ids[0]
+            out[i] = mx.take(leaves[i], rows[i], axis=0)
+            continue
+        big = mx.stack([leaves[i] for i in ids])
+        r = mx.stack([rows[i] for i in ids]).reshape((len(ids), -1) + (1,) * len(shape))
+        got = mx.take_along_axis(big, r, axis=1)
+        for j, i in enumerate(ids):
+            out[i] = got[j]
+    for i, x in enumerate(leaves):
+        if out[i] is None:
+            out[i] = out[first[(id(x), id(rows[i]))]]
+    return out
+
+
 def concat_particles(traces: list[Trace]) -> Trace:
     """Concatenate batched traces of one structure along the particle axis."""
     flats = [flatten_particles(t) for t in traces]

@@ -35,6 +35,8 @@ from typing import Callable
 import mlx.core as mx
 from tqdm.auto import tqdm
 
+from genmlx.combinators._sequence import SequenceGF
+from genmlx.combinators._sequence import SequenceTrace as SequenceTraceT
 from genmlx.core.choicemap import ChoiceMap
 from genmlx.core.diff import IntDiff, NoChange
 from genmlx.core.dynamic import _as_choicemap
@@ -50,6 +52,7 @@ from genmlx.inference._util import (
     covered,
     flatten_particles,
     gather_rows,
+    gather_rows_each,
     rebuild_particles,
     set_particle,
     take_particles,
@@ -183,6 +186,150 @@ def _eval_particles(traces, lw, full: bool = True):
         mx.eval(lw, tree_flatten(replace(traces, args=None))[0])
 
 
+# -- the fused step for Unfold/Scan models -------------------------------------------
+def _seq_extend(payload, key, carry, lw, inputs, obs):
+    """Step t of every particle: (step sub-trace [n], outgoing carry, lw + w_t)."""
+    model, n, carry_batched, caxes = payload[:4]
+    sub, w = model.vextend(key, inputs, carry, carry_batched, obs, caxes, n)
+    return sub, model._carry_out(sub.retval), lw + w
+
+
+def _seq_resample(payload, key, lw, carry):
+    """ESS, the resampling decision and ancestors (identity when not resampling, chosen
+    by ``mx.where``: no host round trip) and the carry of the ancestors."""
+    idx, lw, ess, do = _resample(payload, key, lw)
+    leaves, td = tree_flatten(carry)
+    return tree_unflatten(td, gather_rows(leaves, idx)), lw, idx, ess, do
+
+
+def _seq_step(payload, key, k_res, carry, lw, inputs, obs):
+    """One whole SMC time step (extend + weight + ESS + resample + carry gather), traced
+    once and compiled for every t: (sub, next carry, lw, idx, ess, did)."""
+    sub, out, lw = _seq_extend(payload, key, carry, lw, inputs, obs)
+    nxt, lw, idx, ess, do = _seq_resample(payload[4:], k_res, lw, out)
+    return sub, nxt, lw, idx, ess, do
+
+
+_INDEX_DEPENDENT: dict = {}  # Unfold models whose kernel reads t (traced per step instead)
+
+
+def _step_constraints(observations, T: int):
+    """Per-step constraints relative to the step (``obs_t`` at ``(t, …)`` → at ``(…)``),
+    or None when some step's observations lie outside its own step."""
+    out = []
+    for t in range(T):
+        cm = observations(t)
+        if cm.is_empty():
+            out.append(cm)
+            continue
+        if cm.is_leaf() or set(cm.children()) != {t}:
+            return None
+        out.append(cm.get_submap(t))
+    return out
+
+
+def _constraint_axes_at(model, key, inputs, carry, carry_batched, cm, n):
+    from genmlx.combinators._util import constraint_axes
+    from genmlx.core.pytree import tree_map
+
+    if not any(getattr(v, "ndim", 0) >= 1 and v.shape[0] == n for _, v in cm.leaves()):
+        return tuple(None for _ in cm.leaves())
+    probe = tree_map(lambda x: x[0], carry) if carry_batched else carry
+    return tuple(constraint_axes(model.kernel, key, model._kernel_args(inputs, probe), cm, n))
+
+
+def _run_sequence(keys, model, args, args_T, cons: list, n: int, scheme, threshold: float,
+                  compile: bool, progress: bool) -> "SMCRun":
+    """SMC over a ``gm.Unfold``/``gm.Scan`` model with the prior as proposal: per step
+    ONE compiled function (:func:`_seq_step`) on the carry alone, storing the step's
+    sub-trace (in its pre-resampling row order) and ancestor indices; the paths are
+    rebuilt once at the end (:func:`_rebuild_paths`), O(n·T) in all. The kernel is traced
+    with :data:`STEP_INDEX` for t; if it reads t it is run step by step with the real t."""
+    from genmlx.combinators._sequence import STEP_INDEX, holds_step_index
+
+    T = len(cons)
+    carry = model._init_carry(args)
+    lw = mx.zeros((n,), dtype=mx.float32)
+    subs, idxs, esss, dos = [], [], [], []
+    shared = compile and not _INDEX_DEPENDENT.get(_model_key(model), False)
+    thr = float(threshold)
+    checked = set()  # step functions whose output was checked for a leaked STEP_INDEX
+    for t in tqdm(range(T), disable=not progress, desc="smc"):
+        k_ext, k_res = keys[t][0], keys[t][1]
+        batched = t > 0
+        caxes = _constraint_axes_at(model, k_ext, model._kernel_inputs(args, t, t), carry, batched,
+                                    cons[t], n)
+        payload = (model, n, batched, caxes, scheme, thr)
+        out = None
+        if shared:
+            try:
+                out = cached_call(_seq_step, payload, payload, k_ext, k_res, carry, lw,
+                                  model._kernel_inputs(args, t, STEP_INDEX), cons[t])
+                if payload not in checked:
+                    checked.add(payload)
+                    if holds_step_index(tree_flatten(out[0])[1]):
+                        out = None
+            except Exception:  # noqa: BLE001 - reading t (or any error): redo with the real t
+                out = None
+            if out is None:
+                shared = False
+                _INDEX_DEPENDENT[_model_key(model)] = True
+        if out is None:
+            sub, c_out, lw_w = _seq_extend(payload, k_ext, carry, lw, model._kernel_inputs(args, t, t),
+                                           cons[t])
+            nxt, lw2, idx, ess, do = cached_call(_seq_resample, payload[4:], payload[4:], k_res, lw_w,
+                                                 c_out, compile=compile)
+            out = (sub, nxt, lw2, idx, ess, do)
+        sub, carry, lw, idx, ess, do = out
+        mx.eval(tree_flatten(out)[0])
+        subs.append(sub)
+        idxs.append(idx)
+        esss.append(ess)
+        dos.append(do)
+    flags = [bool(f) for f in mx.stack(dos).tolist()]
+    ess_hist = tuple(float(e) for e in mx.stack(esss).tolist())
+    steps = _rebuild_paths(subs, idxs, flags)
+    score = mx.sum(mx.stack([s.score for s in steps]), axis=0)
+    traces = SequenceTraceT(model, args_T, tuple(steps), score, n)
+    _eval_particles(traces, lw)
+    ancestors = tuple(i for i, f in zip(idxs, flags) if f)
+    return SMCRun(traces, lw, lw, ess_hist, tuple(flags), ancestors)
+
+
+def _model_key(model):
+    try:
+        hash(model)
+        return model
+    except TypeError:
+        return id(model)
+
+
+def _rebuild_paths(subs: list, idxs: list, flags: list) -> list:
+    """The step sub-traces in the final particles' order. Step t was stored in its
+    pre-resampling row order; final particle i descends from row D_t[i] of step t, with
+    D_{T−1} = idx_{T−1} and D_t = idx_t[D_{t+1}] (identity factors skipped). All rows are
+    gathered in one :func:`gather_rows_each` call."""
+    T = len(subs)
+    D, Ds = None, [None] * T
+    for t in reversed(range(T)):
+        if flags[t]:
+            D = idxs[t] if D is None else mx.take(idxs[t], D, axis=0)
+        Ds[t] = D
+    moved = [t for t in range(T) if Ds[t] is not None]
+    if not moved:
+        return list(subs)
+    flats = {t: tree_flatten(subs[t]) for t in moved}
+    leaves = [x for t in moved for x in flats[t][0]]
+    rows = [Ds[t] for t in moved for _ in flats[t][0]]
+    out = gather_rows_each(leaves, rows)
+    steps, i = list(subs), 0
+    for t in moved:
+        ls, td = flats[t]
+        steps[t] = tree_unflatten(td, out[i:i + len(ls)])
+        i += len(ls)
+    return steps
+
+
 # -- lazy ancestry for sequence traces -----------------------------------------------
 class _Ancestry:
     """Resampling of particles whose trace is a ``gm.Unfold``/``gm.Scan`` trace (steps
@@ -287,19 +434,26 @@ def smc(key: mx.array, model: GenerativeFunction, args: tuple, observations, n: 
         rejuvenation: Callable | None = None,
         step_args: Callable[[int], tuple] | None = None,
         callback: Callable[[int, Trace, mx.array], None] | None = None,
-        progress: bool = True, compile: bool = False) -> SMCResult:
+        progress: bool = True, compile: bool = True) -> SMCResult:
     """Particle filter with n particles over the steps of a sequential model.
 
     ``observations`` is a list of per-step choice maps (full addresses, e.g.
     ``{(t, "y"): y_t}``) or one choice map whose top-level keys are the steps 0..T−1
     (the ``Unfold`` layout). ``ess_threshold`` ∈ [0, 1]: 1 resamples every step, 0 never.
     ``callback(t, traces, log_weights)`` sees the weighted particles after each step's
-    weighting (before resampling), e.g. to record filtering estimates. ``compile=True``
-    compiles each step's update (traces grow every step, so each step is compiled anew
-    and takes the whole trace as input: measured slower for ``Unfold`` models, whose
-    uncompiled step already runs one vmapped kernel call); resampling is always compiled.
-    For ``Unfold``/``Scan`` traces a resampling gathers only the last step (see
-    :class:`_Ancestry`), so a run costs O(T · n).
+    weighting (before resampling), e.g. to record filtering estimates.
+
+    Fast path (``gm.Unfold``/``gm.Scan`` models with the prior as proposal, no
+    rejuvenation, callback or ``step_args``): each time step is ONE compiled function of
+    the carry alone (extend + weight + ESS + resampling decision by ``mx.where`` +
+    ancestor gather of the carry, :func:`_seq_step`), traced once for all t when the
+    kernel does not read t (``compile=False`` runs it uncompiled); the step sub-traces
+    and ancestor indices are stored per step and the paths rebuilt once at the end.
+    Otherwise each step's extension runs uncompiled (a growing trace would be a new
+    compilation every step) and resampling is compiled; for ``Unfold``/``Scan`` traces a
+    resampling then gathers only the last step (see :class:`_Ancestry`). Either way a
+    run costs O(T · n), plus O(t · n) per step for proposals, rejuvenation and
+    callbacks, which see the whole trace.
     Returns an :class:`SMCResult` (batched traces, log-weights, ``log_marginal_likelihood``).
     """
     if not isinstance(n, int) or n < 1:
@@ -330,7 +484,7 @@ def run_smc(key: mx.array, model: GenerativeFunction, args: tuple, observations,
             rejuvenation: Callable | None = None,
             step_args: Callable[[int], tuple] | None = None,
             callback: Callable[[int, Trace, mx.array], None] | None = None,
-            progress: bool = True, compile: bool = False, comm=None) -> SMCRun:
+            progress: bool = True, compile: bool = True, comm=None) -> SMCRun:
     """The SMC loop behind :func:`smc` with ``n_local`` particles in this process.
 
     ``comm`` (None: one process) shards the particles across processes; it provides
@@ -346,6 +500,12 @@ def run_smc(key: mx.array, model: GenerativeFunction, args: tuple, observations,
     args, pargs = tuple(args), tuple(proposal_args or ())
     T, obs_at, args_at = _steps(args, observations, step_args, model)
     keys = mx.random.split(key, 3 * T).reshape(T, 3, -1)
+    if (comm is None and step_args is None and proposal is None and rejuvenation is None
+            and callback is None and isinstance(model, SequenceGF)):
+        cons = _step_constraints(obs_at, T)
+        if cons is not None:
+            return _run_sequence(keys, model, args, args_at(T - 1)[0], cons, n_local, resampling,
+                                 ess_threshold, compile, progress)
     ess_hist, flags, ancestors = [], [], []
     traces = lw = None
     anc = _Ancestry(enabled=step_args is None, take_rows=None if comm is None else comm.take_rows,
@@ -357,22 +517,22 @@ def run_smc(key: mx.array, model: GenerativeFunction, args: tuple, observations,
         a_t, d_t = args_at(t)
         obs = obs_at(t)
         if t == 0:
-            traces, lw = cached_call(_init, (model, proposal, n_local), (model, proposal, n_local),
-                                     k_ext, a_t, obs, pargs, compile=compile)
+            traces, lw = _init((model, proposal, n_local), k_ext, a_t, obs, pargs)
         else:
             if proposal is not None:  # a proposal may read any earlier step
                 traces = anc.resolve(traces)
             payload = (model, proposal, d_t, t)
             traces, lw = anc.extend(
-                lambda tr, lw=lw, payload=payload, k=k_ext, a=a_t, o=obs: cached_call(
-                    _extend, payload, payload, k, tr, lw, a, o, pargs, compile=compile),
+                lambda tr, lw=lw, payload=payload, k=k_ext, a=a_t, o=obs: _extend(
+                    payload, k, tr, lw, a, o, pargs),
                 traces)
         if callback is not None:
             traces = anc.resolve(traces)
             callback(t, traces, lw)
         if comm is None:
             idx, lw, ess, did = cached_call(_resample, (resampling, float(ess_threshold)),
-                                            (resampling, float(ess_threshold)), k_res, lw)
+                                            (resampling, float(ess_threshold)), k_res, lw,
+                                            compile=compile)
         else:
             idx, lw, ess, did = comm.resample(k_res, lw, resampling, float(ess_threshold))
         mx.eval(idx, lw, ess, did)
