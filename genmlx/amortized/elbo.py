@@ -39,10 +39,10 @@ class ELBO(Objective):
         if self.analytic_kl:
             from genmlx.amortized.kl import analytic_particles
 
-            lp, lq, lsf, has_sf = analytic_particles(self, key, data, self.K)
+            lp, lq, lsf, has_sf = analytic_particles(self, key, data, self.K, self.K > 1)
         else:
-            lp, lq, lsf, has_sf = guide_particles(self, key, data, self.K)
-        f = lp - lq
+            lp, lq, lsf, has_sf = guide_particles(self, key, data, self.K, self.K > 1)
+        f = lp - lq  # [B, K]; [B] when K = 1 (everything below is shape-agnostic then)
         # mean over the B × K particles as one sum times a constant (the mean of the
         # per-item means, since every item has K particles); the loss is −bound with the
         # sign folded into that constant: one reduction and one scalar op in the graph

@@ -23,7 +23,7 @@ import math
 
 import mlx.core as mx
 
-from genmlx.amortized.objective import Objective, ess_of, guide_particles, log_mean_exp
+from genmlx.amortized.objective import Objective, guide_particles, log_mean_exp, mean_ess
 from genmlx.nn.params import frozen
 
 
@@ -53,7 +53,7 @@ class IWAE(Objective):
         else:
             loss = total * (-1.0 / B) + math.log(K)
         return loss, {"loss": loss, "bound": mx.stop_gradient(bound),
-                      "ess": mx.stop_gradient(mx.mean(ess_of(log_w)))}, {}
+                      "ess": mx.stop_gradient(mean_ess(log_w, lse))}, {}
 
 
 class DReG(IWAE):

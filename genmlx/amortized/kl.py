@@ -62,7 +62,7 @@ def _assess_recording(gf, args, choices):
     return h.score, h.dists
 
 
-def analytic_particles(obj, key, data, K: int):
+def analytic_particles(obj, key, data, K: int, particle_axis: bool = True):
     """Like ``guide_particles``, but log p carries the correction
     −KL(q_a ‖ p_a) − (log p_a(z_a) − log q_a(z_a)) at every top-level address a with a
     registered KL, so that log p − log q is the analytic-KL ELBO integrand."""
@@ -90,7 +90,7 @@ def analytic_particles(obj, key, data, K: int):
         box["n"] = n
         return lp + corr, tr.score, lsf
 
-    lp, lq, lsf = obj._batched(particle, key, data, K)
+    lp, lq, lsf = obj._batched(particle, key, data, K, particle_axis)
     if box.get("n", 0) == 0:
         raise ValueError("analytic_kl=True, but no latent address has a closed-form KL between "
                          "the guide's and the model's distributions (registered: "

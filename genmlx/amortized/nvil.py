@@ -68,9 +68,8 @@ class NVIL(Objective):
         return mx.vmap(lambda x: mx.reshape(self.baseline(x), ()))(data)
 
     def _loss_aux(self, key, data):
-        lp, lq, lsf, has_sf = guide_particles(self, key, data, 1)
-        l = (lp - lq)[:, 0]
-        lsf = lsf[:, 0]
+        lp, lq, lsf, has_sf = guide_particles(self, key, data, 1, particle_axis=False)
+        l = lp - lq
         b = self._baseline_values(data)
         ls = mx.stop_gradient(l)
         c = self.stats.mean if self.centre else mx.array(0.0)

@@ -74,6 +74,14 @@ def ess_of(log_w: mx.array, axis: int = -1) -> mx.array:
     return 1.0 / mx.sum(w * w, axis=axis)
 
 
+def mean_ess(log_w: mx.array, lse: mx.array) -> mx.array:
+    """Mean over the leading axes of ESS = 1 / Σ_k w̃_k² (last axis), w̃_k = exp(log w_k − lse),
+    from ``lse`` = logsumexp_k log w_k that a bound already computed: one fused elementwise
+    kernel and two sums (``ess_of`` takes a softmax, a square, and a divide and mean on top)."""
+    s = mx.sum(mx.exp(2.0 * (log_w - mx.expand_dims(lse, -1))), axis=-1)
+    return mx.sum(1.0 / (s * s.size))
+
+
 # Note on stop_gradient: MLX 0.32's mx.compile fails ("_Map_base::at") on a graph that
 # applies the same operation to an array x and to stop_gradient(x) (e.g. exp(x) and
 # exp(sg(x))). Metrics are therefore taken as sg(<node already in the loss graph>), and
@@ -155,16 +163,17 @@ class Objective:
         lp, _ = self.model.assess(self.model_args, self.observe(x).merge(latents))
         return lp
 
-    def _batched(self, fn: Callable, key: mx.array, data, K: int):
+    def _batched(self, fn: Callable, key: mx.array, data, K: int, particle_axis: bool = True):
         """``fn(key, x)`` (one particle, one data item → tuple of arrays) evaluated for
-        K particles of each of the B data items: every output gets shape [B, K, …].
+        K particles of each of the B data items: every output gets shape [B, K, …]
+        ([B, …] with ``particle_axis=False`` and K = 1).
         One batched computation; the first GF ``fn`` runs draws its reparameterizable
         choices from batched base noise (:mod:`genmlx.amortized.particles`)."""
         if not isinstance(K, int) or K < 1:
             raise ValueError(f"{type(self).__name__}: the number of particles K must be a positive int, got {K!r}")
         self._first_check(key, data)
         B = batch_size_of(data)
-        return batched_particles(fn, key, data, B, K, self._noise_plans)
+        return batched_particles(fn, key, data, B, K, self._noise_plans, particle_axis)
 
     def _data_item_from(self, choices: ChoiceMap):
         """The data item a model sample would be observed as (the inverse of observe)."""
@@ -181,10 +190,11 @@ class Objective:
         return [p for p, _ in self.observe(x).leaves()]
 
 
-def guide_particles(obj: Objective, key: mx.array, data, K: int):
+def guide_particles(obj: Objective, key: mx.array, data, K: int, particle_axis: bool = True):
     """[B, K] arrays (log p(x, z), log q(z | x), log q_sf(z | x)) for z ~ q with pathwise
     gradients through reparameterized choices, and whether any score-function choice
-    exists (log q_sf is then identically 0)."""
+    exists (log q_sf is then identically 0). [B] arrays with ``particle_axis=False`` and
+    K = 1 (objectives whose arithmetic is shape-agnostic: one kernel fewer per output)."""
     box: dict = {}
 
     def particle(k, x):
@@ -194,7 +204,7 @@ def guide_particles(obj: Objective, key: mx.array, data, K: int):
         lsf, box["has_sf"] = score_function_log_q(obj.guide, tr)
         return obj._log_joint(x, tr.choices), tr.score, lsf
 
-    lp, lq, lsf = obj._batched(particle, key, data, K)
+    lp, lq, lsf = obj._batched(particle, key, data, K, particle_axis)
     return lp, lq, lsf, box["has_sf"]
 
 

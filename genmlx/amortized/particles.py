@@ -80,9 +80,12 @@ def _planned_rows(key, plan: dict | None, B: int, K: int):
     return sites, rows
 
 
-def batched_particles(fn: Callable, key: mx.array, data, B: int, K: int, plans: NoisePlans):
+def batched_particles(fn: Callable, key: mx.array, data, B: int, K: int, plans: NoisePlans,
+                      particle_axis: bool = True):
     """``fn(k, x)`` for K particles of each of the B items of ``data``: outputs [B, K, …]
-    (see the module docstring)."""
+    (see the module docstring). With ``particle_axis=False`` and K = 1 they are [B, …]:
+    no size-1 axis is inserted, since that reshape would stop ``mx.compile`` fusing the
+    elementwise work on either side of it (an extra kernel per output)."""
     sig = plans.signature(B, K, data)
     had_plan = plans.get(sig) is not None
     keys = key + particle_offsets(B, K)
@@ -102,7 +105,8 @@ def batched_particles(fn: Callable, key: mx.array, data, B: int, K: int, plans: 
 
         if K == 1:
             out = mx.vmap(one)(keys, idx, data, *rows)
-            out = tuple(o[:, None] for o in out) if isinstance(out, tuple) else out[:, None]
+            if particle_axis:
+                out = tuple(o[:, None] for o in out) if isinstance(out, tuple) else out[:, None]
         else:
             def per_item(k, i, x, *r):
                 return mx.vmap(one, in_axes=(0, 0, None, *([0] * len(r))))(k, i, x, *r)

@@ -17,11 +17,11 @@ import mlx.core as mx
 
 from genmlx.amortized.objective import (
     Objective,
-    ess_of,
     guide_particles,
     leave_one_out_mean,
     log_mean_exp,
     logsumexp,
+    mean_ess,
 )
 
 
@@ -61,4 +61,4 @@ class VIMCO(Objective):
             objective = objective + mx.mean(mx.sum(mx.stop_gradient(sig) * lsf, axis=-1))
         loss = -objective
         return loss, {"loss": loss, "bound": mx.stop_gradient(bound),
-                      "ess": mx.stop_gradient(mx.mean(ess_of(log_w)))}, {}
+                      "ess": mx.stop_gradient(mean_ess(log_w, L + math.log(self.K)))}, {}

@@ -80,20 +80,25 @@ def standard_noise(key: mx.array, kind: str, shape: tuple) -> mx.array:
     return mx.random.uniform(shape=shape, key=key)
 
 
-def base_noise(key: mx.array, site: int, kind: str, shape: tuple) -> mx.array:
-    """Standard noise of ``shape`` for site number ``site`` (key ``key + c_site``),
-    materialised (``mx.contiguous``) so that ``mx.compile`` never fuses the sampler's
-    tail into consumers that broadcast it."""
-    return mx.contiguous(standard_noise(key + _site_constant(site), kind, shape))
+def base_noise(key: mx.array, site: int, kind: str, shape: tuple,
+               base_site: int | None = None) -> mx.array:
+    """Standard noise of ``shape`` for site number ``site``, materialised
+    (``mx.contiguous``) so that ``mx.compile`` never fuses the sampler's tail into
+    consumers that broadcast it. Its key is ``key + c_site``, or ``key`` itself for
+    ``site == base_site`` (the execution's first noise site: one key add fewer; distinct
+    sites still get distinct keys, as c_s ≠ 0 for s ≥ 1)."""
+    k = key if site == base_site else key + _site_constant(site)
+    return mx.contiguous(standard_noise(k, kind, shape))
 
 
-def grouped_base_noise(key: mx.array, sites: list, kind: str, shape: tuple) -> list:
-    """``[base_noise(key, s, kind, shape) for s in sites]`` (identical values) as ONE
-    draw: the site keys ``key + c_s`` in one add, one vmapped sampler over them, and one
-    split of the flat result, instead of a key add, sampler and copy per site."""
+def grouped_base_noise(key: mx.array, sites: list, kind: str, shape: tuple,
+                       base_site: int | None = None) -> list:
+    """``[base_noise(key, s, kind, shape, base_site) for s in sites]`` (identical values)
+    as ONE draw: the site keys in one add, one vmapped sampler over them, and one split of
+    the flat result, instead of a key add, sampler and copy per site."""
     if len(sites) == 1:
-        return [base_noise(key, sites[0], kind, shape)]
-    keys = key + _site_constants(tuple(sites))
+        return [base_noise(key, sites[0], kind, shape, base_site)]
+    keys = key + _site_constants(tuple(0 if s == base_site else s for s in sites))
     flat = mx.contiguous(mx.vmap(lambda k: standard_noise(k, kind, shape))(keys)).reshape(-1)
     parts = mx.split(flat, len(sites))
     return parts if len(shape) == 1 else [p.reshape(shape) for p in parts]
@@ -102,14 +107,17 @@ def grouped_base_noise(key: mx.array, sites: list, kind: str, shape: tuple) -> l
 def planned_noise(key: mx.array, plan: dict | None, n: int) -> tuple[list, list]:
     """(sites, rows [n, *shape]) for the sites a plan recorded ({site: (kind, shape)}),
     drawn outside the vmap: sites of the same kind and shape in one sampler call
-    (:func:`grouped_base_noise`); values are those of per-site ``base_noise``."""
+    (:func:`grouped_base_noise`); values are those of per-site ``base_noise``, with the
+    plan's first site as ``base_site``."""
     sites = sorted(plan.items()) if plan else []
+    base_site = sites[0][0] if sites else None
     groups: dict = {}
     for j, (_, spec) in enumerate(sites):
         groups.setdefault(spec, []).append(j)
     rows = [None] * len(sites)
     for (kind, shape), members in groups.items():
-        drawn = grouped_base_noise(key, [sites[j][0] for j in members], kind, (n,) + shape)
+        drawn = grouped_base_noise(key, [sites[j][0] for j in members], kind, (n,) + shape,
+                                   base_site)
         for j, r in zip(members, drawn):
             rows[j] = r
     return sites, rows
@@ -125,21 +133,26 @@ class BatchNoise:
     hand-batched code. Each particle takes its row either from ``rows`` (noise drawn
     outside the vmap and passed in as a batched input, when the sites are known from an
     earlier call) or by gathering row ``idx`` inside the vmap. Both give identical
-    values; ``plan`` records the sites drawn, so the next call can pass rows in.
+    values; ``plan`` records the sites drawn, so the next call can pass rows in. The
+    first site (of the rows given, else the first drawn) takes ``key`` itself
+    (``base_site`` of :func:`base_noise`), as in :func:`planned_noise`.
     """
 
     def __init__(self, key: mx.array, idx: mx.array, n: int, rows: dict | None = None):
         self.key, self.idx, self.n = key, idx, n
         self.rows = rows or {}
         self.plan: dict[int, tuple] = {}
+        self.base_site = min(self.rows) if self.rows else None
 
     def draw(self, site: int, dist) -> mx.array:
         spec = (dist._noise_kind, tuple(dist.shape))
         self.plan[site] = spec
+        if self.base_site is None:
+            self.base_site = site
         row = self.rows.get(site)
         if row is not None and row[0] == spec:
             return row[1]
-        return base_noise(self.key, site, spec[0], (self.n,) + spec[1])[self.idx]
+        return base_noise(self.key, site, spec[0], (self.n,) + spec[1], self.base_site)[self.idx]
 
 
 def batch_noise_scope(noise: "BatchNoise"):

@@ -76,6 +76,10 @@ class Normal(Distribution):
         if self._log_norm is not None:
             size = math.prod(mx.broadcast_shapes(zz.shape, self.shape))
             return -0.5 * mx.sum(zz) - self._log_norm * size
+        if tuple(self.sigma.shape) == tuple(zz.shape):
+            # σ per element: Σ (−½ z² − log σ) as ONE reduction of one fused elementwise
+            # kernel (two sums would each need their own kernels, plus one to combine them)
+            return mx.sum(-0.5 * zz - mx.log(self.sigma)) - HALF_LOG_2PI * zz.size
         return -0.5 * mx.sum(zz) - sum_broadcast(mx.log(self.sigma) + HALF_LOG_2PI, zz.shape)
 
     def mean(self):

@@ -56,7 +56,16 @@ class Bernoulli(Distribution):
             lp = xf * self.logits - nn.softplus(self.logits)
         else:  # exact at p = 0 and p = 1
             lp = mx.where(xf == 1, mx.log(self.p), mx.log1p(-self.p))
-        return mx.where((xf == 0) | (xf == 1), lp, -mx.inf)
+        # support {0, 1}: + 0 inside, + (−∞) outside. Added rather than selected, and on a
+        # gradient-free x: the backward pass never reads the test, so mx.compile fuses it
+        # into the density's forward kernel (a select keeps its mask alive for the
+        # backward: one more kernel). x is read as x + 0·θ (θ = p or the logits) so that
+        # the test runs at the parameters' shape: with x shared by a vmapped particle axis
+        # it would otherwise run on x alone, apart from the fused kernel. Where 0·θ is NaN
+        # (infinite logits) lp is already NaN or −∞, so the result is unchanged.
+        theta = self.logits if self._from_logits else self.p
+        xs = mx.stop_gradient(xf + 0 * theta)
+        return lp + mx.where((xs == 0) | (xs == 1), 0.0, -mx.inf)
 
     def mean(self):
         return mx.broadcast_to(self.p, self.shape)
