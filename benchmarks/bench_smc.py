@@ -3,10 +3,15 @@
     x_t ~ N(0.9 x_{t−1}, 1),  y_t ~ N(x_t, 0.5),  T = 100, n = 10⁴ particles.
 
 Runs genmlx's ``smc`` over ``gm.Unfold`` (bootstrap proposal, systematic resampling
-when ESS < n/2), a hand-written MLX bootstrap filter on the state array alone (a lower
-bound on the cost: no traces), and reports log Ẑ against the exact Kalman value.
+when ESS < n/2; compiled step, the default, and ``compile=False``), a hand-written MLX
+bootstrap filter on the state array alone (a lower bound on the cost: no traces), the
+same filter keeping its paths (per-step states and ancestor indices, paths rebuilt once
+at the end: what genmlx returns, O(n·T)), and reports log Ẑ against the exact Kalman
+value. Every run evaluates everything it returns (genmlx: the full particle traces).
+``--graph`` prints the primitives per time step of the compiled steps (genmlx vs
+hand-written; see ``benchmarks/graph_ops.py``).
 
-    .venv/bin/python benchmarks/bench_smc.py [--n 10000] [--T 100] [--repeats 3] [--append-results]
+    .venv/bin/python benchmarks/bench_smc.py [--n 10000] [--T 100] [--repeats 3] [--graph] [--append-results]
 """
 
 from __future__ import annotations
@@ -64,6 +69,72 @@ def bootstrap_mlx(key, ys, n):
     return R.log_mean_exp(lw)
 
 
+@mx.compile
+def _hand_path_step(key, x, lw, y):
+    """As :func:`_hand_step`, also returning the step's states before resampling and
+    the ancestor indices (identity when not resampling)."""
+    n = x.shape[0]
+    k1, k2 = mx.random.split(key)
+    x = A * x + Q * mx.random.normal(x.shape, key=k1)
+    lw = lw - 0.5 * ((y - x) / RR) ** 2 - math.log(RR) - 0.5 * math.log(2 * math.pi)
+    do = R.effective_sample_size(lw) < 0.5 * n
+    idx = mx.where(do, R.systematic(k2, lw, n), mx.arange(n, dtype=mx.int32))
+    lw = mx.where(do, mx.broadcast_to(R.log_mean_exp(lw), lw.shape), lw)
+    return x, idx, mx.take(x, idx), lw
+
+
+def bootstrap_mlx_paths(key, ys, n):
+    """The hand-written filter keeping its paths: per-step states x_t (pre-resampling)
+    and ancestors idx_t; at the end D_{T−1} = idx_{T−1}, D_t = idx_t[D_{t+1}] and the
+    paths x_t[D_t] [T, n], gathered at once. Returns (log Ẑ, paths)."""
+    x, lw = mx.zeros((n,)), mx.zeros((n,))
+    xs, idxs = [], []
+    for t, k in enumerate(mx.random.split(key, len(ys))):
+        pre, idx, x, lw = _hand_path_step(k, x, lw, mx.array(ys[t]))
+        mx.eval(pre, idx, x, lw)
+        xs.append(pre)
+        idxs.append(idx)
+    D, Ds = idxs[-1], [None] * len(ys)
+    for t in reversed(range(len(ys))):
+        D = idxs[t] if t == len(ys) - 1 else mx.take(idxs[t], D)
+        Ds[t] = D
+    paths = mx.take_along_axis(mx.stack(xs), mx.stack(Ds), axis=1)
+    return R.log_mean_exp(lw), paths
+
+
+def step_graphs(n: int = 1000):
+    """Primitives per time step of the compiled steps (the lazy graph of one call after
+    warm-up): genmlx's :func:`genmlx.inference.smc._seq_step` vs the hand-written steps."""
+    import importlib
+
+    from benchmarks.graph_ops import count_graph
+    from genmlx.combinators._sequence import STEP_INDEX
+    from genmlx.core.pytree import tree_flatten
+    from genmlx.inference._util import cached_call
+
+    S = importlib.import_module("genmlx.inference.smc")
+    model = gm.Unfold(step)
+    args = (3, mx.array(0.0), A, Q, RR)
+    x, lw, y = mx.zeros((n,)), mx.zeros((n,)), mx.array(0.3)
+    ks = mx.random.split(mx.random.key(0), 4)
+    k_ext, k_res, k_a, k_b = (mx.contiguous(k) for k in ks)  # evaluated inputs, no indexing in the graph
+    mx.eval(x, lw, y, k_ext, k_res, k_a, k_b)
+    payload = (model, n, True, (None,), "systematic", 0.5)
+
+    def gen(k):
+        return tree_flatten(cached_call(S._seq_step, payload, payload, k, k_res, x, lw,
+                                        model._kernel_inputs(args, 1, STEP_INDEX), gm.choicemap({"y": 0.3})))[0]
+
+    rows = []
+    for label, f in (("genmlx smc step (compiled)", gen),
+                     ("hand-written step (states only)", lambda k: _hand_step(k, x, lw, y)),
+                     ("hand-written step (keeping paths)", lambda k: _hand_path_step(k, x, lw, y))):
+        mx.eval(f(k_a))
+        g = count_graph(f(k_b))
+        rows.append([label, *g.row()])
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=10_000)
@@ -71,7 +142,11 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--append-results", action="store_true", help="append a section to benchmarks/RESULTS.md")
     ap.add_argument("--note", default="")
+    ap.add_argument("--graph", action="store_true", help="print the primitives per time step")
     a = ap.parse_args()
+    if a.graph:
+        print(markdown_table(["step", "launches", "fused", "lone elementwise", "non-fusable", "views",
+                              "non-fusable by kind"], step_graphs()))
     n, T = a.n, a.T
     rng = np.random.default_rng(0)
     xs = np.zeros(T)
@@ -86,25 +161,31 @@ def main():
     keys = iter(mx.random.split(mx.random.key(0), 1000))
     last = {}
 
+    from genmlx.core.pytree import tree_flatten
+
     def run(label, **kw):
         def f():
             res = smc(next(keys), model, args, obs, n, progress=False, **kw)
-            last[label] = res
-            return res.log_weights
+            last[label] = res.log_marginal_likelihood
+            return [res.log_weights, tree_flatten(res.traces)[0]]  # evaluated: the full traces
         return f
 
     def hand():
         last["hand"] = bootstrap_mlx(next(keys), ys, n)
         return last["hand"]
 
-    fns = {"genmlx smc over gm.Unfold": run("smc"),
-           "genmlx smc, compile=True (steps cached from warm-up)": run("smcc", compile=True),
-           "hand-written MLX bootstrap filter (states only)": hand}
+    def hand_paths():
+        last["paths"], paths = bootstrap_mlx_paths(next(keys), ys, n)
+        return [last["paths"], paths]
+
+    fns = {"genmlx smc over gm.Unfold (compiled step, default)": run("smc"),
+           "genmlx smc, compile=False (uncompiled step)": run("smce", compile=False),
+           "hand-written MLX bootstrap filter (states only)": hand,
+           "hand-written MLX filter keeping paths (states + ancestors, paths at the end)": hand_paths}
     tm = timeit_interleaved(fns, warmup=1, repeats=a.repeats)
     rows = []
-    for (label, t), key in zip(tm.items(), ["smc", "smcc", "hand"]):
-        lz = last[key] if key == "hand" else last[key].log_marginal_likelihood
-        rows.append([label, fmt_seconds(t.median), f"{n * T / t.median:.3g}", f"{float(lz):.2f}"])
+    for (label, t), key in zip(tm.items(), ["smc", "smce", "hand", "paths"]):
+        rows.append([label, fmt_seconds(t.median), f"{n * T / t.median:.3g}", f"{float(last[key]):.2f}"])
     body = (f"Linear-Gaussian SSM, T = {T}, n = {n}, bootstrap proposal, systematic resampling at "
             f"ESS < n/2; exact (Kalman) log Z = {exact:.2f}; median of {a.repeats} runs.\n\n"
             + markdown_table(["method", "time / run", "particle-steps / s", "log Ẑ (last run)"], rows))
