@@ -39,7 +39,9 @@ class ELBO(Objective):
         if self.analytic_kl:
             from genmlx.amortized.kl import analytic_particles
 
-            lp, lq, lsf, has_sf = analytic_particles(self, key, data, self.K, self.K > 1)
+            # keeps the [B, K] layout at K = 1: on [B] arrays MLX 0.32's mx.compile fails
+            # ("_Map_base::at") on this graph (tests/amortized/test_linear_gaussian.py)
+            lp, lq, lsf, has_sf = analytic_particles(self, key, data, self.K)
         else:
             lp, lq, lsf, has_sf = guide_particles(self, key, data, self.K, self.K > 1)
         f = lp - lq  # [B, K]; [B] when K = 1 (everything below is shape-agnostic then)
@@ -48,10 +50,11 @@ class ELBO(Objective):
         # sign folded into that constant: one reduction and one scalar op in the graph
         total = mx.sum(f)
         n = f.size
-        bound = total * (1.0 / n)
         if has_sf:
             signal = f - leave_one_out_mean(f) if self.K > 1 else f
             loss = (total + mx.sum(mx.stop_gradient(signal) * lsf)) * (-1.0 / n)
+            bound = total * (1.0 / n)
         else:
             loss = total * (-1.0 / n)
+            bound = -loss  # fuses with the loss's scaling into one kernel
         return loss, {"loss": loss, "bound": mx.stop_gradient(bound)}, {}

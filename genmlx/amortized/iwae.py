@@ -46,12 +46,13 @@ class IWAE(Objective):
         # log_w in this graph); batch mean and sign folded into one constant
         lse = mx.logsumexp(log_w, axis=-1)
         total = mx.sum(lse)
-        bound = total * (1.0 / B) - math.log(K)
         if has_sf:  # plain score function with learning signal L_K
             L = lse - math.log(K)
             loss = (total + mx.sum(mx.stop_gradient(L) * mx.sum(lsf, axis=-1))) * (-1.0 / B) + math.log(K)
+            bound = total * (1.0 / B) - math.log(K)
         else:
             loss = total * (-1.0 / B) + math.log(K)
+            bound = -loss  # fuses with the loss's scaling into one kernel
         return loss, {"loss": loss, "bound": mx.stop_gradient(bound),
                       "ess": mx.stop_gradient(mean_ess(log_w, lse))}, {}
 

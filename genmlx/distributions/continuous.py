@@ -73,14 +73,17 @@ class Normal(Distribution):
         return self._score_z2(eps * eps)
 
     def _score_z2(self, zz):
+        # −½ is applied per element, inside the sum: it then fuses with z² (forward) and
+        # with the consumer of the broadcast cotangent (backward) instead of being a
+        # kernel of its own on the (batched) scalar cotangent
         if self._log_norm is not None:
             size = math.prod(mx.broadcast_shapes(zz.shape, self.shape))
-            return -0.5 * mx.sum(zz) - self._log_norm * size
+            return mx.sum(-0.5 * zz) - self._log_norm * size
         if tuple(self.sigma.shape) == tuple(zz.shape):
             # σ per element: Σ (−½ z² − log σ) as ONE reduction of one fused elementwise
             # kernel (two sums would each need their own kernels, plus one to combine them)
             return mx.sum(-0.5 * zz - mx.log(self.sigma)) - HALF_LOG_2PI * zz.size
-        return -0.5 * mx.sum(zz) - sum_broadcast(mx.log(self.sigma) + HALF_LOG_2PI, zz.shape)
+        return mx.sum(-0.5 * zz) - sum_broadcast(mx.log(self.sigma) + HALF_LOG_2PI, zz.shape)
 
     def mean(self):
         return mx.broadcast_to(self.mu, self.shape)
