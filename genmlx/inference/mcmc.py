@@ -20,6 +20,7 @@ from genmlx.inference.adaptation import (
     find_reasonable_step_size,
 )
 from genmlx.inference.metric import KINDS, Metric, identity_metric, metric_from_inverse
+from genmlx.inference.hmc import joined
 from genmlx.inference.unconstrained import UnconstrainedDensity, initial_positions, path_key
 
 
@@ -74,14 +75,48 @@ def _resolve_metric(mass, num_chains, dim, adapt_mass):
         if mass not in KINDS:
             raise ValueError(f"mass must be one of {KINDS} or an inverse mass matrix array, got {mass!r}")
         adapt = (mass != "identity") if adapt_mass is None else adapt_mass
-        return identity_metric(num_chains, dim, "diag" if mass == "identity" else mass), adapt, mass
+        return identity_metric(num_chains, dim, mass), adapt, mass
     m = metric_from_inverse(mass, num_chains, dim)
     return m, bool(adapt_mass), m.kind
 
 
-def run_mcmc(kernel, density: UnconstrainedDensity, key, *, num_samples: int, num_warmup: int,
-             num_chains: int, step_size, mass, adapt_step_size: bool, adapt_mass, target_accept: float,
-             init, progress: bool, desc: str, thin: int = 1) -> MCMCResult:
+def _stack_positions(density: UnconstrainedDensity, states: list) -> np.ndarray:
+    """Positions [C, n, D] (numpy) from a list of n position arrays [C, D] or block tuples
+    (each block [C, *ushape]; stacked per block, then joined once)."""
+    if not states or not isinstance(states[0], tuple):
+        return np.stack([np.array(b) for b in states], axis=1)
+    c, n = states[0][0].shape[0], len(states)
+    cols = [np.array(mx.stack([s[i] for s in states], axis=1)).reshape(c, n, -1)
+            for i in range(len(states[0]))]
+    return np.concatenate(cols, axis=2)
+
+
+def _work_elements(density: UnconstrainedDensity, num_chains: int) -> int:
+    """Elements of the model's array arguments and observations times the chains: the
+    size of a gradient's largest products, for the BLAS thread policy."""
+    from genmlx.core.pytree import tree_flatten
+
+    leaves, _ = tree_flatten((tuple(density.args), density.observations))
+    n = sum(int(np.prod(np.shape(x))) for x in leaves if hasattr(x, "shape"))
+    return max(n, density.dim) * num_chains
+
+
+def run_mcmc(kernel, density: UnconstrainedDensity, key, **kw) -> MCMCResult:
+    """The chains' loop (:func:`_run`), with OpenBLAS on one thread when the model's
+    data are small and the computation runs on the CPU (``genmlx._blas.blas_threads_for``:
+    tiny matrix-vector products are slower when handed to worker threads;
+    ``GENMLX_SMALL_BLAS_THREADS`` changes or disables this)."""
+    from genmlx._blas import blas_threads_for
+
+    c = kw.get("num_chains")
+    cpu = mx.default_device() == mx.cpu
+    with blas_threads_for(_work_elements(density, c if isinstance(c, int) and c > 0 else 1), cpu=cpu):
+        return _run(kernel, density, key, **kw)
+
+
+def _run(kernel, density: UnconstrainedDensity, key, *, num_samples: int, num_warmup: int,
+         num_chains: int, step_size, mass, adapt_step_size: bool, adapt_mass, target_accept: float,
+         init, progress: bool, desc: str, thin: int = 1) -> MCMCResult:
     for name, v in (("num_samples", num_samples), ("num_chains", num_chains)):
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"{desc}: {name} must be a positive int, got {v!r}")
@@ -93,9 +128,12 @@ def run_mcmc(kernel, density: UnconstrainedDensity, key, *, num_samples: int, nu
     metric, adapt_mass, kind = _resolve_metric(mass, c, d, adapt_mass)
     key, k_init, k_eps = mx.random.split(key, 3)
     u0 = initial_positions(density, k_init, c, init)
-    state = kernel.init(u0)
+    # diagonal metrics: a kernel that can keeps u and ∇ in the density's blocks throughout
+    blocks = getattr(kernel, "block_form", False) and not metric.dense
+    state = kernel.init_blocks(u0) if blocks else kernel.init(u0)
     if step_size is None:
-        eps = find_reasonable_step_size(k_eps, density, state.u, state.lp, state.grad, metric, mx.ones((c,)))
+        js = joined(density, state)
+        eps = find_reasonable_step_size(k_eps, density, js.u, js.lp, js.grad, metric, mx.ones((c,)))
     else:
         if not float(step_size) > 0:
             raise ValueError(f"{desc}: step_size must be positive, got {step_size}")
@@ -125,11 +163,12 @@ def run_mcmc(kernel, density: UnconstrainedDensity, key, *, num_samples: int, nu
             if i in win_of:
                 buf.append(state.u)
             if (i + 1) in win_end:
-                metric = estimate_metric(np.stack([np.array(b) for b in buf], axis=1), kind)
+                metric = estimate_metric(_stack_positions(density, buf), kind)
                 buf = []
                 key, k = mx.random.split(key)
                 base = da.step_size if da is not None else eps
-                eps = find_reasonable_step_size(k, density, state.u, state.lp, state.grad, metric, base)
+                js = joined(density, state)
+                eps = find_reasonable_step_size(k, density, js.u, js.lp, js.grad, metric, base)
                 if da is not None:
                     da = DualAveraging.start(eps, target_accept)
             if i + 1 == num_warmup and da is not None:
@@ -148,7 +187,7 @@ def run_mcmc(kernel, density: UnconstrainedDensity, key, *, num_samples: int, nu
             bar.update(1)
     if bar is not None:
         bar.close()
-    U = mx.stack(draws, axis=1)  # [C, S, D]
+    U = mx.array(_stack_positions(density, draws)) if blocks else mx.stack(draws, axis=1)  # [C, S, D]
     vals = density.constrain(U)
     samples = {path_key(p): np.array(v) for p, v in vals.items()}
 

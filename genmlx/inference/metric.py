@@ -18,7 +18,8 @@ KINDS = ("identity", "diag", "dense")
 
 @dataclass(frozen=True)
 class Metric:
-    """``kind`` ∈ {"identity", "diag", "dense"}; identity is stored as diag."""
+    """``kind`` ∈ {"identity", "diag", "dense"}; identity is stored as a diagonal of
+    ones (``minv`` = ``mfac`` = 1), and kernels that know the kind skip multiplying by it."""
 
     kind: str
     minv: mx.array
@@ -93,14 +94,28 @@ def leapfrog(vg, u, p, g, eps, minv, dense: bool):
     return u, p, g, lp
 
 
-def leapfrog_blocks(vgb, u: list, p: list, g: list, eps: list, minv: list):
+def leapfrog_blocks(vgb, u: list, p: list, g: list, eps: list, minv: list | None):
     """:func:`leapfrog` with a diagonal metric on a position split into blocks of
-    columns (lists of arrays [C, …]; ``eps`` and ``minv`` split alike, ε [C, 1, …]).
-    ``vgb(u) → (log π, ∇ log π as blocks)``. The same arithmetic per element as
-    :func:`leapfrog` on the joined arrays, without slicing U or concatenating ∇ per step."""
+    columns (lists of arrays [C, …]; ``eps`` and ``minv`` split alike, ε [C, 1, …];
+    ``minv`` None: the identity metric, M⁻¹p = p). ``vgb(u) → (log π, ∇ log π as
+    blocks)``. The same arithmetic per element as :func:`leapfrog` on the joined arrays,
+    without slicing U or concatenating ∇ per step."""
     p = [pi + 0.5 * e * gi for pi, e, gi in zip(p, eps, g)]
-    u = [ui + e * (m * pi) for ui, e, m, pi in zip(u, eps, minv, p)]
+    if minv is None:
+        u = [ui + e * pi for ui, e, pi in zip(u, eps, p)]
+    else:
+        u = [ui + e * (m * pi) for ui, e, m, pi in zip(u, eps, minv, p)]
     lp, g = vgb(u)
     p = [pi + 0.5 * e * gi for pi, e, gi in zip(p, eps, g)]
     return u, p, g, lp
 
+
+def kinetic_blocks(p: list, minv: list | None) -> mx.array:
+    """K = ½ Σ_blocks Σ_elements p·M⁻¹p per chain for a diagonal metric given as blocks
+    (``minv`` None: the identity); blocks [C, …], result [C]."""
+    tot = None
+    for i, pi in enumerate(p):
+        q = pi * pi if minv is None else pi * (minv[i] * pi)
+        t = q if q.ndim == 1 else mx.sum(q, axis=tuple(range(1, q.ndim)))
+        tot = t if tot is None else tot + t
+    return 0.5 * tot

@@ -207,49 +207,86 @@ def test_block_form(name):
     np.testing.assert_array_equal(np.array(d.join(gb)), np.array(g0))
 
 
-def test_block_trajectory_equals_joined():
-    """The HMC trajectory on blocks equals the leapfrog on the joined [C, D] arrays
-    (same arithmetic per element), for the flat and the generic density."""
-    from genmlx.inference.hmc import _trajectory
-    from genmlx.inference.metric import leapfrog
+@pytest.mark.parametrize("kind", ["identity", "diag"])
+def test_block_transition_equals_joined(kind):
+    """One HMC transition in block form (u, ∇ kept as the density's blocks, the
+    trajectory on the blocks) equals a reference transition on the joined [C, D] arrays
+    with the same random numbers, for the flat and the generic density; the joined-state
+    step agrees too."""
+    from genmlx.inference.hmc import HMCKernel, joined
+    from genmlx.inference.metric import kinetic, leapfrog, metric_from_inverse
 
     obs = gm.choicemap({"y": YS})
     for d in (make_density(regression, (XS,), obs, flat=True), make_density(regression, (XS,), obs, flat=False)):
         U = _points(d.dim, 3, seed=5)
-        P = mx.random.normal(U.shape, key=mx.random.key(7))
-        minv = mx.random.uniform(0.5, 2.0, U.shape, key=mx.random.key(8))
+        inv = np.ones((3, d.dim)) if kind == "identity" else np.random.default_rng(8).uniform(0.5, 2.0, (3, d.dim))
+        m = metric_from_inverse(inv, 3, d.dim)
+        if kind == "identity":
+            from genmlx.inference.metric import identity_metric
+
+            m = identity_metric(3, d.dim, "identity")
         eps = mx.array([0.01, 0.02, 0.05])
+        key = mx.random.key(11)
+        kern = HMCKernel(d, 5)
+        sb, ib = kern.step(key, kern.init_blocks(U), eps, m)
+        sj, ij = kern.step(key, kern.init(U), eps, m)
+        assert isinstance(sb.u, tuple) and not isinstance(sj.u, tuple)
+        # reference: the joined leapfrog with the same draws
         lp, g = d.value_and_grad(U)
-        u1, p1, g1, lp1 = _trajectory(d, 5, False, U, P, g, lp, eps, minv)
-        u2, p2, g2, lp2 = U, P, g, lp
+        k1, k2 = mx.random.split(key)
+        p = m.mfac * mx.random.normal(U.shape, key=k1)
+        h0 = -lp + kinetic(p, m.minv, False)
+        u2, p2, g2, lp2 = U, p, g, lp
         for _ in range(5):
-            u2, p2, g2, lp2 = leapfrog(d.value_and_grad, u2, p2, g2, eps[:, None], minv, False)
-        for a, b in ((u1, u2), (p1, p2), (g1, g2), (lp1, lp2)):
-            np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-6, atol=1e-6)
+            u2, p2, g2, lp2 = leapfrog(d.value_and_grad, u2, p2, g2, eps[:, None], m.minv, False)
+        dh = np.array(h0 - (-lp2 + kinetic(p2, m.minv, False)))
+        acc = np.log(np.array(mx.random.uniform(shape=(3,), key=k2))) < np.where(np.isnan(dh), -np.inf, dh)
+        ref_u = np.where(acc[:, None], np.array(u2), np.array(U))
+        ref_g = np.where(acc[:, None], np.array(g2), np.array(g))
+        for st, info in ((joined(d, sb), ib), (sj, ij)):
+            np.testing.assert_array_equal(np.array(info.accepted), acc)
+            np.testing.assert_allclose(np.array(st.u), ref_u, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(np.array(st.grad), ref_g, rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(np.array(info.accept_prob), np.exp(np.minimum(dh, 0)), rtol=1e-4, atol=1e-6)
 
 
-def test_hmc_transition_graph_size():
-    """The compiled 20-step HMC transition on the regression model stays small: the
-    diagonal-metric trajectory integrates the latents' blocks (no per-step slicing of
-    U or concatenation of ∇). Counts on MLX 0.32.4 (CPU): 505 nodes (588 before)."""
+def _transition_graph(kind: str, blocks: bool) -> str:
+    """DOT text of one compiled 20-step HMC transition on the regression model."""
     import io
-    import re
 
     from genmlx.inference.hmc import HMCKernel
     from genmlx.inference.metric import identity_metric
 
     d = make_density(regression, (XS,), gm.choicemap({"y": YS}), flat=True)
     kern = HMCKernel(d, 20)
-    m = identity_metric(4, d.dim)
-    st = kern.init(_points(d.dim, 4))
+    m = identity_metric(4, d.dim, kind)
+    U = _points(d.dim, 4)
+    st = kern.init_blocks(U) if blocks else kern.init(U)
     mx.eval(st)
-    f = kern._fn(False)
-    a = (mx.random.key(0), st.u, st.lp, st.grad, mx.full((4,), 0.01), m.minv, m.mfac)
+    f = kern._fn(kind, blocks)
+    mets = ((), ()) if kind == "identity" else kern._metric_blocks(m) if blocks else (m.minv, m.mfac)
+    a = (mx.random.key(0), st.u, st.lp, st.grad, mx.full((4,), 0.01), *mets)
     mx.eval(f(*a))
     buf = io.StringIO()
-    mx.export_to_dot(buf, *f(*a))
-    text = buf.getvalue()
-    assert len(re.findall(r'label ="Concatenate', text)) <= 3  # joins once per transition
+    mx.export_to_dot(buf, *[x for o in f(*a) for x in (o if isinstance(o, (tuple, list)) else [o])])
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("kind,blocks", [("diag", False), ("identity", True)])
+def test_hmc_transition_graph_size(kind, blocks):
+    """The compiled 20-step HMC transition on the regression model stays small: the
+    diagonal-metric trajectory integrates the latents' blocks (no per-step slicing of
+    U or concatenation of ∇), the Normal / HalfNormal sites are closed-form per-chain
+    sums, and a block-form state has no split/join at all. Counts on MLX 0.32.4 (CPU):
+    joined diag 505 → 444 nodes; block form, identity metric 430 (hand-written: 439)."""
+    import re
+
+    text = _transition_graph(kind, blocks)
     assert len(re.findall(r'label ="Slice', text)) == 0  # splits once (one Split node per array)
+    if blocks:
+        assert len(re.findall(r'label ="Concatenate', text)) == 0  # no join
+        assert len(re.findall(r'label ="Split', text)) == 2  # the key's and the momentum draw's
+    else:
+        assert len(re.findall(r'label ="Concatenate', text)) <= 2  # joins u and ∇ once per transition
     if mx.default_device() == mx.cpu:  # fusion differs by backend
-        assert len(re.findall(r'label ="', text)) <= 510
+        assert len(re.findall(r'label ="', text)) <= (435 if blocks else 450)
