@@ -329,14 +329,15 @@ class SequenceGF(GenerativeFunction):
 
     # -- one new step of n particles (sequential Monte Carlo) ----------------------------------
     def vextend(self, key: mx.array, inputs, carry, carry_batched: bool, constraints: ChoiceMap,
-                caxes: tuple, n: int):
+                caxes: tuple, n: int, inputs_batched: bool = False):
         """Step t of n particles as ONE vmapped kernel ``generate``: ``(sub, w)`` with the
         stripped step sub-trace (leaves [n, …]) and w_i = log p(c_t | carry_i) − …, the
         kernel's generate weight (0 without constraints), which is also the weight of
         extending a sequence trace by this step.
 
-        ``inputs = self._kernel_inputs(args, t, index)`` are the step's other (shared)
-        kernel inputs; ``carry`` is per particle (leading n) when ``carry_batched``, else
+        ``inputs = self._kernel_inputs(args, t, index)`` are the step's other kernel
+        inputs (shared, or per particle when ``inputs_batched``); ``carry`` is per
+        particle (leading n) when ``carry_batched``, else
         shared; ``constraints`` are relative to the step, their leaves mapped by ``caxes``.
         Base noise is drawn for all particles from one key (``BatchNoise``, as ``vgenerate``).
         """
@@ -357,13 +358,14 @@ class SequenceGF(GenerativeFunction):
         ileaves, itd = tree_flatten(inputs)
         cvals = [v for _, v in constraints.leaves()]
         try:
-            pkey = (self, "vextend", itd, ctd, carry_batched, tuple(caxes),
+            pkey = (self, "vextend", itd, ctd, carry_batched, inputs_batched, tuple(caxes),
                     tuple((x.shape, x.dtype) for x in ileaves + cleaves),
                     tuple((p, getattr(v, "shape", None)) for p, v in constraints.leaves()))
             hash(pkey)
         except TypeError:
             pkey = None
         nc, cax = len(cleaves), 0 if carry_batched else None
+        ni = len(ileaves) if inputs_batched else 0
 
         def run():
             sites, noise = _planned_noise(pkey, k_noise, n)
@@ -373,20 +375,106 @@ class SequenceGF(GenerativeFunction):
             def body(k, i, *rest):
                 bn = _noise_for_body(k_noise, i, n, sites, rest[:m])
                 c = tree_unflatten(ctd, list(rest[m:m + nc]))
-                cm = _cm_from_leaves(constraints, rest[m + nc:])
+                inp = tree_unflatten(itd, list(rest[m + nc:m + nc + ni])) if ni else inputs
+                cm = _cm_from_leaves(constraints, rest[m + nc + ni:])
                 with batch_noise_scope(bn):
-                    tr, w = self.kernel.generate(k, self._kernel_args(inputs, c), cm)
+                    tr, w = self.kernel.generate(k, self._kernel_args(inp, c), cm)
                 box["plan"] = bn.plan
                 leaves, box["td"] = tree_flatten(strip(tr))
                 return [w] + leaves
 
-            out = _vmapped(body, in_axes=(0, 0, *([0] * m), *([cax] * nc), *caxes))(
-                keys, idx, *noise, *cleaves, *cvals)
+            out = _vmapped(body, in_axes=(0, 0, *([0] * m), *([cax] * nc), *([0] * ni), *caxes))(
+                keys, idx, *noise, *cleaves, *(ileaves if ni else []), *cvals)
             _record_plan(pkey, box["plan"])
             return out, box
 
         out, box = _with_plan(run, pkey, key)
         return tree_unflatten(box["td"], out[1:]), out[0]
+
+    def step_record(self, sub, constraints: ChoiceMap):
+        """What a particle filter keeps of a step (:meth:`vreplay` rebuilds the rest):
+        ``(choices, carry)`` — the step's unconstrained choices (a choice map) and the
+        leaves of its outgoing carry, each an array or, when it is one of those choice
+        values, that value's position (an int)."""
+        from genmlx.core.pytree import tree_flatten
+
+        held = {p for p, _ in constraints.leaves()}
+        vals = [(p, v) for p, v in sub.choices.leaves() if p not in held]
+        pos = {id(v): i for i, (_, v) in enumerate(vals)}
+        carry = [pos.get(id(x), x) for x in tree_flatten(self._carry_out(sub.retval))[0]]
+        out = ChoiceMap.empty()
+        for p, v in vals:
+            out = out.set_submap(p, ChoiceMap.leaf(v))
+        return out, carry
+
+    def vreplay(self, args, steps: list, n: int, shared_index: bool = True) -> list:
+        """Step sub-traces rebuilt from their choices: ``steps`` holds ``(t, carry,
+        carry_batched, choices)`` with every choice of step t given per particle
+        ([n, …]); each is ``generate`` with all choices constrained, deterministic (the
+        same values, their scores and return value). The batched steps of one structure
+        run as ONE vmapped call over steps × particles, with the kernel's step number
+        :data:`STEP_INDEX` when ``shared_index`` (else, or if the kernel reads t, step
+        by step with the real t)."""
+        from genmlx.core.pytree import tree_flatten, tree_unflatten
+
+        key = mx.random.key(0)  # nothing is sampled
+        out = [None] * len(steps)
+        groups: dict = {}
+        for j, (t, carry, batched, cm) in enumerate(steps):
+            if not (batched and shared_index):
+                continue
+            cl, ctd = tree_flatten(carry)
+            il, itd = tree_flatten(self._kernel_inputs(args, t, STEP_INDEX))
+            sig = (ctd, itd, tuple((x.shape, x.dtype) for x in cl + il),
+                   tuple((p, v.shape, v.dtype) for p, v in cm.leaves()))
+            groups.setdefault(sig, []).append(j)
+        for ids in groups.values():
+            if len(ids) < 2:
+                continue
+            try:
+                subs = self._vreplay_group(key, args, [steps[j] for j in ids], n)
+            except Exception:  # noqa: BLE001 - e.g. the kernel reads t: step by step below
+                continue
+            for j, sub in zip(ids, subs):
+                out[j] = sub
+        for j, (t, carry, batched, cm) in enumerate(steps):
+            if out[j] is None:
+                caxes = tuple(0 for _ in cm.leaves())
+                out[j] = self.vextend(key, self._kernel_inputs(args, t, t), carry, batched, cm,
+                                      caxes, n)[0]
+        return out
+
+    def _vreplay_group(self, key, args, steps: list, n: int) -> list:
+        """:meth:`vreplay` of k steps of one structure as one call on k·n rows."""
+        from genmlx.core.pytree import tree_flatten, tree_unflatten
+
+        k = len(steps)
+
+        def rows(xs):  # k arrays [n, …] -> one [k·n, …]
+            return mx.concatenate(xs, axis=0)
+
+        flats = [tree_flatten(c) for _, c, _, _ in steps]
+        carry = tree_unflatten(flats[0][1], [rows(list(xs)) for xs in zip(*(f[0] for f in flats))])
+        cms = [list(cm.leaves()) for *_, cm in steps]
+        cm = ChoiceMap.empty()
+        for i, (p, _) in enumerate(cms[0]):
+            cm = cm.set_submap(p, ChoiceMap.leaf(rows([c[i][1] for c in cms])))
+        ins = [tree_flatten(self._kernel_inputs(args, t, STEP_INDEX)) for t, *_ in steps]
+        shared = all(len(a) == len(ins[0][0]) and all(x is y for x, y in zip(a, ins[0][0]))
+                     for a, _ in ins)
+        if shared:
+            inputs = tree_unflatten(ins[0][1], ins[0][0])
+        else:
+            inputs = tree_unflatten(ins[0][1], [
+                rows([mx.broadcast_to(x[None], (n,) + x.shape) for x in xs])
+                for xs in zip(*(a for a, _ in ins))])
+        sub, _ = self.vextend(key, inputs, carry, True, cm, tuple(0 for _ in cm.leaves()), k * n,
+                              inputs_batched=not shared)
+        leaves, td = tree_flatten(sub)
+        if holds_step_index(td):
+            raise StepIndexUsed("the step number is stored in the step's trace")
+        split = [x.reshape((k, n) + x.shape[1:]) for x in leaves]
+        return [tree_unflatten(td, [x[j] for x in split]) for j in range(k)]
 
     # -- update / regenerate with prefix skipping -----------------------------------------
     def update(self, key, trace, constraints, args=None, argdiffs=None):

@@ -188,10 +188,11 @@ def _eval_particles(traces, lw, full: bool = True):
 
 # -- the fused step for Unfold/Scan models -------------------------------------------
 def _seq_extend(payload, key, carry, lw, inputs, obs):
-    """Step t of every particle: (step sub-trace [n], outgoing carry, lw + w_t)."""
+    """Step t of every particle: (record of the step, outgoing carry, lw + w_t); the
+    record (:meth:`SequenceGF.step_record`) is the step's new choices and carry only."""
     model, n, carry_batched, caxes = payload[:4]
     sub, w = model.vextend(key, inputs, carry, carry_batched, obs, caxes, n)
-    return sub, model._carry_out(sub.retval), lw + w
+    return model.step_record(sub, obs), model._carry_out(sub.retval), lw + w
 
 
 def _seq_resample(payload, key, lw, carry):
@@ -204,13 +205,15 @@ def _seq_resample(payload, key, lw, carry):
 
 def _seq_step(payload, key, k_res, carry, lw, inputs, obs):
     """One whole SMC time step (extend + weight + ESS + resample + carry gather), traced
-    once and compiled for every t: (sub, next carry, lw, idx, ess, did)."""
-    sub, out, lw = _seq_extend(payload, key, carry, lw, inputs, obs)
+    once and compiled for every t: (record, next carry, lw, idx, ess, did). Only the
+    new choices, the carry and the weights are materialised, as in a hand-written
+    filter; the step's scores are recomputed once at the end (:meth:`SequenceGF.vreplay`)."""
+    rec, out, lw = _seq_extend(payload, key, carry, lw, inputs, obs)
     nxt, lw, idx, ess, do = _seq_resample(payload[4:], k_res, lw, out)
-    return sub, nxt, lw, idx, ess, do
+    return rec, nxt, lw, idx, ess, do
 
 
-_INDEX_DEPENDENT: dict = {}  # Unfold models whose kernel reads t (traced per step instead)
+_INDEX_DEPENDENT: dict = {}  # Unfold models whose kernel reads t (run with the real t)
 
 
 def _step_constraints(observations, T: int):
@@ -241,19 +244,21 @@ def _constraint_axes_at(model, key, inputs, carry, carry_batched, cm, n):
 def _run_sequence(keys, model, args, args_T, cons: list, n: int, scheme, threshold: float,
                   compile: bool, progress: bool) -> "SMCRun":
     """SMC over a ``gm.Unfold``/``gm.Scan`` model with the prior as proposal: per step
-    ONE compiled function (:func:`_seq_step`) on the carry alone, storing the step's
-    sub-trace (in its pre-resampling row order) and ancestor indices; the paths are
-    rebuilt once at the end (:func:`_rebuild_paths`), O(n·T) in all. The kernel is traced
-    with :data:`STEP_INDEX` for t; if it reads t it is run step by step with the real t."""
+    ONE compiled function (:func:`_seq_step`) on the carry alone, keeping the step's new
+    choices and carry (pre-resampling row order) and its ancestor indices; the paths and
+    the full step sub-traces are rebuilt once at the end (:func:`_rebuild`), O(n·T) in
+    all. The kernel is traced with :data:`STEP_INDEX` for t; if it reads t it runs step
+    by step with the real t (uncompiled extension, compiled resampling)."""
     from genmlx.combinators._sequence import STEP_INDEX, holds_step_index
 
     T = len(cons)
     carry = model._init_carry(args)
     lw = mx.zeros((n,), dtype=mx.float32)
-    subs, idxs, esss, dos = [], [], [], []
+    recs, idxs, esss, dos, axes = [], [], [], [], []
     shared = compile and not _INDEX_DEPENDENT.get(_model_key(model), False)
     thr = float(threshold)
     checked = set()  # step functions whose output was checked for a leaked STEP_INDEX
+    carry_td = None
     for t in tqdm(range(T), disable=not progress, desc="smc"):
         k_ext, k_res = keys[t][0], keys[t][1]
         batched = t > 0
@@ -267,7 +272,7 @@ def _run_sequence(keys, model, args, args_T, cons: list, n: int, scheme, thresho
                                   model._kernel_inputs(args, t, STEP_INDEX), cons[t])
                 if payload not in checked:
                     checked.add(payload)
-                    if holds_step_index(tree_flatten(out[0])[1]):
+                    if holds_step_index(tree_flatten(out)[1]):
                         out = None
             except Exception:  # noqa: BLE001 - reading t (or any error): redo with the real t
                 out = None
@@ -275,20 +280,22 @@ def _run_sequence(keys, model, args, args_T, cons: list, n: int, scheme, thresho
                 shared = False
                 _INDEX_DEPENDENT[_model_key(model)] = True
         if out is None:
-            sub, c_out, lw_w = _seq_extend(payload, k_ext, carry, lw, model._kernel_inputs(args, t, t),
+            rec, c_out, lw_w = _seq_extend(payload, k_ext, carry, lw, model._kernel_inputs(args, t, t),
                                            cons[t])
             nxt, lw2, idx, ess, do = cached_call(_seq_resample, payload[4:], payload[4:], k_res, lw_w,
                                                  c_out, compile=compile)
-            out = (sub, nxt, lw2, idx, ess, do)
-        sub, carry, lw, idx, ess, do = out
+            out = (rec, nxt, lw2, idx, ess, do)
+        rec, carry, lw, idx, ess, do = out
         mx.eval(tree_flatten(out)[0])
-        subs.append(sub)
+        carry_td = tree_flatten(carry)[1]
+        recs.append(rec)
         idxs.append(idx)
         esss.append(ess)
         dos.append(do)
+        axes.append(caxes)
     flags = [bool(f) for f in mx.stack(dos).tolist()]
     ess_hist = tuple(float(e) for e in mx.stack(esss).tolist())
-    steps = _rebuild_paths(subs, idxs, flags)
+    steps = _rebuild(model, args, recs, idxs, flags, cons, axes, carry_td, n, shared)
     score = mx.sum(mx.stack([s.score for s in steps]), axis=0)
     traces = SequenceTraceT(model, args_T, tuple(steps), score, n)
     _eval_particles(traces, lw)
@@ -304,30 +311,55 @@ def _model_key(model):
         return id(model)
 
 
-def _rebuild_paths(subs: list, idxs: list, flags: list) -> list:
-    """The step sub-traces in the final particles' order. Step t was stored in its
+def _rebuild(model, args, recs, idxs, flags, cons, axes, carry_td, n: int, shared: bool) -> list:
+    """The step sub-traces of the final particles. Step t was kept in its
     pre-resampling row order; final particle i descends from row D_t[i] of step t, with
-    D_{T−1} = idx_{T−1} and D_t = idx_t[D_{t+1}] (identity factors skipped). All rows are
-    gathered in one :func:`gather_rows_each` call."""
-    T = len(subs)
+    D_{T−1} = idx_{T−1} and D_t = idx_t[D_{t+1}] (identity factors skipped). The kept
+    choices and carries are gathered in one :func:`gather_rows_each` call, then every
+    step is replayed from its choices (:meth:`SequenceGF.vreplay`) with the carry of its
+    predecessor."""
+    T = len(recs)
     D, Ds = None, [None] * T
     for t in reversed(range(T)):
         if flags[t]:
             D = idxs[t] if D is None else mx.take(idxs[t], D, axis=0)
         Ds[t] = D
-    moved = [t for t in range(T) if Ds[t] is not None]
-    if not moved:
-        return list(subs)
-    flats = {t: tree_flatten(subs[t]) for t in moved}
-    leaves = [x for t in moved for x in flats[t][0]]
-    rows = [Ds[t] for t in moved for _ in flats[t][0]]
-    out = gather_rows_each(leaves, rows)
-    steps, i = list(subs), 0
-    for t in moved:
-        ls, td = flats[t]
-        steps[t] = tree_unflatten(td, out[i:i + len(ls)])
-        i += len(ls)
-    return steps
+    # one gather of every kept array (choices, and carry leaves that are not choices)
+    flat, rows, where = [], [], []
+    for t, (cm, carry) in enumerate(recs):
+        vals = [v for _, v in cm.leaves()]
+        for i, v in enumerate(vals):
+            where.append((t, "v", i))
+            flat.append(v)
+            rows.append(Ds[t])
+        for i, c in enumerate(carry):
+            if not isinstance(c, int):
+                where.append((t, "c", i))
+                flat.append(c)
+                rows.append(Ds[t])
+    moved = [i for i, r in enumerate(rows) if r is not None]
+    got = list(flat)
+    for i, x in zip(moved, gather_rows_each([flat[i] for i in moved], [rows[i] for i in moved])):
+        got[i] = x
+    vals = [[None] * sum(1 for _ in cm.leaves()) for cm, _ in recs]
+    carries = [list(c) for _, c in recs]
+    for (t, kind, i), x in zip(where, got):
+        (vals if kind == "v" else carries)[t][i] = x
+    steps = []
+    for t, (cm, _) in enumerate(recs):
+        choices = ChoiceMap.empty()
+        for (p, _), v in zip(cm.leaves(), vals[t]):
+            choices = choices.set_submap(p, ChoiceMap.leaf(v))
+        for (p, v), ax in zip(cons[t].leaves(), axes[t]):  # observations, per particle
+            v = v if ax == 0 else mx.broadcast_to(mx.array(v)[None], (n,) + tuple(mx.array(v).shape))
+            choices = choices.set_submap(p, ChoiceMap.leaf(v))
+        if t == 0:
+            carry_in, batched = model._init_carry(args), False
+        else:
+            prev = [vals[t - 1][c] if isinstance(c, int) else c for c in carries[t - 1]]
+            carry_in, batched = tree_unflatten(carry_td, prev), True
+        steps.append((t, carry_in, batched, choices))
+    return model.vreplay(args, steps, n, shared_index=shared)
 
 
 # -- lazy ancestry for sequence traces -----------------------------------------------
