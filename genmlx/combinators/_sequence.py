@@ -473,8 +473,10 @@ class SequenceGF(GenerativeFunction):
         leaves, td = tree_flatten(sub)
         if holds_step_index(td):
             raise StepIndexUsed("the step number is stored in the step's trace")
-        split = [x.reshape((k, n) + x.shape[1:]) for x in leaves]
-        return [tree_unflatten(td, [x[j] for x in split]) for j in range(k)]
+        # one Split per leaf (k indexed views would be k graph nodes each)
+        parts = [[p.reshape(p.shape[1:]) for p in mx.split(x.reshape((k, n) + x.shape[1:]), k, axis=0)]
+                 for x in leaves]
+        return [tree_unflatten(td, [ps[j] for ps in parts]) for j in range(k)]
 
     # -- update / regenerate with prefix skipping -----------------------------------------
     def update(self, key, trace, constraints, args=None, argdiffs=None):

@@ -217,43 +217,49 @@ def cached_call(fn: Callable, static_key: Any, payload: Any, *trees, compile: bo
     ``payload`` holds objects used only while tracing (models, selections); anything in
     it that changes the computation must be reflected in ``static_key``.
     """
-    flats = [tree_flatten(t) for t in trees]
-    tds = tuple(td for _, td in flats)
-    leaves = [x for ls, _ in flats for x in ls]
     if not compile:
         return fn(payload, *trees)
+    flats = [tree_flatten(t) for t in trees]
+    cfn, box = compiled_flat(fn, static_key, payload, tuple(td for _, td in flats),
+                             tuple(len(ls) for ls, _ in flats))
+    out = cfn(*[x for ls, _ in flats for x in ls])
+    return tree_unflatten(box["td"], out)
+
+
+def compiled_flat(fn: Callable, static_key: Any, payload: Any, tds: tuple, counts: tuple):
+    """The cached compiled function behind :func:`cached_call` for arguments of
+    treedefs ``tds`` (with ``counts`` leaves each): ``(cfn, box)``, ``cfn(*leaves)``
+    returning the flat output leaves, ``box["td"]`` their treedef (set by the first
+    call). For hot loops that keep their state flat."""
     try:
         ckey = (fn, static_key, tds)
         hash(ckey)
     except TypeError:
         ckey = None
     entry = _CACHE.get(ckey) if ckey is not None else None
-    if entry is None:
-        counts = [len(ls) for ls, _ in flats]
-        box: dict = {}
-
-        def flat_fn(*flat):
-            it, rebuilt = 0, []
-            for c, td in zip(counts, tds):
-                rebuilt.append(tree_unflatten(td, list(flat[it:it + c])))
-                it += c
-            out = fn(payload, *rebuilt)
-            ol, box["td"] = tree_flatten(out)
-            return ol
-
-        # parameters of neural GFs reachable from the payload are implicit inputs, so a
-        # cached function sees the current weights after further training
-        state = _module_states(payload)
-        entry = (mx.compile(flat_fn, inputs=state) if state else mx.compile(flat_fn), box)
-        if ckey is not None:
-            _CACHE[ckey] = entry
-            if len(_CACHE) > _CACHE_SIZE:
-                _CACHE.popitem(last=False)
-    else:
+    if entry is not None:
         _CACHE.move_to_end(ckey)
-    cfn, box = entry
-    out = cfn(*leaves)
-    return tree_unflatten(box["td"], out)
+        return entry
+    box: dict = {}
+
+    def flat_fn(*flat):
+        it, rebuilt = 0, []
+        for c, td in zip(counts, tds):
+            rebuilt.append(tree_unflatten(td, list(flat[it:it + c])))
+            it += c
+        out = fn(payload, *rebuilt)
+        ol, box["td"] = tree_flatten(out)
+        return ol
+
+    # parameters of neural GFs reachable from the payload are implicit inputs, so a
+    # cached function sees the current weights after further training
+    state = _module_states(payload)
+    entry = (mx.compile(flat_fn, inputs=state) if state else mx.compile(flat_fn), box)
+    if ckey is not None:
+        _CACHE[ckey] = entry
+        if len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    return entry
 
 
 def _module_states(payload: Any) -> list:

@@ -49,6 +49,7 @@ from genmlx.inference import resampling as R
 from genmlx.inference._util import (
     cached_call,
     choice_paths,
+    compiled_flat,
     covered,
     flatten_particles,
     gather_rows,
@@ -231,13 +232,15 @@ def _step_constraints(observations, T: int):
     return out
 
 
-def _constraint_axes_at(model, key, inputs, carry, carry_batched, cm, n):
+def _constraint_axes_at(model, key, kernel_inputs, args, t, carry, carry_batched, cm, n):
+    """vmap axes of the step's constraint leaves (None: shared by all particles)."""
     from genmlx.combinators._util import constraint_axes
     from genmlx.core.pytree import tree_map
 
     if not any(getattr(v, "ndim", 0) >= 1 and v.shape[0] == n for _, v in cm.leaves()):
         return tuple(None for _ in cm.leaves())
     probe = tree_map(lambda x: x[0], carry) if carry_batched else carry
+    inputs = kernel_inputs(args, t, t)
     return tuple(constraint_axes(model.kernel, key, model._kernel_args(inputs, probe), cm, n))
 
 
@@ -249,34 +252,48 @@ def _run_sequence(keys, model, args, args_T, cons: list, n: int, scheme, thresho
     the full step sub-traces are rebuilt once at the end (:func:`_rebuild`), O(n·T) in
     all. The kernel is traced with :data:`STEP_INDEX` for t; if it reads t it runs step
     by step with the real t (uncompiled extension, compiled resampling)."""
-    from genmlx.combinators._sequence import STEP_INDEX, holds_step_index
+    from genmlx.combinators._sequence import STEP_INDEX, StepIndexUsed, holds_step_index
 
     T = len(cons)
-    carry = model._init_carry(args)
+    carry_l, carry_td = tree_flatten(model._init_carry(args))
     lw = mx.zeros((n,), dtype=mx.float32)
     recs, idxs, esss, dos, axes = [], [], [], [], []
     shared = compile and not _INDEX_DEPENDENT.get(_model_key(model), False)
     thr = float(threshold)
-    checked = set()  # step functions whose output was checked for a leaked STEP_INDEX
-    carry_td = None
+    flat_cons = [tree_flatten(c) for c in cons]
+    key_td = tree_flatten(keys[0, 0])[1]
+    step_fns: dict = {}  # structure -> (compiled flat step, output layout)
     for t in tqdm(range(T), disable=not progress, desc="smc"):
-        k_ext, k_res = keys[t][0], keys[t][1]
+        k_ext, k_res = keys[t, 0], keys[t, 1]  # views (keys[t][0] would be two gathers)
         batched = t > 0
-        caxes = _constraint_axes_at(model, k_ext, model._kernel_inputs(args, t, t), carry, batched,
+        carry = tree_unflatten(carry_td, carry_l)
+        caxes = _constraint_axes_at(model, k_ext, model._kernel_inputs, args, t, carry, batched,
                                     cons[t], n)
         payload = (model, n, batched, caxes, scheme, thr)
         out = None
         if shared:
+            in_l, in_td = tree_flatten(model._kernel_inputs(args, t, STEP_INDEX))
+            ob_l, ob_td = flat_cons[t]
+            sig = (payload, carry_td, in_td, ob_td)
             try:
-                out = cached_call(_seq_step, payload, payload, k_ext, k_res, carry, lw,
-                                  model._kernel_inputs(args, t, STEP_INDEX), cons[t])
-                if payload not in checked:
-                    checked.add(payload)
-                    if holds_step_index(tree_flatten(out)[1]):
-                        out = None
+                entry = step_fns.get(sig)
+                leaves = [k_ext, k_res, *carry_l, lw, *in_l, *ob_l]
+                if entry is None:
+                    tds = (key_td, key_td, carry_td, key_td, in_td, ob_td)
+                    counts = (1, 1, len(carry_l), 1, len(in_l), len(ob_l))
+                    cfn, box = compiled_flat(_seq_step, payload, payload, tds, counts)
+                    flat = cfn(*leaves)
+                    if holds_step_index(box["td"]):
+                        raise StepIndexUsed("the step number is stored in the step's output")
+                    rec, nxt = tree_unflatten(box["td"], flat)[:2]
+                    r, c = len(tree_flatten(rec)[0]), len(tree_flatten(nxt)[0])
+                    entry = step_fns[sig] = (cfn, tree_flatten(rec)[1], tree_flatten(nxt)[1], r, c)
+                else:
+                    flat = entry[0](*leaves)
+                _, rec_td, nxt_td, r, c = entry
+                out = ((rec_td, flat[:r]), nxt_td, flat[r:r + c], *flat[r + c:])
             except Exception:  # noqa: BLE001 - reading t (or any error): redo with the real t
                 out = None
-            if out is None:
                 shared = False
                 _INDEX_DEPENDENT[_model_key(model)] = True
         if out is None:
@@ -284,11 +301,12 @@ def _run_sequence(keys, model, args, args_T, cons: list, n: int, scheme, thresho
                                            cons[t])
             nxt, lw2, idx, ess, do = cached_call(_seq_resample, payload[4:], payload[4:], k_res, lw_w,
                                                  c_out, compile=compile)
-            out = (rec, nxt, lw2, idx, ess, do)
-        rec, carry, lw, idx, ess, do = out
-        mx.eval(tree_flatten(out)[0])
-        carry_td = tree_flatten(carry)[1]
-        recs.append(rec)
+            rl, rtd = tree_flatten(rec)
+            nl, ntd = tree_flatten(nxt)
+            out = ((rtd, rl), ntd, nl, lw2, idx, ess, do)
+        (rec_td, rec_l), carry_td, carry_l, lw, idx, ess, do = out
+        mx.eval(rec_l, carry_l, lw, idx, ess, do)
+        recs.append(tree_unflatten(rec_td, rec_l))
         idxs.append(idx)
         esss.append(ess)
         dos.append(do)
@@ -543,7 +561,7 @@ def run_smc(key: mx.array, model: GenerativeFunction, args: tuple, observations,
     anc = _Ancestry(enabled=step_args is None, take_rows=None if comm is None else comm.take_rows,
                     compose=None if comm is None else comm.compose)
     for t in tqdm(range(T), disable=not progress, desc="smc"):
-        k_ext, k_res, k_rej = keys[t]
+        k_ext, k_res, k_rej = keys[t, 0], keys[t, 1], keys[t, 2]
         if comm is not None:
             k_ext, k_rej = comm.local_key(k_ext), comm.local_key(k_rej)
         a_t, d_t = args_at(t)
@@ -615,7 +633,7 @@ def conditional_smc(key: mx.array, model: GenerativeFunction, args: tuple, obser
     keys = mx.random.split(key, 3 * T).reshape(T, 3, -1)
     traces = lw = None
     for t in tqdm(range(T), disable=not progress, desc="csmc"):
-        k_ext, k_res, k_ref = keys[t]
+        k_ext, k_res, k_ref = keys[t, 0], keys[t, 1], keys[t, 2]
         a_t, d_t = args_at(t)
         obs = obs_at(t)
         if t == 0:
