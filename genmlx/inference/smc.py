@@ -150,7 +150,9 @@ def _init(payload, key, args, obs, pargs):
     return tr, w - q
 
 
-def _extend(payload, key, traces, lw, args, obs, pargs):
+def _extend(payload, key, traces, lw, args, obs, pargs, prev=None):
+    """Extend every particle by step t; a proposal sees ``prev`` (default ``traces``:
+    the same particles, possibly as a lazily resolved view)."""
     model, proposal, argdiffs, t = payload
     if proposal is None:
         new, w, _, _ = model.update(key, traces, obs, args, argdiffs)
@@ -161,7 +163,7 @@ def _extend(payload, key, traces, lw, args, obs, pargs):
         return choices, q
 
     k_prop, k_model = mx.random.split(key)
-    choices, q = vmap_particles(one, k_prop, traces)  # per-particle proposals [n, …]
+    choices, q = vmap_particles(one, k_prop, traces if prev is None else prev)  # [n, …]
     new, w, _, _ = model.update(k_model, traces, obs.merge(choices), args, argdiffs)
     return new, lw + w - q
 
@@ -429,6 +431,17 @@ class _Ancestry:
         return self._applies(traces) and any(e < K for e in self.epoch.values())
 
     def resolve(self, traces: Trace) -> Trace:
+        """The full trace with every step in the current row order (recorded: later
+        resamplings start from it)."""
+        return self._resolved(traces, record=True)
+
+    def view(self, traces: Trace) -> Trace:
+        """The resolved trace for reading only (proposals, callbacks), not recorded: its
+        gathers are lazy, so only the steps actually read are ever computed (O(n) per
+        step for a proposal reading the last step), and no chains of gathers build up."""
+        return self._resolved(traces, record=False)
+
+    def _resolved(self, traces: Trace, record: bool) -> Trace:
         if not self.stale(traces):
             return traces
         K = len(self.history)
@@ -438,7 +451,8 @@ class _Ancestry:
             e = self.epoch.get(t, K)
             if e < K:
                 by_epoch.setdefault(e, []).append(t)
-            self.epoch[t] = K
+            if record:
+                self.epoch[t] = K
         comp, c = {}, None
         for e in range(K - 1, min(by_epoch) - 1, -1):
             nxt = self.history[e]
@@ -569,16 +583,23 @@ def run_smc(key: mx.array, model: GenerativeFunction, args: tuple, observations,
         if t == 0:
             traces, lw = _init((model, proposal, n_local), k_ext, a_t, obs, pargs)
         else:
+            prev = None
             if proposal is not None:  # a proposal may read any earlier step
-                traces = anc.resolve(traces)
+                if comm is None:
+                    prev = anc.view(traces)
+                else:
+                    traces = anc.resolve(traces)
             payload = (model, proposal, d_t, t)
             traces, lw = anc.extend(
-                lambda tr, lw=lw, payload=payload, k=k_ext, a=a_t, o=obs: _extend(
-                    payload, k, tr, lw, a, o, pargs),
+                lambda tr, lw=lw, payload=payload, k=k_ext, a=a_t, o=obs, p=prev: _extend(
+                    payload, k, tr, lw, a, o, pargs, p if tr is traces else None),
                 traces)
         if callback is not None:
-            traces = anc.resolve(traces)
-            callback(t, traces, lw)
+            if comm is None:
+                callback(t, anc.view(traces), lw)
+            else:
+                traces = anc.resolve(traces)
+                callback(t, traces, lw)
         if comm is None:
             idx, lw, ess, did = cached_call(_resample, (resampling, float(ess_threshold)),
                                             (resampling, float(ess_threshold)), k_res, lw,

@@ -340,3 +340,21 @@ def test_paths_of_vector_state_kernel_are_consistent():
         assert float(lp) == pytest.approx(float(res.traces.score[i]), abs=1e-4)
         z = np.asarray(res.traces[(T - 2, "z")][i])
         assert np.allclose(np.asarray(res.traces.retval[i, T - 2]), [z[0], 2 * z[0]], atol=1e-6)
+
+
+def test_callback_and_proposal_see_resolved_ancestral_paths():
+    """Proposals and callbacks read a lazily resolved view of the particles (not
+    recorded): at every step each particle's total score equals the sum of its own
+    step scores, i.e. every earlier step is in the current (resampled) row order."""
+    seen = []
+
+    def cb(t, traces, lw):
+        total = sum(np.asarray(traces.steps[s].score) for s in range(t + 1))
+        seen.append(np.max(np.abs(total - np.asarray(traces.score))))
+
+    res = smc(mx.random.key(14), ssm, ARGS, OBS, 64, proposal=optimal, proposal_args=(A, Q, R_),
+              callback=cb, ess_threshold=1.0, progress=False)
+    assert len(seen) == T and max(seen) < 1e-4
+    for i in [0, 33, 63]:
+        lp, _ = ssm.assess(ARGS, gm.unbatch(res.traces, i).choices)
+        assert float(lp) == pytest.approx(float(res.traces.score[i]), abs=1e-4)
