@@ -25,6 +25,14 @@ stratified or residual) and every log-weight is set to the log mean weight, so t
 log Ẑ = log (1/n Σ exp(lw_i)) at the end is the log of an unbiased estimate of p(obs).
 An optional MCMC kernel ``rejuvenation(key, traces)`` (MH, HMC, …) is applied after
 each step's resampling decision.
+
+For ``gm.Unfold``/``gm.Scan`` models with the prior as proposal (and no rejuvenation,
+callback or ``step_args``) each time step is ONE compiled function of the particles'
+carry — extension and weight, ESS, the resampling decision (``mx.where``, no host
+round trip) and the ancestors' carry — traced once for all t; each step keeps only its
+new choices, its carry and the ancestor indices, and the full traces (ancestral paths,
+scores) are rebuilt once at the end: the work and the kernel launches per step are
+those of a hand-written filter that keeps its paths.
 """
 
 from __future__ import annotations
@@ -265,6 +273,7 @@ def _run_sequence(keys, model, args, args_T, cons: list, n: int, scheme, thresho
     flat_cons = [tree_flatten(c) for c in cons]
     key_td = tree_flatten(keys[0, 0])[1]
     step_fns: dict = {}  # structure -> (compiled flat step, output layout)
+    suspect = False  # the shared step failed: is it the kernel reading t?
     for t in tqdm(range(T), disable=not progress, desc="smc"):
         k_ext, k_res = keys[t, 0], keys[t, 1]  # views (keys[t][0] would be two gathers)
         batched = t > 0
@@ -297,10 +306,13 @@ def _run_sequence(keys, model, args, args_T, cons: list, n: int, scheme, thresho
             except Exception:  # noqa: BLE001 - reading t (or any error): redo with the real t
                 out = None
                 shared = False
-                _INDEX_DEPENDENT[_model_key(model)] = True
+                suspect = True
         if out is None:
             rec, c_out, lw_w = _seq_extend(payload, k_ext, carry, lw, model._kernel_inputs(args, t, t),
                                            cons[t])
+            if suspect:  # the step works with the real t: the kernel reads t
+                _INDEX_DEPENDENT[_model_key(model)] = True
+                suspect = False
             nxt, lw2, idx, ess, do = cached_call(_seq_resample, payload[4:], payload[4:], k_res, lw_w,
                                                  c_out, compile=compile)
             rl, rtd = tree_flatten(rec)
@@ -308,13 +320,14 @@ def _run_sequence(keys, model, args, args_T, cons: list, n: int, scheme, thresho
             out = ((rtd, rl), ntd, nl, lw2, idx, ess, do)
         (rec_td, rec_l), carry_td, carry_l, lw, idx, ess, do = out
         mx.eval(rec_l, carry_l, lw, idx, ess, do)
-        recs.append(tree_unflatten(rec_td, rec_l))
+        recs.append((rec_td, rec_l))
         idxs.append(idx)
         esss.append(ess)
         dos.append(do)
         axes.append(caxes)
     flags = [bool(f) for f in mx.stack(dos).tolist()]
     ess_hist = tuple(float(e) for e in mx.stack(esss).tolist())
+    recs = [tree_unflatten(td, ls) for td, ls in recs]
     steps = _rebuild(model, args, recs, idxs, flags, cons, axes, carry_td, n, shared)
     score = mx.sum(mx.stack([s.score for s in steps]), axis=0)
     traces = SequenceTraceT(model, args_T, tuple(steps), score, n)

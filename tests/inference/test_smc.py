@@ -358,3 +358,13 @@ def test_callback_and_proposal_see_resolved_ancestral_paths():
     for i in [0, 33, 63]:
         lp, _ = ssm.assess(ARGS, gm.unbatch(res.traces, i).choices)
         assert float(lp) == pytest.approx(float(res.traces.score[i]), abs=1e-4)
+
+
+def test_misspelled_observation_is_named_and_kernel_stays_shared():
+    import importlib
+
+    S = importlib.import_module("genmlx.inference.smc")
+    obs = gm.choicemap({(t, "yy"): 0.1 for t in range(T)})
+    with pytest.raises(gm.core.errors.UnvisitedConstraintError, match="yy"):
+        smc(mx.random.key(0), ssm, ARGS, obs, 10, progress=False)
+    assert not S._INDEX_DEPENDENT.get(ssm, False)  # an error is not "the kernel reads t"
