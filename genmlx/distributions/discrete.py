@@ -62,10 +62,15 @@ class Bernoulli(Distribution):
         # backward: one more kernel). x is read as x + 0·θ (θ = p or the logits) so that
         # the test runs at the parameters' shape: with x shared by a vmapped particle axis
         # it would otherwise run on x alone, apart from the fused kernel. Where 0·θ is NaN
-        # (infinite logits) lp is already NaN or −∞, so the result is unchanged.
+        # (infinite logits) lp is already NaN or −∞, so the result is unchanged. A value
+        # that is not finite, or so large that x·l overflows, gives NaN in the logits
+        # form (lp is NaN or +∞ there) and −∞ otherwise: never a finite log-mass.
+        # x(1 − x) = 0 exactly iff x ∈ {0, 1} in floating point (for |x| < 2⁻²⁵, 1 − x
+        # rounds to 1 and the product is x; elsewhere both factors are ≥ 2⁻²⁵ in size),
+        # and it is cheaper than two comparisons and an or.
         theta = self.logits if self._from_logits else self.p
         xs = mx.stop_gradient(xf + 0 * theta)
-        return lp + mx.where((xs == 0) | (xs == 1), 0.0, -mx.inf)
+        return lp + mx.where(xs * (1 - xs) == 0, 0.0, -mx.inf)
 
     def mean(self):
         return mx.broadcast_to(self.p, self.shape)

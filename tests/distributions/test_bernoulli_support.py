@@ -1,8 +1,9 @@
 """Bernoulli's support test {0, 1}: out-of-support values give −∞ in every form of the
 computation the amortized steps use (eager, vmapped with the value shared across
 particles, compiled with gradients), and in-support values keep exact log-masses and
-the gradient x − σ(l) with respect to the logits. A NaN value is never finite (−∞ for
-the p form; NaN for the logits form, as x·l is, like other families' densities)."""
+the gradient x − σ(l) with respect to the logits. A non-finite value (±∞, NaN), or one so
+large that x·l overflows, never gets a finite log-mass (−∞, or NaN in the logits form
+where x·l is NaN or +∞)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,15 @@ import numpy as np
 import pytest
 from scipy import stats as st
 
-X = np.array([0.0, 1.0, 0.5, 2.0, -1.0, np.nan, 1.0, 0.0], np.float32)
+# edge cases of the test x(1 − x) = 0: a denormal, the floats next to 1, infinities, huge
+X = np.array([0.0, 1.0, 0.5, 2.0, -1.0, np.nan, 1.0, 0.0, 1e-45, 1 - 2**-24, 1 + 2**-23,
+              np.inf, -np.inf, 3e38, -1e-45, 0.0], np.float32)
 VALID = np.isin(X, [0.0, 1.0])
-NUM = ~np.isnan(X)        # out of support and a number: exactly −∞
-LOGITS = np.array([-2.0, 3.0, 0.1, -0.7, 1.2, 0.4, -0.3, 2.5], np.float32)
+# out of support, finite and with x·l finite (the logits form adds −∞ to x·l − softplus(l),
+# NaN where x·l overflows to +∞): exactly −∞; every out-of-support value: never finite
+NUM = np.isfinite(X) & (np.abs(X) < 1e30)
+LOGITS = np.array([-2.0, 3.0, 0.1, -0.7, 1.2, 0.4, -0.3, 2.5, 0.2, -1.1, 0.9, 1.5, -0.4,
+                   0.3, 0.8, -2.2], np.float32)
 P = 1.0 / (1.0 + np.exp(-LOGITS.astype(np.float64)))
 
 
@@ -34,7 +40,7 @@ def test_out_of_support_is_minus_inf_and_in_support_exact(form):
     assert np.all(lp[~VALID & NUM] == -np.inf)
     assert not np.any(np.isfinite(lp[~VALID]))
     np.testing.assert_allclose(lp[VALID], ref[VALID], rtol=1e-5)
-    # the GF score sums to −∞ as soon as one number is out of support
+    # the GF score sums to −∞ as soon as one finite value is out of support
     assert float(d._score(mx.array(np.where(NUM, X, 0.5)))) == -np.inf
     assert np.isfinite(float(d._score(mx.array(np.where(VALID, X, 1.0)))))
 
