@@ -274,28 +274,30 @@ def _z2(x, loc, scale, bloc: bool, bscale: bool):
 
 def _fast_normal(P, B, x, site, rank, n):
     zz = _z2(x, P["mu"], P["sigma"], "mu" in B, "sigma" in B)
-    if "sigma" in B and math.prod(P["sigma"].shape[1:]) == n:  # σ per element: one reduction
-        return _rowsum(-0.5 * zz - mx.log(P["sigma"]), rank) - n * HALF_LOG_2PI
-    return -0.5 * _rowsum(zz, rank) - _log_sum(P["sigma"], "sigma" in B, rank, n) - n * HALF_LOG_2PI
+    if "sigma" in B and math.prod(P["sigma"].shape[1:]) == n:  # σ per element: in the elementwise part
+        return -0.5 * zz - mx.log(P["sigma"]), -n * HALF_LOG_2PI
+    return -0.5 * zz, -_log_sum(P["sigma"], "sigma" in B, rank, n) - n * HALF_LOG_2PI
 
 
 def _fast_half_normal(P, B, x, site, rank, n):
     zz = _z2(x, None, P["sigma"], False, "sigma" in B)
-    return n * (LOG_2 - HALF_LOG_2PI) - 0.5 * _rowsum(zz, rank) - _log_sum(P["sigma"], "sigma" in B, rank, n)
+    return -0.5 * zz, n * (LOG_2 - HALF_LOG_2PI) - _log_sum(P["sigma"], "sigma" in B, rank, n)
 
 
 def _fast_half_cauchy(P, B, x, site, rank, n):
     zz = _z2(x, None, P["scale"], False, "scale" in B)
-    return n * (LOG_2 - math.log(math.pi)) - _rowsum(mx.log1p(zz), rank) - _log_sum(P["scale"], "scale" in B, rank, n)
+    return -mx.log1p(zz), n * (LOG_2 - math.log(math.pi)) - _log_sum(P["scale"], "scale" in B, rank, n)
 
 
 _FAST = {Normal: _fast_normal, HalfNormal: _fast_half_normal, HalfCauchy: _fast_half_cauchy}
 _NONNEG = (HalfNormal, HalfCauchy)  # support x ≥ 0: an observed value is checked at trace time
 
 
-def _fast_score(site: _Site, params: list, x: mx.array | None) -> mx.array | None:
-    """The closed-form per-chain sum of a Normal / HalfNormal / HalfCauchy site, or None
-    (another family, nothing batched, or an observed value outside the support)."""
+def _fast_score(site: _Site, params: list, x: mx.array | None):
+    """The closed-form per-chain sum of a Normal / HalfNormal / HalfCauchy site as
+    (elementwise part [C, *batch shape], remainder [C] or a number): Σ log p per chain
+    = Σ_elements part + remainder. None when it does not apply (another family, nothing
+    batched, or an observed value outside the support)."""
     fn = _FAST.get(type(site.dist))
     if fn is None or (x is None and not site.names):
         return None
@@ -306,15 +308,25 @@ def _fast_score(site: _Site, params: list, x: mx.array | None) -> mx.array | Non
             return None
     P = dict(site.consts)
     P.update({k: _aligned(p, rank) for k, p in zip(site.names, params)})
-    return fn(P, set(site.names), x, site, rank, math.prod(site.batch_shape))
+    elem, rest = fn(P, set(site.names), x, site, rank, math.prod(site.batch_shape))
+    if elem.ndim != rank + 1:  # not batched after all: no per-chain part
+        return None
+    return elem, rest
+
+
+def _site_terms(site: _Site, params: list, x: mx.array | None):
+    """(elementwise part or None, remainder) of a hoisted site's per-chain log density:
+    the closed form where it applies, else (None, Σ log p per chain)."""
+    if site.fast:
+        r = _fast_score(site, params, x)
+        if r is not None:
+            return r
+    return None, _hoisted_score(site, params, x)
 
 
 def _hoisted_score(site: _Site, params: list, x: mx.array | None) -> mx.array:
-    """Σ over the site's elements of log p, per chain: [C]."""
-    if site.fast:
-        lp = _fast_score(site, params, x)
-        if lp is not None:
-            return lp
+    """Σ over the site's elements of log p, per chain: [C] (the family's elementwise
+    ``_log_prob``, summed)."""
     rank = len(site.batch_shape)
     d = object.__new__(type(site.dist))  # a shallow copy (GFs refuse copy/pickle)
     d.__dict__.update(vars(site.dist))
@@ -403,7 +415,7 @@ class FlatDensity(UnconstrainedDensity):
             ins.append(b)
         outs = mx.vmap(self._body)(*ins)
         plan = self.last_plan
-        lp, i = None, 0
+        lp, i, groups = None, 0, {}
         for s in plan.sites:
             if s.hoisted:
                 k = len(s.names)
@@ -416,7 +428,9 @@ class FlatDensity(UnconstrainedDensity):
                     i += 1
                 else:
                     x = None
-                term = _hoisted_score(s, params, x)
+                elem, term = _site_terms(s, params, x)
+                if elem is not None:  # summed with same-shape parts: one reduction per shape
+                    groups[elem.shape] = elem if elem.shape not in groups else groups[elem.shape] + elem
                 if s.logdet:
                     term = term + outs[i]
                     i += 1
@@ -426,8 +440,10 @@ class FlatDensity(UnconstrainedDensity):
             if s.outside:
                 term = term + lds[s.path]
             lp = term if lp is None else lp + term
-        if lp is None:
-            return mx.zeros((c,))
+        for e in groups.values():
+            lp = _rowsum(e, e.ndim - 1) + (0.0 if lp is None else lp)
+        if lp is None or not isinstance(lp, mx.array):
+            return mx.full((c,), 0.0 if lp is None else float(lp))
         return lp if lp.ndim == 1 else mx.broadcast_to(lp, (c,))
 
     def _lp_mapped(self, U):

@@ -90,7 +90,10 @@ def leapfrog(vg, u, p, g, eps, minv, dense: bool):
     p = p + 0.5 * eps * g
     u = u + eps * velocity(p, minv, dense)
     lp, g = vg(u)
-    p = p + 0.5 * eps * g
+    # the same product written in the other operand order, so that compile does not merge
+    # it with the next step's first half-step (a shared ε/2·∇ node would be one more
+    # kernel; each half-step fuses into its own consumer instead): identical values
+    p = p + g * (eps * 0.5)
     return u, p, g, lp
 
 
