@@ -240,6 +240,7 @@ class SequenceGF(GenerativeFunction):
     ``_arg_changes(old_args, new_args, argdiffs) -> ArgChanges``."""
 
     kernel: GenerativeFunction
+    _inputs_vary = True  # whether _kernel_inputs(args, t, index) differs between steps
 
     def __post_init__(self):
         from genmlx.combinators.family import as_gf

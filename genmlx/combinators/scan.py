@@ -58,6 +58,8 @@ class Scan(SequenceGF):
     def _init_carry(self, args):
         return args[0]
 
+    _inputs_vary = True  # x_t
+
     def _kernel_inputs(self, args, t, index):
         return (tree_map(lambda a: a[t], args[1]),)
 

@@ -65,6 +65,8 @@ class Unfold(SequenceGF):
     def _init_carry(self, args):
         return args[1]
 
+    _inputs_vary = False  # the kernel inputs besides t and the carry are the same every step
+
     def _kernel_inputs(self, args, t, index):
         return (index, *args[2:])
 

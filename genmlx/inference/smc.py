@@ -271,19 +271,25 @@ def _run_sequence(keys, model, args, args_T, cons: list, n: int, scheme, thresho
     shared = compile and not _INDEX_DEPENDENT.get(_model_key(model), False)
     thr = float(threshold)
     flat_cons = [tree_flatten(c) for c in cons]
+    # per-particle observation leaves are possible only with a leading axis n
+    maybe = [any(x.ndim >= 1 and x.shape[0] == n for x in ls) for ls, _ in flat_cons]
+    fixed_in = None if model._inputs_vary else tree_flatten(model._kernel_inputs(args, 0, STEP_INDEX))
     key_td = tree_flatten(keys[0, 0])[1]
     step_fns: dict = {}  # structure -> (compiled flat step, output layout)
     suspect = False  # the shared step failed: is it the kernel reading t?
     for t in tqdm(range(T), disable=not progress, desc="smc"):
         k_ext, k_res = keys[t, 0], keys[t, 1]  # views (keys[t][0] would be two gathers)
         batched = t > 0
-        carry = tree_unflatten(carry_td, carry_l)
-        caxes = _constraint_axes_at(model, k_ext, model._kernel_inputs, args, t, carry, batched,
-                                    cons[t], n)
+        if maybe[t] or not shared:
+            carry = tree_unflatten(carry_td, carry_l)
+            caxes = _constraint_axes_at(model, k_ext, model._kernel_inputs, args, t, carry, batched,
+                                        cons[t], n)
+        else:
+            caxes = (None,) * len(flat_cons[t][0])
         payload = (model, n, batched, caxes, scheme, thr)
         out = None
         if shared:
-            in_l, in_td = tree_flatten(model._kernel_inputs(args, t, STEP_INDEX))
+            in_l, in_td = fixed_in or tree_flatten(model._kernel_inputs(args, t, STEP_INDEX))
             ob_l, ob_td = flat_cons[t]
             sig = (payload, carry_td, in_td, ob_td)
             try:
@@ -307,6 +313,10 @@ def _run_sequence(keys, model, args, args_T, cons: list, n: int, scheme, thresho
                 out = None
                 shared = False
                 suspect = True
+                carry = tree_unflatten(carry_td, carry_l)
+                caxes = _constraint_axes_at(model, k_ext, model._kernel_inputs, args, t, carry,
+                                            batched, cons[t], n)
+                payload = (model, n, batched, caxes, scheme, thr)
         if out is None:
             rec, c_out, lw_w = _seq_extend(payload, k_ext, carry, lw, model._kernel_inputs(args, t, t),
                                            cons[t])
@@ -327,11 +337,17 @@ def _run_sequence(keys, model, args, args_T, cons: list, n: int, scheme, thresho
         axes.append(caxes)
     flags = [bool(f) for f in mx.stack(dos).tolist()]
     ess_hist = tuple(float(e) for e in mx.stack(esss).tolist())
-    recs = [tree_unflatten(td, ls) for td, ls in recs]
-    steps = _rebuild(model, args, recs, idxs, flags, cons, axes, carry_td, n, shared)
-    score = mx.sum(mx.stack([s.score for s in steps]), axis=0)
+    Ds = _descent(idxs, flags)
+    built = _rebuild_columns(model, args, recs, Ds, cons, axes, carry_td, n) if shared else None
+    if built is None:
+        recs = [tree_unflatten(td, ls) for td, ls in recs]
+        steps = _rebuild(model, args, recs, Ds, cons, axes, carry_td, n, shared)
+        score = mx.sum(mx.stack([s.score for s in steps]), axis=0)
+        mx.eval(lw, score, [tree_flatten(s)[0] for s in steps])
+    else:
+        steps, score, blocks = built
+        mx.eval(lw, score, blocks)  # the per-step views of the blocks stay lazy (free)
     traces = SequenceTraceT(model, args_T, tuple(steps), score, n)
-    _eval_particles(traces, lw)
     ancestors = tuple(i for i, f in zip(idxs, flags) if f)
     return SMCRun(traces, lw, lw, ess_hist, tuple(flags), ancestors)
 
@@ -344,19 +360,110 @@ def _model_key(model):
         return id(model)
 
 
-def _rebuild(model, args, recs, idxs, flags, cons, axes, carry_td, n: int, shared: bool) -> list:
-    """The step sub-traces of the final particles. Step t was kept in its
-    pre-resampling row order; final particle i descends from row D_t[i] of step t, with
-    D_{T−1} = idx_{T−1} and D_t = idx_t[D_{t+1}] (identity factors skipped). The kept
-    choices and carries are gathered in one :func:`gather_rows_each` call, then every
-    step is replayed from its choices (:meth:`SequenceGF.vreplay`) with the carry of its
-    predecessor."""
-    T = len(recs)
-    D, Ds = None, [None] * T
-    for t in reversed(range(T)):
+def _descent(idxs: list, flags: list) -> list:
+    """Rows of each step's (pre-resampling) arrays that the final particles descend
+    from: D_{T−1} = idx_{T−1}, D_t = idx_t[D_{t+1}], identity factors (no resampling)
+    skipped; None where all are identity."""
+    D, Ds = None, [None] * len(idxs)
+    for t in reversed(range(len(idxs))):
         if flags[t]:
             D = idxs[t] if D is None else mx.take(idxs[t], D, axis=0)
         Ds[t] = D
+    return Ds
+
+
+def _rebuild_columns(model, args, recs, Ds, cons, axes, carry_td, n: int):
+    """:func:`_rebuild` when every step has one structure (the shared compiled step):
+    each kept array is stacked over the steps into a block [T, n, …] and gathered by ONE
+    ``take_along_axis`` with the stacked D_t; the steps are replayed as ONE vmapped call
+    on T·n rows (the kernel given :data:`STEP_INDEX`; step 0 apart when its initial
+    carry has another structure) and split per step. Returns (steps, total score,
+    arrays to evaluate) or None (the general path applies)."""
+    from genmlx.combinators._sequence import STEP_INDEX, holds_step_index
+
+    T = len(recs)
+    td0 = recs[0][0]
+    obs = [dict(c.leaves()) for c in cons]
+    ob_paths = list(obs[0])
+    if T < 2 or any(td != td0 for td, _ in recs) or any(a != axes[0] for a in axes) \
+            or any(list(o) != ob_paths for o in obs) \
+            or any(getattr(o[p], "shape", None) != getattr(obs[0][p], "shape", None)
+                   for o in obs for p in ob_paths):
+        return None
+    ar = mx.arange(n, dtype=mx.int32)
+    D = mx.stack([ar if d is None else d for d in Ds])  # [T, n]
+    cols = []
+    for j in range(len(recs[0][1])):
+        block = mx.stack([ls[j] for _, ls in recs])  # [T, n, …]
+        cols.append(mx.take_along_axis(block, D.reshape(D.shape + (1,) * (block.ndim - 2)), axis=1))
+    cm_cols, carry_cols = tree_unflatten(td0, cols)
+    choices = list(cm_cols.leaves())
+    carry_cols = [choices[c][1] if isinstance(c, int) else c for c in carry_cols]
+    ob_cols = []
+    for j, p in enumerate(ob_paths):
+        vals = mx.stack([mx.array(o[p]) for o in obs])  # [T, …] or [T, n, …]
+        if axes[0][j] is None:
+            vals = mx.broadcast_to(vals[:, None], (T, n) + vals.shape[1:])
+        ob_cols.append(vals)
+    # the carry into each step: the initial carry (broadcast) at step 0 when it has the
+    # carry's structure, else step 0 is replayed on its own
+    init_l, init_td = tree_flatten(model._init_carry(args))
+    with0 = init_td == carry_td and all(
+        x.shape == c.shape[2:] and x.dtype == c.dtype for x, c in zip(init_l, carry_cols))
+    lo = 0 if with0 else 1
+    k = T - lo
+
+    def rows(x):  # steps lo..T-1 of a block [T, n, …] as [k·n, …]
+        return x[lo:].reshape((k * n,) + x.shape[2:])
+
+    if with0:
+        carry_in = [mx.concatenate([mx.broadcast_to(x[None, None], (1, n) + x.shape), c[:-1]])
+                    for x, c in zip(init_l, carry_cols)]
+        carry_in = [c.reshape((k * n,) + c.shape[2:]) for c in carry_in]
+    else:
+        carry_in = [c[:-1].reshape((k * n,) + c.shape[2:]) for c in carry_cols]
+    try:
+        in_flat = [tree_flatten(model._kernel_inputs(args, t, STEP_INDEX)) for t in range(lo, T)]
+        shared_in = all(len(a) == len(in_flat[0][0]) and all(x is y for x, y in zip(a, in_flat[0][0]))
+                        for a, _ in in_flat)
+        if shared_in:
+            inp = tree_unflatten(in_flat[0][1], in_flat[0][0])
+        else:
+            inp = tree_unflatten(in_flat[0][1], [
+                mx.broadcast_to(mx.stack(xs)[:, None], (k, n) + xs[0].shape).reshape((k * n,) + xs[0].shape)
+                for xs in zip(*(a for a, _ in in_flat))])
+        cm = ChoiceMap.empty()
+        for p, v in choices + list(zip(ob_paths, ob_cols)):
+            cm = cm.set_submap(p, ChoiceMap.leaf(rows(v)))
+        sub, _ = model.vextend(mx.random.key(0), inp, tree_unflatten(carry_td, carry_in), True, cm,
+                               tuple(0 for _ in cm.leaves()), k * n, inputs_batched=not shared_in)
+        leaves, td = tree_flatten(sub)
+        if holds_step_index(td):
+            return None
+    except Exception:  # noqa: BLE001 - e.g. the kernel reads t while replaying: general path
+        return None
+    parts = [[q.reshape(q.shape[1:]) for q in mx.split(x.reshape((k, n) + x.shape[1:]), k, axis=0)]
+             for x in leaves]
+    steps = [tree_unflatten(td, [ps[j] for ps in parts]) for j in range(k)]
+    score = mx.sum(sub.score.reshape(k, n), axis=0)
+    if not with0:
+        cm0 = ChoiceMap.empty()
+        for p, v in choices + list(zip(ob_paths, ob_cols)):
+            cm0 = cm0.set_submap(p, ChoiceMap.leaf(v[0]))
+        sub0, _ = model.vextend(mx.random.key(0), model._kernel_inputs(args, 0, 0),
+                                model._init_carry(args), False, cm0, tuple(0 for _ in cm0.leaves()), n)
+        steps, score = [sub0] + steps, sub0.score + score
+        leaves = leaves + tree_flatten(sub0)[0]
+    return steps, score, leaves
+
+
+def _rebuild(model, args, recs, Ds, cons, axes, carry_td, n: int, shared: bool) -> list:
+    """The step sub-traces of the final particles. Step t was kept in its
+    pre-resampling row order; final particle i descends from row D_t[i] of step t
+    (:func:`_descent`). The kept choices and carries are gathered in one
+    :func:`gather_rows_each` call, then every step is replayed from its choices
+    (:meth:`SequenceGF.vreplay`) with the carry of its predecessor."""
+    T = len(recs)
     # one gather of every kept array (choices, and carry leaves that are not choices)
     flat, rows, where = [], [], []
     for t, (cm, carry) in enumerate(recs):

@@ -368,3 +368,15 @@ def test_misspelled_observation_is_named_and_kernel_stays_shared():
     with pytest.raises(gm.core.errors.UnvisitedConstraintError, match="yy"):
         smc(mx.random.key(0), ssm, ARGS, obs, 10, progress=False)
     assert not S._INDEX_DEPENDENT.get(ssm, False)  # an error is not "the kernel reads t"
+
+
+@pytest.mark.parametrize("x0", [0.0, mx.array(0.0)])
+def test_paths_with_python_or_array_initial_state(x0):
+    """The initial state as a Python number (step 0 replayed apart: its carry has no
+    array) or as an array (all steps replayed in one call) gives consistent paths."""
+    args = (T, x0, A, Q, R_)
+    res = smc(mx.random.key(15), ssm, args, OBS, 32, ess_threshold=1.0, progress=False)
+    for i in [0, 31]:
+        lp, _ = ssm.assess(args, gm.unbatch(res.traces, i).choices)
+        assert float(lp) == pytest.approx(float(res.traces.score[i]), abs=1e-4)
+    assert res.traces[(0, "x")].shape == (32,) and res.traces.retval.shape == (32, T)
