@@ -475,8 +475,7 @@ class SequenceGF(GenerativeFunction):
         if holds_step_index(td):
             raise StepIndexUsed("the step number is stored in the step's trace")
         # one Split per leaf (k indexed views would be k graph nodes each)
-        parts = [[p.reshape(p.shape[1:]) for p in mx.split(x.reshape((k, n) + x.shape[1:]), k, axis=0)]
-                 for x in leaves]
+        parts = [mx.split(x, k, axis=0) for x in leaves]  # rows j·n..(j+1)·n, one Split node
         return [tree_unflatten(td, [ps[j] for ps in parts]) for j in range(k)]
 
     # -- update / regenerate with prefix skipping -----------------------------------------

@@ -274,11 +274,12 @@ def _run_sequence(keys, model, args, args_T, cons: list, n: int, scheme, thresho
     # per-particle observation leaves are possible only with a leading axis n
     maybe = [any(x.ndim >= 1 and x.shape[0] == n for x in ls) for ls, _ in flat_cons]
     fixed_in = None if model._inputs_vary else tree_flatten(model._kernel_inputs(args, 0, STEP_INDEX))
-    key_td = tree_flatten(keys[0, 0])[1]
+    kparts = mx.split(keys.reshape(-1), 3 * T)  # every step's keys as views, in one call
+    key_td = tree_flatten(kparts[0])[1]
     step_fns: dict = {}  # structure -> (compiled flat step, output layout)
     suspect = False  # the shared step failed: is it the kernel reading t?
     for t in tqdm(range(T), disable=not progress, desc="smc"):
-        k_ext, k_res = keys[t, 0], keys[t, 1]  # views (keys[t][0] would be two gathers)
+        k_ext, k_res = kparts[3 * t], kparts[3 * t + 1]
         batched = t > 0
         if maybe[t] or not shared:
             carry = tree_unflatten(carry_td, carry_l)
@@ -423,7 +424,8 @@ def _rebuild_columns(model, args, recs, Ds, cons, axes, carry_td, n: int):
     else:
         carry_in = [c[:-1].reshape((k * n,) + c.shape[2:]) for c in carry_cols]
     try:
-        in_flat = [tree_flatten(model._kernel_inputs(args, t, STEP_INDEX)) for t in range(lo, T)]
+        in_flat = [tree_flatten(model._kernel_inputs(args, t, STEP_INDEX))
+                   for t in (range(lo, T) if model._inputs_vary else [lo])]
         shared_in = all(len(a) == len(in_flat[0][0]) and all(x is y for x, y in zip(a, in_flat[0][0]))
                         for a, _ in in_flat)
         if shared_in:
@@ -442,8 +444,7 @@ def _rebuild_columns(model, args, recs, Ds, cons, axes, carry_td, n: int):
             return None
     except Exception:  # noqa: BLE001 - e.g. the kernel reads t while replaying: general path
         return None
-    parts = [[q.reshape(q.shape[1:]) for q in mx.split(x.reshape((k, n) + x.shape[1:]), k, axis=0)]
-             for x in leaves]
+    parts = [mx.split(x, k, axis=0) for x in leaves]  # rows t·n..(t+1)·n: one Split node per leaf
     steps = [tree_unflatten(td, [ps[j] for ps in parts]) for j in range(k)]
     score = mx.sum(sub.score.reshape(k, n), axis=0)
     if not with0:
