@@ -195,3 +195,75 @@ def test_missing_linux_backend_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "mlx.core", None)  # now `import mlx.core` fails
     with pytest.raises(ImportError, match=r"genmlx\[cpu\].*genmlx\[cuda\]"):
         _blas._check_linux_backend()
+
+
+# -- worker-thread policy (genmlx._blas.blas_threads_for) -----------------------------
+def test_thread_policy_small_work(monkeypatch):
+    """Small work runs with one OpenBLAS thread (or GENMLX_SMALL_BLAS_THREADS), large
+    work and GPU runs keep the count, 'keep' disables it, and the count is restored."""
+    if _blas.get_blas_threads() is None:
+        pytest.skip("OpenBLAS is not in use")
+    before = _blas.get_blas_threads()
+    try:
+        _blas.set_blas_threads(2)
+        monkeypatch.delenv("GENMLX_SMALL_BLAS_THREADS", raising=False)
+        with _blas.blas_threads_for(1000):
+            assert _blas.get_blas_threads() == 1
+        assert _blas.get_blas_threads() == 2
+        with _blas.blas_threads_for(_blas.SMALL_WORK_ELEMENTS):  # not small
+            assert _blas.get_blas_threads() == 2
+        with _blas.blas_threads_for(1000, cpu=False):  # GPU: matmuls are not OpenBLAS's
+            assert _blas.get_blas_threads() == 2
+        monkeypatch.setenv("GENMLX_SMALL_BLAS_THREADS", "keep")
+        with _blas.blas_threads_for(1000):
+            assert _blas.get_blas_threads() == 2
+        monkeypatch.setenv("GENMLX_SMALL_BLAS_THREADS", "3")
+        with _blas.blas_threads_for(1000):
+            assert _blas.get_blas_threads() == 3
+        assert _blas.get_blas_threads() == 2
+    finally:
+        _blas.set_blas_threads(before)
+
+
+def test_thread_policy_bad_setting(monkeypatch):
+    monkeypatch.setenv("GENMLX_SMALL_BLAS_THREADS", "many")
+    with pytest.raises(ValueError, match="GENMLX_SMALL_BLAS_THREADS"):
+        _blas.small_work_threads()
+    with pytest.raises(ValueError, match="positive int"):
+        _blas.set_blas_threads(0)
+
+
+def test_mcmc_runs_small_models_on_one_thread():
+    """gm.inference.hmc on a 20-point regression runs with one OpenBLAS thread and
+    restores the previous count afterwards."""
+    if _blas.get_blas_threads() is None:
+        pytest.skip("OpenBLAS is not in use")
+    import genmlx as gm
+    import mlx.core as mx
+
+    from genmlx.inference import mcmc
+
+    seen = []
+    real = mcmc._run
+
+    def spy(*a, **k):
+        seen.append(_blas.get_blas_threads())
+        return real(*a, **k)
+
+    @gm.gen
+    def model(x):
+        w = gm.trace("w", gm.normal(0.0, 1.0))
+        gm.trace("y", gm.normal(w * x, 1.0))
+
+    before = _blas.get_blas_threads()
+    _blas.set_blas_threads(2)
+    try:
+        mcmc._run = spy
+        gm.inference.hmc(mx.random.key(0), model, (mx.arange(20.0),), gm.choicemap({"y": mx.arange(20.0)}),
+                         num_samples=3, num_warmup=0, num_chains=2, step_size=0.01, num_steps=2,
+                         mass="identity", adapt_step_size=False, progress=False)
+        assert seen == [1 if mx.default_device() == mx.cpu else 2]
+        assert _blas.get_blas_threads() == 2
+    finally:
+        mcmc._run = real
+        _blas.set_blas_threads(before)
