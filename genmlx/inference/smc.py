@@ -259,9 +259,10 @@ def _run_sequence(keys, model, args, args_T, cons: list, n: int, scheme, thresho
     """SMC over a ``gm.Unfold``/``gm.Scan`` model with the prior as proposal: per step
     ONE compiled function (:func:`_seq_step`) on the carry alone, keeping the step's new
     choices and carry (pre-resampling row order) and its ancestor indices; the paths and
-    the full step sub-traces are rebuilt once at the end (:func:`_rebuild`), O(n·T) in
-    all. The kernel is traced with :data:`STEP_INDEX` for t; if it reads t it runs step
-    by step with the real t (uncompiled extension, compiled resampling)."""
+    the full step sub-traces are rebuilt once at the end (:func:`_rebuild_columns`, or
+    :func:`_rebuild` for steps of differing structure), O(n·T) in all. The kernel is
+    traced with :data:`STEP_INDEX` for t; if it reads t it runs step by step with the
+    real t (uncompiled extension, compiled resampling)."""
     from genmlx.combinators._sequence import STEP_INDEX, StepIndexUsed, holds_step_index
 
     T = len(cons)
@@ -632,13 +633,14 @@ def smc(key: mx.array, model: GenerativeFunction, args: tuple, observations, n: 
     rejuvenation, callback or ``step_args``): each time step is ONE compiled function of
     the carry alone (extend + weight + ESS + resampling decision by ``mx.where`` +
     ancestor gather of the carry, :func:`_seq_step`), traced once for all t when the
-    kernel does not read t (``compile=False`` runs it uncompiled); the step sub-traces
-    and ancestor indices are stored per step and the paths rebuilt once at the end.
-    Otherwise each step's extension runs uncompiled (a growing trace would be a new
-    compilation every step) and resampling is compiled; for ``Unfold``/``Scan`` traces a
-    resampling then gathers only the last step (see :class:`_Ancestry`). Either way a
-    run costs O(T · n), plus O(t · n) per step for proposals, rejuvenation and
-    callbacks, which see the whole trace.
+    kernel does not read t (``compile=False`` runs it uncompiled); each step keeps its
+    new choices, its carry and the ancestor indices, and the traces (paths, scores) are
+    rebuilt once at the end. Otherwise each step's extension runs uncompiled (a growing
+    trace would be a new compilation every step) and resampling is compiled (unless
+    ``compile=False``); for ``Unfold``/``Scan`` traces a resampling then gathers only the
+    last step (see :class:`_Ancestry`), and proposals and callbacks read a lazily
+    resolved view (O(n) array work per step when they read only the last steps).
+    Rejuvenation sees (and may change) the whole trace: O(t · n) per step.
     Returns an :class:`SMCResult` (batched traces, log-weights, ``log_marginal_likelihood``).
     """
     if not isinstance(n, int) or n < 1:
