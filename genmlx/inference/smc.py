@@ -438,8 +438,8 @@ def _rebuild_columns(model, args, recs, Ds, cons, axes, carry_td, n: int):
         cm = ChoiceMap.empty()
         for p, v in choices + list(zip(ob_paths, ob_cols)):
             cm = cm.set_submap(p, ChoiceMap.leaf(rows(v)))
-        sub, _ = model.vextend(mx.random.key(0), inp, tree_unflatten(carry_td, carry_in), True, cm,
-                               tuple(0 for _ in cm.leaves()), k * n, inputs_batched=not shared_in)
+        payload = (model, k * n, not shared_in)
+        sub = cached_call(_replay, payload, payload, inp, tree_unflatten(carry_td, carry_in), cm)
         leaves, td = tree_flatten(sub)
         if holds_step_index(td):
             return None
@@ -457,6 +457,13 @@ def _rebuild_columns(model, args, recs, Ds, cons, axes, carry_td, n: int):
         steps, score = [sub0] + steps, sub0.score + score
         leaves = leaves + tree_flatten(sub0)[0]
     return steps, score, leaves
+
+
+def _replay(payload, inputs, carry, cm):
+    """Steps rebuilt from their choices on m rows (compiled: the score arithmetic fuses)."""
+    model, m, inputs_batched = payload
+    return model.vextend(mx.random.key(0), inputs, carry, True, cm, tuple(0 for _ in cm.leaves()), m,
+                         inputs_batched=inputs_batched)[0]
 
 
 def _rebuild(model, args, recs, Ds, cons, axes, carry_td, n: int, shared: bool) -> list:
