@@ -28,10 +28,11 @@ def global_norm(grads) -> mx.array:
     """‖g‖₂ = sqrt(Σ_leaves Σ g²), accumulated in float32.
 
     Leaves are flattened and concatenated into groups of at most ``_NORM_CHUNK``
-    elements, each reduced by one dot product v·v (a single matmul kernel; a product
-    and a sum would be two): a handful of kernels for the whole tree instead of two per
-    leaf (on a GPU each is a launch; a small network's step is launch bound). A leaf
-    larger than a group is reduced on its own."""
+    elements, each reduced by one product and one sum: a handful of kernels for the
+    whole tree instead of two per leaf (on a GPU each is a launch; a small network's
+    step is launch bound). A leaf larger than a group is reduced on its own. (Not a dot
+    product v·v: one kernel fewer, but MLX's CUDA gemv gives a 1 × 1 output ONE warp,
+    serial over all elements, and other shapes may take reduced-precision TF32 GEMMs.)"""
     leaves = [g.reshape(-1) if g.dtype == mx.float32 else g.reshape(-1).astype(mx.float32)
               for _, g in tree_flatten(grads)]
     if not leaves:
@@ -47,7 +48,7 @@ def global_norm(grads) -> mx.array:
 
     def sq(parts):
         v = parts[0] if len(parts) == 1 else mx.concatenate(parts)
-        return v @ v
+        return mx.sum(v * v)
 
     total = sq(groups[0])
     for p in groups[1:]:
