@@ -416,7 +416,7 @@ class SequenceGF(GenerativeFunction):
         run as ONE vmapped call over steps × particles, with the kernel's step number
         :data:`STEP_INDEX` when ``shared_index`` (else, or if the kernel reads t, step
         by step with the real t)."""
-        from genmlx.core.pytree import tree_flatten, tree_unflatten
+        from genmlx.core.pytree import tree_flatten
 
         key = mx.random.key(0)  # nothing is sampled
         out = [None] * len(steps)
@@ -474,8 +474,8 @@ class SequenceGF(GenerativeFunction):
         leaves, td = tree_flatten(sub)
         if holds_step_index(td):
             raise StepIndexUsed("the step number is stored in the step's trace")
-        # one Split per leaf (k indexed views would be k graph nodes each)
-        parts = [mx.split(x, k, axis=0) for x in leaves]  # rows j·n..(j+1)·n, one Split node
+        # rows j·n..(j+1)·n: one Split node per leaf (k indexed views would be k nodes)
+        parts = [mx.split(x, k, axis=0) for x in leaves]
         return [tree_unflatten(td, [ps[j] for ps in parts]) for j in range(k)]
 
     # -- update / regenerate with prefix skipping -----------------------------------------

@@ -380,3 +380,20 @@ def test_paths_with_python_or_array_initial_state(x0):
         lp, _ = ssm.assess(args, gm.unbatch(res.traces, i).choices)
         assert float(lp) == pytest.approx(float(res.traces.score[i]), abs=1e-4)
     assert res.traces[(0, "x")].shape == (32,) and res.traces.retval.shape == (32, T)
+
+
+def test_steps_without_observations():
+    """Observations at some steps only: steps of two structures (two compiled step
+    variants; the end replays each group of alike steps at once). Same particles as the
+    uncompiled run, and consistent ancestral paths."""
+    obs = gm.choicemap({(t, "y"): float(YS[t]) for t in range(T) if t % 3 != 1})
+    a = smc(mx.random.key(16), ssm, ARGS, obs, 40, ess_threshold=1.0, progress=False)
+    b = smc(mx.random.key(16), ssm, ARGS, obs, 40, ess_threshold=1.0, progress=False, compile=False)
+    assert np.allclose(np.asarray(a.log_weights), np.asarray(b.log_weights), atol=1e-5)
+    assert np.allclose(np.asarray(a.traces.score), np.asarray(b.traces.score), atol=1e-4)
+    for i in [0, 39]:
+        lp, _ = ssm.assess(ARGS, gm.unbatch(a.traces, i).choices)
+        assert float(lp) == pytest.approx(float(a.traces.score[i]), abs=1e-4)
+    # y is sampled (per particle) where unobserved, the observation elsewhere
+    assert np.std(np.asarray(a.traces[(1, "y")])) > 0.1
+    assert np.allclose(np.asarray(a.traces[(0, "y")]), YS[0])
