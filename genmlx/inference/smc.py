@@ -774,7 +774,9 @@ def conditional_smc(key: mx.array, model: GenerativeFunction, args: tuple, obser
     """Conditional SMC (Andrieu, Doucet & Holenstein 2010): particle 0 is pinned to the
     ``reference`` trace (an unbatched trace of the full model) at every step; the other
     n − 1 particles are resampled multinomially from all n at every step. The returned
-    particles and final weights define the particle-Gibbs update (draw one ∝ weight)."""
+    particles and final weights define the particle-Gibbs update (draw one ∝ weight).
+    ``compile`` is accepted for compatibility: the extension of the growing traces runs
+    uncompiled (compiling it would trace and compile anew at every step)."""
     if not isinstance(n, int) or n < 2:
         raise ValueError(f"conditional_smc: n must be an int ≥ 2, got {n!r}")
     if reference.batch_size is not None:
@@ -789,8 +791,7 @@ def conditional_smc(key: mx.array, model: GenerativeFunction, args: tuple, obser
         obs = obs_at(t)
         if t == 0:
             prev0, base = None, mx.array(0.0)
-            traces, lw = cached_call(_init, (model, proposal, n), (model, proposal, n),
-                                     k_ext, a_t, obs, pargs, compile=compile)
+            traces, lw = _init((model, proposal, n), k_ext, a_t, obs, pargs)
             latents = _new_latents(traces, None, obs)
             cons = obs.merge(_reference_choices(reference, latents))
             tr0, w0 = model.generate(k_ref, a_t, cons)
@@ -801,8 +802,7 @@ def conditional_smc(key: mx.array, model: GenerativeFunction, args: tuple, obser
             base = R.log_mean_exp(lw)
             lw = mx.broadcast_to(base, lw.shape)
             payload = (model, proposal, d_t, t)
-            traces, lw = cached_call(_extend, payload, payload, k_ext, prev, lw, a_t, obs, pargs,
-                                     compile=compile)
+            traces, lw = _extend(payload, k_ext, prev, lw, a_t, obs, pargs)
             latents = _new_latents(traces, prev, obs)
             prev0 = unbatch(prev, 0)
             cons = obs.merge(_reference_choices(reference, latents))
