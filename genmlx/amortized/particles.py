@@ -13,7 +13,12 @@ particles, with two savings over splitting keys inside the vmaps:
   N(0, 1)/U(0, 1) noise for all B·K particles from ONE sampler call per site kind
   and shape outside the vmaps, as a hand-batched program does. The sites are recorded
   on the first call (a plan keyed by B, K and the data's shapes); until then each
-  particle gathers its row, with identical values.
+  particle gathers its row, with identical values. The noise keys are ``key + [0, c_s]``
+  (the first noise site: ``key`` itself, no add), never a particle key (first word ≥ 1).
+
+With ``particle_axis=False`` and K = 1 the outputs are [B, …] (for objectives whose
+arithmetic does not need the particle axis): inserting the size-1 axis is a reshape,
+which ``mx.compile`` does not fuse across, so every output would cost a kernel more.
 """
 
 from __future__ import annotations
