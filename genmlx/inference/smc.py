@@ -404,8 +404,10 @@ def _rebuild_columns(model, args, recs, Ds, cons, axes, carry_td, n: int):
     ob_cols = []
     for j, p in enumerate(ob_paths):
         vals = mx.stack([mx.array(o[p]) for o in obs])  # [T, …] or [T, n, …]
-        if axes[0][j] is None:
+        if axes[0][j] is None:  # shared by all particles
             vals = mx.broadcast_to(vals[:, None], (T, n) + vals.shape[1:])
+        else:  # one per particle slot: follows the ancestry like the choices
+            vals = mx.take_along_axis(vals, D.reshape(D.shape + (1,) * (vals.ndim - 2)), axis=1)
         ob_cols.append(vals)
     # the carry into each step: the initial carry (broadcast) at step 0 when it has the
     # carry's structure, else step 0 is replayed on its own
@@ -500,7 +502,10 @@ def _rebuild(model, args, recs, Ds, cons, axes, carry_td, n: int, shared: bool) 
         for (p, _), v in zip(cm.leaves(), vals[t]):
             choices = choices.set_submap(p, ChoiceMap.leaf(v))
         for (p, v), ax in zip(cons[t].leaves(), axes[t]):  # observations, per particle
-            v = v if ax == 0 else mx.broadcast_to(mx.array(v)[None], (n,) + tuple(mx.array(v).shape))
+            if ax == 0:  # one per particle slot: follows the ancestry like the choices
+                v = v if Ds[t] is None else mx.take(v, Ds[t], axis=0)
+            else:
+                v = mx.broadcast_to(mx.array(v)[None], (n,) + tuple(mx.array(v).shape))
             choices = choices.set_submap(p, ChoiceMap.leaf(v))
         if t == 0:
             carry_in, batched = model._init_carry(args), False

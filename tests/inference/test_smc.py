@@ -397,3 +397,23 @@ def test_steps_without_observations():
     # y is sampled (per particle) where unobserved, the observation elsewhere
     assert np.std(np.asarray(a.traces[(1, "y")])) > 0.1
     assert np.allclose(np.asarray(a.traces[(0, "y")]), YS[0])
+
+
+@pytest.mark.parametrize("compile", [True, False])
+def test_per_particle_observations_follow_the_ancestry(compile):
+    """Observations given per particle slot ([n] leaves): in the final traces particle i
+    holds, at step t, the observation of the slot it descends from, y_t = idx_t[y_{t+1}]
+    (with y_t[j] = j for slot j and resampling at every step)."""
+    from genmlx.inference.smc import run_smc
+
+    n = 16
+    obs = gm.choicemap({(t, "y"): mx.arange(n, dtype=mx.float32) for t in range(T)})
+    out = run_smc(mx.random.key(17), ssm, ARGS, obs, n, ess_threshold=1.0, progress=False,
+                  compile=compile)
+    ys = [np.asarray(out.traces[(t, "y")]).astype(int) for t in range(T)]
+    idx = [np.asarray(a) for a in out.ancestors]
+    assert len(idx) == T
+    assert np.array_equal(ys[T - 1], idx[T - 1])
+    for t in range(T - 1):
+        assert np.array_equal(ys[t], idx[t][ys[t + 1]])
+    assert any(not np.array_equal(y, np.arange(n)) for y in ys)  # the ancestry did move rows
