@@ -22,6 +22,9 @@ minimal handler and a smaller graph:
   plus a reduction, as in hand-written code;
   Parameters that do not depend on u (evaluable while tracing: prior constants,
   functions of the data) stay unbatched constants;
+* hoisted Normal / HalfNormal / HalfCauchy sites are scored by their closed-form
+  per-chain sums with the constant parts folded at trace time (``fast``), and the
+  elementwise parts of sites of one shape share one reduction (see ``_fast_score``);
 * latents on a fixed elementwise support (bounds independent of u): x = f(u) and
   log|J| are computed outside the vmap, and the body receives x;
 * other sites (multivariate families, families with derived arrays) are scored inside
@@ -37,17 +40,18 @@ minimal handler and a smaller graph:
   transition, joined once at its end), so a leapfrog step has no slicing of U or
   concatenation of ∇ — the same arithmetic per element, a smaller graph.
 
-Site scores are accumulated in execution order, as ``generate`` does, so both paths
-agree to float32 rounding (the hoisted sites sum elementwise log densities instead of
-the family's closed-form score).
+Site scores are accumulated in execution order, as ``generate`` does (closed-form
+sites' elementwise parts are reduced together at the end), so both paths agree to
+float32 rounding (the hoisted sites sum elementwise log densities instead of the
+family's score).
 
 Static structure: the flat path is valid only when every chain visits the same latent
 addresses with the same shapes. :func:`make_density` checks this at u = 0 and at two
 random points (addresses and shapes of the generic execution agree, and the flat and
 generic log densities and gradients agree there); otherwise — e.g. control flow on a
 latent's value decides which addresses exist — it returns the generic
-:class:`UnconstrainedDensity`. The hoisted variant is tried first, then the
-unhoisted one. :func:`cached_density` reuses a density (and its compiled kernels) for
+:class:`UnconstrainedDensity`. The hoisted variant with closed-form sites is tried
+first, then without them, then the unhoisted one. :func:`cached_density` reuses a density (and its compiled kernels) for
 repeated calls with the same model and equal data.
 """
 

@@ -17,6 +17,14 @@ or :func:`hmc_kernel` for a ready ``step(key, U) -> (U, accepted)`` closure. The
 drivers (:func:`hmc`, ``mala``, ``nuts``) evaluate the density by the flat path
 (:mod:`genmlx.inference.flat_density`, same values, a smaller graph) and keep the
 density and compiled kernel for repeated calls with the same model and data.
+
+Graph size (the cost of a transition on a CPU is ~2–3 µs per graph node): with a
+diagonal metric the trajectory runs on the density's blocks (one per latent), and the
+drivers keep the chains' state in *block form* between transitions
+(:meth:`HMCKernel.init_blocks`; u and ∇ are joined only for draws and adaptation), so
+a transition has no split/join of u or ∇; ``mass="identity"`` compiles without the
+metric's multiplications. On the 20-step benchmark transition (bench_hmc.py): 505 →
+431 nodes, the hand-written MLX transition 439.
 """
 
 from __future__ import annotations
