@@ -403,7 +403,7 @@ def _rebuild_columns(model, args, recs, Ds, cons, axes, carry_td, n: int):
     carry_cols = [choices[c][1] if isinstance(c, int) else c for c in carry_cols]
     ob_cols = []
     for j, p in enumerate(ob_paths):
-        vals = mx.stack([mx.array(o[p]) for o in obs])  # [T, …] or [T, n, …]
+        vals = mx.stack([o[p] if isinstance(o[p], mx.array) else mx.array(o[p]) for o in obs])
         if axes[0][j] is None:  # shared by all particles
             vals = mx.broadcast_to(vals[:, None], (T, n) + vals.shape[1:])
         else:  # one per particle slot: follows the ancestry like the choices
