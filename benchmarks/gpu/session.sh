@@ -54,16 +54,18 @@ case $part in
     # issue 7: IWAE k = 50 within 10 GPU-minutes, plain gradients on GPU 0 and DReG on GPU 1,
     # each an exclusive GPU; resumable: run again (the next call) to spend the rest of the
     # budget and evaluate (test -log p(x), K = 5000). Run dirs persist under /root/runs.
+    # PHASE_S + 200 s must fit the call (probe, start-up, evaluation; the driver records each
+    # phase before it runs, so a kill costs only the training since the last checkpoint).
     phase=${2:-500}
     for v in "0 iwae50" "1 dreg50"; do
       set -- $v
       extra=(); [ "$2" = dreg50 ] && extra=(--set objective.kind=dreg)
-      CUDA_VISIBLE_DEVICES=$1 timeout $((phase + 80)) $py experiments/iwae/gpu_run.py main --run-dir /root/runs/$2 \
+      CUDA_VISIBLE_DEVICES=$1 timeout $((phase + 200)) $py experiments/iwae/gpu_run.py main --run-dir /root/runs/$2 \
         --budget-s 600 --phase-s "$phase" --batch 400 --step-fill 0.9 --out "$OUT/$2" "${extra[@]}" \
         > "$OUT/$2.log" 2>&1 &
     done
     wait
-    tail -3 "$OUT"/iwae50.log "$OUT"/dreg50.log
+    tail -n 3 "$OUT"/iwae50.log "$OUT"/dreg50.log
     ;;
   shards)
     # the test files in K shards run side by side on the GPUs (round robin), one pytest per

@@ -11,7 +11,11 @@ launch bound, so a larger batch is nearly free until the device saturates), size
 cosine schedule to the steps that fit the budget, and trains until ``--phase-s`` runs
 out (SIGTERM → the harness checkpoints). Later calls resume until the budget (wall time
 of the training processes, start-up and compilation included) is spent or the steps
-are done, then evaluate (test −log p(x), K = 5000) and copy the run's files to ``--out``.
+are done; the call whose phase runs to the end of the budget evaluates (test −log p(x),
+K = 5000) and every call copies the run's files to ``--out``. The plan (with each phase's
+start) is written before a phase runs: a driver killed from outside (the call's own time
+limit) is charged up to the run's last write, and the next call resumes from the last
+checkpoint (``--fresh`` only while the run has none).
 
 ``rows`` — the other table rows side by side on one GPU for ``--seconds`` each (the
 processes share the device; their GPU time is reported as wall time / number of runs),
@@ -76,6 +80,18 @@ def copy_run(run: Path, out: Path) -> None:
             shutil.copy2(run / name, out / name)
 
 
+def _settle_unfinished_phase(plan: dict, run: Path) -> None:
+    """A phase whose driver was killed (the call's own time limit) has a start but no wall
+    time: charge it from its start to the run's last write (metrics or checkpoint), so
+    the budget counts the GPU time it spent."""
+    for ph in plan["phases"]:
+        if "wall_s" not in ph:
+            files = [*run.glob("metrics.jsonl"), *(run / "checkpoints").glob("ckpt-*")]
+            last = max((f.stat().st_mtime for f in files), default=ph["start"])
+            ph.update({"rc": None, "wall_s": max(0.0, last - ph["start"]), "killed": True})
+            plan["used_s"] += ph["wall_s"]
+
+
 def main_cmd(a) -> int:
     run, out = Path(a.run_dir), Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -92,22 +108,30 @@ def main_cmd(a) -> int:
         steps = int(a.step_fill * a.budget_s * best["steps_per_s"])
         plan = {"config": a.config, "batch": best["batch"], "steps": steps, "probe": best,
                 "budget_s": a.budget_s, "used_s": 0.0, "phases": [], "overrides": list(a.set)}
+        plan_path.write_text(json.dumps(plan, indent=1))
     steps, B = plan["steps"], plan["batch"]
     overrides = [f"data.batch_size={B}", f"train.steps={steps}", f"optim.lr={a.lr}", "optim.schedule=cosine",
                  f"optim.decay_steps={steps}", f"log.every_steps={max(steps // 200, 100)}",
                  f"log.eval_every_steps={max(steps // 12, 1000)}", f"checkpoint.every_steps={max(steps // 40, 1000)}",
                  "log.progress=lines", "log.histogram_every_steps=100000000", *plan["overrides"]]
+    _settle_unfinished_phase(plan, run)
     left = plan["budget_s"] - plan["used_s"]
     done = (run / "results.json").exists()
+    budget_bound = False
     if not done and left > 5:
-        first = not plan["phases"]
+        # --fresh only for a run with no checkpoint yet: a phase killed from outside must
+        # not make the next call wipe the training it did
+        first = not any((run / "checkpoints").glob("ckpt-*.json"))
         args = ["train", plan["config"], "--run-dir", str(run), *(["--fresh"] if first else []), *overrides]
+        budget_bound = left <= a.phase_s
+        plan["phases"].append({"start": time.time()})  # recorded before it runs (see _settle_unfinished_phase)
+        plan_path.write_text(json.dumps(plan, indent=1))
         rc, wall = _genmlx(*args, timeout=min(left, a.phase_s), log=log)
         plan["used_s"] += wall
-        plan["phases"].append({"rc": rc, "wall_s": wall, "time": time.time()})
+        plan["phases"][-1].update({"rc": rc, "wall_s": wall, "time": time.time()})
         plan_path.write_text(json.dumps(plan, indent=1))
         done = (run / "results.json").exists()
-    if not done and plan["budget_s"] - plan["used_s"] <= 5:
+    if not done and (budget_bound or plan["budget_s"] - plan["used_s"] <= 5):
         extra = ["--particles", str(a.eval_particles)] if a.eval_particles else []
         rc, wall = _genmlx("eval", str(run), "--checkpoint", "latest", *extra, log=log, timeout=a.eval_timeout_s)
         plan["eval"] = {"rc": rc, "wall_s": wall}
