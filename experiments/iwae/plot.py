@@ -3,7 +3,8 @@
 Reads each run's ``metrics.jsonl`` (``valid/valid_bound``: the k = 50 importance-weighted
 bound on 1000 held-out training images) and places step s at GPU time s × (training
 seconds / steps) of that run — the mean step time of the whole run, start-up and
-compilation included where the driver measured it (``plan.json``), else the harness's
+compilation included where the driver measured it (``plan.json``: its training seconds over
+the steps reached), else the harness's
 ``train/steps_per_s``. Writes ``experiments/iwae/bound_vs_gpu_time.png``.
 
     python experiments/iwae/plot.py          # needs matplotlib (experiment-only dependency)
@@ -21,6 +22,8 @@ RUNS = [  # (label, run directory, line style)
     ("IWAE k=50, batch 100, 60k steps", HERE / "h200_k50_60k", "-"),
     ("IWAE k=50, batch 400, 125k steps", HERE / "h200_k50_b400_125k", "-"),
     ("IWAE k=50 (DReG), batch 400", HERE / "h200_k50_dreg_b400", "-"),
+    ("IWAE k=50, batch 400, 10-min budget (128k steps)", HERE / "h200_k50_b400_10min", "-"),
+    ("IWAE k=50 (DReG), batch 400, 10-min budget", HERE / "h200_k50_dreg_10min", "-"),
     ("IWAE k=5 (7 runs sharing the GPU)", HERE / "h200_rows" / "iwae_k5", "--"),
     ("VAE k=1 (shared GPU)", HERE / "h200_rows" / "vae_k1", "--"),
     ("VAE k=5 (shared GPU)", HERE / "h200_rows" / "vae_k5", "--"),
@@ -38,7 +41,8 @@ def curve(run: Path) -> tuple[list[float], list[float]]:
     plan = run / "plan.json"
     if plan.exists():
         p = json.loads(plan.read_text())
-        sec_per_step = p["used_s"] / p["steps"]
+        reached = max((r["step"] for r in rows), default=p["steps"])  # a budget stop ends early
+        sec_per_step = p["used_s"] / min(p["steps"], reached)
     else:
         rates = [r["train/steps_per_s"] for r in rows if "train/steps_per_s" in r]
         sec_per_step = 1.0 / rates[-1]
