@@ -109,7 +109,12 @@ def fmt_bytes(b: float) -> str:
 
 
 def git_commit() -> str:
-    """Short commit hash of the repository, with ``+dirty`` when files are modified."""
+    """Short commit hash of the repository, with ``+dirty`` when files are modified. A
+    snapshot without its own ``.git`` (``git archive`` for the GPU machine, which may sit
+    inside another checkout) names its commit in a ``COMMIT`` file instead."""
+    stamp = REPO / "COMMIT"
+    if not (REPO / ".git").exists() and stamp.exists():
+        return stamp.read_text().strip() + " (snapshot)"
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
                              capture_output=True, text=True, check=True).stdout.strip()

@@ -13,6 +13,8 @@
 #                                            # resumable (per-file logs under /root/gputests)
 #
 # MNIST must be under $GENMLX_DATA (carry a folder holding mnist/ and binarized_mnist.npz).
+# Run from a snapshot of a commit: rm -rf .snap && mkdir .snap && git archive HEAD | tar -x -C .snap
+# && git rev-parse --short HEAD > .snap/COMMIT (benchmarks read the commit from it), carry .snap.
 set -u
 part=${1:?part: scaling, bench or tests}
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false NCCL_NVLS_ENABLE=0
