@@ -23,6 +23,8 @@ redone from it on the same batch; since every step input is a pure function of
 (seed, step), the result is bit-identical to the unpipelined loop.
 Each step evaluates only the loss, the gradient norm and the state; the other metrics
 of the step (ESS, bound, ...) stay lazy and are computed on logging steps alone.
+The state before each step is kept for the rollback as the list of its arrays in fixed
+slots (``StateSnapshots``: no tree rebuilt per step).
 
 Data-parallel (N processes from ``mlx.launch -n N``, ``genmlx.distributed``): step t's
 global batch (``data.batch_size``, divisible by N) is prepared once per process and each
@@ -53,7 +55,7 @@ import mlx.core as mx
 from genmlx.harness.checkpoint import CheckpointError, CheckpointManager, flat_opt_state, flat_params, restore
 from genmlx.harness.config import RESUMABLE_CHANGES, ConfigError, ExperimentConfig, config_diff
 from genmlx.harness.logging import MetricsLog, Progress, image_grid, write_png
-from genmlx.harness.step import build_optimizer, make_train_step, rollback, snapshot, step_key
+from genmlx.harness.step import StateSnapshots, build_optimizer, make_train_step, step_key
 
 VALID_SALT, EVAL_SALT, IMAGE_SALT = 1, 2, 3
 
@@ -213,6 +215,7 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, task=None, resume: bool
                                 f"every process must see the same run directory {run_dir}")
     step_fn = make_train_step(task.objective, optimizer, compile=cfg.train.compile,
                               grad_reduce=dist.all_mean if N > 1 else None)
+    states = StateSnapshots(module, optimizer)
     total = cfg.train.steps
     log = (MetricsLog(run_dir, cfg.log.tensorboard, resume_step=start if ck is not None else None)
            if main else _NullLog())
@@ -279,7 +282,7 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, task=None, resume: bool
         kd, ko = mx.random.split(step_key(cfg.seed, s))
         data = task.data.prepare_shard(kd, raw, R, N)
         key = dist.fold_rank(ko, R, N)
-        snap = snapshot(module, optimizer)
+        snap = states.take()
         metrics = step_fn(key, data)
         stop = None
         if N > 1:  # every rank learns whether any rank wants to stop after step s (one tiny all-reduce)
@@ -306,7 +309,7 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, task=None, resume: bool
                 if not _finite(loss, gn):
                     redo = cur
                     cur = None  # the already-dispatched step t+1 ran on the bad state: discard it
-                    rollback(module, optimizer, p.snap)
+                    states.restore(p.snap)
                     if cfg.train.nan_policy == "stop" or skipped >= cfg.train.max_skipped:
                         path = save(step, nonfinite_step=step)
                         dist.barrier()  # the others exit (non-zero) only once rank 0 has written it
@@ -320,6 +323,8 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, task=None, resume: bool
                     if redo is not None:  # redo step t+1 from the rolled-back state, on the same batch
                         cur = dispatch(n1, redo.raw, sig)
                 step += 1
+                if step == start + 1:
+                    states.check()  # an optimizer that grew its state in the first update
                 prog.update(1, epoch=task.data.position(step - 1)[0], loss=loss)
                 if step % cfg.log.every_steps == 0 or step == total:
                     lr = optimizer.learning_rate
@@ -342,7 +347,7 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, task=None, resume: bool
                     interrupted, timed_out = local_flags(sig)
                 if (interrupted or timed_out) and step < total:
                     if cur is not None:  # discard the step dispatched ahead: back to the state after this one
-                        rollback(module, optimizer, cur.snap)
+                        states.restore(cur.snap)
                         cur = None
                     path = save(step) if saved["step"] != step else ckpts.dir / f"ckpt-{step:09d}.json"
                     dist.barrier()  # mlx.launch kills all ranks when one exits non-zero: let rank 0 finish writing

@@ -12,7 +12,7 @@ import warnings
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-from mlx.utils import tree_map
+from mlx.utils import tree_flatten, tree_map
 
 from genmlx.amortized.train import global_norm
 
@@ -151,15 +151,77 @@ def make_train_step(objective, optimizer, compile: bool = True, grad_reduce=None
 
 
 # -- rollback of a bad step ------------------------------------------------------------------------
-def snapshot(module, optimizer):
-    """References to the current parameters and optimizer state (arrays are immutable,
-    so this copies nothing)."""
-    return module.parameters(), tree_map(lambda x: x, optimizer.state)
+class StateSnapshots:
+    """Snapshots of a module's arrays and an optimizer's state, taken before every step
+    (for the rollback of a non-finite step, or of a step dispatched ahead of a stop).
+
+    The slots — (container, key) of every array in ``module.state`` and
+    ``optimizer.state`` — are found once; a snapshot is then the list of their current
+    arrays (arrays are immutable: nothing is copied) and a restore writes them back in
+    place, so compiled steps that declared these containers as state keep seeing them.
+    This is ~µs per step where rebuilding ``module.parameters()`` and mapping the
+    optimizer tree cost ~0.1–0.3 ms of host time per step (on a GPU, a launch-bound step
+    is ~3 ms). Should a container's structure change after the slots were found (an
+    optimizer adding state lazily), the snapshot sees a different slot count and the
+    slots are found again."""
+
+    def __init__(self, module, optimizer):
+        self.module, self.optimizer = module, optimizer
+        self._slots = self._find()
+
+    def _find(self) -> list:
+        slots: list = []
+
+        def walk(node):
+            if isinstance(node, dict):
+                items = list(node.items())
+            elif isinstance(node, list):
+                items = list(enumerate(node))
+            elif isinstance(node, tuple):
+                raise _Immutable
+            else:
+                return
+            for k, v in items:
+                if isinstance(v, mx.array):
+                    slots.append((node, k))
+                else:
+                    walk(v)
+
+        try:
+            walk(self.module.state)
+            walk(self.optimizer.state)
+        except _Immutable:
+            return None  # a tuple somewhere: fall back to whole-tree snapshots
+        return slots
+
+    def _count(self) -> int:
+        n = 0
+        for _, leaf in tree_flatten([self.module.state, self.optimizer.state]):
+            n += isinstance(leaf, mx.array)
+        return n
+
+    def take(self):
+        if self._slots is None:
+            return ("tree", self.module.parameters(), tree_map(lambda x: x, self.optimizer.state))
+        return ("slots", self._slots, [c[k] for c, k in self._slots])
+
+    def restore(self, snap) -> None:
+        if snap[0] == "tree":
+            _, params, ostate = snap
+            self.module.update(params)
+            self.optimizer.state.clear()
+            self.optimizer.state.update(ostate)
+            return
+        _, slots, values = snap
+        for (c, k), v in zip(slots, values):
+            c[k] = v
+
+    def check(self) -> None:
+        """Find the slots again if the number of arrays changed (cheap enough for rare calls,
+        e.g. after the first step)."""
+        if self._slots is not None and self._count() != len(self._slots):
+            self._slots = self._find()
 
 
-def rollback(module, optimizer, snap) -> None:
-    """Put back a :func:`snapshot` (in place, so compiled steps keep seeing the state)."""
-    params, ostate = snap
-    module.update(params)
-    optimizer.state.clear()
-    optimizer.state.update(ostate)
+class _Immutable(Exception):
+    pass
