@@ -5,8 +5,11 @@ gradients (and loss, metrics) averaged over processes by one ``all_sum`` inside 
 (``grad_reduce = genmlx.distributed.all_mean``), each process training on its B/N rows of
 the global batch B, steps pipelined as in ``runner.train`` (step t+1 dispatched before
 step t's loss is read). Reported: global images/s = steps·B / wall time after
-``--warmup`` untimed steps (compilation), and the speedup over one process at the same
-global batch B (the data-parallel target is ≥ 1.8× on 2 GPUs).
+``--warmup`` untimed steps (compilation), the speedup over one process at the same
+global batch B (strong scaling) and over one process at the same per-process batch B/N
+(weak scaling: list both B and B/N in ``--batch``); the data-parallel target is ≥ 1.8× on
+2 GPUs. A launch-bound step (small batches on a GPU) cannot gain from splitting its batch,
+and each step's all-reduce adds its latency: scaling needs per-device work that dominates.
 
 On a host with 2 GPUs (MLX CUDA build, NCCL), from the repository root::
 
@@ -235,15 +238,20 @@ def main(argv: list[str] | None = None) -> int:
     base = {r["batch"]: r["images_per_s"] for r in rows if r["procs"] == 1}
     for r in rows:
         r["speedup"] = r["images_per_s"] / base[r["batch"]] if r["batch"] in base else None
+        # weak scaling: against one process at this row's per-process batch (same work per device)
+        b1 = r["per_process_batch"]
+        r["weak_speedup"] = r["images_per_s"] / base[b1] if b1 in base else None
     result = {"benchmark": "scale_train", "config": a.config, "backend": backend, "steps": a.steps,
               "warmup": a.warmup, "overrides": a.set, "rows": rows}
     print(json.dumps(result, indent=1))
     if a.append:
         from benchmarks._timing import append_results, markdown_table
 
-        table = markdown_table(["global batch", "processes", "per-process batch", "step", "images/s", "speedup vs 1"],
+        table = markdown_table(["global batch", "processes", "per-process batch", "step", "images/s",
+                                "speedup vs 1 (same global batch)", "speedup vs 1 (same per-process batch)"],
                                [[r["batch"], r["procs"], r["per_process_batch"], f"{r['step_ms']:.2f} ms",
-                                 f"{r['images_per_s']:.0f}", f"{r['speedup']:.2f}" if r["speedup"] else "-"]
+                                 f"{r['images_per_s']:.0f}", f"{r['speedup']:.2f}" if r["speedup"] else "-",
+                                 f"{r['weak_speedup']:.2f}" if r["weak_speedup"] else "-"]
                                 for r in sorted(rows, key=lambda r: (r["batch"], r["procs"]))])
         body = (f"Data-parallel training of `{Path(a.config).name}` ({' '.join(a.set)}): the harness's compiled, "
                 f"pipelined train step, gradients averaged by one all-reduce inside it; backend `{backend}`; "
