@@ -10,7 +10,9 @@ wall time of the whole run (warm-up + sampling) of a second run: for NumPyro on 
 MCMC object, so that its compiled sampler is reused (compilation excluded); genmlx's second
 call reuses the compiled density and kernel cached for the same model and data
 (``gm.inference`` keeps them, as a jitted sampler is kept). ``--repeats k`` interleaves k
-repeats of the three samplers and reports median times.
+repeats of the three samplers and reports median times. genmlx runs these small models
+with one OpenBLAS thread (its MCMC driver's default for small data on the CPU,
+``GENMLX_SMALL_BLAS_THREADS``); JAX/XLA uses its own threading.
 
     GENMLX_DATA=../shared/data python benchmarks/bench_nuts.py \
         [--numpyro /tmp/numpyro-venv/bin/python] [--warmup 1000] [--samples 1000]
