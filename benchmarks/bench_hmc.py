@@ -161,6 +161,30 @@ def transition_times(x, y, init, rounds: int, chunk: int = 200):
     return out
 
 
+def transition_graphs(x, y, init) -> dict:
+    """Compiled-graph size of one transition (``benchmarks/graph_ops.py`` counting: nodes,
+    launches = non-view primitives): genmlx's block-form identity-metric transition as
+    ``gm.inference.hmc(mass="identity")`` runs it, and the hand-written one."""
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent.parent))
+    from benchmarks.graph_ops import count_graph
+    from genmlx.inference.flat_density import cached_density, cached_kernel
+    from genmlx.inference.hmc import HMCKernel
+    from genmlx.inference.metric import identity_metric
+
+    dens = cached_density(quadratic, (mx.array(design(x)),), gm.choicemap({"y": mx.array(y)}))
+    kern = cached_kernel(dens, HMCKernel, STEPS)
+    metric, eps, key = identity_metric(CHAINS, dens.dim, "identity"), mx.full((CHAINS,), EPS), mx.random.key(3)
+    st = kern.init_blocks(mx.array(init))
+    mx.eval(st, eps, key)
+    mx.eval(kern.step(key, st, eps, metric))
+    g = count_graph(list(kern.step(key, st, eps, metric)))
+    hand, _ = hand_transition(x, y)
+    s0 = tuple(kern.init(mx.array(init)))
+    mx.eval(s0, hand(key, *s0))
+    h = count_graph(list(hand(key, *s0)))
+    return {"genmlx": {"nodes": g.nodes, "launches": g.launches}, "mlx": {"nodes": h.nodes, "launches": h.launches}}
+
+
 NUMPYRO_SCRIPT = r"""
 import json, sys, time
 import numpy as np
@@ -207,9 +231,13 @@ def main(argv=None):
     ap.add_argument("--note", default="")
     ap.add_argument("--transition-rounds", type=int, default=15,
                     help="interleaved rounds of 200 isolated transitions each (0: skip)")
+    ap.add_argument("--graph", action="store_true", help="only print the transitions' graph sizes")
     a = ap.parse_args(argv)
     x, y = data()
     init = np.tile(np.array([[0.0, 0.0, 0.0, 0.0]], np.float32), (CHAINS, 1))
+    if a.graph:
+        print(json.dumps(transition_graphs(x, y, init)))
+        return
     from genmlx._blas import blas_threads_for, get_blas_threads
     from genmlx.inference.flat_density import cached_density
     from genmlx.inference.mcmc import _work_elements
