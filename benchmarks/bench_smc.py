@@ -47,8 +47,9 @@ def kalman_loglik(ys):
     return kalman_filter(ys, A, Q, RR, 0.0)[0]
 
 
-@mx.compile
-def _hand_step(key, x, lw, y):
+def _hand_advance(key, x, lw, y):
+    """One bootstrap step on the state array: (states before resampling, ancestor indices
+    (identity when ESS ≥ n/2), new log-weights)."""
     n = x.shape[0]
     k1, k2 = mx.random.split(key)
     x = A * x + Q * mx.random.normal(x.shape, key=k1)
@@ -56,6 +57,12 @@ def _hand_step(key, x, lw, y):
     do = R.effective_sample_size(lw) < 0.5 * n
     idx = mx.where(do, R.systematic(k2, lw, n), mx.arange(n, dtype=mx.int32))
     lw = mx.where(do, mx.broadcast_to(R.log_mean_exp(lw), lw.shape), lw)
+    return x, idx, lw
+
+
+@mx.compile
+def _hand_step(key, x, lw, y):
+    x, idx, lw = _hand_advance(key, x, lw, y)
     return mx.take(x, idx), lw
 
 
@@ -73,13 +80,7 @@ def bootstrap_mlx(key, ys, n):
 def _hand_path_step(key, x, lw, y):
     """As :func:`_hand_step`, also returning the step's states before resampling and
     the ancestor indices (identity when not resampling)."""
-    n = x.shape[0]
-    k1, k2 = mx.random.split(key)
-    x = A * x + Q * mx.random.normal(x.shape, key=k1)
-    lw = lw - 0.5 * ((y - x) / RR) ** 2 - math.log(RR) - 0.5 * math.log(2 * math.pi)
-    do = R.effective_sample_size(lw) < 0.5 * n
-    idx = mx.where(do, R.systematic(k2, lw, n), mx.arange(n, dtype=mx.int32))
-    lw = mx.where(do, mx.broadcast_to(R.log_mean_exp(lw), lw.shape), lw)
+    x, idx, lw = _hand_advance(key, x, lw, y)
     return x, idx, mx.take(x, idx), lw
 
 
