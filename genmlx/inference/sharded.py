@@ -79,7 +79,7 @@ from genmlx.core.trace import Trace
 from genmlx.core.vectorize import unbatch
 from genmlx.distributed import fold_rank, world
 from genmlx.inference import resampling as R
-from genmlx.inference._util import cached_call, flatten_particles, grouped_rows, rebuild_particles
+from genmlx.inference._util import cached_call, flatten_particles, gather_rows, grouped_rows, rebuild_particles
 from genmlx.inference.importance import importance_resampling, importance_sampling
 from genmlx.inference.particles import WeightedParticles
 from genmlx.inference.smc import SMCResult, _resample, run_smc, smc
@@ -143,6 +143,125 @@ class Shards:
             return seg, new_lw, ess, did
         idx = plan.assemble(seg, self.gather(plan.export(seg, self.rank)), self.rank)
         return idx, new_lw, ess, did
+
+    # -- the fused SMC path (smc._run_sequence with comm=) ---------------------------
+    def step_resample(self, key: mx.array, lw: mx.array, stats: mx.array, leaves: list, scheme,
+                      threshold: float):
+        """A step's global ESS test and, when it fires, resampling of the carry rows
+        ``leaves`` (this process's m rows each): (leaves, idx or None, new lw, ESS, did).
+
+        Systematic: ONE collective (the R·2 log-sum-exps ``stats``), one host read
+        (N(B) and the decision together); on a resampling the carry rows of each
+        process's segment (:class:`SegmentPlan`) that fall in other processes' blocks are
+        exported with their global source rows in ONE more collective (all leaves packed
+        into one buffer). Other schemes: one gather of the n log-weights, every process
+        draws the global (sorted) ancestors, and the carry rows move in one collective
+        whose windows follow from those ancestors (no bounds exchange)."""
+        m, r = int(lw.shape[0]), self.rank
+        if isinstance(scheme, str) and scheme == "systematic":
+            g = self.gather(stats[None])
+            payload = (self.size, r, threshold)
+            ess, did, new_lw, Nb, counts = cached_call(_systematic_local, payload, payload, key, lw, g)
+            head = mx.concatenate([Nb, did.astype(mx.int32)[None]]).tolist()  # the host sync
+            if not head[-1]:
+                return leaves, None, new_lw, ess, did
+            plan = SegmentPlan(head[:-1], m)
+            seg = plan.segment(counts, r)
+            own = [seg] + gather_rows(leaves, seg - r * m)
+            if plan.local:
+                return own[1:], seg, new_lw, ess, did
+            got = self.gather_packed([plan.export(x, r) for x in own])
+            pos = plan.positions(r)
+            moved = [mx.take(mx.concatenate([x, gx]), pos, axis=0) for x, gx in zip(own, got)]
+            return moved[1:], moved[0], new_lw, ess, did
+        glw = self.gather(lw)
+        idx, glw, ess, did = cached_call(_resample_global, (scheme, threshold, self.size, self.sort_ancestors),
+                                         (scheme, threshold, self.size, self.sort_ancestors), key, glw)
+        head = np.array(idx[1])  # [R·2 + 1]: every block's [min, max] and the decision
+        idx = idx[0]
+        if not head[-1]:
+            return leaves, None, self.local(glw), ess, did
+        mine = self.local(idx)
+        plan = WindowPlan(head[:-1].reshape(self.size, 2), m)
+        return self._move(plan, leaves, mine), mine, self.local(glw), ess, did
+
+    def descent(self, idxs: list, flags: list) -> list:
+        """Global rows of each step's (pre-resampling) arrays that this process's final
+        particles descend from (as ``smc._descent``, None where no resampling follows):
+        the ancestor blocks of all resamplings are all-gathered once ([K, n] global
+        ancestor vectors) and composed locally, D_t = a_t[D_{t+1}]."""
+        ks = [t for t, f in enumerate(flags) if f]
+        Ds = [None] * len(idxs)
+        if not ks:
+            return Ds
+        K, m = len(ks), int(idxs[ks[0]].shape[0])
+        A = self.gather(mx.stack([idxs[t] for t in ks])).reshape(self.size, K, m)
+        A = mx.transpose(A, (1, 0, 2)).reshape(K, self.size * m)
+        D, j = None, K - 1
+        for t in reversed(range(len(idxs))):
+            if flags[t]:
+                D = idxs[t] if D is None else mx.take(A[j], D, axis=0)
+                j -= 1
+            Ds[t] = D
+        return Ds
+
+    def take_rows_each(self, leaves: list, rows: list) -> list:
+        """``[x[r] for x, r in zip(leaves, rows)]`` across processes (``rows[i]``: global
+        source rows of this process's slots, None: its own rows): ONE gather of every
+        distinct index vector's [min, max] and ONE (packed) gather of all windows."""
+        out = list(leaves)
+        todo = [i for i, r in enumerate(rows) if r is not None]
+        if not todo:
+            return out
+        m, r = int(leaves[todo[0]].shape[0]), self.rank
+        uniq: dict = {}
+        for i in todo:
+            uniq.setdefault(id(rows[i]), rows[i])
+        keys = list(uniq)
+        b = np.array(self.gather(mx.concatenate([source_bounds(uniq[k]) for k in keys])))
+        b = b.reshape(self.size, len(keys), 2)
+        plans = {k: WindowPlan(b[:, u], m) for u, k in enumerate(keys)}
+        send = [i for i in todo if not plans[id(rows[i])].local]
+        got = self.gather_packed([leaves[i] if plans[id(rows[i])].full else plans[id(rows[i])].export(leaves[i], r)
+                                  for i in send])
+        got = dict(zip(send, got))
+        for i in todo:
+            plan, idx = plans[id(rows[i])], rows[i]
+            out[i] = (mx.take(leaves[i], idx - r * m, axis=0) if plan.local
+                      else plan.assemble(leaves[i], got[i], idx, r))
+        return out
+
+    def gather_packed(self, arrays: list) -> list:
+        """All-gather of several arrays (each with the same shape in every process) in
+        ONE collective: 4-byte-or-narrower dtypes are packed into one uint32 buffer (bit
+        views); wider dtypes (64-bit) are gathered on their own. Returns each array's
+        concatenation over processes along axis 0."""
+        out: list = [None] * len(arrays)
+        packed, parts = [], []
+        for i, x in enumerate(arrays):
+            if x.dtype in _WIDE:
+                out[i] = self.gather(x)
+            else:
+                packed.append(i)
+                parts.append(_to_u32(x).reshape(-1))
+        if not packed:
+            return out
+        buf = self.gather(mx.concatenate(parts) if len(parts) > 1 else parts[0]).reshape(self.size, -1)
+        off = 0
+        for i, p in zip(packed, parts):
+            x, k = arrays[i], int(p.size)
+            rows = buf[:, off:off + k].reshape((self.size * int(x.shape[0]),) + tuple(x.shape[1:]))
+            out[i] = _from_u32(rows, x.dtype)
+            off += k
+        return out
+
+    def _move(self, plan: "WindowPlan", leaves: list, idx: mx.array) -> list:
+        """Rows ``idx`` of the sharded ``leaves`` by ``plan``: one packed collective."""
+        r, m = self.rank, plan.m
+        if plan.local:
+            return gather_rows(leaves, idx - r * m)
+        got = self.gather_packed([x if plan.full else plan.export(x, r) for x in leaves])
+        return [plan.assemble(x, gx, idx, r) for x, gx in zip(leaves, got)]
 
     # -- particle movement ---------------------------------------------------------
     def compose(self, nxt: mx.array, c: mx.array) -> mx.array:
@@ -253,6 +372,11 @@ class SegmentPlan:
         return mx.concatenate([_pad(seg[:self.L[q]], self.WL), _pad(seg[n_q - self.H[q]:], self.WH)])
 
     def assemble(self, seg: mx.array, gathered: mx.array, r: int) -> mx.array:
+        return mx.take(mx.concatenate([seg, gathered]), self.positions(r), axis=0)
+
+    def positions(self, r: int) -> mx.array:
+        """Rows of ``concatenate([own segment rows, gathered windows])`` that fill
+        process r's block, in slot order."""
         S, m, R_ = self.S, self.m, self.R
         n_r = S[r + 1] - S[r]
         j = r * m + mx.arange(m, dtype=mx.int32)
@@ -260,10 +384,9 @@ class SegmentPlan:
         starts = mx.array(S[:R_], dtype=mx.int32)
         hstarts = mx.array([max(S[q], (q + 1) * m) for q in range(R_)], dtype=mx.int32)
         base = n_r + owner * (self.WL + self.WH)
-        pos = mx.where(owner == r, j - S[r],
-                       mx.where(owner < r, base + self.WL + j - mx.take(hstarts, owner),
-                                base + j - mx.take(starts, owner)))
-        return mx.take(mx.concatenate([seg, gathered]), pos)
+        return mx.where(owner == r, j - S[r],
+                        mx.where(owner < r, base + self.WL + j - mx.take(hstarts, owner),
+                                 base + j - mx.take(starts, owner)))
 
 
 def _bool_safe(fn: Callable) -> Callable:
@@ -278,7 +401,50 @@ def _bool_safe(fn: Callable) -> Callable:
 def _pad(x: mx.array, w: int) -> mx.array:
     if x.shape[0] >= w:
         return x
-    return mx.concatenate([x, mx.zeros((w - x.shape[0],), dtype=x.dtype)])
+    return mx.concatenate([x, mx.zeros((w - x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype)])
+
+
+_WIDE = (mx.int64, mx.uint64, mx.float64, mx.complex64)
+_AS_U32 = {mx.float32: None, mx.int32: None, mx.uint32: None, mx.float16: mx.float32,
+           mx.bfloat16: mx.float32, mx.bool_: mx.uint32, mx.int8: mx.int32, mx.int16: mx.int32,
+           mx.uint8: mx.uint32, mx.uint16: mx.uint32}
+
+
+def _to_u32(x: mx.array) -> mx.array:
+    """The bits of ``x`` as uint32 (narrower dtypes widened exactly first)."""
+    via = _AS_U32[x.dtype]
+    if via is not None:
+        x = x.astype(via)
+    return x if x.dtype == mx.uint32 else mx.view(x, mx.uint32)
+
+
+def _from_u32(x: mx.array, dtype) -> mx.array:
+    """Inverse of :func:`_to_u32`."""
+    via = _AS_U32[dtype]
+    if via is None:
+        return x if dtype == mx.uint32 else mx.view(x, dtype)
+    y = x if via == mx.uint32 else mx.view(x, via)
+    return y != 0 if dtype == mx.bool_ else y.astype(dtype)
+
+
+def _local_stats(lw: mx.array) -> mx.array:
+    """(logsumexp(lw), logsumexp(2 lw)) of this process's log-weights: with the other
+    processes' the global log Ẑ_t and ESS (:func:`_systematic_local`)."""
+    return mx.stack([mx.logsumexp(lw), mx.logsumexp(2 * lw)])
+
+
+def _resample_global(payload, key, glw):
+    """Non-systematic schemes on the gathered log-weights: ((global ancestors [n],
+    [R·2 + 1] every block's [min, max] of its sources and the decision), new global lw,
+    ESS, did)."""
+    scheme, threshold, Rk, sort = payload
+    idx, glw, ess, did = _resample((scheme, threshold), key, glw)
+    if sort:
+        idx = mx.sort(idx)  # the same multiset of ancestors; sorted ones move least
+    blocks = idx.reshape(Rk, -1)
+    head = mx.concatenate([mx.stack([mx.min(blocks, axis=1), mx.max(blocks, axis=1)], axis=1).reshape(-1),
+                           did.astype(mx.int32)[None]]).astype(mx.int32)
+    return (idx, head), glw, ess, did
 
 
 def _systematic_local(payload, key, lw, stats):
@@ -454,7 +620,7 @@ def sharded_smc(key: mx.array, model: GenerativeFunction, args: tuple, observati
                 rejuvenation: Callable | None = None,
                 step_args: Callable[[int], tuple] | None = None,
                 callback: Callable[[int, Trace, mx.array], None] | None = None,
-                progress: bool = True, compile: bool = False, group: Any = None) -> SMCResult:
+                progress: bool = True, compile: bool = True, group: Any = None) -> SMCResult:
     """:func:`~genmlx.inference.smc.smc` with n particles in total, n/R per process of
     ``group``; the ESS test, resampling and log Ẑ are global (module docstring).
     ``rejuvenation(key, traces)`` and ``callback(t, traces, log_weights)`` see this

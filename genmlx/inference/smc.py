@@ -224,6 +224,18 @@ def _seq_step(payload, key, k_res, carry, lw, inputs, obs):
     return rec, nxt, lw, idx, ess, do
 
 
+def _seq_step_sharded(payload, key, k_res, carry, lw, inputs, obs):
+    """:func:`_seq_step` for particles sharded over processes (``payload[6:8]`` = rank,
+    size): the local extension with this process's key and the local weight summary
+    (logsumexp(lw), logsumexp(2 lw)); the global resampling follows outside
+    (``comm.step_resample``): (record, outgoing carry, lw, summary)."""
+    from genmlx.distributed import fold_rank
+
+    rank, size = payload[6:8]
+    rec, out, lw = _seq_extend(payload, fold_rank(key, rank, size), carry, lw, inputs, obs)
+    return rec, out, lw, mx.stack([mx.logsumexp(lw), mx.logsumexp(2 * lw)])
+
+
 _INDEX_DEPENDENT: dict = {}  # Unfold models whose kernel reads t (run with the real t)
 
 
@@ -255,14 +267,20 @@ def _constraint_axes_at(model, key, kernel_inputs, args, t, carry, carry_batched
 
 
 def _run_sequence(keys, model, args, args_T, cons: list, n: int, scheme, threshold: float,
-                  compile: bool, progress: bool) -> "SMCRun":
+                  compile: bool, progress: bool, comm=None) -> "SMCRun":
     """SMC over a ``gm.Unfold``/``gm.Scan`` model with the prior as proposal: per step
     ONE compiled function (:func:`_seq_step`) on the carry alone, keeping the step's new
     choices and carry (pre-resampling row order) and its ancestor indices; the paths and
     the full step sub-traces are rebuilt once at the end (:func:`_rebuild_columns`, or
     :func:`_rebuild` for steps of differing structure), O(n·T) in all. The kernel is
     traced with :data:`STEP_INDEX` for t; if it reads t it runs step by step with the
-    real t (uncompiled extension, compiled resampling)."""
+    real t (uncompiled extension, compiled resampling).
+
+    With ``comm`` (particles sharded over processes, ``n`` = this process's share) the
+    compiled step is the local extension (:func:`_seq_step_sharded`) and
+    ``comm.step_resample`` makes the global decision and moves only the carry rows; the
+    ancestors are global rows, composed once at the end (``comm.descent``), and the
+    kept arrays cross processes once (``comm.take_rows_each``)."""
     from genmlx.combinators._sequence import STEP_INDEX, StepIndexUsed, holds_step_index
 
     T = len(cons)
@@ -289,6 +307,8 @@ def _run_sequence(keys, model, args, args_T, cons: list, n: int, scheme, thresho
         else:
             caxes = (None,) * len(flat_cons[t][0])
         payload = (model, n, batched, caxes, scheme, thr)
+        if comm is not None:
+            payload = payload + (comm.rank, comm.size)
         out = None
         if shared:
             in_l, in_td = fixed_in or tree_flatten(model._kernel_inputs(args, t, STEP_INDEX))
@@ -300,7 +320,8 @@ def _run_sequence(keys, model, args, args_T, cons: list, n: int, scheme, thresho
                 if entry is None:
                     tds = (key_td, key_td, carry_td, key_td, in_td, ob_td)
                     counts = (1, 1, len(carry_l), 1, len(in_l), len(ob_l))
-                    cfn, box = compiled_flat(_seq_step, payload, payload, tds, counts)
+                    cfn, box = compiled_flat(_seq_step if comm is None else _seq_step_sharded,
+                                             payload, payload, tds, counts)
                     flat = cfn(*leaves)
                     if holds_step_index(box["td"]):
                         raise StepIndexUsed("the step number is stored in the step's output")
@@ -319,19 +340,30 @@ def _run_sequence(keys, model, args, args_T, cons: list, n: int, scheme, thresho
                 caxes = _constraint_axes_at(model, k_ext, model._kernel_inputs, args, t, carry,
                                             batched, cons[t], n)
                 payload = (model, n, batched, caxes, scheme, thr)
+                if comm is not None:
+                    payload = payload + (comm.rank, comm.size)
         if out is None:
-            rec, c_out, lw_w = _seq_extend(payload, k_ext, carry, lw, model._kernel_inputs(args, t, t),
+            k_loc = k_ext if comm is None else comm.local_key(k_ext)
+            rec, c_out, lw_w = _seq_extend(payload, k_loc, carry, lw, model._kernel_inputs(args, t, t),
                                            cons[t])
             if suspect:  # the step works with the real t: the kernel reads t
                 _INDEX_DEPENDENT[_model_key(model)] = True
                 suspect = False
-            nxt, lw2, idx, ess, do = cached_call(_seq_resample, payload[4:], payload[4:], k_res, lw_w,
-                                                 c_out, compile=compile)
             rl, rtd = tree_flatten(rec)
-            nl, ntd = tree_flatten(nxt)
-            out = ((rtd, rl), ntd, nl, lw2, idx, ess, do)
-        (rec_td, rec_l), carry_td, carry_l, lw, idx, ess, do = out
-        mx.eval(rec_l, carry_l, lw, idx, ess, do)
+            if comm is None:
+                nxt, lw2, idx, ess, do = cached_call(_seq_resample, payload[4:6], payload[4:6], k_res,
+                                                     lw_w, c_out, compile=compile)
+                nl, ntd = tree_flatten(nxt)
+                out = ((rtd, rl), ntd, nl, lw2, idx, ess, do)
+            else:
+                nl, ntd = tree_flatten(c_out)
+                out = ((rtd, rl), ntd, nl, lw_w, mx.stack([mx.logsumexp(lw_w), mx.logsumexp(2 * lw_w)]))
+        if comm is None:
+            (rec_td, rec_l), carry_td, carry_l, lw, idx, ess, do = out
+        else:  # the global ESS test and resampling: the carry rows alone move
+            (rec_td, rec_l), carry_td, carry_l, lw, stats = out
+            carry_l, idx, lw, ess, do = comm.step_resample(k_res, lw, stats, carry_l, scheme, thr)
+        mx.eval(rec_l, carry_l, lw, ess, do, [] if idx is None else idx)
         recs.append((rec_td, rec_l))
         idxs.append(idx)
         esss.append(ess)
@@ -339,11 +371,12 @@ def _run_sequence(keys, model, args, args_T, cons: list, n: int, scheme, thresho
         axes.append(caxes)
     flags = [bool(f) for f in mx.stack(dos).tolist()]
     ess_hist = tuple(float(e) for e in mx.stack(esss).tolist())
-    Ds = _descent(idxs, flags)
-    built = _rebuild_columns(model, args, recs, Ds, cons, axes, carry_td, n) if shared else None
+    Ds = _descent(idxs, flags) if comm is None else comm.descent(idxs, flags)
+    take_each = None if comm is None else comm.take_rows_each
+    built = _rebuild_columns(model, args, recs, Ds, cons, axes, carry_td, n, take_each) if shared else None
     if built is None:
         recs = [tree_unflatten(td, ls) for td, ls in recs]
-        steps = _rebuild(model, args, recs, Ds, cons, axes, carry_td, n, shared)
+        steps = _rebuild(model, args, recs, Ds, cons, axes, carry_td, n, shared, take_each)
         score = mx.sum(mx.stack([s.score for s in steps]), axis=0)
         mx.eval(lw, score, [tree_flatten(s)[0] for s in steps])
     else:
@@ -351,7 +384,8 @@ def _run_sequence(keys, model, args, args_T, cons: list, n: int, scheme, thresho
         mx.eval(lw, score, blocks)  # the per-step views of the blocks stay lazy (free)
     traces = SequenceTraceT(model, args_T, tuple(steps), score, n)
     ancestors = tuple(i for i, f in zip(idxs, flags) if f)
-    return SMCRun(traces, lw, lw, ess_hist, tuple(flags), ancestors)
+    glw = lw if comm is None else comm.gather(lw)
+    return SMCRun(traces, lw, glw, ess_hist, tuple(flags), ancestors)
 
 
 def _model_key(model):
@@ -374,13 +408,15 @@ def _descent(idxs: list, flags: list) -> list:
     return Ds
 
 
-def _rebuild_columns(model, args, recs, Ds, cons, axes, carry_td, n: int):
+def _rebuild_columns(model, args, recs, Ds, cons, axes, carry_td, n: int, take_each=None):
     """:func:`_rebuild` when every step has one structure (the shared compiled step):
     each kept array is stacked over the steps into a block [T, n, …] and gathered by ONE
     ``take_along_axis`` with the stacked D_t; the steps are replayed as ONE vmapped call
     on T·n rows (the kernel given :data:`STEP_INDEX`; step 0 apart when its initial
     carry has another structure) and split per step. Returns (steps, total score,
-    arrays to evaluate) or None (the general path applies)."""
+    arrays to evaluate) or None (the general path applies). ``take_each`` (sharded
+    particles: ``comm.take_rows_each``) gathers the kept arrays of every step by its
+    global rows D_t instead."""
     from genmlx.combinators._sequence import STEP_INDEX, holds_step_index
 
     T = len(recs)
@@ -394,8 +430,14 @@ def _rebuild_columns(model, args, recs, Ds, cons, axes, carry_td, n: int):
         return None
     ar = mx.arange(n, dtype=mx.int32)
     D = mx.stack([ar if d is None else d for d in Ds])  # [T, n]
+    J = len(recs[0][1])
     cols = []
-    for j in range(len(recs[0][1])):
+    if take_each is not None:  # rows across processes (per-particle observations excluded)
+        if any(a is not None for a in axes[0]):
+            return None
+        got = take_each([ls[j] for _, ls in recs for j in range(J)], [d for d in Ds for _ in range(J)])
+        cols = [mx.stack(got[j::J]) for j in range(J)]
+    for j in range(J if take_each is None else 0):
         block = mx.stack([ls[j] for _, ls in recs])  # [T, n, …]
         cols.append(mx.take_along_axis(block, D.reshape(D.shape + (1,) * (block.ndim - 2)), axis=1))
     cm_cols, carry_cols = tree_unflatten(td0, cols)
@@ -468,7 +510,7 @@ def _replay(payload, inputs, carry, cm):
                          inputs_batched=inputs_batched)[0]
 
 
-def _rebuild(model, args, recs, Ds, cons, axes, carry_td, n: int, shared: bool) -> list:
+def _rebuild(model, args, recs, Ds, cons, axes, carry_td, n: int, shared: bool, take_each=None) -> list:
     """The step sub-traces of the final particles. Step t was kept in its
     pre-resampling row order; final particle i descends from row D_t[i] of step t
     (:func:`_descent`). The kept choices and carries are gathered in one
@@ -490,7 +532,8 @@ def _rebuild(model, args, recs, Ds, cons, axes, carry_td, n: int, shared: bool) 
                 rows.append(Ds[t])
     moved = [i for i, r in enumerate(rows) if r is not None]
     got = list(flat)
-    for i, x in zip(moved, gather_rows_each([flat[i] for i in moved], [rows[i] for i in moved])):
+    take_each = gather_rows_each if take_each is None else take_each
+    for i, x in zip(moved, take_each([flat[i] for i in moved], [rows[i] for i in moved])):
         got[i] = x
     vals = [[None] * sum(1 for _ in cm.leaves()) for cm, _ in recs]
     carries = [list(c) for _, c in recs]
@@ -699,12 +742,15 @@ def run_smc(key: mx.array, model: GenerativeFunction, args: tuple, observations,
     args, pargs = tuple(args), tuple(proposal_args or ())
     T, obs_at, args_at = _steps(args, observations, step_args, model)
     keys = mx.random.split(key, 3 * T).reshape(T, 3, -1)
-    if (comm is None and step_args is None and proposal is None and rejuvenation is None
-            and callback is None and isinstance(model, SequenceGF)):
+    if (step_args is None and proposal is None and rejuvenation is None and callback is None
+            and isinstance(model, SequenceGF)
+            and (comm is None or hasattr(comm, "step_resample"))):
         cons = _step_constraints(obs_at, T)
-        if cons is not None:
+        # sharded: per-particle observations (leading axis n_local) take the general path
+        if cons is not None and (comm is None or not any(
+                getattr(v, "ndim", 0) >= 1 and v.shape[0] == n_local for c in cons for _, v in c.leaves())):
             return _run_sequence(keys, model, args, args_at(T - 1)[0], cons, n_local, resampling,
-                                 ess_threshold, compile, progress)
+                                 ess_threshold, compile, progress, comm)
     ess_hist, flags, ancestors = [], [], []
     traces = lw = None
     anc = _Ancestry(enabled=step_args is None, take_rows=None if comm is None else comm.take_rows,
