@@ -14,6 +14,12 @@ Measures, in the processes of one ``mlx.launch`` group (or one plain process):
 Each timed call starts and ends with a barrier (a tiny all-sum), so a time is the
 slowest process's. Results go to ``--out`` as JSON (rank 0 writes).
 
+``--count`` also runs sharded SMC once with every collective counted (the smallest n):
+per time step without / with a resampling, and at the end of the run. With one process
+``--vs-smc`` times the single-process ``smc`` against the sharded code path on a group of
+one (``run_smc(comm=Shards(group of size 1))``: the same draws, the collectives identities)
+— the cost of the sharded machinery itself.
+
 Launch on one host with 2 GPUs (the lead's H200 machine, MLX CUDA build). How ranks map
 to GPUs: ``mlx.launch -n 2 --backend nccl`` (MLX 0.32, mlx/_distributed_utils/launch.py)
 starts one local process per rank with MLX_RANK=r, MLX_WORLD_SIZE=2, NCCL_HOST_IP /
@@ -55,8 +61,8 @@ from benchmarks.bench_is import make_data, quadratic  # noqa: E402
 from benchmarks.bench_smc import A, Q, RR, kalman_loglik, step  # noqa: E402
 from genmlx.inference import sharded_importance_sampling, sharded_smc  # noqa: E402
 from genmlx.inference._util import cached_call  # noqa: E402
-from genmlx.inference.sharded import shards_for  # noqa: E402
-from genmlx.inference.smc import _resample  # noqa: E402
+from genmlx.inference.sharded import Shards, shards_for  # noqa: E402
+from genmlx.inference.smc import _resample, run_smc, smc  # noqa: E402
 
 
 def _barrier(sh) -> None:
@@ -96,7 +102,8 @@ def _propagate(key, x, lw, y):
 
 
 def hand_filter(key, ys, n: int, sh):
-    """States-only bootstrap filter, sharded like sharded_smc (systematic, ESS < n/2)."""
+    """States-only bootstrap filter, sharded like sharded_smc (systematic, ESS < n/2;
+    ``Shards.step_resample``, as sharded_smc's fused path), without traces or paths."""
     R = 1 if sh is None else sh.size
     m = n // R
     x, lw = mx.zeros((m,)), mx.zeros((m,))
@@ -105,13 +112,55 @@ def hand_filter(key, ys, n: int, sh):
         x, lw = _propagate(k_prop if sh is None else sh.local_key(k_prop), x, lw, mx.array(ys[t]))
         if sh is None:
             idx, lw, _, did = cached_call(_resample, ("systematic", 0.5), ("systematic", 0.5), k_res, lw)
-        else:
-            idx, lw, _, did = sh.resample(k_res, lw, "systematic", 0.5)
-        mx.eval(x, lw, did)
-        if did.item():
-            x = mx.take(x, idx) if sh is None else sh.take_rows([x], idx)[0]
+            mx.eval(x, lw, did)
+            if did.item():
+                x = mx.take(x, idx)
+        else:  # sharded_smc's step: one gather of the weight summary, the states on a resampling
+            stats = mx.stack([mx.logsumexp(lw), mx.logsumexp(2 * lw)])
+            (x,), _, lw, _, did = sh.step_resample(k_res, lw, stats, [x], "systematic", 0.5)
+            mx.eval(x, lw)
     glw = lw if sh is None else sh.gather(lw)
     return mx.logsumexp(glw) - math.log(n)
+
+
+def count_collectives(model, args, obs, n: int, sh) -> dict:
+    """One sharded SMC run with mx.distributed's collectives counted: per step (inside
+    ``Shards.step_resample``) split by whether the step resampled, and the rest (the end
+    of the run: ancestors, kept arrays, log-weights)."""
+    names = ("all_gather", "all_sum")
+    orig = {k: getattr(mx.distributed, k) for k in names}
+    count = {"n": 0}
+
+    def wrap(f):
+        def g(*a, **k):
+            count["n"] += 1
+            return f(*a, **k)
+        return g
+
+    steps = []
+    step_orig = Shards.step_resample
+
+    def step(self, *a, **k):
+        c0 = count["n"]
+        out = step_orig(self, *a, **k)
+        steps.append((out[1] is not None, count["n"] - c0))
+        return out
+
+    for k in names:
+        setattr(mx.distributed, k, wrap(orig[k]))
+    Shards.step_resample = step
+    try:
+        out = sharded_smc(mx.random.key(123), model, args, obs, n, progress=False)
+        mx.eval(out.log_weights)
+    finally:
+        for k in names:
+            setattr(mx.distributed, k, orig[k])
+        Shards.step_resample = step_orig
+    res_steps = [c for did, c in steps if did]
+    plain = [c for did, c in steps if not did]
+    return {"n": n, "T": len(steps), "resamplings": len(res_steps), "total": count["n"],
+            "per_plain_step": sorted(set(plain)), "per_resampling_step": sorted(set(res_steps)),
+            "in_steps": sum(c for _, c in steps), "end_of_run": count["n"] - sum(c for _, c in steps)}
 
 
 def run(a) -> dict:
@@ -127,6 +176,24 @@ def run(a) -> dict:
     res = {"processes": R, "device": str(mx.default_device()), "machine": machine_info(),
            "T": T, "kalman_log_z": float(kalman_loglik(ys)), "smc": {}, "smc_hand": {}, "is": {}}
     keys = iter(mx.random.split(mx.random.key(0), 10_000))
+    if a.count and sh is not None:
+        res["collectives"] = c = count_collectives(model, args, obs, min(a.ns_smc), sh)
+        if rank == 0:
+            print(f"[{R} proc] collectives, sharded_smc n={c['n']} T={c['T']}: {c['total']} in all; "
+                  f"per step without resampling {c['per_plain_step']}, with ({c['resamplings']} steps) "
+                  f"{c['per_resampling_step']}; end of run {c['end_of_run']}", flush=True)
+    if a.vs_smc and sh is None:
+        one = Shards(mx.distributed.init())  # a group of one: the sharded path, collectives identities
+        res["vs_smc"] = {}
+        for n in a.ns_smc:
+            t_smc = _time(lambda: smc(next(keys), model, args, obs, n, progress=False).log_weights, None,
+                          a.repeats)
+            t_sh = _time(lambda: run_smc(next(keys), model, args, obs, n, progress=False, comm=one).log_weights,
+                         None, a.repeats)
+            m1, m2 = statistics.median(t_smc), statistics.median(t_sh)
+            res["vs_smc"][str(n)] = {"smc_s": m1, "sharded_path_s": m2, "smc_times": t_smc, "sharded_times": t_sh}
+            print(f"[1 proc] n={n}: smc {fmt_seconds(m1)}, sharded path on a group of one {fmt_seconds(m2)} "
+                  f"({m2 / m1:.2f}x)", flush=True)
     for n in a.ns_smc:
         if n % R:
             continue
@@ -153,7 +220,7 @@ def run(a) -> dict:
                       flush=True)
     xs, yq = make_data(mx.random.key(0))
     qobs = gm.choicemap({"ys": yq})
-    for n in a.ns_is:
+    for n in ([] if a.skip_is else a.ns_is):
         if n % R:
             continue
         last = {}
@@ -209,6 +276,10 @@ def main() -> None:
     ap.add_argument("--T", type=int, default=100)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-hand", action="store_true", help="skip the hand-written filter")
+    ap.add_argument("--skip-is", action="store_true", help="skip sharded importance sampling")
+    ap.add_argument("--count", action="store_true", help="count the collectives of one sharded SMC run")
+    ap.add_argument("--vs-smc", action="store_true",
+                    help="one process: time smc() against the sharded path on a group of one")
     ap.add_argument("--out", default=None, help="JSON file for this run's results (rank 0 writes)")
     ap.add_argument("--compare", nargs="+", default=None, metavar="JSON",
                     help="no run: compare result files of 1 and N processes")

@@ -384,7 +384,10 @@ def _run_sequence(keys, model, args, args_T, cons: list, n: int, scheme, thresho
         mx.eval(lw, score, blocks)  # the per-step views of the blocks stay lazy (free)
     traces = SequenceTraceT(model, args_T, tuple(steps), score, n)
     ancestors = tuple(i for i, f in zip(idxs, flags) if f)
-    glw = lw if comm is None else comm.gather(lw)
+    glw = lw
+    if comm is not None:  # evaluated here: every process takes part in the gather
+        glw = comm.gather(lw)
+        mx.eval(glw)
     return SMCRun(traces, lw, glw, ess_hist, tuple(flags), ancestors)
 
 
