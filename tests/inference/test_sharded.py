@@ -11,6 +11,12 @@ of exp(log Ẑ − log Z) over repeats within 3.5 SE of 1), that global weights,
 log Ẑ and ancestor vectors are bitwise identical on both ranks, that every particle
 movement equals the gather-everything reference, and that resolved SMC traces are
 coherent (each particle's score equals the log joint of its own path).
+
+The fused sharded SMC path (``Shards.step_resample`` / ``descent`` / ``take_rows_each``):
+on a group of one process it draws exactly what ``smc`` draws (every scheme); on two
+processes every time step makes ONE collective without a resampling and at most two
+with one (counted by wrapping ``mx.distributed``'s collectives), the cross-process row
+gathers equal the gather-everything reference, and the rebuilt paths are coherent.
 """
 
 from __future__ import annotations
@@ -188,6 +194,60 @@ for i, k in enumerate(mx.random.split(mx.random.key(5), 40)):
 res["smc_logz"] = lzs
 res["smc_coherent"] = coherent
 
+# the fused path: collectives per step (the compiled step itself has none)
+from genmlx.inference.sharded import Shards
+calls = {"n": 0}
+real = {k: getattr(mx.distributed, k) for k in ("all_gather", "all_sum")}
+for name, f in real.items():
+    setattr(mx.distributed, name, lambda *a, _f=f, **k: (calls.__setitem__("n", calls["n"] + 1), _f(*a, **k))[1])
+per_step, step_real = [], Shards.step_resample
+
+def counted(self, *a, **k):
+    c0 = calls["n"]
+    out = step_real(self, *a, **k)
+    per_step.append([out[1] is not None, calls["n"] - c0])
+    return out
+
+Shards.step_resample = counted
+counts = {}
+for scheme in ("systematic", "stratified", "residual"):
+    calls["n"], per_step[:] = 0, []
+    out = sharded_smc(mx.random.key(8), model, args, obs, 200, progress=False, resampling=scheme,
+                      ess_threshold=0.8)
+    counts[scheme] = {"steps": [list(p) for p in per_step], "total": calls["n"]}
+    xs = np.stack([np.array(out.traces[(t, "x")]) for t in range(T)], 1)
+    prev = np.concatenate([np.zeros((xs.shape[0], 1)), xs[:, :-1]], 1)
+    lp = (-0.5 * ((xs - A * prev) / Q) ** 2 - math.log(Q) - 0.5 * ((np.array(YS) - xs) / RR) ** 2
+          - math.log(RR) - math.log(2 * math.pi)).sum(1)
+    counts[scheme]["coherent"] = bool(np.allclose(lp, np.array(out.traces.score), atol=1e-3, rtol=1e-4))
+    # the paths: the rebuilt final particles' states are the gathered per-step states along
+    # the composed global ancestors (reference: everything gathered)
+    counts[scheme]["resampled"] = list(out.resampled)
+Shards.step_resample = step_real
+for name, f in real.items():
+    setattr(mx.distributed, name, f)
+res["fused_counts"] = counts
+
+# take_rows_each and descent against the gather-everything reference
+leaves = [mx.random.normal((m_loc, 2), key=mx.random.key(30 + rank)),
+          mx.random.randint(0, 9, (m_loc,), key=mx.random.key(40 + rank)),
+          mx.random.bernoulli(0.5, (m_loc,), key=mx.random.key(50 + rank)).astype(mx.bool_),
+          mx.random.normal((m_loc,), key=mx.random.key(60 + rank)).astype(mx.float16)]
+G = [sh.gather(x) for x in leaves]
+full = [mx.sort(mx.random.randint(0, 2 * m_loc, (2 * m_loc,), key=mx.random.key(k))) for k in (70, 71)]
+rows = [full[0][rank * m_loc:(rank + 1) * m_loc], None, full[1][rank * m_loc:(rank + 1) * m_loc],
+        full[0][rank * m_loc:(rank + 1) * m_loc]]
+got = sh.take_rows_each(leaves, rows)
+res["take_each_ok"] = all(
+    bool(mx.array_equal(g, Gx[r] if r is not None else x)) and g.dtype == x.dtype
+    for g, Gx, r, x in zip(got, G, rows, leaves))
+flags = [True, False, True, True]
+anc = [mx.sort(mx.random.randint(0, 2 * m_loc, (2 * m_loc,), key=mx.random.key(80 + t))) for t in range(4)]
+Ds = sh.descent([a[rank * m_loc:(rank + 1) * m_loc] for a in anc], flags)
+ref = anc[3][rank * m_loc:(rank + 1) * m_loc]
+want = [anc[0][anc[2][ref]], anc[2][ref], anc[2][ref], ref]
+res["descent_ok"] = all(bool(mx.array_equal(d, w)) for d, w in zip(Ds, want))
+
 # rejuvenation and a callback: the full traces are resolved across ranks every step
 seen = []
 
@@ -317,6 +377,26 @@ def test_smc_rejuvenation_and_callback_see_local_resolved_particles(two_ranks):
         assert r["callback_sizes"] == [50] * len(YS)
 
 
+def test_fused_smc_one_collective_per_step(two_ranks):
+    """Per step: ONE collective without a resampling (the weight summary, or the
+    log-weights for other schemes), at most two with one (plus the carry rows); the end
+    of the run: the ancestors, the kept arrays' bounds and rows, the log-weights."""
+    for r in two_ranks:
+        for scheme, c in r["fused_counts"].items():
+            steps = c["steps"]
+            assert len(steps) == len(YS), scheme
+            assert [did for did, _ in steps] == c["resampled"] and any(c["resampled"]), scheme
+            assert all(k == 1 for did, k in steps if not did), (scheme, steps)
+            assert all(1 <= k <= 2 for did, k in steps if did), (scheme, steps)
+            assert c["total"] - sum(k for _, k in steps) <= 4, (scheme, c["total"])
+            assert c["coherent"], scheme
+
+
+def test_fused_row_moves_equal_full_gather(two_ranks):
+    for r in two_ranks:
+        assert r["take_each_ok"] and r["descent_ok"]
+
+
 # --- one process: the single-process functions ---------------------------------------
 @gm.gen
 def _nn():
@@ -352,6 +432,55 @@ def test_single_process_smc_equals_smc():
     assert a.resampled == b.resampled and any(a.resampled)
     for t in range(T):
         assert mx.array_equal(a.traces[(t, "x")], b.traces[(t, "x")])
+
+
+@pytest.mark.parametrize("scheme", ["systematic", "multinomial", "stratified", "residual"])
+def test_fused_sharded_path_on_group_of_one_equals_smc(scheme):
+    """run_smc(comm=Shards(group of one)): the sharded fused path (local summary, global
+    decision, carry moves, ancestors composed by ``descent``, kept arrays by
+    ``take_rows_each``) draws exactly what smc draws."""
+    from genmlx.inference.sharded import Shards
+    from genmlx.inference.smc import run_smc
+
+    @gm.gen
+    def step(t, x, a, q, r):
+        x = gm.trace("x", gm.normal(a * x, q))
+        gm.trace("y", gm.normal(x, r))
+        return x
+
+    model = gm.Unfold(step)
+    T = len(YS)
+    obs = gm.choicemap({(t, "y"): YS[t] for t in range(T)})
+    args = (T, mx.array(0.0), A, Q, RR)
+    sh = Shards(mx.distributed.init())
+    sh.sort_ancestors = False
+    a = run_smc(mx.random.key(3), model, args, obs, 40, progress=False, ess_threshold=0.9,
+                resampling=scheme, comm=sh)
+    b = run_smc(mx.random.key(3), model, args, obs, 40, progress=False, ess_threshold=0.9,
+                resampling=scheme)
+    assert mx.array_equal(a.log_weights, b.log_weights) and mx.array_equal(a.global_log_weights, b.log_weights)
+    assert a.resampled == b.resampled and sum(a.resampled) >= 3
+    assert a.ess_history == b.ess_history
+    assert all(mx.array_equal(x, y) for x, y in zip(a.ancestors, b.ancestors))
+    for t in range(T):
+        assert mx.array_equal(a.traces[(t, "x")], b.traces[(t, "x")])
+    assert mx.allclose(a.traces.score, b.traces.score, atol=1e-5)
+
+
+def test_gather_packed_round_trips_every_dtype():
+    """One packed collective (bit views in a uint32 buffer) returns every array as it was
+    (a group of one: the gather is the identity)."""
+    from genmlx.inference.sharded import Shards
+
+    sh = Shards(mx.distributed.init())
+    k = mx.random.key(0)
+    xs = [mx.random.normal((5, 2), key=k), mx.arange(5, dtype=mx.int32) - 2,
+          mx.array([True, False, True, True, False]), mx.random.normal((5,), key=k).astype(mx.float16),
+          mx.random.normal((5, 3), key=k).astype(mx.bfloat16), mx.arange(5, dtype=mx.uint8),
+          mx.arange(5, dtype=mx.int64) * (2**40), mx.array([-3, 4, 5, -6, 7], dtype=mx.int16)]
+    out = sh.gather_packed(xs)
+    for x, y in zip(xs, out):
+        assert y.dtype == x.dtype and y.shape == x.shape and mx.array_equal(x, y), x.dtype
 
 
 # --- R processes simulated in one (the collectives replaced by concatenation) ----------
