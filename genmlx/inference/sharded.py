@@ -54,15 +54,42 @@ process agrees on whether to resample and on the ancestors, and after a resampli
 every log-weight is the global log-mean weight. The global particle system is thus a
 single-process SMC with n particles (given the per-process draws), and
 log Ẑ = logsumexp(lw_T) − log n over all processes is the usual estimate, unbiased in
-Ẑ. For ``gm.Unfold``/``gm.Scan`` traces a resampling moves only the last step and the
-score (the lazy ancestry of ``smc``); the earlier steps move once, when the full traces
-are resolved (at the end, or for rejuvenation, callbacks or proposals), along the
-composed ancestor vectors (composed with the same cross-process gather; compositions
-of sorted vectors are sorted, so again only boundary particles move).
+Ẑ.
 
-Communication per step: 2R scalars; on a resampling, a few index windows, 2R ints and
-the moved rows of the last step; at the end n log-weights and the moved rows of the
-earlier steps.
+Fused path (``gm.Unfold``/``gm.Scan`` models with the prior as proposal, no
+rejuvenation, callback or ``step_args``: ``smc._run_sequence`` with ``comm``): each step
+is ONE compiled local function (extension, weight, and the summary (logsumexp(lw^(r)),
+logsumexp(2 lw^(r)))) that keeps only the step's new choices and carry
+(:meth:`Shards.step_resample` then does the rest):
+
+* one all-gather of the R·2 summaries and one host read (N(B) and the decision
+  together, computed on the device by :func:`_systematic_local`); nothing else when
+  the ESS test does not fire;
+* on a resampling, process q expands its carry rows into its segment (its offspring,
+  with their global source rows) and exports the parts outside its block: ONE
+  all-gather of all carry leaves and the source rows packed into one uint32 buffer
+  (:meth:`Shards.gather_packed`), none when every segment is its own block. The
+  ancestor vector a_t stays sharded: process r keeps a_t's block of its slots;
+* at the end: ONE all-gather of the K ancestor blocks [K, m] gives every process the
+  global a_t, composed locally into the global rows D_t its final particles descend from
+  (:meth:`Shards.descent`); the kept arrays of every step move by those rows in one
+  bounds gather and one packed window gather (:meth:`Shards.take_rows_each`); the steps
+  are replayed locally from their choices (scores), as in ``smc``; one gather of the
+  log-weights.
+
+Other schemes gather the n log-weights instead of the summaries (one collective, O(n)
+work per process), draw the global (sorted) ancestors everywhere, and move the carry
+rows in one collective whose windows follow from them. Otherwise (the general path) a
+resampling of ``gm.Unfold``/``gm.Scan`` traces moves only the last step and the score
+(the lazy ancestry of ``smc``); the earlier steps move when the full traces are resolved
+(at the end, or for rejuvenation, callbacks or proposals), along the composed ancestor
+vectors (composed with the cross-process :meth:`Shards.take_rows`; compositions of
+sorted vectors are sorted, so again only boundary particles move).
+
+Communication per step of the fused path: 2R scalars (one collective, one host read);
+on a resampling also the carry rows that change process (one collective). At the end:
+K·n ancestor indices, 2R·T bounds, the moved rows of the kept arrays, n log-weights
+(four collectives).
 """
 
 from __future__ import annotations
@@ -624,8 +651,11 @@ def sharded_smc(key: mx.array, model: GenerativeFunction, args: tuple, observati
     """:func:`~genmlx.inference.smc.smc` with n particles in total, n/R per process of
     ``group``; the ESS test, resampling and log Ẑ are global (module docstring).
     ``rejuvenation(key, traces)`` and ``callback(t, traces, log_weights)`` see this
-    process's particles (and local log-weights). Returns a :class:`ShardedSMCResult`,
-    or the single-process :class:`SMCResult` when the group has one process."""
+    process's particles (and local log-weights). ``gm.Unfold``/``gm.Scan`` models with
+    the prior as proposal take the fused path (module docstring: one collective per step
+    without a resampling, two with one); ``compile`` (default True, as ``smc``) compiles
+    the step. Returns a :class:`ShardedSMCResult`, or the single-process
+    :class:`SMCResult` when the group has one process (then this is ``smc`` itself)."""
     kw = dict(proposal=proposal, proposal_args=proposal_args, resampling=resampling,
               ess_threshold=ess_threshold, rejuvenation=rejuvenation, step_args=step_args,
               callback=callback, compile=compile)
