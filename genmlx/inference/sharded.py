@@ -88,8 +88,8 @@ sorted vectors are sorted, so again only boundary particles move).
 
 Communication per step of the fused path: 2R scalars (one collective, one host read);
 on a resampling also the carry rows that change process (one collective). At the end:
-K·n ancestor indices, 2R·T bounds, the moved rows of the kept arrays, n log-weights
-(four collectives).
+K·n ancestor indices with the n log-weights, 2R·T bounds, the moved rows of the kept
+arrays (three collectives).
 """
 
 from __future__ import annotations
@@ -212,25 +212,30 @@ class Shards:
         plan = WindowPlan(head[:-1].reshape(self.size, 2), m)
         return self._move(plan, leaves, mine), mine, self.local(glw), ess, did
 
-    def descent(self, idxs: list, flags: list) -> list:
+    def descent(self, idxs: list, flags: list, lw: mx.array | None = None):
         """Global rows of each step's (pre-resampling) arrays that this process's final
         particles descend from (as ``smc._descent``, None where no resampling follows):
         the ancestor blocks of all resamplings are all-gathered once ([K, n] global
-        ancestor vectors) and composed locally, D_t = a_t[D_{t+1}]."""
+        ancestor vectors) and composed locally, D_t = a_t[D_{t+1}]. With ``lw`` the
+        final log-weights ride along in the same collective: returns (Ds, global lw)."""
         ks = [t for t, f in enumerate(flags) if f]
         Ds = [None] * len(idxs)
         if not ks:
-            return Ds
+            return Ds if lw is None else (Ds, self.gather(lw))
         K, m = len(ks), int(idxs[ks[0]].shape[0])
-        A = self.gather(mx.stack([idxs[t] for t in ks])).reshape(self.size, K, m)
-        A = mx.transpose(A, (1, 0, 2)).reshape(K, self.size * m)
+        blocks = mx.stack([idxs[t] for t in ks])
+        if lw is None:
+            A = self.gather(blocks)
+        else:
+            A, glw = self.gather_packed([blocks, lw])
+        A = mx.transpose(A.reshape(self.size, K, m), (1, 0, 2)).reshape(K, self.size * m)
         D, j = None, K - 1
         for t in reversed(range(len(idxs))):
             if flags[t]:
                 D = idxs[t] if D is None else mx.take(A[j], D, axis=0)
                 j -= 1
             Ds[t] = D
-        return Ds
+        return Ds if lw is None else (Ds, glw)
 
     def take_rows_each(self, leaves: list, rows: list) -> list:
         """``[x[r] for x, r in zip(leaves, rows)]`` across processes (``rows[i]``: global

@@ -371,7 +371,10 @@ def _run_sequence(keys, model, args, args_T, cons: list, n: int, scheme, thresho
         axes.append(caxes)
     flags = [bool(f) for f in mx.stack(dos).tolist()]
     ess_hist = tuple(float(e) for e in mx.stack(esss).tolist())
-    Ds = _descent(idxs, flags) if comm is None else comm.descent(idxs, flags)
+    if comm is None:
+        Ds = _descent(idxs, flags)
+    else:  # the final log-weights travel with the ancestors (one collective)
+        Ds, glw = comm.descent(idxs, flags, lw)
     take_each = None if comm is None else comm.take_rows_each
     built = _rebuild_columns(model, args, recs, Ds, cons, axes, carry_td, n, take_each) if shared else None
     if built is None:
@@ -384,9 +387,9 @@ def _run_sequence(keys, model, args, args_T, cons: list, n: int, scheme, thresho
         mx.eval(lw, score, blocks)  # the per-step views of the blocks stay lazy (free)
     traces = SequenceTraceT(model, args_T, tuple(steps), score, n)
     ancestors = tuple(i for i, f in zip(idxs, flags) if f)
-    glw = lw
-    if comm is not None:  # evaluated here: every process takes part in the gather
-        glw = comm.gather(lw)
+    if comm is None:
+        glw = lw
+    else:  # evaluated here: every process takes part in the gather
         mx.eval(glw)
     return SMCRun(traces, lw, glw, ess_hist, tuple(flags), ancestors)
 
