@@ -434,8 +434,10 @@ def test_single_process_smc_equals_smc():
         assert mx.array_equal(a.traces[(t, "x")], b.traces[(t, "x")])
 
 
-@pytest.mark.parametrize("scheme", ["systematic", "multinomial", "stratified", "residual"])
-def test_fused_sharded_path_on_group_of_one_equals_smc(scheme):
+@pytest.mark.parametrize("scheme,kind", [("systematic", "unfold"), ("multinomial", "unfold"),
+                                         ("stratified", "unfold"), ("residual", "unfold"),
+                                         ("systematic", "scan")])
+def test_fused_sharded_path_on_group_of_one_equals_smc(scheme, kind):
     """run_smc(comm=Shards(group of one)): the sharded fused path (local summary, global
     decision, carry moves, ancestors composed by ``descent``, kept arrays by
     ``take_rows_each``) draws exactly what smc draws."""
@@ -448,10 +450,18 @@ def test_fused_sharded_path_on_group_of_one_equals_smc(scheme):
         gm.trace("y", gm.normal(x, r))
         return x
 
-    model = gm.Unfold(step)
+    @gm.gen
+    def scan_step(x, u):
+        x = gm.trace("x", gm.normal(A * x + u, Q))
+        gm.trace("y", gm.normal(x, RR))
+        return x, x
+
     T = len(YS)
     obs = gm.choicemap({(t, "y"): YS[t] for t in range(T)})
-    args = (T, mx.array(0.0), A, Q, RR)
+    if kind == "unfold":
+        model, args = gm.Unfold(step), (T, mx.array(0.0), A, Q, RR)
+    else:
+        model, args = gm.Scan(scan_step), (mx.array(0.0), 0.1 * mx.arange(T, dtype=mx.float32))
     sh = Shards(mx.distributed.init())
     sh.sort_ancestors = False
     a = run_smc(mx.random.key(3), model, args, obs, 40, progress=False, ess_threshold=0.9,
