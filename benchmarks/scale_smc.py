@@ -30,9 +30,9 @@ gpu device. The environment is otherwise inherited (a CUDA_VISIBLE_DEVICES set b
 is overridden). NVLink multicast stays off::
 
     cd /path/to/genmlx
-    python3 benchmarks/scale_smc.py --out /tmp/scale_1.json                      # 1 GPU
+    python3 benchmarks/scale_smc.py --vs-smc --out /tmp/scale_1.json             # 1 GPU
     NCCL_NVLS_ENABLE=0 mlx.launch -n 2 --backend nccl --env NCCL_NVLS_ENABLE=0 \\
-        --python "$(command -v python3)" benchmarks/scale_smc.py --out /tmp/scale_2.json
+        --python "$(command -v python3)" benchmarks/scale_smc.py --count --out /tmp/scale_2.json
     python3 benchmarks/scale_smc.py --compare /tmp/scale_1.json /tmp/scale_2.json \\
         --append-results --note "H200 x2, NCCL, NCCL_NVLS_ENABLE=0"
 
