@@ -14,7 +14,9 @@ Measures, in the processes of one ``mlx.launch`` group (or one plain process):
 Each timed call starts and ends with a barrier (a tiny all-sum), so a time is the
 slowest process's. Results go to ``--out`` as JSON (rank 0 writes).
 
-``--count`` also runs sharded SMC once with every collective counted (the smallest n):
+``--latency`` times a host read and an all-gather of 2 floats followed by a host read
+(the fused path's per-step floor beyond arithmetic). ``--count`` also runs sharded SMC
+once with every collective counted (the smallest n):
 per time step without / with a resampling, and at the end of the run. With one process
 ``--vs-smc`` times the single-process ``smc`` against the sharded code path on a group of
 one (``run_smc(comm=Shards(group of size 1))``: the same draws, the collectives identities)
@@ -32,7 +34,7 @@ is overridden). NVLink multicast stays off::
     cd /path/to/genmlx
     python3 benchmarks/scale_smc.py --vs-smc --out /tmp/scale_1.json             # 1 GPU
     NCCL_NVLS_ENABLE=0 mlx.launch -n 2 --backend nccl --env NCCL_NVLS_ENABLE=0 \\
-        --python "$(command -v python3)" benchmarks/scale_smc.py --count --out /tmp/scale_2.json
+        --python "$(command -v python3)" benchmarks/scale_smc.py --count --latency --out /tmp/scale_2.json
     python3 benchmarks/scale_smc.py --compare /tmp/scale_1.json /tmp/scale_2.json \\
         --append-results --note "H200 x2, NCCL, NCCL_NVLS_ENABLE=0"
 
@@ -123,6 +125,27 @@ def hand_filter(key, ys, n: int, sh):
     return mx.logsumexp(glw) - math.log(n)
 
 
+def latency(sh, reps: int = 200) -> dict:
+    """Per-call wall time (median over ``reps``) of what one SMC step costs beyond its
+    arithmetic: a host read of a tiny result (``.tolist()``), and an all-gather of the
+    2-float weight summary followed by that read (the fused path's per-step collective)."""
+    x = mx.zeros((1, 2))
+    out = {}
+    cases = {"host_read_s": lambda: (x + 1.0).tolist()}
+    if sh is not None:
+        cases["gather_2_floats_and_read_s"] = lambda: sh.gather(x + 1.0).tolist()
+    for name, f in cases.items():
+        f()
+        _barrier(sh)
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            f()
+            ts.append(time.perf_counter() - t0)
+        out[name] = statistics.median(ts)
+    return out
+
+
 def count_collectives(model, args, obs, n: int, sh) -> dict:
     """One sharded SMC run with mx.distributed's collectives counted: per step (inside
     ``Shards.step_resample``) split by whether the step resampled, and the rest (the end
@@ -176,6 +199,10 @@ def run(a) -> dict:
     res = {"processes": R, "device": str(mx.default_device()), "machine": machine_info(),
            "T": T, "kalman_log_z": float(kalman_loglik(ys)), "smc": {}, "smc_hand": {}, "is": {}}
     keys = iter(mx.random.split(mx.random.key(0), 10_000))
+    if a.latency:
+        res["latency"] = lat = latency(sh)
+        if rank == 0:
+            print(f"[{R} proc] per call: " + ", ".join(f"{k} {fmt_seconds(v)}" for k, v in lat.items()), flush=True)
     if a.count and sh is not None:
         res["collectives"] = c = count_collectives(model, args, obs, min(a.ns_smc), sh)
         if rank == 0:
@@ -278,6 +305,8 @@ def main() -> None:
     ap.add_argument("--skip-hand", action="store_true", help="skip the hand-written filter")
     ap.add_argument("--skip-is", action="store_true", help="skip sharded importance sampling")
     ap.add_argument("--count", action="store_true", help="count the collectives of one sharded SMC run")
+    ap.add_argument("--latency", action="store_true",
+                    help="time a host read and a 2-float all-gather + read (the per-step floor)")
     ap.add_argument("--vs-smc", action="store_true",
                     help="one process: time smc() against the sharded path on a group of one")
     ap.add_argument("--out", default=None, help="JSON file for this run's results (rank 0 writes)")
