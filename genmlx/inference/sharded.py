@@ -186,10 +186,10 @@ class Shards:
         whose windows follow from those ancestors (no bounds exchange)."""
         m, r = int(lw.shape[0]), self.rank
         if isinstance(scheme, str) and scheme == "systematic":
-            g = self.gather(stats[None])
+            g = self.gather(stats.reshape(1, 2))
             payload = (self.size, r, threshold)
-            ess, did, new_lw, Nb, counts = cached_call(_systematic_local, payload, payload, key, lw, g)
-            head = mx.concatenate([Nb, did.astype(mx.int32)[None]]).tolist()  # the host sync
+            ess, did, new_lw, head, counts = cached_call(_systematic_head, payload, payload, key, lw, g)
+            head = head.tolist()  # the host sync: N(B) and the decision
             if not head[-1]:
                 return leaves, None, new_lw, ess, did
             plan = SegmentPlan(head[:-1], m)
@@ -463,6 +463,13 @@ def _local_stats(lw: mx.array) -> mx.array:
     """(logsumexp(lw), logsumexp(2 lw)) of this process's log-weights: with the other
     processes' the global log Ẑ_t and ESS (:func:`_systematic_local`)."""
     return mx.stack([mx.logsumexp(lw), mx.logsumexp(2 * lw)])
+
+
+def _systematic_head(payload, key, lw, stats):
+    """:func:`_systematic_local` with N(B) and the decision in one int array [R + 2]
+    (read by the host at once): (ESS, did, new lw, head, counts)."""
+    ess, did, new_lw, Nb, counts = _systematic_local(payload, key, lw, stats)
+    return ess, did, new_lw, mx.concatenate([Nb, did.astype(mx.int32)[None]]), counts
 
 
 def _resample_global(payload, key, glw):
