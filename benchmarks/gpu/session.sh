@@ -31,9 +31,9 @@ run() {  # run NAME TIMEOUT CMD...
 case $part in
   scaling)
     run scale_train 300 $py benchmarks/scale_train.py --procs 1,2 --batch 1600,3200,12800,25600 --steps 200 --append --note "$NOTE"
-    run scale_smc_1 90 $py benchmarks/scale_smc.py --ns-smc 1000000 10000000 --ns-is 10000000 100000000 --repeats 3 --out "$OUT/scale_1.json"
+    run scale_smc_1 120 $py benchmarks/scale_smc.py --ns-smc 1000000 10000000 --ns-is 10000000 100000000 --repeats 3 --vs-smc --out "$OUT/scale_1.json"
     run scale_smc_2 120 mlx.launch -n 2 --backend nccl --env NCCL_NVLS_ENABLE=0 --python "$(command -v $py)" \
-      benchmarks/scale_smc.py --ns-smc 1000000 10000000 --ns-is 10000000 100000000 --repeats 3 --out "$OUT/scale_2.json"
+      benchmarks/scale_smc.py --ns-smc 1000000 10000000 --ns-is 10000000 100000000 --repeats 3 --count --latency --out "$OUT/scale_2.json"
     run scale_cmp 30 $py benchmarks/scale_smc.py --compare "$OUT/scale_1.json" "$OUT/scale_2.json" --append-results --note "$NOTE"
     ;;
   bench)
