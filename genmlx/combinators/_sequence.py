@@ -143,6 +143,13 @@ class _StepIndex:
 STEP_INDEX = _StepIndex()
 
 
+def same_leaves(flats: list) -> bool:
+    """Whether flattened trees ``[(leaves, treedef), …]`` hold the very same leaf objects
+    (the kernel inputs of every step are one set, so they need no per-step stacking)."""
+    first = flats[0][0]
+    return all(len(a) == len(first) and all(x is y for x, y in zip(a, first)) for a, _ in flats)
+
+
 def holds_step_index(treedef) -> bool:
     """Whether a treedef (nested tuples of statics) holds :data:`STEP_INDEX`, i.e. the
     stand-in leaked into a returned structure (e.g. a sub-call's stored arguments)."""
@@ -461,9 +468,7 @@ class SequenceGF(GenerativeFunction):
         for i, (p, _) in enumerate(cms[0]):
             cm = cm.set_submap(p, ChoiceMap.leaf(rows([c[i][1] for c in cms])))
         ins = [tree_flatten(self._kernel_inputs(args, t, STEP_INDEX)) for t, *_ in steps]
-        shared = all(len(a) == len(ins[0][0]) and all(x is y for x, y in zip(a, ins[0][0]))
-                     for a, _ in ins)
-        if shared:
+        if same_leaves(ins):
             inputs = tree_unflatten(ins[0][1], ins[0][0])
         else:
             inputs = tree_unflatten(ins[0][1], [

@@ -424,7 +424,7 @@ def _rebuild_columns(model, args, recs, Ds, cons, axes, carry_td, n: int, take_e
     arrays to evaluate) or None (the general path applies). ``take_each`` (sharded
     particles: ``comm.take_rows_each``) gathers the kept arrays of every step by its
     global rows D_t instead."""
-    from genmlx.combinators._sequence import STEP_INDEX, holds_step_index
+    from genmlx.combinators._sequence import STEP_INDEX, holds_step_index, same_leaves
 
     T = len(recs)
     td0 = recs[0][0]
@@ -478,8 +478,7 @@ def _rebuild_columns(model, args, recs, Ds, cons, axes, carry_td, n: int, take_e
     try:
         in_flat = [tree_flatten(model._kernel_inputs(args, t, STEP_INDEX))
                    for t in (range(lo, T) if model._inputs_vary else [lo])]
-        shared_in = all(len(a) == len(in_flat[0][0]) and all(x is y for x, y in zip(a, in_flat[0][0]))
-                        for a, _ in in_flat)
+        shared_in = same_leaves(in_flat)
         if shared_in:
             inp = tree_unflatten(in_flat[0][1], in_flat[0][0])
         else:
