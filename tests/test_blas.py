@@ -202,7 +202,7 @@ def test_thread_policy_small_work(monkeypatch):
     """Small work runs with one OpenBLAS thread (or GENMLX_SMALL_BLAS_THREADS), large
     work and GPU runs keep the count, 'keep' disables it, and the count is restored."""
     if _blas.get_blas_threads() is None:
-        pytest.skip("OpenBLAS is not in use")
+        pytest.skip("OpenBLAS is not loaded (MLX's reference BLAS is in use): there are no worker threads whose count the policy could set")
     before = _blas.get_blas_threads()
     try:
         _blas.set_blas_threads(2)
@@ -237,7 +237,7 @@ def test_mcmc_runs_small_models_on_one_thread():
     """gm.inference.hmc on a 20-point regression runs with one OpenBLAS thread and
     restores the previous count afterwards."""
     if _blas.get_blas_threads() is None:
-        pytest.skip("OpenBLAS is not in use")
+        pytest.skip("OpenBLAS is not loaded (MLX's reference BLAS is in use): there are no worker threads whose count the policy could set")
     import genmlx as gm
     import mlx.core as mx
 

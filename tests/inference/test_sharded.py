@@ -66,6 +66,15 @@ def normal_normal_exact():
     return mean, logp
 
 
+@gm.gen
+def ssm_step(t, x, a, q, r):
+    """The linear-Gaussian state-space step of the in-process SMC tests (the worker script
+    defines its own)."""
+    x = gm.trace("x", gm.normal(a * x, q))
+    gm.trace("y", gm.normal(x, r))
+    return x
+
+
 def kalman_loglik(ys):
     return kalman_filter(ys, A, Q, RR, 0.0)[0]
 
@@ -416,13 +425,7 @@ def test_single_process_is_equals_importance_sampling():
 
 
 def test_single_process_smc_equals_smc():
-    @gm.gen
-    def step(t, x, a, q, r):
-        x = gm.trace("x", gm.normal(a * x, q))
-        gm.trace("y", gm.normal(x, r))
-        return x
-
-    model = gm.Unfold(step)
+    model = gm.Unfold(ssm_step)
     T = 4
     obs = gm.choicemap({(t, "y"): YS[t] for t in range(T)})
     args = (T, mx.array(0.0), A, Q, RR)
@@ -445,12 +448,6 @@ def test_fused_sharded_path_on_group_of_one_equals_smc(scheme, kind):
     from genmlx.inference.smc import run_smc
 
     @gm.gen
-    def step(t, x, a, q, r):
-        x = gm.trace("x", gm.normal(a * x, q))
-        gm.trace("y", gm.normal(x, r))
-        return x
-
-    @gm.gen
     def scan_step(x, u):
         x = gm.trace("x", gm.normal(A * x + u, Q))
         gm.trace("y", gm.normal(x, RR))
@@ -459,7 +456,7 @@ def test_fused_sharded_path_on_group_of_one_equals_smc(scheme, kind):
     T = len(YS)
     obs = gm.choicemap({(t, "y"): YS[t] for t in range(T)})
     if kind == "unfold":
-        model, args = gm.Unfold(step), (T, mx.array(0.0), A, Q, RR)
+        model, args = gm.Unfold(ssm_step), (T, mx.array(0.0), A, Q, RR)
     else:
         model, args = gm.Scan(scan_step), (mx.array(0.0), 0.1 * mx.arange(T, dtype=mx.float32))
     sh = Shards(mx.distributed.init())
