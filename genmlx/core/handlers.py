@@ -9,10 +9,12 @@ handler behind.
 
 from __future__ import annotations
 
+import math
 import threading
 from typing import Any
 
 import mlx.core as mx
+import numpy as np
 
 from genmlx.core.address import Path, to_path
 from genmlx.core.choicemap import ChoiceMap
@@ -80,6 +82,25 @@ def standard_noise(key: mx.array, kind: str, shape: tuple) -> mx.array:
     return mx.random.uniform(shape=shape, key=key)
 
 
+_U32_MAX = float(np.iinfo(np.uint32).max)
+_BELOW_ONE = float(np.nextafter(np.float32(1.0), np.float32(0.0)))
+_NORMAL_LOW = float(np.nextafter(np.float32(-1.0), np.float32(0.0)))
+_NORMAL_RANGE = float(np.float32(1.0) - np.float32(_NORMAL_LOW))
+_SQRT2 = float(np.float32(math.sqrt(2.0)))
+
+
+def noise_from_bits(bits: mx.array, kind: str) -> mx.array:
+    """``standard_noise`` from its raw uint32 bits, with MLX's own transform (bit-identical:
+    u = min(b / (2³² − 1), 1⁻); uniform u, or normal √2 · erfinv((1 − l) u + l) with
+    l = −1⁺). For an even number of draws, ``mx.random.split(key, m).reshape(-1)`` holds
+    the bits that ``mx.random.normal((2m,), key=key)`` transforms."""
+    u = mx.minimum(bits / mx.array(_U32_MAX, mx.float32), mx.array(_BELOW_ONE, mx.float32))
+    if kind == "normal":
+        return mx.array(_SQRT2, mx.float32) * mx.erfinv(
+            mx.array(_NORMAL_RANGE, mx.float32) * u + mx.array(_NORMAL_LOW, mx.float32))
+    return u
+
+
 def base_noise(key: mx.array, site: int, kind: str, shape: tuple,
                base_site: int | None = None) -> mx.array:
     """Standard noise of ``shape`` for site number ``site``, materialised
@@ -99,7 +120,14 @@ def grouped_base_noise(key: mx.array, sites: list, kind: str, shape: tuple,
     if len(sites) == 1:
         return [base_noise(key, sites[0], kind, shape, base_site)]
     keys = key + _site_constants(tuple(0 if s == base_site else s for s in sites))
-    flat = mx.contiguous(mx.vmap(lambda k: standard_noise(k, kind, shape))(keys)).reshape(-1)
+    size = math.prod(shape)
+    if size % 2 == 0:
+        # raw bits of every site in one RandomBits call (a key split IS its bits), and the
+        # sampler's transform outside any vmap: no per-site constants to broadcast
+        bits = mx.vmap(lambda k: mx.random.split(k, size // 2))(keys).reshape(-1)
+        flat = mx.contiguous(noise_from_bits(bits, kind))
+    else:
+        flat = mx.contiguous(mx.vmap(lambda k: standard_noise(k, kind, shape))(keys)).reshape(-1)
     parts = mx.split(flat, len(sites))
     return parts if len(shape) == 1 else [p.reshape(shape) for p in parts]
 

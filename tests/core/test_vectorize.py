@@ -136,10 +136,12 @@ def test_gm_compile_with_traces_in_and_out():
     assert np.array_equal(np.array(new["b"]), np.array(tr["b"]))
 
 
-def test_planned_noise_equals_first_call():
+@pytest.mark.parametrize("n", [9, 10])
+def test_planned_noise_equals_first_call(n):
     """The first call of a signature gathers each site's noise row inside the vmap;
     later calls draw sites of equal kind and shape together outside it (one sampler
-    call): same key, same values, in eager and compiled use."""
+    call; raw bits and MLX's transform for an even number of draws per site): same key,
+    same values, in eager and compiled use."""
 
     @gm.gen
     def sites(xs):
@@ -152,7 +154,7 @@ def test_planned_noise_equals_first_call():
         return gm.normal(a + b * xs + v[0] + w[1], u + 1.0) @ "y"
 
     obs = gm.choicemap({"y": mx.ones(3)})
-    key, n = mx.random.key(5), 9
+    key = mx.random.key(5)
     first, w1 = sites.vgenerate(key, (XS[:3],), obs, n)
     later, w2 = sites.vgenerate(key, (XS[:3],), obs, n)
     compiled = mx.compile(lambda k: sites.vgenerate(k, (XS[:3],), obs, n)[1])
@@ -162,6 +164,24 @@ def test_planned_noise_equals_first_call():
     np.testing.assert_allclose(np.array(compiled(key)), np.array(w1), rtol=1e-6, atol=1e-6)
     # distinct sites get distinct noise
     assert not np.allclose(np.array(first["a"]), np.array(first["b"] - 1.0) / 2.0)
+
+
+@pytest.mark.parametrize("kind", ["normal", "uniform"])
+@pytest.mark.parametrize("shape", [(4,), (5,), (3, 2), (1,)])
+def test_grouped_noise_equals_per_site_noise_and_mlx_samplers(kind, shape):
+    """One grouped draw of several sites = each site's own draw, bit for bit, and a site's
+    draw is MLX's own sampler's output for its key (even sizes go through raw bits)."""
+    from genmlx.core.handlers import base_noise, grouped_base_noise
+
+    key, sites = mx.random.key(11), [2, 5, 9]
+    grouped = grouped_base_noise(key, sites, kind, shape, base_site=2)
+    for s, g in zip(sites, grouped):
+        single = base_noise(key, s, kind, shape, base_site=2)
+        assert g.shape == shape and np.array_equal(np.array(g), np.array(single)), (s, shape)
+    mlx_draw = (mx.random.normal(shape, key=key) if kind == "normal"
+                else mx.random.uniform(shape=shape, key=key))
+    assert np.array_equal(np.array(grouped[0]), np.array(mlx_draw))
+    assert not np.array_equal(np.array(grouped[0]), np.array(grouped[1]))
 
 
 def test_traced_first_call_uses_planned_noise(tmp_path):
