@@ -76,6 +76,15 @@ def timeit_interleaved(fns: dict[str, Callable[..., Any]], *args, warmup: int = 
     return {k: Timing(statistics.median(v), min(v), tuple(v)) for k, v in times.items()}
 
 
+def jax_env(platform: str) -> dict:
+    """Environment of a JAX peer's subprocess on ``platform`` ("cpu" or "cuda"): the CPU
+    run sees no GPU; the CUDA run keeps the caller's environment (library paths) and
+    allocates GPU memory on demand (genmlx's process may still hold some)."""
+    if platform == "cpu":
+        return {"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}
+    return dict(os.environ, JAX_PLATFORMS=platform, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+
+
 def peak_memory(fn: Callable[..., Any], *args) -> int:
     """Peak bytes held by MLX's allocator during one evaluated call of ``fn``.
 

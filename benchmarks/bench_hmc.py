@@ -25,6 +25,9 @@ import genmlx as gm
 import mlx.core as mx
 import numpy as np
 
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
+from _timing import jax_env  # noqa: E402
+
 N, CHAINS, STEPS, ITERS, EPS = 100, 4, 20, 1000, 0.015
 
 
@@ -213,11 +216,11 @@ print(json.dumps({"time_s": t, "first_call_s": t_small, "accept": float(np.mean(
 """
 
 
-def run_numpyro(python, x, y, init):
+def run_numpyro(python, x, y, init, platform="cpu"):
     cfg = dict(x=x.tolist(), y=y.tolist(), init=np.asarray(init).tolist(), eps=EPS, steps=STEPS,
                iters=ITERS, chains=CHAINS)
     out = subprocess.run([python, "-c", NUMPYRO_SCRIPT, json.dumps(cfg)], capture_output=True, text=True,
-                         env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
+                         env=jax_env(platform))
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-2000:])
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -226,6 +229,8 @@ def run_numpyro(python, x, y, init):
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--numpyro", default=None, help="python of a venv with numpyro")
+    ap.add_argument("--numpyro-platform", default="cpu", choices=["cpu", "cuda"],
+                    help="JAX platform of the NumPyro run (cuda on a GPU machine)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--append-results", action="store_true")
     ap.add_argument("--note", default="")
@@ -257,7 +262,7 @@ def _measure(a, x, y, init) -> dict:
         res["genmlx_s"].append(tg)
         res["mlx_s"].append(th)
         if a.numpyro:
-            npr = run_numpyro(a.numpyro, x, y, init)
+            npr = run_numpyro(a.numpyro, x, y, init, a.numpyro_platform)
             res["numpyro_s"].append(npr["time_s"])
             res["numpyro_accept"], res["numpyro_w_mean"] = npr["accept"], npr["w_mean"]
             res["numpyro_version"] = f"numpyro {npr['numpyro']}, jax {npr['jax']}"
@@ -292,7 +297,7 @@ def report(a, res: dict) -> None:
                  f"{res['mlx_accept']:.3f}", f"{best['genmlx_s'] / best['mlx_s']:.2f}",
                  f"{med['genmlx_s'] / med['mlx_s']:.2f}"]]
         if "numpyro_s" in best:
-            rows.append([f"NumPyro HMC ({res['numpyro_version']})", f"{best['numpyro_s']:.2f} s",
+            rows.append([f"NumPyro HMC ({res['numpyro_version']}, {a.numpyro_platform})", f"{best['numpyro_s']:.2f} s",
                          f"{med['numpyro_s']:.2f} s", f"{res['numpyro_accept']:.3f}",
                          f"{best['genmlx_s'] / best['numpyro_s']:.2f}", f"{med['genmlx_s'] / med['numpyro_s']:.2f}"])
         body = (f"Bayesian quadratic regression (N = {N}), HMC with {STEPS} leapfrog steps, ε = {EPS}, identity "

@@ -36,6 +36,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments" / "posteriordb"))
 from models import POSTERIORS, load  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import jax_env  # noqa: E402
+
 NAMES = ["eight_schools-eight_schools_noncentered", "sblrc-blr"]
 
 NUMPYRO_SCRIPT = r"""
@@ -105,13 +108,23 @@ def run_genmlx(root, name, warmup, samples):
                 divergences=r.num_divergences)
 
 
-def run_numpyro(python, root, name, warmup, samples, chain_method="vectorized"):
+def peer_runs(platforms: list[str]) -> list[tuple[str, str, str]]:
+    """(label, chain method, platform): on the CPU both chain methods, on a GPU the
+    vectorized one (sequential chains there are only slower)."""
+    out = []
+    for pf in platforms:
+        for cm in (("vectorized", "sequential") if pf == "cpu" else ("vectorized",)):
+            out.append((f"numpyro-{cm}" + ("" if pf == "cpu" else f"-{pf}"), cm, pf))
+    return out
+
+
+def run_numpyro(python, root, name, warmup, samples, chain_method="vectorized", platform="cpu"):
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "draws.npz")
         cfg = dict(name=name, data=str(Path(root) / "posteriordb" / name / "data.json"), warmup=warmup,
                    samples=samples, out=out, chain_method=chain_method)
         res = subprocess.run([python, "-c", NUMPYRO_SCRIPT, json.dumps(cfg)], capture_output=True, text=True,
-                             env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
+                             env=jax_env(platform))
         if res.returncode != 0:
             raise RuntimeError(res.stderr[-3000:])
         info = json.loads(res.stdout.strip().splitlines()[-1])
@@ -123,6 +136,9 @@ def run_numpyro(python, root, name, warmup, samples, chain_method="vectorized"):
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--numpyro", default=None)
+    ap.add_argument("--numpyro-platforms", default="cpu",
+                    help="comma-separated JAX platforms for NumPyro (cpu, cuda): on a GPU machine "
+                         "'cpu,cuda' times NumPyro on both")
     ap.add_argument("--warmup", type=int, default=1000)
     ap.add_argument("--samples", type=int, default=1000)
     ap.add_argument("--append-results", action="store_true")
@@ -134,14 +150,14 @@ def main(argv=None):
     a = ap.parse_args(argv)
     root = Path(os.environ.get("GENMLX_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
     out = {}
-    who = ["genmlx"] + ([f"numpyro-{cm}" for cm in ("vectorized", "sequential")] if a.numpyro else [])
+    peers = peer_runs(a.numpyro_platforms.split(",")) if a.numpyro else []
+    who = ["genmlx"] + [label for label, _, _ in peers]
     for name in a.names:
         runs = {w: [] for w in who}
         for _ in range(a.repeats):
             runs["genmlx"].append(run_genmlx(root, name, a.warmup, a.samples))
-            if a.numpyro:
-                for cm in ("vectorized", "sequential"):
-                    runs[f"numpyro-{cm}"].append(run_numpyro(a.numpyro, root, name, a.warmup, a.samples, cm))
+            for label, cm, pf in peers:
+                runs[label].append(run_numpyro(a.numpyro, root, name, a.warmup, a.samples, cm, pf))
         row = {}
         for w, rs in runs.items():
             r = dict(rs[0])
@@ -149,8 +165,8 @@ def main(argv=None):
             r["time_s"] = float(np.median(r["times_s"]))
             r["ess_per_s"] = r["min_ess_bulk"] / r["time_s"]
             row[w] = r
-        if a.numpyro:
-            best = max(row["numpyro-vectorized"]["ess_per_s"], row["numpyro-sequential"]["ess_per_s"])
+        if peers:
+            best = max(row[label]["ess_per_s"] for label, _, _ in peers)
             row["genmlx_over_numpyro_ess_per_s"] = row["genmlx"]["ess_per_s"] / best
         out[name] = row
         print(json.dumps({name: row}, indent=1), flush=True)
@@ -160,20 +176,21 @@ def main(argv=None):
 
         rows = []
         for name, row in out.items():
-            for who in ("genmlx", "numpyro-vectorized", "numpyro-sequential"):
+            for who in ["genmlx"] + [label for label, _, _ in peers]:
                 if who in row:
                     r = row[who]
                     rows.append([name, who, f"{r['time_s']:.1f} s", f"{r['mean_steps']:.1f}",
                                  f"{r['min_ess_bulk']:.0f}", f"{r['ess_per_s']:.1f}", r["divergences"]])
         ratios = "; ".join(f"{n}: {row['genmlx_over_numpyro_ess_per_s']:.2f}×" for n, row in out.items()
                            if "genmlx_over_numpyro_ess_per_s" in row)
-        body = (f"NUTS, 4 chains (genmlx batched; NumPyro vectorized and sequential), {a.warmup} warm-up + "
+        body = (f"NUTS, 4 chains (genmlx batched on {mx.default_device()}; NumPyro vectorized and sequential on "
+                f"{a.numpyro_platforms}, vectorized only on a GPU), {a.warmup} warm-up + "
                 f"{a.samples} draws per chain, second (compiled) run timed; ESS = bulk ESS (gm.diagnostics, "
                 "min over parameters) of both samplers' draws; ESS/s over the whole run"
                 + (f"; wall time = median of {a.repeats} interleaved repeats" if a.repeats > 1 else "") + ".\n\n"
                 + markdown_table(["posterior", "sampler", "wall time", "mean leapfrogs/draw",
                                   "min bulk ESS", "ESS/s", "divergences"], rows)
-                + (f"\ngenmlx / NumPyro (the faster chain method) ESS/s: {ratios} (target ≥ 1.0).\n" if ratios else ""))
+                + (f"\ngenmlx / NumPyro (the fastest chain method and platform) ESS/s: {ratios} (target ≥ 1.0).\n" if ratios else ""))
         append_results("Issue 4: NUTS ESS/s vs NumPyro (bench_nuts.py)", body, a.note)
 
 

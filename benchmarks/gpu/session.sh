@@ -6,12 +6,18 @@
 #   bash benchmarks/gpu/session.sh scaling   # 2 GPUs (nvidia-h200-x2): data-parallel IWAE
 #                                            # training and sharded SMC/IS, 1 vs 2 processes
 #   bash benchmarks/gpu/session.sh bench     # 1 GPU: IS, VAE/IWAE step, HMC, NUTS, SMC, kernels
+#   bash benchmarks/gpu/session.sh bench1    # the first half of bench: IS, VAE/IWAE step, SMC, kernels
+#   bash benchmarks/gpu/session.sh bench2    # the second half: HMC and NUTS (NumPyro on CPU and GPU)
 #   bash benchmarks/gpu/session.sh tests K   # 1 GPU: the K-th third of the test suite (K = 1, 2, 3;
 #                                            # a cold run JIT-compiles every kernel: ~25x CPU time)
 #   bash benchmarks/gpu/session.sh iwae [PHASE_S]  # 2 GPUs: the IWAE k = 50 budgeted runs (issue 7)
 #   bash benchmarks/gpu/session.sh shards [K] [T]  # all GPUs: the test files in K shards for T s,
 #                                            # resumable (per-file logs under /root/gputests)
 #
+# TESTS_BG=T runs the test shards (as in `shards`) for T s on the LAST GPU beside a bench part
+# (which uses GPU 0): the timed code and its baselines share the host alike.
+# Compiled CUDA kernels persist in MLX's PTX cache ($MLX_PTX_CACHE_DIR, /root/ptx); it comes
+# back as $OUT/ptx.tgz, and a carried .ptx/ptx.tgz seeds it on a fresh machine (no cold JIT).
 # MNIST must be under $GENMLX_DATA (carry a folder holding mnist/ and binarized_mnist.npz).
 # Run from a snapshot of a commit: rm -rf .snap && mkdir .snap && git archive HEAD | tar -x -C .snap
 # && git rev-parse --short HEAD > .snap/COMMIT (benchmarks read the commit from it), carry .snap.
@@ -22,12 +28,47 @@ export PATH=/root/site/bin:$PATH PYTHONPATH=/root/site:$PWD
 OUT="${OUT:-/tmp/genmlx-gpu}"; mkdir -p "$OUT"
 NOTE="${NOTE:-GPU machine: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1) x $(nvidia-smi -L | wc -l)}"
 py=python3
+export MLX_PTX_CACHE_DIR=/root/ptx
+if [ ! -d /root/ptx ] && [ -f .ptx/ptx.tgz ]; then mkdir -p /root/ptx && tar -xzf .ptx/ptx.tgz -C /root/ptx; fi
+mkdir -p /root/ptx
+save_ptx() { tar -czf "$OUT/ptx.tgz" -C /root/ptx . 2>/dev/null; echo "ptx cache: $(ls /root/ptx | wc -l) files, $(du -h "$OUT/ptx.tgz" | cut -f1)"; }
 run() {  # run NAME TIMEOUT CMD...
   local name=$1 t=$2; shift 2
   echo "=== $name"
   timeout "$t" "$@" > "$OUT/$name.log" 2>&1; echo "rc=$?" >> "$OUT/$name.log"
   tail -15 "$OUT/$name.log"
 }
+shards() {  # shards K T GPU...: the test files in K shards round robin over the GPUs given
+  local K=$1 T=$2; shift 2; local gpus=("$@"); mkdir -p /root/gputests
+  $py -c "import pytest, hypothesis" 2>/dev/null || \
+    $py -m pip install -q --no-index --no-deps --no-compile --target /root/site .whl/*.whl
+  mapfile -t files < <(ls tests/*/test_*.py tests/test_*.py 2>/dev/null | sort)
+  local end=$(( $(date +%s) + T ))
+  for k in $(seq 0 $((K - 1))); do
+    (
+      for i in "${!files[@]}"; do
+        [ $((i % K)) -eq "$k" ] || continue
+        f=${files[$i]}; log=/root/gputests/$(echo "$f" | tr / _).log
+        grep -q "^rc=" "$log" 2>/dev/null && continue
+        left=$(( end - $(date +%s) )); [ "$left" -gt 20 ] || break
+        CUDA_VISIBLE_DEVICES=${gpus[$((k % ${#gpus[@]}))]} timeout "$left" $py -m pytest -q -p no:cacheprovider "$f" > "$log.tmp" 2>&1
+        rc=$?; [ $rc -eq 124 ] && { mv "$log.tmp" "$log.timeout"; break; }
+        mv "$log.tmp" "$log"; echo "rc=$rc" >> "$log"
+      done
+    ) &
+  done
+  wait
+  tar -czf "$OUT/tests.tgz" -C /root gputests 2>/dev/null
+  for l in /root/gputests/*.log; do echo "$(basename "$l"): $(grep -E '(passed|failed|error|skipped)' "$l" | tail -1) $(tail -1 "$l")"; done
+  echo "not finished: $(( ${#files[@]} - $(ls /root/gputests/*.log 2>/dev/null | wc -l) )) of ${#files[@]} files"
+}
+bg_tests() {  # the test shards on the last GPU for $TESTS_BG s, in the background
+  [ -n "${TESTS_BG:-}" ] || return 0
+  local last=$(( $(nvidia-smi -L | wc -l) - 1 ))
+  shards 2 "$TESTS_BG" "$last" > "$OUT/tests_bg.log" 2>&1 &
+  BG=$!
+}
+bg_wait() { [ -n "${BG:-}" ] && { wait "$BG"; tail -40 "$OUT/tests_bg.log"; }; return 0; }
 case $part in
   scaling)
     run scale_train 300 $py benchmarks/scale_train.py --procs 1,2 --batch 1600,3200,12800,25600 --steps 200 --append --note "$NOTE"
@@ -35,6 +76,21 @@ case $part in
     run scale_smc_2 120 mlx.launch -n 2 --backend nccl --env NCCL_NVLS_ENABLE=0 --python "$(command -v $py)" \
       benchmarks/scale_smc.py --ns-smc 1000000 10000000 --ns-is 10000000 100000000 --repeats 3 --count --latency --out "$OUT/scale_2.json"
     run scale_cmp 30 $py benchmarks/scale_smc.py --compare "$OUT/scale_1.json" "$OUT/scale_2.json" --append-results --note "$NOTE"
+    ;;
+  bench1)
+    bg_tests
+    run is      120 $py benchmarks/bench_is.py --ns 1000 100000 1000000 10000000 --repeats 5 --no-diagnostics --jax-python $py --append-results --note "$NOTE"
+    run vae      90 $py benchmarks/bench_vae.py --repeats 9 --numpyro-python $py --append-results --note "$NOTE"
+    run smc      60 $py benchmarks/bench_smc.py --repeats 3 --append-results --note "$NOTE"
+    run kernels  45 $py benchmarks/bench_kernels.py --append-results --note "$NOTE"
+    bg_wait
+    ;;
+  bench2)
+    bg_tests
+    run hmc      60 $py benchmarks/bench_hmc.py --numpyro $py --repeats 3 --append-results --note "$NOTE"
+    run hmc_cuda 60 $py benchmarks/bench_hmc.py --numpyro $py --numpyro-platform cuda --repeats 3 --transition-rounds 0 --append-results --note "$NOTE"
+    run nuts    240 $py benchmarks/bench_nuts.py --numpyro $py --numpyro-platforms cpu,cuda --append-results --note "$NOTE"
+    bg_wait
     ;;
   bench)
     run is      150 $py benchmarks/bench_is.py --ns 1000 100000 1000000 10000000 --repeats 5 --no-diagnostics --jax-python $py --append-results --note "$NOTE"
@@ -73,30 +129,12 @@ case $part in
     # the test files in K shards run side by side on the GPUs (round robin), one pytest per
     # file so a shard that runs out of time still reports every finished file; files whose
     # log under /root/gputests says they finished are skipped (run again to continue)
-    K=${2:-4}; T=${3:-500}; mkdir -p /root/gputests
-    $py -c "import pytest, hypothesis" 2>/dev/null || \
-      $py -m pip install -q --no-index --no-deps --no-compile --target /root/site .whl/*.whl
-    ngpu=$(nvidia-smi -L | wc -l)
-    mapfile -t files < <(ls tests/*/test_*.py tests/test_*.py 2>/dev/null | sort)
-    end=$(( $(date +%s) + T ))
-    for k in $(seq 0 $((K - 1))); do
-      (
-        for i in "${!files[@]}"; do
-          [ $((i % K)) -eq "$k" ] || continue
-          f=${files[$i]}; log=/root/gputests/$(echo "$f" | tr / _).log
-          grep -q "^rc=" "$log" 2>/dev/null && continue
-          left=$(( end - $(date +%s) )); [ "$left" -gt 20 ] || break
-          CUDA_VISIBLE_DEVICES=$((k % ngpu)) timeout "$left" $py -m pytest -q -p no:cacheprovider "$f" > "$log.tmp" 2>&1
-          rc=$?; [ $rc -eq 124 ] && { mv "$log.tmp" "$log.timeout"; break; }
-          mv "$log.tmp" "$log"; echo "rc=$rc" >> "$log"
-        done
-      ) &
-    done
-    wait
-    mkdir -p "$OUT/tests"; cp /root/gputests/* "$OUT/tests/" 2>/dev/null
-    for l in /root/gputests/*.log; do echo "$(basename "$l"): $(grep -E '(passed|failed|error|skipped)' "$l" | tail -1) $(tail -1 "$l")"; done
-    echo "not finished: $(( ${#files[@]} - $(ls /root/gputests/*.log 2>/dev/null | wc -l) )) of ${#files[@]} files"
+    mapfile -t all < <(seq 0 $(( $(nvidia-smi -L | wc -l) - 1 )))
+    shards "${2:-4}" "${3:-500}" "${all[@]}"
     ;;
   *) echo "unknown part $part"; exit 2 ;;
 esac
 cp benchmarks/RESULTS.md "$OUT/RESULTS.md" 2>/dev/null
+save_ptx
+# at most 8 files come back: the logs and JSON travel as one archive
+(cd "$OUT" && ls *.log *.json >/dev/null 2>&1 && tar -czf "logs_$part.tgz" $(ls *.log *.json 2>/dev/null) && rm -f *.log *.json)
