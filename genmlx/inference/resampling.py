@@ -125,11 +125,19 @@ def residual(key: mx.array, log_weights: mx.array, m: int | None = None) -> mx.a
 
 def indices_from_counts(counts: mx.array, m: int) -> mx.array:
     """Sorted ancestor indices [m] in which particle i appears ``counts[i]`` times
-    (Σ counts = m): slot j gets #{i ≥ 1 : Σ_{k<i} counts_k ≤ j}."""
-    starts = mx.cumsum(counts)[:-1].astype(mx.int32)
-    marks = mx.zeros((m + 1,), dtype=mx.int32).at[mx.minimum(starts, m)].add(
-        mx.ones(starts.shape, dtype=mx.int32))
-    return mx.cumsum(marks[:m]).astype(mx.int32)
+    (Σ counts = m): slot j gets the last particle i with counts_i > 0 whose first slot
+    s_i = Σ_{k<i} counts_k is ≤ j. Each such particle writes i + 1 at s_i (distinct
+    slots), every other particle at its own spare slot m + i, and a running maximum
+    fills the gaps: a scatter with no two writes to one address (a scatter-add of
+    ones at the s_i collides wherever particles have no offspring — serialized atomics
+    on a GPU)."""
+    n = counts.shape[0]
+    counts = counts.astype(mx.int32)
+    starts = mx.cumsum(counts) - counts
+    i = mx.arange(n, dtype=mx.int32)
+    pos = mx.where(mx.logical_and(counts > 0, starts < m), starts, m + i)
+    marks = mx.zeros((m + n,), dtype=mx.int32).at[pos].add(i + 1)
+    return mx.cummax(marks[:m]) - 1
 
 
 def offspring_counts(indices: mx.array, n: int) -> mx.array:

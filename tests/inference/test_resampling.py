@@ -79,3 +79,19 @@ def test_schemes_compile_and_differ_by_key():
         a, b = f(mx.random.key(0), lw), f(mx.random.key(1), lw)
         assert not np.array_equal(np.asarray(a), np.asarray(b))
         np.testing.assert_array_equal(np.asarray(a), np.asarray(R.get_scheme(s)(mx.random.key(0), lw, 50)))
+
+
+@pytest.mark.parametrize("concentration", [0.02, 5.0])
+@pytest.mark.parametrize("n, m", [(1, 1), (6, 6), (1000, 1000), (9, 4), (50, 200)])
+def test_indices_from_counts_is_repeat(n, m, concentration):
+    """Sorted ancestors from offspring counts = each index repeated its count, for sparse
+    counts (most particles without offspring, leading and trailing zeros) and dense ones,
+    eager and compiled."""
+    rng = np.random.default_rng(n + m)
+    f = mx.compile(lambda c: R.indices_from_counts(c, m))
+    for _ in range(5):
+        counts = rng.multinomial(m, rng.dirichlet(np.full(n, concentration)))
+        ref = np.repeat(np.arange(n), counts)
+        c = mx.array(counts, dtype=mx.int32)
+        np.testing.assert_array_equal(np.array(R.indices_from_counts(c, m)), ref)
+        np.testing.assert_array_equal(np.array(f(c)), ref)
