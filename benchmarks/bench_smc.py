@@ -72,7 +72,7 @@ def bootstrap_mlx(key, ys, n):
     x, lw = mx.zeros((n,)), mx.zeros((n,))
     for t, k in enumerate(mx.random.split(key, len(ys))):
         x, lw = _hand_step(k, x, lw, mx.array(ys[t]))
-        mx.eval(x, lw)
+        mx.async_eval(x, lw)  # scheduled: the host queues the next step meanwhile
     return R.log_mean_exp(lw)
 
 
@@ -92,7 +92,7 @@ def bootstrap_mlx_paths(key, ys, n):
     xs, idxs = [], []
     for t, k in enumerate(mx.random.split(key, len(ys))):
         pre, idx, x, lw = _hand_path_step(k, x, lw, mx.array(ys[t]))
-        mx.eval(pre, idx, x, lw)
+        mx.async_eval(pre, idx, x, lw)
         xs.append(pre)
         idxs.append(idx)
     D, Ds = idxs[-1], [None] * len(ys)

@@ -363,8 +363,9 @@ def _run_sequence(keys, model, args, args_T, cons: list, n: int, scheme, thresho
         else:  # the global ESS test and resampling: the carry rows alone move
             (rec_td, rec_l), carry_td, carry_l, lw, stats = out
             carry_l, idx, lw, ess, do = comm.step_resample(k_res, lw, stats, carry_l, scheme, thr)
-        # sharded: scheduled, not waited for (the next step's decision is the one host sync)
-        (mx.eval if comm is None else mx.async_eval)(rec_l, carry_l, lw, ess, do, [] if idx is None else idx)
+        # scheduled, not waited for: the host queues step t + 1 while the device runs step t
+        # (sharded: the next step's decision is the one host sync)
+        mx.async_eval(rec_l, carry_l, lw, ess, do, [] if idx is None else idx)
         recs.append((rec_td, rec_l))
         idxs.append(idx)
         esss.append(ess)
