@@ -17,7 +17,8 @@
 # TESTS_BG=T runs the test shards (as in `shards`) for T s on the LAST GPU beside a bench part
 # (which uses GPU 0): the timed code and its baselines share the host alike.
 # Compiled CUDA kernels persist in MLX's PTX cache ($MLX_PTX_CACHE_DIR, /root/ptx); it comes
-# back as $OUT/ptx.tgz, and a carried .ptx/ptx.tgz seeds it on a fresh machine (no cold JIT).
+# back as $OUT/ptx.tgz.NN parts (only the last call's files come back, at most 8: call
+# with SAVE_PTX=1 on the last call), and a carried .ptx/ptx.tgz seeds it on a fresh machine (no cold JIT).
 # MNIST must be under $GENMLX_DATA (carry a folder holding mnist/ and binarized_mnist.npz).
 # Run from a snapshot of a commit: rm -rf .snap && mkdir .snap && git archive HEAD | tar -x -C .snap
 # && git rev-parse --short HEAD > .snap/COMMIT (benchmarks read the commit from it), carry .snap.
@@ -31,7 +32,11 @@ py=python3
 export MLX_PTX_CACHE_DIR=/root/ptx
 if [ ! -d /root/ptx ] && [ -f .ptx/ptx.tgz ]; then mkdir -p /root/ptx && tar -xzf .ptx/ptx.tgz -C /root/ptx; fi
 mkdir -p /root/ptx
-save_ptx() { tar -czf "$OUT/ptx.tgz" -C /root/ptx . 2>/dev/null; echo "ptx cache: $(ls /root/ptx | wc -l) files, $(du -h "$OUT/ptx.tgz" | cut -f1)"; }
+save_ptx() {  # the cache as ptx.tgz.00, .01, … (a returned file may hold 16 MiB): reassemble with
+  # `mkdir -p .ptx && cat ptx.tgz.* > .ptx/ptx.tgz` and carry .ptx on the next machine's first call
+  rm -f "$OUT"/ptx.tgz.*; tar -czf - -C /root/ptx . 2>/dev/null | split -b 15m -d - "$OUT/ptx.tgz."
+  echo "ptx cache: $(ls /root/ptx | wc -l) files in $(ls "$OUT"/ptx.tgz.* | wc -l) parts"
+}
 run() {  # run NAME TIMEOUT CMD...
   local name=$1 t=$2; shift 2
   echo "=== $name"
@@ -42,8 +47,11 @@ shards() {  # shards K T GPU...: the test files in K shards round robin over the
   local K=$1 T=$2; shift 2; local gpus=("$@"); mkdir -p /root/gputests
   $py -c "import pytest, hypothesis" 2>/dev/null || \
     $py -m pip install -q --no-index --no-deps --no-compile --target /root/site .whl/*.whl
-  mapfile -t files < <(ls tests/*/test_*.py tests/test_*.py 2>/dev/null | sort)
-  local end=$(( $(date +%s) + T ))
+  # files that ran out of time before go last; one file gets at most FILE_T s per call, so a
+  # file stuck in cold kernel compilation cannot hold its shard for the whole call
+  mapfile -t files < <(for f in $(ls tests/*/test_*.py tests/test_*.py 2>/dev/null | sort); do
+    [ -f "/root/gputests/$(echo "$f" | tr / _).log.timeout" ] && echo "1 $f" || echo "0 $f"; done | sort -s -k1,1 | cut -d' ' -f2)
+  local end=$(( $(date +%s) + T )) cap=${FILE_T:-240}
   for k in $(seq 0 $((K - 1))); do
     (
       for i in "${!files[@]}"; do
@@ -51,9 +59,10 @@ shards() {  # shards K T GPU...: the test files in K shards round robin over the
         f=${files[$i]}; log=/root/gputests/$(echo "$f" | tr / _).log
         grep -q "^rc=" "$log" 2>/dev/null && continue
         left=$(( end - $(date +%s) )); [ "$left" -gt 20 ] || break
+        [ "$left" -gt "$cap" ] && left=$cap
         CUDA_VISIBLE_DEVICES=${gpus[$((k % ${#gpus[@]}))]} timeout "$left" $py -m pytest -q -p no:cacheprovider "$f" > "$log.tmp" 2>&1
-        rc=$?; [ $rc -eq 124 ] && { mv "$log.tmp" "$log.timeout"; break; }
-        mv "$log.tmp" "$log"; echo "rc=$rc" >> "$log"
+        rc=$?; [ $rc -eq 124 ] && { mv "$log.tmp" "$log.timeout"; continue; }
+        mv "$log.tmp" "$log"; echo "rc=$rc" >> "$log"; rm -f "$log.timeout"
       done
     ) &
   done
@@ -135,6 +144,7 @@ case $part in
   *) echo "unknown part $part"; exit 2 ;;
 esac
 cp benchmarks/RESULTS.md "$OUT/RESULTS.md" 2>/dev/null
-save_ptx
+[ -n "${SAVE_PTX:-}" ] && save_ptx
 # at most 8 files come back: the logs and JSON travel as one archive
-(cd "$OUT" && ls *.log *.json >/dev/null 2>&1 && tar -czf "logs_$part.tgz" $(ls *.log *.json 2>/dev/null) && rm -f *.log *.json)
+(cd "$OUT" && logs=$(ls *.log *.json 2>/dev/null) && [ -n "$logs" ] && tar -czf "logs_$part.tgz" $logs && rm -f $logs)
+exit 0
