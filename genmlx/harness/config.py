@@ -78,6 +78,8 @@ class DataConfig:
     data_dir: str = _f("", None, "directory with the data files ('' = $GENMLX_DATA or the cache)")
     download: bool = _f(True, None, "download MNIST into the cache when it is missing")
     prefetch: int = _f(2, NONNEG, "batches prefetched by the mlx-data pipeline")
+    device_resident_mb: float = _f(1024.0, NONNEG, "a training split up to this size stays on the device and "
+                                   "batches are gathered there (0 = always the mlx-data pipeline)")
 
 
 @dataclass(frozen=True)
@@ -157,7 +159,7 @@ _TUPLE_ELEMS = {"hidden": int, "layers": int, "betas": float, "guide_hidden": in
 
 # keys that may differ between the run that wrote a checkpoint and the one resuming it
 RESUMABLE_CHANGES = ("train.steps", "log.", "checkpoint.", "eval.", "train.compile", "train.time_limit_s",
-                     "train.pipeline", "data.prefetch",
+                     "train.pipeline", "data.prefetch", "data.device_resident_mb",
                      "data.data_dir", "data.download")
 
 

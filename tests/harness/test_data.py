@@ -27,8 +27,12 @@ def test_packaged_digits():
     assert len(d.train) + len(d.valid) + len(d.test) == 1797 and d.image_shape == (8, 8)
 
 
-def test_epoch_order_is_a_pure_function_and_resumable():
-    d = build_image_data(load_config(None, ["data.batch_size=32"]).data)
+@pytest.mark.parametrize("resident_mb", ["1024", "0"])
+def test_epoch_order_is_a_pure_function_and_resumable(resident_mb):
+    """The same for batches gathered from a device copy of the split (default for small
+    splits) and for the mlx-data pipeline (``data.device_resident_mb=0``)."""
+    d = build_image_data(load_config(None, ["data.batch_size=32", f"data.device_resident_mb={resident_mb}"]).data)
+    assert d.device_resident == (resident_mb != "0")
     nb = d.batches_per_epoch
     assert np.array_equal(epoch_order(5, 2, 100), epoch_order(5, 2, 100))
     assert not np.array_equal(epoch_order(5, 2, 100), epoch_order(5, 3, 100))
@@ -42,6 +46,18 @@ def test_epoch_order_is_a_pure_function_and_resumable():
         s = d.batches(seed=7, start_step=start)
         for i in range(start, 2 * nb + 3):
             assert np.array_equal(np.asarray(next(s)), full[i])
+
+
+def test_device_resident_batches_equal_the_pipeline_batches():
+    """Both batch sources give the same arrays, from any start step (resume)."""
+    cfgs = [load_config(None, ["data.batch_size=50", f"data.device_resident_mb={mb}"]).data for mb in (64, 0)]
+    dev, pipe = (build_image_data(c) for c in cfgs)
+    assert dev.device_resident and not pipe.device_resident
+    for start in (0, 3, dev.batches_per_epoch + 1):
+        a, b = dev.batches(seed=3, start_step=start), pipe.batches(seed=3, start_step=start)
+        for _ in range(dev.batches_per_epoch + 2):
+            x, y = next(a), next(b)
+            assert x.shape == (50, 64) and np.array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_dynamic_binarization_depends_only_on_the_key():
