@@ -349,17 +349,8 @@ class SequenceGF(GenerativeFunction):
         shared; ``constraints`` are relative to the step, their leaves mapped by ``caxes``.
         Base noise is drawn for all particles from one key (``BatchNoise``, as ``vgenerate``).
         """
-        from genmlx.core.handlers import batch_noise_scope
         from genmlx.core.pytree import tree_flatten, tree_unflatten
-        from genmlx.core.vectorize import (
-            _cm_from_leaves,
-            _keys_and_noise,
-            _noise_for_body,
-            _planned_noise,
-            _record_plan,
-            _vmapped,
-            _with_plan,
-        )
+        from genmlx.core.vectorize import _cm_from_leaves, _keys_and_noise, _planned_vmap_generate, _with_plan
 
         keys, k_noise, idx = _keys_and_noise(key, n)
         cleaves, ctd = tree_flatten(carry)
@@ -375,26 +366,17 @@ class SequenceGF(GenerativeFunction):
         nc, cax = len(cleaves), 0 if carry_batched else None
         ni = len(ileaves) if inputs_batched else 0
 
+        def generate(k, rest):
+            c = tree_unflatten(ctd, list(rest[:nc]))
+            inp = tree_unflatten(itd, list(rest[nc:nc + ni])) if ni else inputs
+            cm = _cm_from_leaves(constraints, rest[nc + ni:])
+            return self.kernel.generate(k, self._kernel_args(inp, c), cm)
+
         def run():
-            sites, noise = _planned_noise(pkey, k_noise, n)
-            m = len(sites)
-            box = {}
-
-            def body(k, i, *rest):
-                bn = _noise_for_body(k_noise, i, n, sites, rest[:m])
-                c = tree_unflatten(ctd, list(rest[m:m + nc]))
-                inp = tree_unflatten(itd, list(rest[m + nc:m + nc + ni])) if ni else inputs
-                cm = _cm_from_leaves(constraints, rest[m + nc + ni:])
-                with batch_noise_scope(bn):
-                    tr, w = self.kernel.generate(k, self._kernel_args(inp, c), cm)
-                box["plan"] = bn.plan
-                leaves, box["td"] = tree_flatten(strip(tr))
-                return [w] + leaves
-
-            out = _vmapped(body, in_axes=(0, 0, *([0] * m), *([cax] * nc), *([0] * ni), *caxes))(
-                keys, idx, *noise, *cleaves, *(ileaves if ni else []), *cvals)
-            _record_plan(pkey, box["plan"])
-            return out, box
+            return _planned_vmap_generate(pkey, keys, k_noise, idx, n, generate,
+                                          lambda tr: tree_flatten(strip(tr)),
+                                          (*([cax] * nc), *([0] * ni), *caxes),
+                                          (*cleaves, *(ileaves if ni else []), *cvals))
 
         out, box = _with_plan(run, pkey, key)
         return tree_unflatten(box["td"], out[1:]), out[0]

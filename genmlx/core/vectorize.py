@@ -112,6 +112,28 @@ def _noise_for_body(k_noise, i, n, sites, rows):
     return BatchNoise(k_noise, i, n, {s: (spec, r) for (s, spec), r in zip(sites, rows)})
 
 
+def _planned_vmap_generate(pkey, keys, k_noise, idx, n: int, generate, flatten, rest_axes, rest):
+    """One vmapped execution of ``generate(k, rest_i) -> (trace, weight)`` over the n
+    particles with batched base noise (planned rows passed in where the plan is known),
+    recording the noise plan: ``([w, *trace leaves], box)`` with ``box["td"]`` the traces'
+    structure (``flatten``) and ``box["plan"]`` the sites drawn."""
+    sites, noise = _planned_noise(pkey, k_noise, n)
+    m = len(sites)
+    box = {}
+
+    def body(k, i, *r):
+        bn = _noise_for_body(k_noise, i, n, sites, r[:m])
+        with batch_noise_scope(bn):
+            tr, w = generate(k, r[m:])
+        box["plan"] = bn.plan
+        leaves, box["td"] = flatten(tr)
+        return [w] + leaves
+
+    out = _vmapped(body, in_axes=(0, 0, *([0] * m), *rest_axes))(keys, idx, *noise, *rest)
+    _record_plan(pkey, box["plan"])
+    return out, box
+
+
 def _with_plan(run, pkey, key):
     """``run()`` (one batched execution of the body, recording its noise plan). When no
     plan was known and we are being traced (``mx.compile``/``mx.vmap``), run once more
@@ -208,22 +230,9 @@ def vgenerate(gf, key: mx.array, args: tuple, constraints: ChoiceMap, n: int):
     pkey = _plan_key(gf, args, constraints)
 
     def run():
-        sites, noise = _planned_noise(pkey, k_noise, n)
-        m = len(sites)
-        box = {}
-
-        def body(k, i, *rest):
-            bn = _noise_for_body(k_noise, i, n, sites, rest[:m])
-            cm = _cm_from_leaves(constraints, rest[m:])
-            with batch_noise_scope(bn):
-                tr, w = gf.generate(k, args, cm)
-            box["plan"] = bn.plan
-            leaves, box["td"] = _flat_trace(tr)
-            return [w] + leaves
-
-        out = _vmapped(body, in_axes=(0, 0, *([0] * m), *axes))(keys, idx, *noise, *cvals)
-        _record_plan(pkey, box["plan"])
-        return out, box
+        return _planned_vmap_generate(pkey, keys, k_noise, idx, n,
+                                      lambda k, r: gf.generate(k, args, _cm_from_leaves(constraints, r)),
+                                      _flat_trace, axes, cvals)
 
     out, box = _with_plan(run, pkey, key)
     return _dress(tree_unflatten(box["td"], out[1:]), args, n), out[0]
