@@ -5,11 +5,9 @@
 #
 #   bash benchmarks/gpu/session.sh scaling   # 2 GPUs (nvidia-h200-x2): data-parallel IWAE
 #                                            # training and sharded SMC/IS, 1 vs 2 processes
-#   bash benchmarks/gpu/session.sh bench     # 1 GPU: IS, VAE/IWAE step, HMC, NUTS, SMC, kernels
-#   bash benchmarks/gpu/session.sh bench1    # the first half of bench: IS, VAE/IWAE step, SMC, kernels
-#   bash benchmarks/gpu/session.sh bench2    # the second half: HMC and NUTS (NumPyro on CPU and GPU)
-#   bash benchmarks/gpu/session.sh tests K   # 1 GPU: the K-th third of the test suite (K = 1, 2, 3;
-#                                            # a cold run JIT-compiles every kernel: ~25x CPU time)
+#   bash benchmarks/gpu/session.sh bench1    # 1 GPU: IS, VAE/IWAE step, SMC, kernels
+#   bash benchmarks/gpu/session.sh bench2    # 1 GPU: HMC and NUTS (NumPyro on CPU and GPU); on a
+#                                            # fresh machine MLX JIT-compiles every kernel first
 #   bash benchmarks/gpu/session.sh iwae [PHASE_S]  # 2 GPUs: the IWAE k = 50 budgeted runs (issue 7)
 #   bash benchmarks/gpu/session.sh shards [K] [T]  # all GPUs: the test files in K shards for T s,
 #                                            # resumable (per-file logs under /root/gputests)
@@ -23,7 +21,7 @@
 # Run from a snapshot of a commit: rm -rf .snap && mkdir .snap && git archive HEAD | tar -x -C .snap
 # && git rev-parse --short HEAD > .snap/COMMIT (benchmarks read the commit from it), carry .snap.
 set -u
-part=${1:?part: scaling, bench or tests}
+part=${1:?part: scaling, bench1, bench2, iwae or shards}
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false NCCL_NVLS_ENABLE=0
 export PATH=/root/site/bin:$PATH PYTHONPATH=/root/site:$PWD
 OUT="${OUT:-/tmp/genmlx-gpu}"; mkdir -p "$OUT"
@@ -89,33 +87,17 @@ case $part in
   bench1)
     bg_tests
     run is      120 $py benchmarks/bench_is.py --ns 1000 100000 1000000 10000000 --repeats 5 --no-diagnostics --jax-python $py --append-results --note "$NOTE"
-    run vae      90 $py benchmarks/bench_vae.py --repeats 9 --numpyro-python $py --append-results --note "$NOTE"
+    run vae     120 $py benchmarks/bench_vae.py --repeats 9 --numpyro-python $py --append-results --note "$NOTE"
     run smc      60 $py benchmarks/bench_smc.py --repeats 3 --append-results --note "$NOTE"
-    run kernels  45 $py benchmarks/bench_kernels.py --append-results --note "$NOTE"
+    run kernels  60 $py benchmarks/bench_kernels.py --append-results --note "$NOTE"
     bg_wait
     ;;
   bench2)
     bg_tests
-    run hmc      60 $py benchmarks/bench_hmc.py --numpyro $py --repeats 3 --append-results --note "$NOTE"
-    run hmc_cuda 60 $py benchmarks/bench_hmc.py --numpyro $py --numpyro-platform cuda --repeats 3 --transition-rounds 0 --append-results --note "$NOTE"
-    run nuts    240 $py benchmarks/bench_nuts.py --numpyro $py --numpyro-platforms cpu,cuda --append-results --note "$NOTE"
+    run hmc     120 $py benchmarks/bench_hmc.py --numpyro $py --repeats 3 --append-results --note "$NOTE"
+    run hmc_cuda 90 $py benchmarks/bench_hmc.py --numpyro $py --numpyro-platform cuda --repeats 3 --transition-rounds 0 --append-results --note "$NOTE"
+    run nuts    360 $py benchmarks/bench_nuts.py --numpyro $py --numpyro-platforms cpu,cuda --append-results --note "$NOTE"
     bg_wait
-    ;;
-  bench)
-    run is      150 $py benchmarks/bench_is.py --ns 1000 100000 1000000 10000000 --repeats 5 --no-diagnostics --jax-python $py --append-results --note "$NOTE"
-    run vae     100 $py benchmarks/bench_vae.py --repeats 9 --numpyro-python $py --append-results --note "$NOTE"
-    run hmc     100 $py benchmarks/bench_hmc.py --numpyro $py --repeats 3 --append-results --note "$NOTE"
-    run nuts    150 $py benchmarks/bench_nuts.py --numpyro $py --append-results --note "$NOTE"
-    run kernels  60 $py benchmarks/bench_kernels.py --append-results --note "$NOTE"
-    ;;
-  tests)
-    k=${2:?which third: 1, 2 or 3}
-    # pytest & co. travel as wheels (carry .whl: see the device notes on wheels)
-    $py -c "import pytest, hypothesis" 2>/dev/null || \
-      $py -m pip install -q --no-index --no-deps --no-compile --target /root/site .whl/*.whl
-    mapfile -t files < <(ls tests/*/test_*.py | sort)
-    n=${#files[@]}; lo=$(( (k - 1) * n / 3 )); hi=$(( k * n / 3 ))
-    run "tests_$k" 560 $py -m pytest -q -p no:cacheprovider "${files[@]:lo:hi-lo}"
     ;;
   iwae)
     # issue 7: IWAE k = 50 within 10 GPU-minutes, plain gradients on GPU 0 and DReG on GPU 1,
