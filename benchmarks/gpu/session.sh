@@ -12,6 +12,8 @@
 #   bash benchmarks/gpu/session.sh shards [K] [T]  # all GPUs: the test files in K shards for T s,
 #                                            # resumable (per-file logs under /root/gputests)
 #
+# Test shards: one pytest per file (a stuck test dumps its traceback into the file's log
+# shortly before the file's cap); ORDER=FILE lists test files to run first.
 # TESTS_BG=T runs the test shards (as in `shards`) for T s on the LAST GPU beside a bench part
 # (which uses GPU 0): the timed code and its baselines share the host alike.
 # Compiled CUDA kernels persist in MLX's PTX cache ($MLX_PTX_CACHE_DIR, /root/ptx); it comes
@@ -47,7 +49,9 @@ shards() {  # shards K T GPU...: the test files in K shards round robin over the
     $py -m pip install -q --no-index --no-deps --no-compile --target /root/site .whl/*.whl
   # files that ran out of time before go last; one file gets at most FILE_T s per call, so a
   # file stuck in cold kernel compilation cannot hold its shard for the whole call
-  mapfile -t files < <(for f in $(ls tests/*/test_*.py tests/test_*.py 2>/dev/null | sort); do
+  # ORDER (a file listing test files, one per line) puts those first, in its order
+  mapfile -t files < <( { [ -f "${ORDER:-}" ] && grep -x 'tests/.*\.py' "$ORDER"; ls tests/*/test_*.py tests/test_*.py 2>/dev/null | sort; } |
+    awk '!seen[$0]++' | while read -r f; do [ -f "$f" ] || continue
     [ -f "/root/gputests/$(echo "$f" | tr / _).log.timeout" ] && echo "1 $f" || echo "0 $f"; done | sort -s -k1,1 | cut -d' ' -f2)
   local end=$(( $(date +%s) + T )) cap=${FILE_T:-240}
   for k in $(seq 0 $((K - 1))); do
@@ -58,7 +62,8 @@ shards() {  # shards K T GPU...: the test files in K shards round robin over the
         grep -q "^rc=" "$log" 2>/dev/null && continue
         left=$(( end - $(date +%s) )); [ "$left" -gt 20 ] || break
         [ "$left" -gt "$cap" ] && left=$cap
-        CUDA_VISIBLE_DEVICES=${gpus[$((k % ${#gpus[@]}))]} timeout "$left" $py -m pytest -q -p no:cacheprovider "$f" > "$log.tmp" 2>&1
+        CUDA_VISIBLE_DEVICES=${gpus[$((k % ${#gpus[@]}))]} timeout "$left" $py -m pytest -q -p no:cacheprovider \
+          -o faulthandler_timeout=$(( left > 60 ? left - 30 : 30 )) "$f" > "$log.tmp" 2>&1
         rc=$?; [ $rc -eq 124 ] && { mv "$log.tmp" "$log.timeout"; continue; }
         mv "$log.tmp" "$log"; echo "rc=$rc" >> "$log"; rm -f "$log.timeout"
       done
@@ -90,6 +95,12 @@ case $part in
     run vae     120 $py benchmarks/bench_vae.py --repeats 9 --numpyro-python $py --append-results --note "$NOTE"
     run smc      60 $py benchmarks/bench_smc.py --repeats 3 --append-results --note "$NOTE"
     run kernels  60 $py benchmarks/bench_kernels.py --append-results --note "$NOTE"
+    # MLX's CUDA backend launches its kernels as CUDA graphs of MLX_MAX_OPS_PER_BUFFER nodes
+    # (default 20): the launch-bound HMC transition and SMC step under other sizes
+    for m in 20 60 200; do
+      run "hmc_ops$m" 60 env MLX_MAX_OPS_PER_BUFFER=$m $py benchmarks/bench_hmc.py --repeats 1 --transition-rounds 0
+      run "smc_ops$m" 40 env MLX_MAX_OPS_PER_BUFFER=$m $py benchmarks/bench_smc.py --repeats 3
+    done
     bg_wait
     ;;
   bench2)
