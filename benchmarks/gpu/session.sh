@@ -97,7 +97,7 @@ case $part in
     run kernels  60 $py benchmarks/bench_kernels.py --append-results --note "$NOTE"
     # MLX's CUDA backend launches its kernels as CUDA graphs of MLX_MAX_OPS_PER_BUFFER nodes
     # (default 20): the launch-bound HMC transition and SMC step under other sizes
-    for m in 20 60 200; do
+    for m in 20 100; do
       run "hmc_ops$m" 60 env MLX_MAX_OPS_PER_BUFFER=$m $py benchmarks/bench_hmc.py --repeats 1 --transition-rounds 0
       run "smc_ops$m" 40 env MLX_MAX_OPS_PER_BUFFER=$m $py benchmarks/bench_smc.py --repeats 3
     done
@@ -107,7 +107,7 @@ case $part in
     bg_tests
     run hmc     120 $py benchmarks/bench_hmc.py --numpyro $py --repeats 3 --append-results --note "$NOTE"
     run hmc_cuda 90 $py benchmarks/bench_hmc.py --numpyro $py --numpyro-platform cuda --repeats 3 --transition-rounds 0 --append-results --note "$NOTE"
-    run nuts    360 $py benchmarks/bench_nuts.py --numpyro $py --numpyro-platforms cpu,cuda --append-results --note "$NOTE"
+    run nuts    330 $py benchmarks/bench_nuts.py --numpyro $py --numpyro-platforms cpu,cuda --append-results --note "$NOTE"
     bg_wait
     ;;
   iwae)
