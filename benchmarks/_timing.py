@@ -80,8 +80,9 @@ def jax_env(platform: str) -> dict:
     """Environment of a JAX peer's subprocess on ``platform`` ("cpu" or "cuda"): the CPU
     run sees no GPU; the CUDA run keeps the caller's environment (library paths) and
     allocates GPU memory on demand (genmlx's process may still hold some)."""
-    if platform == "cpu":  # no CUDA libraries or MLX BLAS settings; the module path stays
-        keep = {k: os.environ[k] for k in ("PYTHONPATH", "HOME") if k in os.environ}
+    if platform == "cpu":  # no CUDA libraries or MLX BLAS settings; the module and command
+        # paths stay (a peer named as `python3` may be a venv's, found through PATH)
+        keep = {k: os.environ[k] for k in ("PYTHONPATH", "HOME", "PATH") if k in os.environ}
         return {"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin", **keep}
     return dict(os.environ, JAX_PLATFORMS=platform, XLA_PYTHON_CLIENT_PREALLOCATE="false")
 

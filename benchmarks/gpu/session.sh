@@ -139,5 +139,5 @@ esac
 cp benchmarks/RESULTS.md "$OUT/RESULTS.md" 2>/dev/null
 [ -n "${SAVE_PTX:-}" ] && save_ptx
 # at most 8 files come back: the logs and JSON travel as one archive
-(cd "$OUT" && logs=$(ls *.log *.json 2>/dev/null) && [ -n "$logs" ] && tar -czf "logs_$part.tgz" $logs && rm -f $logs)
+(cd "$OUT" && logs=$(ls | grep -E '[.](log|json)$') && tar -czf "logs_$part.tgz" $logs && rm -f $logs)
 exit 0

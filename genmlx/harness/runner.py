@@ -217,9 +217,17 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, task=None, resume: bool
                               grad_reduce=dist.all_mean if N > 1 else None)
     states = StateSnapshots(module, optimizer)
     total = cfg.train.steps
-    log = (MetricsLog(run_dir, cfg.log.tensorboard, resume_step=start if ck is not None else None)
-           if main else _NullLog())
-    prog = Progress(total, start, cfg.log.progress if main else "off", desc=cfg.name)
+    # SIGINT/SIGTERM from here on stop the run cleanly (after a step, with a checkpoint), also
+    # while the data and the first step are still being prepared (slow on a cold GPU)
+    sig = _Signals().__enter__()
+    try:
+        log = (MetricsLog(run_dir, cfg.log.tensorboard, resume_step=start if ck is not None else None)
+               if main else _NullLog())
+        prog = Progress(total, start, cfg.log.progress if main else "off", desc=cfg.name)
+        batches = task.data.batches(cfg.seed, start)
+    except BaseException:
+        sig.__exit__()
+        raise
     saved = {"step": None}
 
     def save(step: int, is_best: bool = False, **extra) -> Path | None:
@@ -269,7 +277,6 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, task=None, resume: bool
 
     limit = cfg.train.time_limit_s
     every = (cfg.checkpoint.every_steps, cfg.log.eval_every_steps, cfg.log.histogram_every_steps)
-    batches = task.data.batches(cfg.seed, start)
     t0 = time.time()
 
     def local_flags(sig) -> tuple[bool, bool]:
@@ -296,76 +303,76 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, task=None, resume: bool
     step = start
     stopped_early = False
     try:
-        with _Signals() as sig:
-            cur = dispatch(step, next(batches), sig) if step < total else None
-            while step < total:
-                p, cur = cur, None
-                n1 = step + 1
-                # step t+1 may run ahead unless something after step t needs its state
-                if cfg.train.pipeline and n1 < total and all(n1 % e for e in every) and not (N == 1 and any(local_flags(sig))):
-                    cur = dispatch(n1, next(batches), sig)
-                metrics = p.metrics
-                loss, gn = float(metrics["loss"]), float(metrics["grad_norm"])
-                if not _finite(loss, gn):
-                    redo = cur
-                    cur = None  # the already-dispatched step t+1 ran on the bad state: discard it
-                    states.restore(p.snap)
-                    if cfg.train.nan_policy == "stop" or skipped >= cfg.train.max_skipped:
-                        path = save(step, nonfinite_step=step)
-                        dist.barrier()  # the others exit (non-zero) only once rank 0 has written it
-                        why = (f"non-finite loss or gradient in step {step + 1} of {total} (loss={loss}, grad_norm={gn})"
-                               if cfg.train.nan_policy == "stop" else
-                               f"more than train.max_skipped = {cfg.train.max_skipped} non-finite steps (the last in step {step + 1})")
-                        raise NonFiniteError(f"{why}; the last good state (after {step} steps) was saved to {path}. "
-                                             f"Lower optim.lr, or set train.nan_policy = \"skip\" to skip such steps.")
-                    skipped += 1
-                    log.scalars(step + 1, {"skipped_steps": skipped}, prefix="train/")
-                    if redo is not None:  # redo step t+1 from the rolled-back state, on the same batch
-                        cur = dispatch(n1, redo.raw, sig)
-                step += 1
-                if step == start + 1:
-                    states.check()  # an optimizer that grew its state in the first update
-                prog.update(1, epoch=task.data.position(step - 1)[0], loss=loss)
-                if step % cfg.log.every_steps == 0 or step == total:
-                    lr = optimizer.learning_rate
-                    vals = {k: float(v) for k, v in metrics.items() if getattr(v, "size", 1) == 1}
-                    vals.update(lr=float(lr), skipped_steps=skipped, steps_per_s=(step - start) / max(time.time() - t0, 1e-9))
-                    log.scalars(step, vals, prefix="train/")
-                    prog.line()
-                if step % cfg.log.histogram_every_steps == 0:
-                    log_histograms(step, p.key, p.data)
-                is_best = False
-                if step % cfg.log.eval_every_steps == 0 or step == total:
-                    v = validate(step)
-                    is_best = v["improved"] and cfg.checkpoint.keep_best
-                    log_images(step)
-                if step % cfg.checkpoint.every_steps == 0 or step == total or is_best:
-                    save(step, is_best=is_best)
-                if p.stop is not None:
-                    interrupted, timed_out = (bool(f > 0) for f in p.stop.tolist())
-                else:
-                    interrupted, timed_out = local_flags(sig)
-                if (interrupted or timed_out) and step < total:
-                    if cur is not None:  # discard the step dispatched ahead: back to the state after this one
-                        states.restore(cur.snap)
-                        cur = None
-                    path = save(step) if saved["step"] != step else ckpts.dir / f"ckpt-{step:09d}.json"
-                    dist.barrier()  # mlx.launch kills all ranks when one exits non-zero: let rank 0 finish writing
-                    if interrupted:
-                        signum = sig.signum if sig.signum is not None else signal.SIGTERM
-                        who = (f"{signal.Signals(signum).name} received" if sig.signum is not None
-                               else "another process was interrupted")
-                        raise Interrupted(f"{who}: stopped after step {step}; checkpoint {path}. "
-                                          f"Run the same command again to resume.", signum)
-                    stopped_early = True
-                    echo(f"train.time_limit_s = {limit:g} s reached: stopped after step {step} of {total}; "
-                         f"checkpoint {path}. Run the same command again to continue.")
-                    break
-                if cur is None and step < total:
-                    cur = dispatch(step, next(batches), sig)
+        cur = dispatch(step, next(batches), sig) if step < total else None
+        while step < total:
+            p, cur = cur, None
+            n1 = step + 1
+            # step t+1 may run ahead unless something after step t needs its state
+            if cfg.train.pipeline and n1 < total and all(n1 % e for e in every) and not (N == 1 and any(local_flags(sig))):
+                cur = dispatch(n1, next(batches), sig)
+            metrics = p.metrics
+            loss, gn = float(metrics["loss"]), float(metrics["grad_norm"])
+            if not _finite(loss, gn):
+                redo = cur
+                cur = None  # the already-dispatched step t+1 ran on the bad state: discard it
+                states.restore(p.snap)
+                if cfg.train.nan_policy == "stop" or skipped >= cfg.train.max_skipped:
+                    path = save(step, nonfinite_step=step)
+                    dist.barrier()  # the others exit (non-zero) only once rank 0 has written it
+                    why = (f"non-finite loss or gradient in step {step + 1} of {total} (loss={loss}, grad_norm={gn})"
+                           if cfg.train.nan_policy == "stop" else
+                           f"more than train.max_skipped = {cfg.train.max_skipped} non-finite steps (the last in step {step + 1})")
+                    raise NonFiniteError(f"{why}; the last good state (after {step} steps) was saved to {path}. "
+                                         f"Lower optim.lr, or set train.nan_policy = \"skip\" to skip such steps.")
+                skipped += 1
+                log.scalars(step + 1, {"skipped_steps": skipped}, prefix="train/")
+                if redo is not None:  # redo step t+1 from the rolled-back state, on the same batch
+                    cur = dispatch(n1, redo.raw, sig)
+            step += 1
+            if step == start + 1:
+                states.check()  # an optimizer that grew its state in the first update
+            prog.update(1, epoch=task.data.position(step - 1)[0], loss=loss)
+            if step % cfg.log.every_steps == 0 or step == total:
+                lr = optimizer.learning_rate
+                vals = {k: float(v) for k, v in metrics.items() if getattr(v, "size", 1) == 1}
+                vals.update(lr=float(lr), skipped_steps=skipped, steps_per_s=(step - start) / max(time.time() - t0, 1e-9))
+                log.scalars(step, vals, prefix="train/")
+                prog.line()
+            if step % cfg.log.histogram_every_steps == 0:
+                log_histograms(step, p.key, p.data)
+            is_best = False
+            if step % cfg.log.eval_every_steps == 0 or step == total:
+                v = validate(step)
+                is_best = v["improved"] and cfg.checkpoint.keep_best
+                log_images(step)
+            if step % cfg.checkpoint.every_steps == 0 or step == total or is_best:
+                save(step, is_best=is_best)
+            if p.stop is not None:
+                interrupted, timed_out = (bool(f > 0) for f in p.stop.tolist())
+            else:
+                interrupted, timed_out = local_flags(sig)
+            if (interrupted or timed_out) and step < total:
+                if cur is not None:  # discard the step dispatched ahead: back to the state after this one
+                    states.restore(cur.snap)
+                    cur = None
+                path = save(step) if saved["step"] != step else ckpts.dir / f"ckpt-{step:09d}.json"
+                dist.barrier()  # mlx.launch kills all ranks when one exits non-zero: let rank 0 finish writing
+                if interrupted:
+                    signum = sig.signum if sig.signum is not None else signal.SIGTERM
+                    who = (f"{signal.Signals(signum).name} received" if sig.signum is not None
+                           else "another process was interrupted")
+                    raise Interrupted(f"{who}: stopped after step {step}; checkpoint {path}. "
+                                      f"Run the same command again to resume.", signum)
+                stopped_early = True
+                echo(f"train.time_limit_s = {limit:g} s reached: stopped after step {step} of {total}; "
+                     f"checkpoint {path}. Run the same command again to continue.")
+                break
+            if cur is None and step < total:
+                cur = dispatch(step, next(batches), sig)
     except CheckpointError as e:
         raise TrainingError(str(e)) from e
     finally:
+        sig.__exit__()
         prog.close()
         if step < total and not stopped_early:
             log.close()

@@ -32,17 +32,19 @@ def normalized_weights(log_weights: mx.array) -> mx.array:
     return mx.softmax(log_weights, axis=-1)
 
 
-def effective_sample_size(log_weights: mx.array) -> mx.array:
-    """ESS = (Σ w)² / Σ w² = exp(2 logsumexp(lw) − logsumexp(2 lw))."""
-    if _K.use_kernel(log_weights):
+def effective_sample_size(log_weights: mx.array, *, fused: bool = False) -> mx.array:
+    """ESS = (Σ w)² / Σ w² = exp(2 logsumexp(lw) − logsumexp(2 lw)). ``fused``: the fused
+    GPU kernel where one applies (never under ``mx.vmap``: see :mod:`genmlx.kernels`)."""
+    if fused and _K.use_kernel(log_weights):
         return _K.weight_summary(log_weights)[1]
     return mx.exp(2 * mx.logsumexp(log_weights, axis=-1) - mx.logsumexp(2 * log_weights, axis=-1))
 
 
-def log_mean_exp(log_weights: mx.array) -> mx.array:
-    """log (1/n Σ exp(lw_i)) — the log of the unbiased marginal-likelihood estimate."""
+def log_mean_exp(log_weights: mx.array, *, fused: bool = False) -> mx.array:
+    """log (1/n Σ exp(lw_i)) — the log of the unbiased marginal-likelihood estimate.
+    ``fused`` as in :func:`effective_sample_size`."""
     n = log_weights.shape[-1]
-    if _K.use_kernel(log_weights):
+    if fused and _K.use_kernel(log_weights):
         return _K.weight_summary(log_weights)[0] - math.log(n)
     return mx.logsumexp(log_weights, axis=-1) - math.log(n)
 
@@ -54,8 +56,10 @@ def _safe_logits(log_weights: mx.array) -> mx.array:
 
 
 def _cdf(log_weights: mx.array) -> mx.array:
+    """The normalised CDF, nondecreasing: a parallel (GPU) float scan of nonnegative
+    terms need not be, so a running maximum follows the cumulative sum."""
     w = normalized_weights(_safe_logits(log_weights))
-    c = mx.cumsum(w)
+    c = mx.cummax(mx.cumsum(w))
     return c / c[-1]
 
 
@@ -74,7 +78,8 @@ def strata_counts(cdf: mx.array, U: mx.array, m: int) -> mx.array:
 def _from_strata(cdf: mx.array, U: mx.array, m: int) -> mx.array:
     """Indices for u_j = (j + U_j)/m, j < m, by counting (:func:`strata_counts`).
     Gathers and scatters only, so it vmaps over keys and weights alike (unlike
-    searchsorted over a batched CDF)."""
+    searchsorted over a batched CDF). ``cdf`` must be nondecreasing (as :func:`_cdf`
+    makes it): the counts N_i − N_{i−1} are then ≥ 0."""
     N = strata_counts(cdf, U, m)
     N = mx.concatenate([N[:-1], mx.array([m], dtype=mx.int32)])  # C_n = 1 exactly
     counts = N - mx.concatenate([mx.zeros((1,), dtype=mx.int32), N[:-1]])
@@ -87,20 +92,24 @@ def multinomial(key: mx.array, log_weights: mx.array, m: int | None = None) -> m
     return mx.random.categorical(_safe_logits(log_weights), num_samples=m, key=key).astype(mx.int32)
 
 
-def stratified(key: mx.array, log_weights: mx.array, m: int | None = None) -> mx.array:
-    """Stratified resampling: one uniform in each of the m strata [j/m, (j+1)/m)."""
+def stratified(key: mx.array, log_weights: mx.array, m: int | None = None, *,
+               fused: bool = False) -> mx.array:
+    """Stratified resampling: one uniform in each of the m strata [j/m, (j+1)/m).
+    ``fused``: the GPU scan + search kernels where they apply (not under ``mx.vmap``)."""
     m = log_weights.shape[0] if m is None else m
     U = mx.random.uniform(shape=(m,), key=key)
-    if _K.use_kernel(log_weights):
+    if fused and _K.use_kernel(log_weights):
         return _K.resample_stratified(U, log_weights, m)
     return _from_strata(_cdf(log_weights), U, m)
 
 
-def systematic(key: mx.array, log_weights: mx.array, m: int | None = None) -> mx.array:
-    """Systematic resampling: u_j = (j + U)/m with a single U ~ U(0, 1)."""
+def systematic(key: mx.array, log_weights: mx.array, m: int | None = None, *,
+               fused: bool = False) -> mx.array:
+    """Systematic resampling: u_j = (j + U)/m with a single U ~ U(0, 1). ``fused`` as in
+    :func:`stratified`."""
     m = log_weights.shape[0] if m is None else m
     U = mx.random.uniform(shape=(), key=key)
-    if _K.use_kernel(log_weights):
+    if fused and _K.use_kernel(log_weights):
         return _K.resample_systematic(U, log_weights, m)
     return _from_strata(_cdf(log_weights), U, m)
 
@@ -132,7 +141,8 @@ def indices_from_counts(counts: mx.array, m: int) -> mx.array:
     ones at the s_i collides wherever particles have no offspring — serialized atomics
     on a GPU)."""
     n = counts.shape[0]
-    counts = counts.astype(mx.int32)
+    # negative counts (a CDF that is not monotone) would make two particles share a slot
+    counts = mx.maximum(counts.astype(mx.int32), 0)
     starts = mx.cumsum(counts) - counts
     i = mx.arange(n, dtype=mx.int32)
     pos = mx.where(mx.logical_and(counts > 0, starts < m), starts, m + i)
@@ -166,6 +176,10 @@ def get_scheme(scheme: str | Callable) -> Callable:
 
 
 def resample_indices(key: mx.array, log_weights: mx.array, m: int | None = None,
-                     scheme: str | Callable = "multinomial") -> mx.array:
-    """Ancestor indices [m] by the named scheme."""
+                     scheme: str | Callable = "multinomial", *, fused: bool = False) -> mx.array:
+    """Ancestor indices [m] by the named scheme. ``fused``: the GPU kernels of the
+    systematic and stratified schemes where they apply (drivers that are never vmapped
+    set it; MLX's custom kernels have no vmap rule)."""
+    if fused and scheme in ("systematic", "stratified"):
+        return SCHEMES[scheme](key, log_weights, m, fused=True)
     return get_scheme(scheme)(key, log_weights, m)

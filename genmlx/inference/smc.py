@@ -179,10 +179,11 @@ def _extend(payload, key, traces, lw, args, obs, pargs, prev=None):
 def _resample(payload, key, lw):
     scheme, threshold = payload
     n = lw.shape[0]
-    ess = R.effective_sample_size(lw)
+    # the SMC drivers never run under mx.vmap: the fused GPU kernels may serve them
+    ess = R.effective_sample_size(lw, fused=True)
     do = ess < threshold * n
-    idx = mx.where(do, R.get_scheme(scheme)(key, lw, n), mx.arange(n, dtype=mx.int32))
-    new_lw = mx.where(do, mx.broadcast_to(R.log_mean_exp(lw), lw.shape), lw)
+    idx = mx.where(do, R.resample_indices(key, lw, n, scheme, fused=True), mx.arange(n, dtype=mx.int32))
+    new_lw = mx.where(do, mx.broadcast_to(R.log_mean_exp(lw, fused=True), lw.shape), lw)
     return idx, new_lw, ess, do
 
 

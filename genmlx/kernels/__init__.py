@@ -1,6 +1,8 @@
 """Fused GPU kernels for the inference hot paths (``mx.fast.cuda_kernel``, with untested
 Metal twins), each beside its generic MLX-ops reference, which runs on CPU, under
-``GENMLX_KERNELS=0``, and inside ``mx.vmap``/``mx.grad`` (via custom-function rules).
+``GENMLX_KERNELS=0`` and for ``mx.grad`` (custom-function rules). The kernels cannot be
+vmapped (see ``_backend``): :mod:`genmlx.inference.resampling` uses them only when asked
+(``fused=True``, as the SMC steps do).
 
 - :func:`weight_summary` — (logsumexp, ESS) of log-weights in one pass per row.
 - :func:`resample_systematic`, :func:`resample_stratified` — ancestors by a CDF scan

@@ -7,9 +7,13 @@
 :func:`override` sets the same switch for a block of code (tests, benchmarks).
 
 A kernel is used only for a float32 input on the default GPU device. The kernels are
-wrapped in ``mx.custom_function`` with vmap, vjp and jvp rules that take the generic path,
-so a caller under ``mx.vmap``/``mx.grad`` is still correct (``mx.fast`` kernels have no
-transformation rules of their own).
+wrapped in ``mx.custom_function`` with vjp and jvp rules that take the generic path, so a
+caller under ``mx.grad`` is still correct. They cannot run under ``mx.vmap``: MLX's custom
+kernels have no vmap rule, and a custom function's own vmap rule does not help (MLX 0.32
+still vmaps the forward computation, which the custom function's outputs depend on). So
+the public resampling and weight functions of :mod:`genmlx.inference.resampling` take the
+generic path unless called with ``fused=True``, which only drivers that are never vmapped
+(the SMC steps) do.
 """
 
 from __future__ import annotations
@@ -84,20 +88,14 @@ def _tuple(x) -> tuple:
 
 def with_generic_transforms(kernel_fn: Callable, generic_fn: Callable,
                             n_out: int, differentiable: bool) -> Callable:
-    """``kernel_fn`` (the fused path) as an ``mx.custom_function`` whose vmap rule vmaps
-    ``generic_fn`` and whose vjp/jvp differentiate ``generic_fn`` (or give zero
-    cotangents when the outputs are integers: ``differentiable=False``). Both functions
-    take the same positional arrays and return a tuple of ``n_out`` arrays."""
+    """``kernel_fn`` (the fused path) as an ``mx.custom_function`` whose vjp/jvp
+    differentiate ``generic_fn`` (or give zero cotangents when the outputs are integers:
+    ``differentiable=False``). Both functions take the same positional arrays and return
+    a tuple of ``n_out`` arrays. No vmap rule: it would not be used (module docstring)."""
 
     @mx.custom_function
     def f(*xs):
         return tuple(kernel_fn(*xs))
-
-    @f.vmap
-    def f_vmap(inputs, axes):
-        inputs, axes = _tuple(inputs), _tuple(axes)
-        outs = mx.vmap(lambda *a: tuple(generic_fn(*a)), in_axes=axes)(*inputs)
-        return tuple(outs), (0,) * n_out
 
     @f.vjp
     def f_vjp(primals, cotangents, outputs):

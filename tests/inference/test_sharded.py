@@ -292,7 +292,10 @@ def two_ranks(tmp_path_factory):
     d = tmp_path_factory.mktemp("sharded")
     script = d / "worker.py"
     script.write_text(WORKER)
-    env = {**__import__("os").environ, "PYTHONPATH": str(REPO)}
+    import os
+
+    # the repository first, the caller's module path kept (MLX may live there: GPU machine)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     try:
         p = subprocess.run([launch, "-n", "2", "--backend", "ring", "--python", sys.executable,
                             str(script), str(d)], capture_output=True, text=True, timeout=240,
@@ -446,6 +449,7 @@ def test_fused_sharded_path_on_group_of_one_equals_smc(scheme, kind):
     ``take_rows_each``) draws exactly what smc draws."""
     from genmlx.inference.sharded import Shards
     from genmlx.inference.smc import run_smc
+    from genmlx.kernels import override
 
     @gm.gen
     def scan_step(x, u):
@@ -461,10 +465,13 @@ def test_fused_sharded_path_on_group_of_one_equals_smc(scheme, kind):
         model, args = gm.Scan(scan_step), (mx.array(0.0), 0.1 * mx.arange(T, dtype=mx.float32))
     sh = Shards(mx.distributed.init())
     sh.sort_ancestors = False
-    a = run_smc(mx.random.key(3), model, args, obs, 40, progress=False, ess_threshold=0.9,
-                resampling=scheme, comm=sh)
-    b = run_smc(mx.random.key(3), model, args, obs, 40, progress=False, ess_threshold=0.9,
-                resampling=scheme)
+    # the generic weight reductions on both sides: smc's fused GPU kernel sums in another
+    # order (ESS equal to float32 rounding only, tested in tests/kernels)
+    with override(False):
+        a = run_smc(mx.random.key(3), model, args, obs, 40, progress=False, ess_threshold=0.9,
+                    resampling=scheme, comm=sh)
+        b = run_smc(mx.random.key(3), model, args, obs, 40, progress=False, ess_threshold=0.9,
+                    resampling=scheme)
     assert mx.array_equal(a.log_weights, b.log_weights) and mx.array_equal(a.global_log_weights, b.log_weights)
     assert a.resampled == b.resampled and sum(a.resampled) >= 3
     assert a.ess_history == b.ess_history

@@ -83,27 +83,53 @@ def fake_kernels(monkeypatch):
                         lambda backend, cdf, U: mx.full((U.shape[0],), -7, dtype=mx.int32))
 
 
-def test_kernel_path_taken_directly_and_compiled(fake_kernels):
+def test_kernel_path_taken_when_fused_directly_and_compiled(fake_kernels):
     x = mx.array([0.0, -1.0, 2.0])
     assert float(K.weight_summary(x)[0]) > 900
     assert float(mx.compile(lambda a: K.weight_summary(a)[0])(x)) > 900
-    assert mx.all(R.systematic(mx.random.key(0), x) == -7).item()
-    assert mx.all(mx.compile(lambda a: R.stratified(mx.random.key(0), a))(x) == -7).item()
+    assert float(R.log_mean_exp(x, fused=True)) > 900
+    assert mx.all(R.systematic(mx.random.key(0), x, fused=True) == -7).item()
+    assert mx.all(mx.compile(lambda a: R.stratified(mx.random.key(0), a, fused=True))(x) == -7).item()
+    assert mx.all(R.resample_indices(mx.random.key(0), x, 3, "systematic", fused=True) == -7).item()
 
 
-def test_vmap_takes_generic_path(fake_kernels):
+@pytest.fixture
+def unvmappable_kernels(fake_kernels, monkeypatch):
+    """Stand-in kernels that, like MLX's custom kernels, cannot be vmapped: their forward
+    holds a primitive without a vmap rule (QR), on the tape of anything vmapped through it."""
+    def no_vmap(x):
+        a = x.reshape(1, -1)[:, :1] * mx.ones((2, 2)) + mx.eye(2)
+        return mx.linalg.qr(a, stream=mx.cpu)[0][0, 0] * 0
+
+    def fake_ws(backend, lw):
+        lse, ess = KW.weight_summary_generic(lw)
+        return 2 * lse + 1000 + no_vmap(lw), ess
+
+    monkeypatch.setattr(KW, "_weight_summary_kernel", fake_ws)
+    monkeypatch.setattr(KR, "cdf_kernel", lambda backend, lw: R._cdf(lw) + no_vmap(lw))
+
+
+def test_unvmappable_stand_in_really_fails_under_vmap(unvmappable_kernels):
+    """The stand-in reproduces the GPU failure (so the next test can fail)."""
+    xs = mx.zeros((2, 5))
+    with pytest.raises(ValueError, match="vmap"):
+        mx.eval(mx.vmap(lambda a: R.log_mean_exp(a, fused=True))(xs))
+
+
+def test_public_functions_vmap_with_kernels_available(unvmappable_kernels):
+    """By default (fused=False) the public resampling/weight functions take the generic
+    path, so they vmap (and compile) wherever kernels exist (the GPU raised
+    '[Primitive::vmap] Not implemented for CustomKernel' before)."""
     xs = mx.array(np.random.default_rng(1).standard_normal((4, 6)).astype(np.float32))
-    lse, ess = mx.vmap(K.weight_summary)(xs)
-    rl, re = KW.weight_summary_generic(xs)
-    assert mx.allclose(lse, rl).item() and mx.allclose(ess, re).item()
     keys = mx.random.split(mx.random.key(3), 4)
     for scheme in (R.systematic, R.stratified):
         got = mx.compile(mx.vmap(lambda k, lw: scheme(k, lw)))(keys, xs)
         with B.override(False):
             want = mx.vmap(lambda k, lw: scheme(k, lw))(keys, xs)
         assert mx.array_equal(got, want).item()
-    # ESS / log_mean_exp under vmap, as vmapped SMC runs use them
+    rl, re = KW.weight_summary_generic(xs)
     assert mx.allclose(mx.vmap(R.effective_sample_size)(xs), re).item()
+    assert mx.allclose(mx.vmap(R.log_mean_exp)(xs), rl - np.log(6)).item()
 
 
 def test_grad_takes_generic_rules(fake_kernels):
@@ -308,9 +334,10 @@ def test_gpu_kernels_under_compile_and_vmap():
     rl, re = KW.weight_summary_generic(xs)
     assert mx.allclose(lse, rl, atol=1e-4).item() and mx.allclose(ess, re, rtol=1e-4).item()
     keys = mx.random.split(mx.random.key(0), 3)
-    got = mx.compile(mx.vmap(R.systematic))(keys, xs)
+    got = mx.compile(mx.vmap(R.systematic))(keys, xs)  # public default: generic, vmappable
     with B.override(False):
         want = mx.vmap(R.systematic)(keys, xs)
     assert mx.array_equal(got, want).item()
-    one = mx.compile(lambda k, x: R.systematic(k, x))(keys[0], xs[0])
+    one = mx.compile(lambda k, x: R.systematic(k, x, fused=True))(keys[0], xs[0])
     assert one.shape == (500,) and one.dtype == mx.int32
+    assert int(mx.max(one)) < 500 and int(mx.min(one)) >= 0
