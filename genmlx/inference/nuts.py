@@ -104,10 +104,12 @@ def _start(dense, key, u, lp, g, minv, mfac) -> Tree:
                 mx.zeros((c,), dtype=mx.int32), mx.zeros((c,)))
 
 
-def _sub_init(t: Tree, key, eps, n_hi: int) -> Sub:
-    """A new subtree starting from the trajectory's end in a random direction."""
+def _sub_init(t: Tree, key, eps, n_hi: int, fwd=None) -> Sub:
+    """A new subtree starting from the trajectory's end in a random direction (from
+    ``key``, or given as ``fwd`` [C] bool)."""
     c, d = t.ul.shape
-    fwd = mx.random.bernoulli(0.5, (c,), key=key)
+    if fwd is None:
+        fwd = mx.random.bernoulli(0.5, (c,), key=key)
     u, p, g = _w(fwd, t.ur, t.ul), _w(fwd, t.pr, t.pl), _w(fwd, t.gr, t.gl)
     z = mx.zeros((c, d))
     f = mx.zeros((c,), dtype=mx.bool_)
@@ -123,7 +125,23 @@ def _turned(rho, pa, pb, minv, dense):
     return (a <= 0) | (b <= 0)
 
 
-def _leaves(vg, dense, s: Sub, h0, unifs, minv, count: int, hi_w=None, hi_c=None) -> Sub:
+def _pick(idx, xs: list):
+    """xs[idx[c]][c] for chain c: a chain of selects (one fused kernel) for short blocks,
+    a stack and a gather for long ones."""
+    if len(xs) == 1:
+        return xs[0]
+    if len(xs) <= 8:
+        out = xs[0]
+        for i in range(1, len(xs)):
+            out = _w(idx == i, xs[i], out)
+        return out
+    c = idx.shape[0]
+    X = mx.stack(xs)
+    return mx.take_along_axis(X, idx.reshape((1, c) + (1,) * (X.ndim - 2)), axis=0)[0]
+
+
+def _leaves(vg, dense, s: Sub, h0, unifs, minv, count: int, hi_w=None, hi_c=None,
+            fresh: bool = False) -> Sub:
     """``count`` leaves (leapfrog steps) of the subtree, then their bookkeeping at once.
 
     The trajectory is integrated unmasked: a chain whose subtree stopped (or never
@@ -138,7 +156,9 @@ def _leaves(vg, dense, s: Sub, h0, unifs, minv, count: int, hi_w=None, hi_c=None
     ``hi_c``). The block's proposal is a multinomial draw ∝ exp(−ΔH) over its leaves
     (Gumbel-max), replacing the subtree's earlier proposal with probability
     W_block / (W_earlier + W_block): the same law as leaf-by-leaf progressive sampling.
-    ``unifs``: [count + 1, C] uniforms."""
+    ``unifs``: [count + 1, C] uniforms. ``fresh``: ``s`` is a subtree just started (zero
+    sums, no proposal, W = 0): the block's values are taken as they are (same result,
+    fewer kernels); a single leaf needs no scan and no draw."""
     e = s.eps[:, None]
     u, p, g = s.u, s.p, s.g
     us_, ps_, gs_, lps_ = [], [], [], []
@@ -149,7 +169,10 @@ def _leaves(vg, dense, s: Sub, h0, unifs, minv, count: int, hi_w=None, hi_c=None
         gs_.append(g)
         lps_.append(lp)
     n = count
-    P, LP = mx.stack(ps_), mx.stack(lps_)  # [n, C, D], [n, C]
+    if n == 1:  # views, not copies
+        P, LP = mx.expand_dims(ps_[0], 0), mx.expand_dims(lps_[0], 0)
+    else:
+        P, LP = mx.stack(ps_), mx.stack(lps_)  # [n, C, D], [n, C]
     V = velocity(P, minv, dense)
     dh = (0.5 * mx.sum(P * V, axis=-1) - LP) - h0  # energy error H − H₀ per leaf
     dh = mx.where(mx.isnan(dh), mx.inf, dh)
@@ -169,7 +192,8 @@ def _leaves(vg, dense, s: Sub, h0, unifs, minv, count: int, hi_w=None, hi_c=None
             t = mx.concatenate([mx.zeros((grp, size - 1, c), dtype=mx.bool_), t[:, None]], axis=1)
         stop = stop | t.reshape(n, c)
         size *= 2
-    psum_end = s.psum + mx.sum(P, axis=0)
+    psum_b = ps_[0] if n == 1 else mx.sum(P, axis=0)
+    psum_end = psum_b if fresh else s.psum + psum_b
     ckp, ckr = list(s.ckp), list(s.ckr)
     hi_turn = None
     if hi_w is not None and ckp:
@@ -179,29 +203,40 @@ def _leaves(vg, dense, s: Sub, h0, unifs, minv, count: int, hi_w=None, hi_c=None
             t = hi_c[k] & _turned(psum_end - ckr[k], ckp[k], ps_[-1], minv, dense)
             hi_turn = t if hi_turn is None else hi_turn | t
     # leaf i counts while no earlier leaf stopped the chain
-    nstop = mx.cumsum(stop.astype(mx.int32), axis=0)
-    on_i = s.on & ((nstop - stop.astype(mx.int32)) == 0)  # [n, C]
-    last_on = on_i[-1] & ~stop[-1]
-    on = s.on & (nstop[-1] == 0)
-    bad = s.bad | (s.on & (nstop[-1] > 0))
+    if n == 1:
+        stopped = stop[0]
+        on_i = mx.expand_dims(s.on, 0)
+        last_on = s.on & ~stopped
+    else:
+        nstop = mx.cumsum(stop.astype(mx.int32), axis=0)
+        on_i = s.on & ((nstop - stop.astype(mx.int32)) == 0)  # [n, C]
+        last_on = on_i[-1] & ~stop[-1]
+        stopped = nstop[-1] > 0
+    on = s.on & ~stopped
+    bad = s.on & stopped if fresh else s.bad | (s.on & stopped)
     if hi_turn is not None:
         bad = bad | (last_on & hi_turn)
         on = on & ~hi_turn
     acc = mx.exp(mx.minimum(lw, 0.0))
-    nsteps = s.nsteps + mx.sum(on_i.astype(mx.int32), axis=0)
-    accsum = s.accsum + mx.sum(mx.where(on_i, acc, 0.0), axis=0)
-    div_all = s.div | mx.any(on_i & div, axis=0)
-    # multinomial proposal of the block, then progressive across blocks
-    gumbel = -mx.log(-mx.log(unifs[:n]))
-    idx = mx.argmax(lw + gumbel, axis=0)  # [C]
-    sel = idx.reshape(1, c, 1)
-    u_b = mx.take_along_axis(mx.stack(us_), sel, axis=0)[0]
-    g_b = mx.take_along_axis(mx.stack(gs_), sel, axis=0)[0]
-    lp_b = mx.take_along_axis(LP, idx.reshape(1, c), axis=0)[0]
-    logw_b = mx.logsumexp(lw, axis=0)
-    logw = mx.logaddexp(s.logw, logw_b)
-    take = mx.log(unifs[n]) < logw_b - logw
-    us, lps, gs = _w(take, u_b, s.us), mx.where(take, lp_b, s.lps), _w(take, g_b, s.gs)
+    nsteps = mx.sum(on_i.astype(mx.int32), axis=0)
+    accsum = mx.sum(mx.where(on_i, acc, 0.0), axis=0)
+    div_all = mx.any(on_i & div, axis=0)
+    if not fresh:
+        nsteps, accsum, div_all = s.nsteps + nsteps, s.accsum + accsum, s.div | div_all
+    # multinomial proposal of the block (Gumbel-max), then progressive across blocks
+    if n == 1:
+        u_b, g_b, lp_b, logw_b = us_[0], gs_[0], lps_[0], lw[0]
+    else:
+        gumbel = -mx.log(-mx.log(unifs[:n]))
+        idx = mx.argmax(lw + gumbel, axis=0)  # [C]
+        u_b, g_b, lp_b = _pick(idx, us_), _pick(idx, gs_), _pick(idx, lps_)
+        logw_b = mx.logsumexp(lw, axis=0)
+    if fresh:  # W_earlier = 0: the block's draw is the subtree's
+        logw, us, lps, gs = logw_b, u_b, lp_b, g_b
+    else:
+        logw = mx.logaddexp(s.logw, logw_b)
+        take = mx.log(unifs[n]) < logw_b - logw
+        us, lps, gs = _w(take, u_b, s.us), mx.where(take, lp_b, s.lps), _w(take, g_b, s.gs)
     return Sub(u, p, g, us, lps, gs, logw, psum_end, on, bad, div_all, nsteps, accsum, s.fwd, s.eps,
                tuple(ckp), tuple(ckr))
 
@@ -231,13 +266,19 @@ def _uniforms(key, n, c):
 
 
 # -- compiled pieces (pure functions of arrays; the statics are bound by partial) -----------
-def _doubling(vg, dense, max_depth, j, t: Tree, key, eps, minv) -> Tree:
-    """A whole doubling of 2^j leaves (unrolled): subtree start, leaves, merge."""
-    k1, k2 = mx.random.split(key)
+def _doubling(vg, dense, max_depth, j, t: Tree, key, eps, minv, draws=None) -> Tree:
+    """A whole doubling of 2^j leaves (unrolled): subtree start, leaves, merge. Its
+    randomness from ``key``, or ``draws`` [2^j + 3, C] uniforms (direction, the block's
+    2^j + 1, the merge's)."""
     n = 2**j
-    r = _uniforms(k2, n, eps.shape[0])
-    s = _sub_init(t, k1, eps, 0)
-    s = _leaves(vg, dense, s, t.h0, r, minv, n)
+    if draws is None:
+        k1, k2 = mx.random.split(key)
+        r = _uniforms(k2, n, eps.shape[0])
+        s = _sub_init(t, k1, eps, 0)
+    else:
+        r = draws[1:]
+        s = _sub_init(t, None, eps, 0, fwd=draws[0] < 0.5)
+    s = _leaves(vg, dense, s, t.h0, r, minv, n, fresh=True)
     return _merge(dense, max_depth, t, s, r[-1], minv)
 
 
@@ -247,11 +288,16 @@ def _outputs(t: Tree) -> list:
 
 
 def _first(vg, dense, max_depth, upto, key, u, lp, g, eps, minv, mfac):
-    """Momentum draw and the doublings 0..``upto`` as one call."""
+    """Momentum draw and the doublings 0..``upto`` as one call; the doublings' uniforms
+    are one draw (from the stream of doubling 0; later doublings use their own keys)."""
     ks = mx.random.split(key, max_depth + 1)
     t = _start(dense, ks[-1], u, lp, g, minv, mfac)
+    rows = [2**j + 3 for j in range(upto + 1)]
+    U = mx.random.uniform(shape=(sum(rows), eps.shape[0]), key=ks[0])
+    off = 0
     for j in range(upto + 1):
-        t = _doubling(vg, dense, max_depth, j, t, ks[j], eps, minv)
+        t = _doubling(vg, dense, max_depth, j, t, None, eps, minv, draws=U[off:off + rows[j]])
+        off += rows[j]
     return _outputs(t)
 
 
@@ -275,7 +321,7 @@ def _big(vg, dense, max_depth, B, n_hi, part, t: Tree, s, kj, b, eps, hi_w, hi_c
     r = _uniforms(_block_key(k2, b), B, eps.shape[0])
     if part == "first":
         s = _sub_init(t, k1, eps, n_hi)
-    s = _leaves(vg, dense, s, t.h0, r, minv, B, hi_w, hi_c)
+    s = _leaves(vg, dense, s, t.h0, r, minv, B, hi_w, hi_c, fresh=part == "first")
     if part == "last":
         return _outputs(_merge(dense, max_depth, t, s, r[-1], minv))
     return _flat_sub(s) + [mx.any(s.on)]

@@ -73,12 +73,18 @@ def test_block_bookkeeping_matches_leaf_by_leaf(dens):
             r = mx.random.uniform(shape=(n + 2, C), key=mx.random.key(9))
             ref = _reference_leaves(dens.value_and_grad, s0, t.h0, m.minv, n)
             got = N._leaves(dens.value_and_grad, False, s0, t.h0, r, m.minv, n)
+            # the fresh-subtree shortcut: the same subtree and the same proposal
+            got_fresh = N._leaves(dens.value_and_grad, False, s0, t.h0, r, m.minv, n, fresh=True)
             for f, x in ref.items():
-                x, y = np.array(x), np.array(getattr(got, f))
+                x, y, z = np.array(x), np.array(getattr(got, f)), np.array(getattr(got_fresh, f))
                 if x.dtype.kind == "f":
                     np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-5, err_msg=f)
+                    np.testing.assert_allclose(z, x, rtol=1e-5, atol=1e-5, err_msg=f)
                 else:
                     np.testing.assert_array_equal(y, x, err_msg=f)
+                    np.testing.assert_array_equal(z, x, err_msg=f)
+            for f in ("us", "lps", "gs"):
+                np.testing.assert_array_equal(np.array(getattr(got_fresh, f)), np.array(getattr(got, f)))
             seen_stop += int(np.array(got.bad).sum())
             seen_div += int(np.array(got.div).sum())
     assert seen_stop > 20 and seen_div > 5  # the comparison exercised stops and divergences
