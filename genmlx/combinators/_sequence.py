@@ -26,6 +26,7 @@ from genmlx.core.diff import NoChange, UnknownChange, default_argdiffs, is_no_ch
 from genmlx.core.errors import MissingChoiceError, UnvisitedConstraintError
 from genmlx.core.gfi import GenerativeFunction
 from genmlx.core.handlers import project_subtrace
+from genmlx.core.indexing import row
 from genmlx.core.selection import Selection, select_none
 from genmlx.core.trace import Trace
 
@@ -104,7 +105,7 @@ def fold_in(key: mx.array, t: int) -> mx.array:
     """The key of step t, derived from ``key`` and t alone, so a step draws the same
     randomness whichever step an update starts from (prefix skipping and full
     re-execution give identical traces for the same key)."""
-    return mx.random.split(key + mx.array([0, t], dtype=mx.uint32), 2)[1]
+    return row(mx.random.split(key + mx.array([0, t], dtype=mx.uint32), 2), 1)
 
 
 class StepIndexUsed(Exception):

@@ -31,6 +31,7 @@ from genmlx.combinators._sequence import (
 )
 from genmlx.core.diff import IntDiff, NoChange, UnknownChange, VectorDiff, is_no_change
 from genmlx.core.gfi import GenerativeFunction
+from genmlx.core.indexing import row
 from genmlx.core.pytree import tree_flatten, tree_map
 
 ScanTrace = SequenceTrace
@@ -61,7 +62,8 @@ class Scan(SequenceGF):
     _inputs_vary = True  # x_t
 
     def _kernel_inputs(self, args, t, index):
-        return (tree_map(lambda a: a[t], args[1]),)
+        # a Python int t: a view (x[t] would be a gather kernel); else (a traced index) a take
+        return (tree_map(lambda a: row(a, t) if isinstance(t, int) else a[t], args[1]),)
 
     def _kernel_args(self, inputs, carry):
         return (carry, inputs[0])

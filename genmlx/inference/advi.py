@@ -21,6 +21,7 @@ import mlx.core as mx
 import numpy as np
 
 from genmlx.core.choicemap import ChoiceMap
+from genmlx.core.indexing import row
 from genmlx.inference.unconstrained import UnconstrainedDensity, path_key
 
 FAMILIES = ("meanfield", "fullrank")
@@ -138,7 +139,7 @@ def advi(key: mx.array, model, args: tuple, observations, family: str = "meanfie
 
         bar = tqdm(total=num_steps, desc="advi", leave=False)
     for i in range(num_steps):
-        params, m1, m2, elbo = cstep(params, m1, m2, mx.array(float(i + 1)), keys[i])
+        params, m1, m2, elbo = cstep(params, m1, m2, mx.array(float(i + 1)), row(keys, i))
         if i >= start_avg:
             L = _scale_tril(params, fullrank)
             cur = (params["mean"], L)

@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 import mlx.core as mx
 from tqdm.auto import tqdm
 
+from genmlx.core.indexing import row
 from genmlx.core.pytree import tree_flatten
 from genmlx.core.selection import Selection
 from genmlx.core.trace import Trace
@@ -114,7 +115,7 @@ def run_kernel(key: mx.array, trace: Trace, kernel: Kernel, num_steps: int, *,
     history = []
     keys = mx.random.split(key, num_steps)
     for i in tqdm(range(num_steps), disable=not progress, desc="mcmc"):
-        trace, info = as_kernel_output(kernel(keys[i], trace))
+        trace, info = as_kernel_output(kernel(row(keys, i), trace))
         rec = collect(trace) if collect is not None else info
         if (i + 1) % eval_every == 0:
             mx.eval(tree_flatten(trace)[0], tree_flatten(rec)[0])

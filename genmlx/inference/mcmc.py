@@ -13,6 +13,7 @@ import mlx.core as mx
 import numpy as np
 
 from genmlx.core.choicemap import ChoiceMap
+from genmlx.core.indexing import row
 from genmlx.inference.adaptation import (
     DualAveraging,
     adaptation_windows,
@@ -156,7 +157,7 @@ def _run(kernel, density: UnconstrainedDensity, key, *, num_samples: int, num_wa
     for i in range(total):
         warm = i < num_warmup
         cur = da.step_size if (warm and da is not None) else eps
-        state, info = kernel.step(keys[i], state, cur, metric)
+        state, info = kernel.step(row(keys, i), state, cur, metric)
         if warm:
             if da is not None:
                 da.update(info.accept_prob)

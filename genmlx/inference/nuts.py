@@ -39,6 +39,7 @@ from typing import NamedTuple
 import mlx.core as mx
 import numpy as np
 
+from genmlx.core.indexing import row
 from genmlx.inference.hmc import ChainState, StepInfo
 from genmlx.inference.metric import Metric, kinetic, leapfrog, sample_momentum, velocity
 from genmlx.inference.unconstrained import UnconstrainedDensity
@@ -125,19 +126,20 @@ def _turned(rho, pa, pb, minv, dense):
     return (a <= 0) | (b <= 0)
 
 
-def _pick(idx, xs: list):
-    """xs[idx[c]][c] for chain c: a chain of selects (one fused kernel) for short blocks,
-    a stack and a gather for long ones."""
+def _pick(idx, xs: list, onehot=None):
+    """xs[idx[c]][c] for chain c: for short blocks a chain of selects on the rows of
+    ``onehot`` ([n, C], idx == i; one kernel shared by every pick), which fuses into one
+    kernel; a stack and a gather for long ones."""
     if len(xs) == 1:
         return xs[0]
-    if len(xs) <= 8:
+    if onehot is not None:
         out = xs[0]
         for i in range(1, len(xs)):
-            out = _w(idx == i, xs[i], out)
+            out = _w(row(onehot, i), xs[i], out)
         return out
     c = idx.shape[0]
     X = mx.stack(xs)
-    return mx.take_along_axis(X, idx.reshape((1, c) + (1,) * (X.ndim - 2)), axis=0)[0]
+    return row(mx.take_along_axis(X, idx.reshape((1, c) + (1,) * (X.ndim - 2)), axis=0), 0)
 
 
 def _leaves(vg, dense, s: Sub, h0, unifs, minv, count: int, hi_w=None, hi_c=None,
@@ -204,14 +206,14 @@ def _leaves(vg, dense, s: Sub, h0, unifs, minv, count: int, hi_w=None, hi_c=None
             hi_turn = t if hi_turn is None else hi_turn | t
     # leaf i counts while no earlier leaf stopped the chain
     if n == 1:
-        stopped = stop[0]
+        stopped = row(stop, 0)
         on_i = mx.expand_dims(s.on, 0)
         last_on = s.on & ~stopped
     else:
         nstop = mx.cumsum(stop.astype(mx.int32), axis=0)
         on_i = s.on & ((nstop - stop.astype(mx.int32)) == 0)  # [n, C]
-        last_on = on_i[-1] & ~stop[-1]
-        stopped = nstop[-1] > 0
+        last_on = row(on_i, -1) & ~row(stop, -1)
+        stopped = row(nstop, -1) > 0
     on = s.on & ~stopped
     bad = s.on & stopped if fresh else s.bad | (s.on & stopped)
     if hi_turn is not None:
@@ -225,17 +227,18 @@ def _leaves(vg, dense, s: Sub, h0, unifs, minv, count: int, hi_w=None, hi_c=None
         nsteps, accsum, div_all = s.nsteps + nsteps, s.accsum + accsum, s.div | div_all
     # multinomial proposal of the block (Gumbel-max), then progressive across blocks
     if n == 1:
-        u_b, g_b, lp_b, logw_b = us_[0], gs_[0], lps_[0], lw[0]
+        u_b, g_b, lp_b, logw_b = us_[0], gs_[0], lps_[0], row(lw, 0)
     else:
         gumbel = -mx.log(-mx.log(unifs[:n]))
         idx = mx.argmax(lw + gumbel, axis=0)  # [C]
-        u_b, g_b, lp_b = _pick(idx, us_), _pick(idx, gs_), _pick(idx, lps_)
+        oh = (mx.arange(n, dtype=idx.dtype)[:, None] == idx[None]) if n <= 8 else None
+        u_b, g_b, lp_b = _pick(idx, us_, oh), _pick(idx, gs_, oh), _pick(idx, lps_, oh)
         logw_b = mx.logsumexp(lw, axis=0)
     if fresh:  # W_earlier = 0: the block's draw is the subtree's
         logw, us, lps, gs = logw_b, u_b, lp_b, g_b
     else:
         logw = mx.logaddexp(s.logw, logw_b)
-        take = mx.log(unifs[n]) < logw_b - logw
+        take = mx.log(row(unifs, n)) < logw_b - logw
         us, lps, gs = _w(take, u_b, s.us), mx.where(take, lp_b, s.lps), _w(take, g_b, s.gs)
     return Sub(u, p, g, us, lps, gs, logw, psum_end, on, bad, div_all, nsteps, accsum, s.fwd, s.eps,
                tuple(ckp), tuple(ckr))
@@ -277,9 +280,9 @@ def _doubling(vg, dense, max_depth, j, t: Tree, key, eps, minv, draws=None) -> T
         s = _sub_init(t, k1, eps, 0)
     else:
         r = draws[1:]
-        s = _sub_init(t, None, eps, 0, fwd=draws[0] < 0.5)
+        s = _sub_init(t, None, eps, 0, fwd=row(draws, 0) < 0.5)
     s = _leaves(vg, dense, s, t.h0, r, minv, n, fresh=True)
-    return _merge(dense, max_depth, t, s, r[-1], minv)
+    return _merge(dense, max_depth, t, s, row(r, -1), minv)
 
 
 def _outputs(t: Tree) -> list:
@@ -291,9 +294,9 @@ def _first(vg, dense, max_depth, upto, key, u, lp, g, eps, minv, mfac):
     """Momentum draw and the doublings 0..``upto`` as one call; the doublings' uniforms
     are one draw (from the stream of doubling 0; later doublings use their own keys)."""
     ks = mx.random.split(key, max_depth + 1)
-    t = _start(dense, ks[-1], u, lp, g, minv, mfac)
+    t = _start(dense, row(ks, -1), u, lp, g, minv, mfac)
     rows = [2**j + 3 for j in range(upto + 1)]
-    U = mx.random.uniform(shape=(sum(rows), eps.shape[0]), key=ks[0])
+    U = mx.random.uniform(shape=(sum(rows), eps.shape[0]), key=row(ks, 0))
     off = 0
     for j in range(upto + 1):
         t = _doubling(vg, dense, max_depth, j, t, None, eps, minv, draws=U[off:off + rows[j]])
@@ -303,7 +306,7 @@ def _first(vg, dense, max_depth, upto, key, u, lp, g, eps, minv, mfac):
 
 def _small(vg, dense, max_depth, j, t: Tree, key, eps, minv):
     """Doubling j (2^j ≤ B leaves) as one call."""
-    kj = mx.random.split(key, max_depth + 1)[j]
+    kj = row(mx.random.split(key, max_depth + 1), j)
     return _outputs(_doubling(vg, dense, max_depth, j, t, kj, eps, minv))
 
 
@@ -323,7 +326,7 @@ def _big(vg, dense, max_depth, B, n_hi, part, t: Tree, s, kj, b, eps, hi_w, hi_c
         s = _sub_init(t, k1, eps, n_hi)
     s = _leaves(vg, dense, s, t.h0, r, minv, B, hi_w, hi_c, fresh=part == "first")
     if part == "last":
-        return _outputs(_merge(dense, max_depth, t, s, r[-1], minv))
+        return _outputs(_merge(dense, max_depth, t, s, row(r, -1), minv))
     return _flat_sub(s) + [mx.any(s.on)]
 
 
@@ -373,7 +376,7 @@ class NUTSKernel:
                 def merge_only(*a):
                     s, (kj, b, minv) = sub_of(a[17:])
                     t = Tree(*a[:17])
-                    k = _block_key(mx.random.split(kj)[1], b)
+                    k = _block_key(row(mx.random.split(kj), 1), b)
                     return _outputs(_merge(dense, md, t, s, mx.random.uniform(shape=t.lpprop.shape, key=k), minv))
 
                 f = mx.compile(merge_only)
@@ -427,7 +430,7 @@ class NUTSKernel:
                 out = self._fn(dense, "small", j)(*tree, key, eps, minv)
                 continue
             nb = 2**j // self.block
-            kj = mx.random.split(key, self.max_depth + 1)[j]
+            kj = row(mx.random.split(key, self.max_depth + 1), j)
             w, c = self._hi_masks(j, 0)
             sub = self._fn(dense, "big", "first")(*tree, kj, self._index(0), eps, w, c, minv)
             for b in range(1, nb):

@@ -20,6 +20,7 @@ from typing import Callable
 import mlx.core as mx
 
 from genmlx import kernels as _K  # fused GPU kernels; generic path below otherwise
+from genmlx.core.indexing import row
 
 
 def log_normalize(log_weights: mx.array) -> mx.array:
@@ -60,7 +61,7 @@ def _cdf(log_weights: mx.array) -> mx.array:
     terms need not be, so a running maximum follows the cumulative sum."""
     w = normalized_weights(_safe_logits(log_weights))
     c = mx.cummax(mx.cumsum(w))
-    return c / c[-1]
+    return c / row(c, -1)
 
 
 def strata_counts(cdf: mx.array, U: mx.array, m: int) -> mx.array:
