@@ -37,6 +37,7 @@ from genmlx.core.diff import NoChange, UnknownChange, default_argdiffs, is_no_ch
 from genmlx.core.errors import UnvisitedConstraintError
 from genmlx.core.gfi import GenerativeFunction
 from genmlx.core.handlers import project_subtrace
+from genmlx.core.indexing import row
 from genmlx.core.trace import Trace
 
 
@@ -199,13 +200,13 @@ class Switch(GenerativeFunction):
         idx = self._index(args)
         bargs = args[1:]
         keys = mx.random.split(key, len(self.branches))
-        cons = self._branch_cons(keys[0], cm, bargs, concrete(idx) if idx.ndim == 0 else None)
+        cons = self._branch_cons(row(keys, 0), cm, bargs, concrete(idx) if idx.ndim == 0 else None)
         subs, ws = [], []
         for b, g in enumerate(self.branches):
             if cons[b].is_empty():
-                tr, w = g.simulate(keys[b], bargs), mx.array(0.0)
+                tr, w = g.simulate(row(keys, b), bargs), mx.array(0.0)
             else:
-                tr, w = g.generate(keys[b], bargs, cons[b])
+                tr, w = g.generate(row(keys, b), bargs, cons[b])
             subs.append(strip(tr))
             ws.append(w)
         score = select_value(idx, [s.score for s in subs])
@@ -279,28 +280,28 @@ class Switch(GenerativeFunction):
         bold, bnew, bdiffs = old_args[1:], args[1:], argdiffs[1:]
         B = len(self.branches)
         keys = mx.random.split(key, B + B * B)
-        cons = self._branch_cons(keys[0], cm, bnew, ci_new)
+        cons = self._branch_cons(row(keys, 0), cm, bnew, ci_new)
         if ci_old is not None and ci_new is not None:  # both concrete: only the needed work
             subs = list(trace.subs)
             if ci_old == ci_new:
                 g = self.branches[ci_new]
-                tr, w, rd, disc = g.update(keys[ci_new], dress(subs[ci_new], bold), cons[ci_new], bnew, bdiffs)
+                tr, w, rd, disc = g.update(row(keys, ci_new), dress(subs[ci_new], bold), cons[ci_new], bnew, bdiffs)
                 subs[ci_new] = strip(tr)
             else:
-                subs[ci_new], w, disc = self._into(keys[B + ci_old * B + ci_new], ci_new, bnew,
+                subs[ci_new], w, disc = self._into(row(keys, B + ci_old * B + ci_new), ci_new, bnew,
                                                    trace.subs[ci_old], bold, cons[ci_new])
                 rd = UnknownChange
             new = SwitchTrace(self, args, inew, tuple(subs), subs[ci_new].score)
             return new, w, rd, disc
         subs, ws, cands = [], [], []
         for b, g in enumerate(self.branches):
-            tu, wu, _, du = g.update(keys[b], dress(trace.subs[b], bold), cons[b], bnew, bdiffs)
+            tu, wu, _, du = g.update(row(keys, b), dress(trace.subs[b], bold), cons[b], bnew, bdiffs)
             sub, w = strip(tu), wu
             cands.append(((inew == b) & (io == b), du))
             for a in range(B):
                 if a == b:
                     continue
-                tg, wg, dg = self._into(keys[B + a * B + b], b, bnew, trace.subs[a], bold, cons[b])
+                tg, wg, dg = self._into(row(keys, B + a * B + b), b, bnew, trace.subs[a], bold, cons[b])
                 sub = where(io == a, tg, sub)
                 w = mx.where(io == a, wg, w)
                 cands.append(((inew == b) & (io == a), dg))
@@ -328,21 +329,21 @@ class Switch(GenerativeFunction):
             subs = list(trace.subs)
             if ci_old == ci_new:
                 g = self.branches[ci_new]
-                tr, w, rd = g.regenerate(keys[ci_new], dress(subs[ci_new], bold), selection, bnew, bdiffs)
+                tr, w, rd = g.regenerate(row(keys, ci_new), dress(subs[ci_new], bold), selection, bnew, bdiffs)
                 subs[ci_new] = strip(tr)
             else:
-                subs[ci_new], w, _ = self._into(keys[B + ci_old * B + ci_new], ci_new, bnew,
+                subs[ci_new], w, _ = self._into(row(keys, B + ci_old * B + ci_new), ci_new, bnew,
                                                 trace.subs[ci_old], bold, empty, selection)
                 rd = UnknownChange
             return SwitchTrace(self, args, inew, tuple(subs), subs[ci_new].score), w, rd
         subs, ws = [], []
         for b, g in enumerate(self.branches):
-            tr_, wr, _ = g.regenerate(keys[b], dress(trace.subs[b], bold), selection, bnew, bdiffs)
+            tr_, wr, _ = g.regenerate(row(keys, b), dress(trace.subs[b], bold), selection, bnew, bdiffs)
             sub, w = strip(tr_), wr
             for a in range(B):
                 if a == b:
                     continue
-                tg, wg, _ = self._into(keys[B + a * B + b], b, bnew, trace.subs[a], bold, empty, selection)
+                tg, wg, _ = self._into(row(keys, B + a * B + b), b, bnew, trace.subs[a], bold, empty, selection)
                 sub = where(io == a, tg, sub)
                 w = mx.where(io == a, wg, w)
             subs.append(sub)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from genmlx.core.indexing import row
 from genmlx.distributions import constraints as C
 from genmlx.distributions._util import categorical_sample
 from genmlx.distributions.base import Distribution, param
@@ -110,7 +111,7 @@ class Mixture(Distribution):
         keys = mx.random.split(k_comp, self.num_components)
         out = None
         for i, c in enumerate(self.components):
-            xi = c.sample(keys[i], sample_shape)
+            xi = c.sample(row(keys, i), sample_shape)
             out = xi if out is None else mx.where(idx == i, xi, out)
         return out
 
