@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import time
 
 import genmlx as gm
 import mlx.core as mx
@@ -136,6 +137,38 @@ def step_graphs(n: int = 1000):
     return rows
 
 
+def phases(model, args, obs, n: int, repeats: int = 5) -> dict:
+    """Where a genmlx run's wall time goes (median ms): the per-step loop up to the host's
+    read of the resampling flags, the rest of ``smc`` (ancestry, the trace rebuild and
+    the replay of the step scores, built lazily) and the final evaluation of the traces."""
+    import importlib
+
+    from genmlx.core.pytree import tree_flatten
+
+    S = importlib.import_module("genmlx.inference.smc")
+    marks, orig = {}, S._descent
+
+    def descent(*a):
+        marks["loop_end"] = time.perf_counter()
+        return orig(*a)
+
+    S._descent = descent
+    try:
+        rows = []
+        for r in range(repeats + 1):
+            t0 = time.perf_counter()
+            res = smc(mx.random.key(100 + r), model, args, obs, n, progress=False)
+            t1 = time.perf_counter()
+            mx.eval(res.log_weights, tree_flatten(res.traces)[0])
+            t2 = time.perf_counter()
+            if r:  # the first run compiles
+                rows.append((marks["loop_end"] - t0, t1 - marks["loop_end"], t2 - t1))
+    finally:
+        S._descent = orig
+    med = np.median(np.array(rows), axis=0) * 1e3
+    return {"loop_ms": float(med[0]), "rebuild_ms": float(med[1]), "final_eval_ms": float(med[2])}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=10_000)
@@ -144,6 +177,8 @@ def main():
     ap.add_argument("--append-results", action="store_true", help="append a section to benchmarks/RESULTS.md")
     ap.add_argument("--note", default="")
     ap.add_argument("--graph", action="store_true", help="print the primitives per time step")
+    ap.add_argument("--phases", action="store_true",
+                    help="also print where a genmlx run's time goes (loop / rebuild / final evaluation)")
     a = ap.parse_args()
     if a.graph:
         print(markdown_table(["step", "launches", "fused", "lone elementwise", "non-fusable", "views",
@@ -190,6 +225,11 @@ def main():
     body = (f"Linear-Gaussian SSM, T = {T}, n = {n}, bootstrap proposal, systematic resampling at "
             f"ESS < n/2; exact (Kalman) log Z = {exact:.2f}; median of {a.repeats} runs.\n\n"
             + markdown_table(["method", "time / run", "particle-steps / s", "log Ẑ (last run)"], rows))
+    if a.phases:
+        ph = phases(model, args, obs, n)
+        body += ("\n\ngenmlx run by phase (median ms): per-step loop to the flags read "
+                 f"{ph['loop_ms']:.2f}, ancestry + rebuild {ph['rebuild_ms']:.2f}, final evaluation "
+                 f"{ph['final_eval_ms']:.2f}.")
     print(body)
     if a.append_results:
         append_results("Issue 4: SMC throughput (bench_smc.py)", body, a.note)

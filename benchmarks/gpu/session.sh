@@ -94,7 +94,7 @@ case $part in
     bg_tests
     run is      120 $py benchmarks/bench_is.py --ns 1000 100000 1000000 10000000 --repeats 5 --no-diagnostics --jax-python $py --append-results --note "$NOTE"
     run vae     120 $py benchmarks/bench_vae.py --repeats 9 --numpyro-python $py --append-results --note "$NOTE"
-    run smc      60 $py benchmarks/bench_smc.py --repeats 3 --append-results --note "$NOTE"
+    run smc      60 $py benchmarks/bench_smc.py --repeats 3 --phases --append-results --note "$NOTE"
     run kernels  60 $py benchmarks/bench_kernels.py --append-results --note "$NOTE"
     bg_wait
     ;;
