@@ -93,6 +93,17 @@ def test_kernel_path_taken_when_fused_directly_and_compiled(fake_kernels):
     assert mx.all(R.resample_indices(mx.random.key(0), x, 3, "systematic", fused=True) == -7).item()
 
 
+def test_smc_steps_ask_for_the_fused_kernels(fake_kernels):
+    """The SMC resampling step (never vmapped) takes the kernel path where kernels exist:
+    the stand-in's weight summary (+1000) and ancestors (−7) show up in its outputs."""
+    from genmlx.inference.smc import _resample
+
+    lw = mx.array([0.0, -30.0, -30.0, -30.0])  # ESS ≈ 1 < threshold · n: resample
+    idx, new_lw, ess, do = _resample(("systematic", 0.5), mx.random.key(0), lw)
+    assert bool(do) and mx.all(idx == -7).item()
+    assert float(new_lw[0]) > 900  # log_mean_exp from the stand-in summary
+
+
 @pytest.fixture
 def unvmappable_kernels(fake_kernels, monkeypatch):
     """Stand-in kernels that, like MLX's custom kernels, cannot be vmapped: their forward
