@@ -126,6 +126,11 @@ def _turned(rho, pa, pb, minv, dense):
     return (a <= 0) | (b <= 0)
 
 
+def _leaf_index(n: int) -> mx.array:
+    """0 … n − 1 (int32) as a constant array (no kernel inside a compiled block)."""
+    return mx.array(np.arange(n, dtype=np.int32))
+
+
 def _pick(idx, xs: list, onehot=None):
     """xs[idx[c]][c] for chain c: for short blocks a chain of selects on the rows of
     ``onehot`` ([n, C], idx == i; one kernel shared by every pick), which fuses into one
@@ -180,19 +185,20 @@ def _leaves(vg, dense, s: Sub, h0, unifs, minv, count: int, hi_w=None, hi_c=None
     dh = mx.where(mx.isnan(dh), mx.inf, dh)
     div = dh > MAX_ENERGY_ERROR
     lw = -dh
-    # U-turns of the sub-subtrees inside the block; a flag sits at the leaf closing it
-    stop = div
+    # where each chain stops: the first leaf with a divergence or closing a sub-subtree
+    # (inside the block) that turns; n when none does (leaf indices are constants)
+    first = None
+    if n > 1:
+        first = mx.min(mx.where(div, _leaf_index(n)[:, None], n), axis=0)  # [C]
     size = 2
-    c = lw.shape[1]
     while size <= n:
         grp = n // size
         rho = mx.sum(P.reshape(grp, size, *P.shape[1:]), axis=1)
         a = mx.sum(rho * V[0::size], axis=-1)
         b = mx.sum(rho * V[size - 1::size], axis=-1)
-        t = (a <= 0) | (b <= 0)  # [grp, C]
-        if size > 1:
-            t = mx.concatenate([mx.zeros((grp, size - 1, c), dtype=mx.bool_), t[:, None]], axis=1)
-        stop = stop | t.reshape(n, c)
+        t = (a <= 0) | (b <= 0)  # [grp, C]: sub-subtree g closes at leaf g·size + size − 1
+        closes = _leaf_index(grp) * size + (size - 1)
+        first = mx.minimum(first, mx.min(mx.where(t, closes[:, None], n), axis=0))
         size *= 2
     psum_b = ps_[0] if n == 1 else mx.sum(P, axis=0)
     psum_end = psum_b if fresh else s.psum + psum_b
@@ -204,16 +210,14 @@ def _leaves(vg, dense, s: Sub, h0, unifs, minv, count: int, hi_w=None, hi_c=None
             ckr[k] = _w(hi_w[k], s.psum, ckr[k])
             t = hi_c[k] & _turned(psum_end - ckr[k], ckp[k], ps_[-1], minv, dense)
             hi_turn = t if hi_turn is None else hi_turn | t
-    # leaf i counts while no earlier leaf stopped the chain
+    # leaf i counts while no earlier leaf stopped the chain (i ≤ first)
     if n == 1:
-        stopped = row(stop, 0)
+        stopped = row(div, 0)
         on_i = mx.expand_dims(s.on, 0)
-        last_on = s.on & ~stopped
     else:
-        nstop = mx.cumsum(stop.astype(mx.int32), axis=0)
-        on_i = s.on & ((nstop - stop.astype(mx.int32)) == 0)  # [n, C]
-        last_on = row(on_i, -1) & ~row(stop, -1)
-        stopped = row(nstop, -1) > 0
+        stopped = first < n
+        on_i = s.on & (_leaf_index(n)[:, None] <= first)  # [n, C]
+    last_on = s.on & ~stopped  # the last leaf counted and did not stop the chain
     on = s.on & ~stopped
     bad = s.on & stopped if fresh else s.bad | (s.on & stopped)
     if hi_turn is not None:
@@ -231,7 +235,7 @@ def _leaves(vg, dense, s: Sub, h0, unifs, minv, count: int, hi_w=None, hi_c=None
     else:
         gumbel = -mx.log(-mx.log(unifs[:n]))
         idx = mx.argmax(lw + gumbel, axis=0)  # [C]
-        oh = (mx.arange(n, dtype=idx.dtype)[:, None] == idx[None]) if n <= 8 else None
+        oh = (_leaf_index(n)[:, None] == idx[None]) if n <= 8 else None
         u_b, g_b, lp_b = _pick(idx, us_, oh), _pick(idx, gs_, oh), _pick(idx, lps_, oh)
         logw_b = mx.logsumexp(lw, axis=0)
     if fresh:  # W_earlier = 0: the block's draw is the subtree's
