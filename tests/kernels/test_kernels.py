@@ -4,7 +4,6 @@ the kernels themselves against the references (skipped visibly without one)."""
 
 from __future__ import annotations
 
-import math
 import shutil
 
 import genmlx  # noqa: F401
