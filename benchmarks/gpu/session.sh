@@ -5,6 +5,7 @@
 #
 #   bash benchmarks/gpu/session.sh scaling   # 2 GPUs (nvidia-h200-x2): data-parallel IWAE
 #                                            # training and sharded SMC/IS, 1 vs 2 processes
+#   bash benchmarks/gpu/session.sh scaling_smc # as scaling, without the data-parallel training rows
 #   bash benchmarks/gpu/session.sh bench1    # 1 GPU: IS, VAE/IWAE step, SMC, kernels
 #   bash benchmarks/gpu/session.sh bench2    # 1 GPU: HMC (NumPyro on CPU and GPU), CUDA graph sizes
 #   bash benchmarks/gpu/session.sh nuts      # 1 GPU: NUTS ESS/s (NumPyro on CPU and GPU); on a
@@ -16,7 +17,9 @@
 # Test shards: one pytest per file (a stuck test dumps its traceback into the file's log
 # shortly before the file's cap); ORDER=FILE lists test files to run first.
 # TESTS_BG=T runs the test shards (as in `shards`) for T s on the LAST GPU beside a bench part
-# (which uses GPU 0): the timed code and its baselines share the host alike.
+# (which uses GPU 0): the timed code and its baselines share the host alike. TESTS_K shards
+# (default 2) run side by side: more of them spread a cold machine's kernel compilation
+# (NVRTC, on the host) over its cores.
 # Compiled CUDA kernels persist in MLX's PTX cache ($MLX_PTX_CACHE_DIR, /root/ptx); it comes
 # back as $OUT/ptx.tgz.NN parts (only the last call's files come back, at most 8: call
 # with SAVE_PTX=1 on the last call), and a carried .ptx/ptx.tgz seeds it on a fresh machine (no cold JIT).
@@ -78,13 +81,13 @@ shards() {  # shards K T GPU...: the test files in K shards round robin over the
 bg_tests() {  # the test shards on the last GPU for $TESTS_BG s, in the background
   [ -n "${TESTS_BG:-}" ] || return 0
   local last=$(( $(nvidia-smi -L | wc -l) - 1 ))
-  shards 2 "$TESTS_BG" "$last" > "$OUT/tests_bg.log" 2>&1 &
+  shards "${TESTS_K:-2}" "$TESTS_BG" "$last" > "$OUT/tests_bg.log" 2>&1 &
   BG=$!
 }
 bg_wait() { [ -n "${BG:-}" ] && { wait "$BG"; tail -40 "$OUT/tests_bg.log"; }; return 0; }
 case $part in
-  scaling)
-    run scale_train 300 $py benchmarks/scale_train.py --procs 1,2 --batch 1600,3200,12800,25600 --steps 200 --append --note "$NOTE"
+  scaling|scaling_smc)  # scaling_smc: the sharded SMC/IS rows alone
+    [ "$part" = scaling ] && run scale_train 300 $py benchmarks/scale_train.py --procs 1,2 --batch 1600,3200,12800,25600 --steps 200 --append --note "$NOTE"
     run scale_smc_1 120 $py benchmarks/scale_smc.py --ns-smc 1000000 10000000 --ns-is 10000000 100000000 --repeats 3 --vs-smc --out "$OUT/scale_1.json"
     run scale_smc_2 120 mlx.launch -n 2 --backend nccl --env NCCL_NVLS_ENABLE=0 --python "$(command -v $py)" \
       benchmarks/scale_smc.py --ns-smc 1000000 10000000 --ns-is 10000000 100000000 --repeats 3 --count --latency --out "$OUT/scale_2.json"
