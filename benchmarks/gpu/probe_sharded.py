@@ -1,0 +1,87 @@
+"""Per-op device times of the sharded SMC resampling step (issue 8 diagnosis): the
+primitives it is built from and ``Shards.step_resample`` on a group of one, at n
+particles per process. Prints median µs over repeats (each timed op evaluated and the
+stream synchronised).
+
+    python3 benchmarks/gpu/probe_sharded.py [--ns 1000000 10000000] [--repeats 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import genmlx  # noqa: F401
+import mlx.core as mx
+import numpy as np
+
+from genmlx.inference import resampling as R
+from genmlx.inference.sharded import Shards, _systematic_head
+
+
+def timed(fn, repeats: int) -> float:
+    mx.eval(fn())
+    mx.synchronize()
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        mx.eval(fn())
+        mx.synchronize()
+        ts.append(time.perf_counter() - t)
+    return float(np.median(ts)) * 1e6
+
+
+def probe(n: int, repeats: int) -> dict:
+    key = mx.random.key(0)
+    lw = mx.random.normal((n,), key=key) * 2.0
+    w = mx.softmax(lw)
+    x = mx.random.normal((n,))
+    counts = R.offspring_counts(R.systematic(key, lw, n), n).astype(mx.int32)
+    ints = mx.random.randint(0, 7, (n,)).astype(mx.int32)
+    perm = mx.random.permutation(n).astype(mx.int32)
+    one = Shards(mx.distributed.init())
+    stats = mx.stack([mx.logsumexp(lw), mx.logsumexp(2 * lw)])
+    mx.eval(lw, w, x, counts, ints, perm, stats)
+    i = mx.arange(n, dtype=mx.int32)
+    head_fn = mx.compile(lambda k, l, s: _systematic_head((1, 0, 1.1), k, l, s))
+    ops = {
+        "cumsum_f32": lambda: mx.cumsum(w),
+        "cummax_f32": lambda: mx.cummax(w),
+        "cumsum_i32": lambda: mx.cumsum(ints),
+        "cummax_i32": lambda: mx.cummax(ints),
+        "scatter_add_distinct": lambda: mx.zeros((2 * n,), mx.int32).at[i + (i % 2) * n].add(i),
+        "scatter_add_perm": lambda: mx.zeros((n,), mx.int32).at[perm].add(i),
+        "take_perm": lambda: mx.take(x, perm),
+        "take_sorted": lambda: mx.take(x, mx.sort(perm) // 2),
+        "logsumexp": lambda: mx.logsumexp(lw),
+        "indices_from_counts": lambda: R.indices_from_counts(counts, n),
+        "systematic_generic": lambda: R.systematic(key, lw, n),
+        "systematic_fused": lambda: R.systematic(key, lw, n, fused=True),
+        "systematic_head_compiled": lambda: head_fn(key, lw, stats[None]),
+        "step_resample_group_of_one": lambda: one.step_resample(key, lw, stats, [x], "systematic", 1.1)[:2],
+    }
+    out = {}
+    for name, fn in ops.items():
+        try:
+            out[name] = timed(fn, repeats)
+        except Exception as e:  # noqa: BLE001 - report and go on
+            out[name] = f"error: {type(e).__name__}: {e}"
+        print(f"n={n} {name}: {out[name] if isinstance(out[name], str) else f'{out[name]:.0f} µs'}", flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ns", type=int, nargs="+", default=[1_000_000, 10_000_000])
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    res = {str(n): probe(n, a.repeats) for n in a.ns}
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump({"device": str(mx.default_device()), "results": res}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
