@@ -240,12 +240,16 @@ def _seq_step_sharded(payload, key, k_res, carry, lw, inputs, obs):
 _INDEX_DEPENDENT: dict = {}  # Unfold models whose kernel reads t (run with the real t)
 
 
-def _step_constraints(observations, T: int):
+def _step_constraints(observations, obs_at, T: int):
     """Per-step constraints relative to the step (``obs_t`` at ``(t, …)`` → at ``(…)``),
-    or None when some step's observations lie outside its own step."""
+    or None when some step's observations lie outside its own step. ``obs_at(t)``
+    gives step t's observations at full addresses; one choice map in the ``Unfold``
+    layout gives them directly (its submap t)."""
+    if isinstance(observations, ChoiceMap):
+        return [observations.get_submap(t) for t in range(T)]
     out = []
     for t in range(T):
-        cm = observations(t)
+        cm = obs_at(t)
         if cm.is_empty():
             out.append(cm)
             continue
@@ -438,7 +442,7 @@ def _rebuild_columns(model, args, recs, Ds, cons, axes, carry_td, n: int, take_e
                    for o in obs for p in ob_paths):
         return None
     ar = mx.arange(n, dtype=mx.int32)
-    D = mx.stack([ar if d is None else d for d in Ds])  # [T, n]
+    D = _rows_block([ar if d is None else d for d in Ds])  # [T, n]
     J = len(recs[0][1])
     cols = []
     if take_each is not None:  # rows across processes (per-particle observations excluded)
@@ -447,7 +451,7 @@ def _rebuild_columns(model, args, recs, Ds, cons, axes, carry_td, n: int, take_e
         got = take_each([ls[j] for _, ls in recs for j in range(J)], [d for d in Ds for _ in range(J)])
         cols = [mx.stack(got[j::J]) for j in range(J)]
     for j in range(J if take_each is None else 0):
-        block = mx.stack([ls[j] for _, ls in recs])  # [T, n, …]
+        block = _rows_block([ls[j] for _, ls in recs])  # [T, n, …]
         cols.append(mx.take_along_axis(block, D.reshape(D.shape + (1,) * (block.ndim - 2)), axis=1))
     cm_cols, carry_cols = tree_unflatten(td0, cols)
     choices = list(cm_cols.leaves())
@@ -497,8 +501,7 @@ def _rebuild_columns(model, args, recs, Ds, cons, axes, carry_td, n: int, take_e
             return None
     except Exception:  # noqa: BLE001 - e.g. the kernel reads t while replaying: general path
         return None
-    parts = [mx.split(x, k, axis=0) for x in leaves]  # rows t·n..(t+1)·n: one Split node per leaf
-    steps = [tree_unflatten(td, [ps[j] for ps in parts]) for j in range(k)]
+    steps = _split_steps(leaves, td, k)
     score = mx.sum(sub.score.reshape(k, n), axis=0)
     if not with0:
         cm0 = ChoiceMap.empty()
@@ -509,6 +512,23 @@ def _rebuild_columns(model, args, recs, Ds, cons, axes, carry_td, n: int, take_e
         steps, score = [sub0] + steps, sub0.score + score
         leaves = leaves + tree_flatten(sub0)[0]
     return steps, score, leaves
+
+
+def _rows_block(xs: list) -> mx.array:
+    """``mx.stack(xs)`` of T arrays [n, …] as one concatenation (no per-array view nodes)."""
+    return mx.concatenate(xs, axis=0).reshape((len(xs),) + xs[0].shape)
+
+
+def _split_steps(leaves: list, td, k: int) -> list:
+    """k sub-traces from leaves of k·n rows (rows t·n..(t+1)·n): one Split node per
+    distinct leaf (a leaf that appears twice in the tree, e.g. a return value that is a
+    choice, is split once and its views shared)."""
+    parts: dict = {}
+    for x in leaves:
+        if id(x) not in parts:
+            parts[id(x)] = mx.split(x, k, axis=0)
+    cols = [parts[id(x)] for x in leaves]
+    return [tree_unflatten(td, list(row)) for row in zip(*cols)]
 
 
 def _replay(payload, inputs, carry, cm):
@@ -753,7 +773,7 @@ def run_smc(key: mx.array, model: GenerativeFunction, args: tuple, observations,
     if (step_args is None and proposal is None and rejuvenation is None and callback is None
             and isinstance(model, SequenceGF)
             and (comm is None or hasattr(comm, "step_resample"))):
-        cons = _step_constraints(obs_at, T)
+        cons = _step_constraints(observations, obs_at, T)
         # sharded: per-particle observations (leading axis n_local) take the general path
         if cons is not None and (comm is None or not any(
                 getattr(v, "ndim", 0) >= 1 and v.shape[0] == n_local for c in cons for _, v in c.leaves())):
