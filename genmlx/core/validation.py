@@ -60,6 +60,11 @@ def vmap_level():
         _state["vmaps"] -= 1
 
 
+def inside_vmap() -> bool:
+    """Whether one of genmlx's own vmaps is being traced (see :func:`vmap_level`)."""
+    return _state["vmaps"] > 0
+
+
 def nested_vmap() -> bool:
     """Whether a custom vmap rule runs inside two or more of genmlx's vmaps: its result
     will be vmapped again, so it should stay a custom function (its rule is then applied

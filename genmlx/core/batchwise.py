@@ -1,0 +1,97 @@
+"""Per-example arithmetic that, under genmlx's vmap, runs on batch-leading arrays.
+
+``mx.vmap`` batches each primitive on its own: a scalar constant meeting a batched
+array is broadcast to the per-example shape and then reshaped to take the batch axis,
+an unbatched operand is reshaped (and transposed where a broadcast put the batch axis
+last). Each is a graph node that ``mx.compile`` keeps (a reshape also stops fusion),
+and on a GPU every node costs host time. :func:`batchwise` makes a function whose
+``vmap`` rule instead moves each batched input's axis to the front and calls the
+function once on the batched arrays, as hand-batched code would: scalars and
+unbatched operands then broadcast inside the fused kernels, with no node of their own.
+
+The function returns one scalar per example and is written for either layout of the
+batch axis, first or last (:func:`example_sum` reduces the other axes). Inside nested
+vmaps the rule falls back to plain ``mx.vmap`` (same values, MLX's own layout).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable, Hashable
+
+import mlx.core as mx
+
+from genmlx.core.validation import inside_vmap, nested_vmap
+
+
+def example_sum(x: mx.array, batch: str | None) -> mx.array:
+    """Σ of ``x`` over its per-example axes: all of them (``batch`` None), all but the
+    first ("first") or all but the last ("last")."""
+    if batch is None:
+        return mx.sum(x)
+    if x.ndim <= 1:
+        return x
+    axes = tuple(range(1, x.ndim)) if batch == "first" else tuple(range(x.ndim - 1))
+    return mx.sum(x, axis=axes)
+
+
+def _layout(inputs, axes) -> str:
+    """"last" when a batched input of per-example rank ≥ 1 has its batch axis last (as
+    ``mx.vmap`` of a broadcast leaves it: keeping it avoids a transpose that would stop
+    fusion with its producer), else "first"."""
+    for x, ax in zip(inputs, axes):
+        if ax is not None and x.ndim >= 2 and ax == x.ndim - 1:
+            return "last"
+    return "first"
+
+
+def _arrange(x: mx.array, ax: int | None, rank: int, batch: str) -> mx.array:
+    """An input laid out to broadcast right-aligned in the ``batch`` layout of per-example
+    rank ``rank``: a batched one with its axis first (its per-example shape padded with
+    unit axes to ``rank``) or last; an unbatched one as it is, or with a unit axis
+    appended ("last" layout, per-example rank ≥ 1)."""
+    if ax is None:
+        return x.reshape(tuple(x.shape) + (1,)) if batch == "last" and x.ndim else x
+    to = 0 if batch == "first" else x.ndim - 1
+    if ax != to:
+        x = mx.moveaxis(x, ax, to)
+    pad = rank - (x.ndim - 1)
+    if batch == "first" and pad > 0:
+        return x.reshape((x.shape[0],) + (1,) * pad + tuple(x.shape[1:]))
+    return x
+
+
+class _Batchwise:
+    """See :func:`batchwise`."""
+
+    def __init__(self, fn: Callable):
+        self._fn = fn
+        self._custom: dict = {}
+
+    def __call__(self, static: Hashable, *xs: mx.array) -> mx.array:
+        if not inside_vmap():
+            return self._fn(None, static, *xs)
+        f = self._custom.get(static)
+        if f is None:
+            f = mx.custom_function(partial(self._fn, None, static))
+            f.vmap(partial(self._rule, static))
+            self._custom[static] = f
+        return f(*xs)
+
+    def _rule(self, static, inputs, axes):
+        if nested_vmap():
+            return mx.vmap(partial(self._fn, None, static), in_axes=tuple(axes))(*inputs), 0
+        batch = _layout(inputs, axes)
+        rank = max(x.ndim - (ax is not None) for x, ax in zip(inputs, axes))
+        xs = [_arrange(x, ax, rank, batch) for x, ax in zip(inputs, axes)]
+        return self._fn(batch, static, *xs), 0
+
+
+def batchwise(fn: Callable) -> Callable:
+    """``fn(batch, static, *arrays) -> per-example scalar`` as ``f(static, *arrays)``:
+    called directly (``batch`` None) outside genmlx's vmaps; under one, a custom function
+    whose vmap rule calls ``fn("first" | "last", static, *arrays)`` with the batched
+    inputs' axis first or last (see the module docstring; ``fn`` reduces with
+    :func:`example_sum`). ``static`` is a hashable trace-time configuration (one custom
+    function per value)."""
+    return _Batchwise(fn)
