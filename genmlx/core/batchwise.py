@@ -95,3 +95,36 @@ def batchwise(fn: Callable) -> Callable:
     :func:`example_sum`). ``static`` is a hashable trace-time configuration (one custom
     function per value)."""
     return _Batchwise(fn)
+
+
+class _Elementwise:
+    """See :func:`elementwise`."""
+
+    def __init__(self, fn: Callable):
+        self._fn = fn
+        self._custom: dict = {}
+
+    def __call__(self, static: Hashable, x: mx.array) -> mx.array:
+        if not inside_vmap():
+            return self._fn(static, x)
+        return self._custom_for(static)(x)
+
+    def _custom_for(self, static):
+        f = self._custom.get(static)
+        if f is None:
+            f = mx.custom_function(partial(self._fn, static))
+            f.vmap(partial(self._rule, static))
+            self._custom[static] = f
+        return f
+
+    def _rule(self, static, x, ax):
+        # one input: MLX passes the array and its axis themselves, not in tuples
+        run = self._custom_for(static) if nested_vmap() else partial(self._fn, static)
+        return run(x), ax
+
+
+def elementwise(fn: Callable) -> Callable:
+    """``fn(static, x)``, elementwise in ``x``, whose vmap rule (under genmlx's vmaps)
+    applies ``fn`` to the batched ``x`` as it is: its constants broadcast inside the
+    fused kernel instead of costing a broadcast and a reshape node each."""
+    return _Elementwise(fn)

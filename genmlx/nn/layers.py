@@ -7,6 +7,7 @@ from typing import Callable, Sequence
 import mlx.core as mx
 import mlx.nn as nn
 
+from genmlx.core.batchwise import elementwise
 from genmlx.core.validation import nested_vmap
 
 _ACTIVATIONS: dict[str, Callable] = {
@@ -137,7 +138,13 @@ class GaussianHead(nn.Module):
         self.min_scale = min_scale
 
     def __call__(self, h):
-        return self.mean(h), nn.softplus(self.raw_scale(h)) + self.min_scale
+        return self.mean(h), _positive_scale(self.min_scale, self.raw_scale(h))
+
+
+@elementwise
+def _positive_scale(min_scale: float, raw: mx.array) -> mx.array:
+    """softplus(raw) + min_scale."""
+    return nn.softplus(raw) + min_scale
 
 
 class BernoulliHead(nn.Module):
