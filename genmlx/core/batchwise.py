@@ -9,9 +9,10 @@ and on a GPU every node costs host time. :func:`batchwise` makes a function whos
 function once on the batched arrays, as hand-batched code would: scalars and
 unbatched operands then broadcast inside the fused kernels, with no node of their own.
 
-The function returns one scalar per example and is written for either layout of the
-batch axis, first or last (:func:`example_sum` reduces the other axes). Inside nested
-vmaps the rule falls back to plain ``mx.vmap`` (same values, MLX's own layout).
+The function returns one scalar per example and is written for batch axes first (one
+per vmap level: inside nested vmaps the rule returns the next level's custom function,
+whose own rule the enclosing vmap applies) or one batch axis last
+(:func:`example_sum` reduces the others).
 """
 
 from __future__ import annotations
@@ -24,24 +25,26 @@ import mlx.core as mx
 from genmlx.core.validation import inside_vmap, nested_vmap
 
 
-def example_sum(x: mx.array, batch: str | None) -> mx.array:
+def example_sum(x: mx.array, batch: int | str | None) -> mx.array:
     """Σ of ``x`` over its per-example axes: all of them (``batch`` None), all but the
-    first ("first") or all but the last ("last")."""
+    first ``batch`` (an int: that many leading batch axes) or all but the last ("last")."""
     if batch is None:
         return mx.sum(x)
-    if x.ndim <= 1:
+    lead = 1 if batch == "last" else batch
+    if x.ndim <= lead:
         return x
-    axes = tuple(range(1, x.ndim)) if batch == "first" else tuple(range(x.ndim - 1))
+    axes = tuple(range(x.ndim - 1)) if batch == "last" else tuple(range(lead, x.ndim))
     return mx.sum(x, axis=axes)
 
 
-def _layout(inputs, axes) -> str:
-    """"last" when a batched input of per-example rank ≥ 1 has its batch axis last (as
-    ``mx.vmap`` of a broadcast leaves it: keeping it avoids a transpose that would stop
-    fusion with its producer), else "first"."""
-    for x, ax in zip(inputs, axes):
-        if ax is not None and x.ndim >= 2 and ax == x.ndim - 1:
-            return "last"
+def _layout(inputs, axes, level: int) -> str:
+    """"last" at the first level when a batched input of per-example rank ≥ 1 has its
+    batch axis last (as ``mx.vmap`` of a broadcast leaves it: keeping it avoids a
+    transpose that would stop fusion with its producer), else "first"."""
+    if level == 0:
+        for x, ax in zip(inputs, axes):
+            if ax is not None and x.ndim >= 2 and ax == x.ndim - 1:
+                return "last"
     return "first"
 
 
@@ -62,7 +65,8 @@ def _arrange(x: mx.array, ax: int | None, rank: int, batch: str) -> mx.array:
 
 
 class _Batchwise:
-    """See :func:`batchwise`."""
+    """See :func:`batchwise`. Level k: the function of inputs carrying k leading batch
+    axes from k enclosing vmaps already applied (level 0: one example)."""
 
     def __init__(self, fn: Callable):
         self._fn = fn
@@ -71,29 +75,39 @@ class _Batchwise:
     def __call__(self, static: Hashable, *xs: mx.array) -> mx.array:
         if not inside_vmap():
             return self._fn(None, static, *xs)
-        f = self._custom.get(static)
-        if f is None:
-            f = mx.custom_function(partial(self._fn, None, static))
-            f.vmap(partial(self._rule, static))
-            self._custom[static] = f
-        return f(*xs)
+        return self._custom_for(static, 0)(*xs)
 
-    def _rule(self, static, inputs, axes):
-        if nested_vmap():
-            return mx.vmap(partial(self._fn, None, static), in_axes=tuple(axes))(*inputs), 0
-        batch = _layout(inputs, axes)
+    def _custom_for(self, static, level: int):
+        f = self._custom.get((static, level))
+        if f is None:
+            f = mx.custom_function(partial(self._fn, level or None, static))
+            f.vmap(partial(self._rule, static, level))
+            self._custom[(static, level)] = f
+        return f
+
+    def _rule(self, static, level: int, inputs, axes):
+        batch = _layout(inputs, axes, level)
+        if batch == "last":
+            if nested_vmap():  # a trailing axis would not compose with an outer one
+                return mx.vmap(partial(self._fn, None, static), in_axes=tuple(axes))(*inputs), 0
+            lay = "last"
+        else:
+            lay = level + 1
         rank = max(x.ndim - (ax is not None) for x, ax in zip(inputs, axes))
         xs = [_arrange(x, ax, rank, batch) for x, ax in zip(inputs, axes)]
-        return self._fn(batch, static, *xs), 0
+        if lay != "last" and nested_vmap():  # an enclosing vmap applies the next level
+            return self._custom_for(static, level + 1)(*xs), 0
+        return self._fn(lay, static, *xs), 0
 
 
 def batchwise(fn: Callable) -> Callable:
     """``fn(batch, static, *arrays) -> per-example scalar`` as ``f(static, *arrays)``:
-    called directly (``batch`` None) outside genmlx's vmaps; under one, a custom function
-    whose vmap rule calls ``fn("first" | "last", static, *arrays)`` with the batched
-    inputs' axis first or last (see the module docstring; ``fn`` reduces with
-    :func:`example_sum`). ``static`` is a hashable trace-time configuration (one custom
-    function per value)."""
+    called directly (``batch`` None) outside genmlx's vmaps; under them, a custom
+    function whose vmap rule calls ``fn(batch, static, *arrays)`` on the batched inputs
+    with ``batch`` leading batch axes (an int, one per enclosing vmap), or one trailing
+    batch axis ("last") — see the module docstring; ``fn`` reduces with
+    :func:`example_sum`. ``static`` is a hashable trace-time configuration (one custom
+    function per value and level)."""
     return _Batchwise(fn)
 
 
