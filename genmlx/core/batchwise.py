@@ -86,6 +86,8 @@ class _Batchwise:
         return f
 
     def _rule(self, static, level: int, inputs, axes):
+        if isinstance(inputs, mx.array):  # one input: MLX passes it and its axis bare
+            inputs, axes = (inputs,), (axes,)
         batch = _layout(inputs, axes, level)
         if batch == "last":
             if nested_vmap():  # a trailing axis would not compose with an outer one
@@ -107,7 +109,8 @@ def batchwise(fn: Callable) -> Callable:
     with ``batch`` leading batch axes (an int, one per enclosing vmap), or one trailing
     batch axis ("last") — see the module docstring; ``fn`` reduces with
     :func:`example_sum`. ``static`` is a hashable trace-time configuration (one custom
-    function per value and level)."""
+    function per value and level). Every array passed must reach the result (a batched
+    input that did not would leave the result without its batch axis)."""
     return _Batchwise(fn)
 
 

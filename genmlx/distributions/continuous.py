@@ -90,7 +90,8 @@ class Normal(Distribution):
             z = d if unit_sigma else d / self.sigma
             zz = z * z
             return mx.sum(-0.5 * zz) - sum_broadcast(mx.log(self.sigma) + HALF_LOG_2PI, zz.shape)
-        return _normal_score(static, self.mu, self.sigma, v)
+        params = ([] if zero_mu else [self.mu]) + ([self.sigma] if static[2] or not unit_sigma else [])
+        return _normal_score(static, v, *params)
 
     def mean(self):
         return mx.broadcast_to(self.mu, self.shape)
@@ -100,13 +101,16 @@ class Normal(Distribution):
 
 
 @batchwise
-def _normal_score(batch, static, mu, sigma, v):
+def _normal_score(batch, static, v, *params):
     """Σ (−½ z² [− log σ]) − c per example, z = v, v/σ, μ − v or (μ − v)/σ (the sign is
-    squared away); ``static`` = (zero μ, unit σ, σ per element, c). −½ is applied per
+    squared away); ``static`` = (zero μ, unit σ, σ per element, c); ``params`` are the
+    μ and σ used (only those: every input must reach the result). −½ is applied per
     element, inside the sum: it then fuses with z² (forward) and with the consumer of
     the broadcast cotangent (backward) instead of being a kernel of its own; with σ per
     element Σ (−½ z² − log σ) is ONE reduction of one fused elementwise kernel."""
     zero_mu, unit_sigma, per_element, const = static
+    mu = None if zero_mu else params[0]
+    sigma = params[-1] if per_element or not unit_sigma else None
     d = v if zero_mu else mu - v
     z = d if unit_sigma else d / sigma
     zz = z * z
