@@ -29,7 +29,7 @@ import mlx.core as mx
 
 from genmlx.core.handlers import BatchNoise, batch_noise_scope, planned_noise
 from genmlx.core.pytree import tree_flatten
-from genmlx.core.validation import under_transformation
+from genmlx.core.validation import under_transformation, vmap_level
 
 _OFFSETS: dict[tuple, mx.array] = {}
 
@@ -109,14 +109,17 @@ def batched_particles(fn: Callable, key: mx.array, data, B: int, K: int, plans: 
             return out
 
         if K == 1:
-            out = mx.vmap(one)(keys, idx, data, *rows)
+            with vmap_level():
+                out = mx.vmap(one)(keys, idx, data, *rows)
             if particle_axis:
                 out = tuple(o[:, None] for o in out) if isinstance(out, tuple) else out[:, None]
         else:
             def per_item(k, i, x, *r):
-                return mx.vmap(one, in_axes=(0, 0, None, *([0] * len(r))))(k, i, x, *r)
+                with vmap_level():
+                    return mx.vmap(one, in_axes=(0, 0, None, *([0] * len(r))))(k, i, x, *r)
 
-            out = mx.vmap(per_item)(keys, idx, data, *rows)
+            with vmap_level():
+                out = mx.vmap(per_item)(keys, idx, data, *rows)
         plans.record(sig, box.get("plan", {}))
         return out
 

@@ -275,7 +275,8 @@ class Handler:
         self.subtraces[path] = sub
         for i in range(1, len(path) + 1):
             self._prefixes.add(path[:i])
-        self._score = _first_term(sub.score) if self._score is None else self._score + sub.score
+        if not _zero_score(sub):
+            self._score = _first_term(sub.score) if self._score is None else self._score + sub.score
 
     def visit(self, path: Path, gen_fn, args: tuple) -> Any:
         self.check_fresh(path)
@@ -301,6 +302,13 @@ class Handler:
         left = self.unvisited(constraints)
         if left:
             raise UnvisitedConstraintError(left, self.fn_name)
+
+
+def _zero_score(sub) -> bool:
+    """Whether a sub-trace's score is identically 0 by construction (a deterministic GF:
+    ``zero_score`` on its trace class): adding it would only put a ``+ 0`` (and, under
+    ``mx.vmap``, a reshape of the 0) into the graph."""
+    return getattr(sub, "zero_score", False)
 
 
 def _first_term(x) -> mx.array:
@@ -361,16 +369,16 @@ class AssessHandler(Handler):
     def step(self, path, gen_fn, args):
         sub_c = self.choices.submap_at_path(path)
         lp, retval = gen_fn.assess(args, sub_c)
-        return _Assessed(lp, retval)
+        return _Assessed(lp, retval, getattr(gen_fn, "zero_score", False))
 
 
 class _Assessed:
     """A score-and-retval record standing in for a sub-trace during assess."""
 
-    __slots__ = ("score", "retval")
+    __slots__ = ("score", "retval", "zero_score")
 
-    def __init__(self, score, retval):
-        self.score, self.retval = score, retval
+    def __init__(self, score, retval, zero_score: bool = False):
+        self.score, self.retval, self.zero_score = score, retval, zero_score
 
 
 class UpdateHandler(Handler):

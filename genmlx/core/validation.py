@@ -13,7 +13,8 @@ import os
 
 import mlx.core as mx
 
-_state = {"on": os.environ.get("GENMLX_VALIDATE", "1") not in ("0", "false", "False"), "tracing": 0}
+_state = {"on": os.environ.get("GENMLX_VALIDATE", "1") not in ("0", "false", "False"), "tracing": 0,
+          "vmaps": 0}
 
 
 def validation_enabled() -> bool:
@@ -45,6 +46,30 @@ def tracing():
         yield
     finally:
         _state["tracing"] -= 1
+
+
+@contextlib.contextmanager
+def vmap_level():
+    """Marks one of genmlx's own ``mx.vmap`` calls (vectorized GFI operations, amortized
+    particles), so that custom ``vmap`` rules can tell whether another such vmap encloses
+    theirs (:func:`nested_vmap`)."""
+    _state["vmaps"] += 1
+    try:
+        yield
+    finally:
+        _state["vmaps"] -= 1
+
+
+def inside_vmap() -> bool:
+    """Whether one of genmlx's own vmaps is being traced (see :func:`vmap_level`)."""
+    return _state["vmaps"] > 0
+
+
+def nested_vmap() -> bool:
+    """Whether a custom vmap rule runs inside two or more of genmlx's vmaps: its result
+    will be vmapped again, so it should stay a custom function (its rule is then applied
+    once more) instead of plain primitives (their own, slower, vmap rules would apply)."""
+    return _state["vmaps"] > 1
 
 
 def concrete_all(cond) -> bool | None:

@@ -23,7 +23,7 @@ from genmlx.core.handlers import BatchNoise, batch_noise_scope, planned_noise
 from genmlx.core.pytree import tree_flatten, tree_unflatten
 from genmlx.core.selection import Selection
 from genmlx.core.trace import Trace
-from genmlx.core.validation import tracing, under_transformation
+from genmlx.core.validation import tracing, under_transformation, vmap_level
 
 
 def _split(key: mx.array, n: int) -> mx.array:
@@ -63,7 +63,7 @@ def _vmapped(body, in_axes=0):
         return uniq
 
     def call(*xs):
-        with tracing():
+        with tracing(), vmap_level():
             uniq = mx.vmap(unique_body, in_axes=in_axes)(*xs)
         return [uniq[j] for j in box["index"]]
 

@@ -10,6 +10,7 @@ import math
 
 import mlx.core as mx
 
+from genmlx.core.batchwise import batchwise, example_sum
 from genmlx.distributions import constraints as C
 from genmlx.distributions._util import batch_shape, check, is_infinite, open_uniform, bounded_support
 from genmlx.distributions.base import Distribution, is_static, param, static_log, sum_broadcast
@@ -62,34 +63,59 @@ class Normal(Distribution):
     def _score(self, x):
         """Σ log p(x) = −½ Σ z² − Σ_bcast (log σ + ½ log 2π), z = (μ − x)/σ: only z² is
         computed per element; the factor −½ and the normaliser are applied once."""
-        d = x if self._zero_mu else self.mu - x  # the sign is squared away
-        z = d if self._unit_sigma else d / self.sigma
-        return self._score_z2(z * z)
+        return self._score_of(x, self._zero_mu, self._unit_sigma)
 
     def _noise_score(self, eps, value):
         """At x = μ + σε, z² = ε²: −½ Σ ε² − Σ_bcast (log σ + ½ log 2π). Along the path the
         total derivative is the value-based score's (∂/∂μ = 0, ∂/∂σ = −1/σ per element),
         and the backward pass needs no (μ − x)/σ (fewer kernels in ELBO/IWAE steps)."""
-        return self._score_z2(eps * eps)
+        return self._score_of(eps, True, True)
 
-    def _score_z2(self, zz):
-        # −½ is applied per element, inside the sum: it then fuses with z² (forward) and
-        # with the consumer of the broadcast cotangent (backward) instead of being a
-        # kernel of its own on the (batched) scalar cotangent
+    def _score_of(self, v, zero_mu: bool, unit_sigma: bool):
+        """Σ log p with z = v (``zero_mu``, ``unit_sigma``: the noise) or z = (μ − v)/σ.
+        A Python σ or a σ per element: one :func:`_normal_score` (under genmlx's vmap
+        computed on the batched arrays); otherwise Σ_bcast of the normaliser apart."""
+        shape = tuple(v.shape)
+        if not zero_mu:
+            shape = tuple(mx.broadcast_shapes(shape, self.mu.shape))
+        if not unit_sigma:
+            shape = tuple(mx.broadcast_shapes(shape, self.sigma.shape))
         if self._log_norm is not None:
-            size = math.prod(mx.broadcast_shapes(zz.shape, self.shape))
-            return mx.sum(-0.5 * zz) - self._log_norm * size
-        if tuple(self.sigma.shape) == tuple(zz.shape):
-            # σ per element: Σ (−½ z² − log σ) as ONE reduction of one fused elementwise
-            # kernel (two sums would each need their own kernels, plus one to combine them)
-            return mx.sum(-0.5 * zz - mx.log(self.sigma)) - HALF_LOG_2PI * zz.size
-        return mx.sum(-0.5 * zz) - sum_broadcast(mx.log(self.sigma) + HALF_LOG_2PI, zz.shape)
+            size = math.prod(mx.broadcast_shapes(shape, self.shape))
+            static = (zero_mu, unit_sigma, False, self._log_norm * size)
+        elif tuple(self.sigma.shape) == shape:
+            static = (zero_mu, unit_sigma, True, HALF_LOG_2PI * math.prod(shape))
+        else:
+            d = v if zero_mu else self.mu - v
+            z = d if unit_sigma else d / self.sigma
+            zz = z * z
+            return mx.sum(-0.5 * zz) - sum_broadcast(mx.log(self.sigma) + HALF_LOG_2PI, zz.shape)
+        params = ([] if zero_mu else [self.mu]) + ([self.sigma] if static[2] or not unit_sigma else [])
+        return _normal_score(static, v, *params)
 
     def mean(self):
         return mx.broadcast_to(self.mu, self.shape)
 
     def variance(self):
         return mx.broadcast_to(self.sigma**2, self.shape)
+
+
+@batchwise
+def _normal_score(batch, static, v, *params):
+    """Σ (−½ z² [− log σ]) − c per example, z = v, v/σ, μ − v or (μ − v)/σ (the sign is
+    squared away); ``static`` = (zero μ, unit σ, σ per element, c); ``params`` are the
+    μ and σ used (only those: every input must reach the result). −½ is applied per
+    element, inside the sum: it then fuses with z² (forward) and with the consumer of
+    the broadcast cotangent (backward) instead of being a kernel of its own; with σ per
+    element Σ (−½ z² − log σ) is ONE reduction of one fused elementwise kernel."""
+    zero_mu, unit_sigma, per_element, const = static
+    mu = None if zero_mu else params[0]
+    sigma = params[-1] if per_element or not unit_sigma else None
+    d = v if zero_mu else mu - v
+    z = d if unit_sigma else d / sigma
+    zz = z * z
+    terms = -0.5 * zz - mx.log(sigma) if per_element else -0.5 * zz
+    return example_sum(terms, batch) - const
 
 
 class Uniform(Distribution):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from genmlx.core.batchwise import batchwise, example_sum
 from genmlx.distributions import constraints as C
 from genmlx.distributions._counting import binomial_sample, poisson_sample
 from genmlx.distributions._gamma import standard_gamma
@@ -69,11 +70,26 @@ class Bernoulli(Distribution):
         # (lp is NaN or +∞ there) and −∞ otherwise: never a finite log-mass.
         return lp + mx.where(xf * (1 - xf) == 0, 0.0, -mx.inf)
 
+    def _score(self, value):
+        """Σ log p(value); from logits one :func:`_bernoulli_logits_score` (under genmlx's
+        vmap computed on the batched arrays: no per-constant broadcast/reshape nodes)."""
+        if self._from_logits:
+            return _bernoulli_logits_score(None, self.logits, value)
+        return super()._score(value)
+
     def mean(self):
         return mx.broadcast_to(self.p, self.shape)
 
     def variance(self):
         return mx.broadcast_to(self.p * (1 - self.p), self.shape)
+
+
+@batchwise
+def _bernoulli_logits_score(batch, static, logits, x):
+    """Σ (x·l − softplus(l)) per example, −∞ off the support (see ``Bernoulli._log_prob``)."""
+    xf = as_float(x)
+    lp = xf * logits - nn.softplus(logits)
+    return example_sum(lp + mx.where(xf * (1 - xf) == 0, 0.0, -mx.inf), batch)
 
 
 class Binomial(Distribution):

@@ -7,6 +7,9 @@ from typing import Callable, Sequence
 import mlx.core as mx
 import mlx.nn as nn
 
+from genmlx.core.batchwise import elementwise
+from genmlx.core.validation import nested_vmap
+
 _ACTIVATIONS: dict[str, Callable] = {
     "tanh": mx.tanh,
     "relu": nn.relu,
@@ -50,16 +53,24 @@ class Activation(nn.Module):
         return str(self._label)
 
 
+def _affine_rows(x: mx.array, weight: mx.array, bias: mx.array) -> mx.array:
+    """``x @ weightᵀ + bias`` as one ``addmm`` on the rows of ``x`` (any rank ≥ 1)."""
+    if x.ndim == 2:
+        return mx.addmm(bias, x, weight.T)
+    rows = x.reshape(-1, x.shape[-1])
+    return mx.addmm(bias, rows, weight.T).reshape(*x.shape[:-1], weight.shape[0])
+
+
 @mx.custom_function
 def affine(x: mx.array, weight: mx.array, bias: mx.array) -> mx.array:
     """``x @ weightᵀ + bias`` as ONE fused ``addmm`` (one kernel), for ``x`` of any rank
     ≥ 1. Under ``mx.vmap`` (rule below) the batch axes are folded into the rows of one
     2-D ``addmm``, so its gradient is the ordinary ``xᵀ g`` matmul, never a per-example
-    weight gradient (which MLX 0.32's vmap of ``addmm`` would materialise)."""
-    if x.ndim == 2:
-        return mx.addmm(bias, x, weight.T)
-    rows = x.reshape(-1, x.shape[-1])
-    return mx.addmm(bias, rows, weight.T).reshape(*x.shape[:-1], weight.shape[0])
+    weight gradient (which MLX 0.32's vmap of ``addmm`` would materialise). The rule
+    returns the plain ``addmm`` (no custom-function node left in the graph), or, inside
+    nested vmaps (:func:`genmlx.core.validation.nested_vmap`), ``affine`` again so that
+    the enclosing vmap folds its axis into the rows too."""
+    return _affine_rows(x, weight, bias)
 
 
 @affine.vmap
@@ -67,7 +78,8 @@ def _affine_vmap(inputs, axes):
     x, weight, bias = inputs
     ax, aw, ab = axes
     if aw is None and ab is None:  # shared parameters: fold the batch axis into the rows
-        return affine(mx.moveaxis(x, ax, 0), weight, bias), 0
+        rows = affine if nested_vmap() else _affine_rows
+        return rows(x if ax == 0 else mx.moveaxis(x, ax, 0), weight, bias), 0
     # batched parameters (e.g. an ensemble): the plain formula, vmapped
     out = mx.vmap(lambda a, w, b: a @ w.T + b, in_axes=(ax, aw, ab))(x, weight, bias)
     return out, 0
@@ -126,7 +138,13 @@ class GaussianHead(nn.Module):
         self.min_scale = min_scale
 
     def __call__(self, h):
-        return self.mean(h), nn.softplus(self.raw_scale(h)) + self.min_scale
+        return self.mean(h), _positive_scale(self.min_scale, self.raw_scale(h))
+
+
+@elementwise
+def _positive_scale(min_scale: float, raw: mx.array) -> mx.array:
+    """softplus(raw) + min_scale."""
+    return nn.softplus(raw) + min_scale
 
 
 class BernoulliHead(nn.Module):

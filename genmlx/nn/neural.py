@@ -10,7 +10,7 @@ every traced call such as ``decoder(z) @ "dec"``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -26,6 +26,8 @@ from genmlx.nn.layers import use_fast_linear
 @dataclass(frozen=True, eq=False)
 class NeuralTrace(StoredTrace):
     """Trace of a :class:`NeuralNetGF` call: arguments, return value, score 0."""
+
+    zero_score: ClassVar[bool] = True  # handlers skip adding it (see core.handlers)
 
     gen_fn: "NeuralNetGF"
     args: tuple
@@ -68,6 +70,8 @@ class NeuralNetGF(GenerativeFunction):
     ``nn.Linear`` layers are turned into ``gm.nn.Linear`` in place
     (:func:`gm.nn.use_fast_linear`: same parameter arrays, same outputs up to rounding).
     """
+
+    zero_score = True  # assess scores are identically 0 (see core.handlers)
 
     def __init__(self, module: nn.Module, name: str | None = None, *, lift: bool = False,
                  fast_linear: bool = True):
