@@ -17,7 +17,7 @@ import mlx.core as mx
 import numpy as np
 
 from genmlx.inference import resampling as R
-from genmlx.inference.sharded import Shards, _systematic_head
+from genmlx.inference.sharded import Shards, _fused, _systematic_head
 
 
 def timed(fn, repeats: int) -> float:
@@ -42,9 +42,12 @@ def probe(n: int, repeats: int) -> dict:
     perm = mx.random.permutation(n).astype(mx.int32)
     one = Shards(mx.distributed.init())
     stats = mx.stack([mx.logsumexp(lw), mx.logsumexp(2 * lw)])
-    mx.eval(lw, w, x, counts, ints, perm, stats)
+    cdf = R._cdf(lw)
+    key_u = mx.random.uniform(shape=(), key=key)
+    mx.eval(lw, w, x, counts, ints, perm, stats, cdf, key_u)
     i = mx.arange(n, dtype=mx.int32)
-    head_fn = mx.compile(lambda k, l, s: _systematic_head((1, 0, 1.1), k, l, s))
+    fused = _fused(lw)
+    head_fn = mx.compile(lambda k, l, s: _systematic_head((1, 0, 1.1, fused), k, l, s))
     ops = {
         "cumsum_f32": lambda: mx.cumsum(w),
         "cummax_f32": lambda: mx.cummax(w),
@@ -56,6 +59,8 @@ def probe(n: int, repeats: int) -> dict:
         "take_sorted": lambda: mx.take(x, mx.sort(perm) // 2),
         "logsumexp": lambda: mx.logsumexp(lw),
         "indices_from_counts": lambda: R.indices_from_counts(counts, n),
+        "segment_ancestors_generic": lambda: R.segment_ancestors(cdf, key_u, 0, n, n),
+        "segment_ancestors_fused": lambda: R.segment_ancestors(cdf, key_u, 0, n, n, fused=True),
         "systematic_generic": lambda: R.systematic(key, lw, n),
         "systematic_fused": lambda: R.systematic(key, lw, n, fused=True),
         "systematic_head_compiled": lambda: head_fn(key, lw, stats[None]),

@@ -76,15 +76,32 @@ def strata_counts(cdf: mx.array, U: mx.array, m: int) -> mx.array:
     return mx.minimum(fl.astype(mx.int32) + extra.astype(mx.int32), m)
 
 
-def _from_strata(cdf: mx.array, U: mx.array, m: int) -> mx.array:
-    """Indices for u_j = (j + U_j)/m, j < m, by counting (:func:`strata_counts`).
-    Gathers and scatters only, so it vmaps over keys and weights alike (unlike
-    searchsorted over a batched CDF). ``cdf`` must be nondecreasing (as :func:`_cdf`
-    makes it): the counts N_i − N_{i−1} are then ≥ 0."""
+def _from_strata(cdf: mx.array, U: mx.array, m: int, first: int = 0, count: int | None = None) -> mx.array:
+    """Indices for u_j = (j + U_j)/m, j < m, by counting (:func:`strata_counts`), or for
+    the strata first … first + count − 1 alone (N at the CDF's first and last points
+    then taken as ``first`` and first + count). Gathers and scatters only, so it vmaps
+    over keys and weights alike (unlike searchsorted over a batched CDF). ``cdf`` must be
+    nondecreasing (as :func:`_cdf` makes it): the counts N_i − N_{i−1} are then ≥ 0."""
+    count = m if count is None else count
     N = strata_counts(cdf, U, m)
-    N = mx.concatenate([N[:-1], mx.array([m], dtype=mx.int32)])  # C_n = 1 exactly
-    counts = N - mx.concatenate([mx.zeros((1,), dtype=mx.int32), N[:-1]])
-    return indices_from_counts(counts, m)
+    N = mx.concatenate([N[:-1], mx.array([first + count], dtype=mx.int32)])  # C_n = 1 exactly
+    counts = N - mx.concatenate([mx.array([first], dtype=mx.int32), N[:-1]])
+    return indices_from_counts(counts, count)
+
+
+def segment_ancestors(cdf: mx.array, U: mx.array, first: int, count: int, m: int, *,
+                      fused: bool = False) -> mx.array:
+    """Systematic ancestors (indices into ``cdf``) of the strata first … first + count − 1
+    of m, u_j = (j + U)/m for one U: the slots of a process's particles in sharded
+    resampling, whose global CDF values ``cdf`` (nondecreasing) end at the segment's end.
+    ``fused``: the search kernel on a CUDA GPU (no scan of the counts)."""
+    if count == 0:
+        return mx.zeros((0,), dtype=mx.int32)
+    if fused and _K.use_kernel(cdf) == "cuda":
+        from genmlx.kernels.resample import search_kernel
+
+        return search_kernel("cuda", cdf, mx.broadcast_to(U, (count,)), first, m)
+    return _from_strata(cdf, U, m, first, count)
 
 
 def multinomial(key: mx.array, log_weights: mx.array, m: int | None = None) -> mx.array:

@@ -101,7 +101,9 @@ from typing import Any, Callable
 import mlx.core as mx
 import numpy as np
 
+from genmlx import kernels as _K
 from genmlx.core.gfi import GenerativeFunction
+from genmlx.core.indexing import row
 from genmlx.core.trace import Trace
 from genmlx.core.vectorize import unbatch
 from genmlx.distributed import fold_rank, world
@@ -159,13 +161,13 @@ class Shards:
     def _systematic(self, key, lw, threshold):
         m = int(lw.shape[0])
         stats = self.gather(mx.stack([mx.logsumexp(lw), mx.logsumexp(2 * lw)])[None])
-        payload = (self.size, self.rank, threshold)
-        ess, did, new_lw, Nb, counts = cached_call(_systematic_local, payload, payload, key, lw, stats)
+        payload = (self.size, self.rank, threshold, _fused(lw))
+        ess, did, new_lw, Nb, C, U = cached_call(_systematic_local, payload, payload, key, lw, stats)
         mx.eval(ess, did, Nb)
         if not bool(did.item()):
             return self.rank * m + mx.arange(m, dtype=mx.int32), new_lw, ess, did
         plan = SegmentPlan([int(v) for v in np.array(Nb)], m)
-        seg = plan.segment(counts, self.rank)
+        seg = plan.segment(C, U, self.rank, payload[3])
         if plan.local:
             return seg, new_lw, ess, did
         idx = plan.assemble(seg, self.gather(plan.export(seg, self.rank)), self.rank)
@@ -187,13 +189,13 @@ class Shards:
         m, r = int(lw.shape[0]), self.rank
         if isinstance(scheme, str) and scheme == "systematic":
             g = self.gather(stats.reshape(1, 2))
-            payload = (self.size, r, threshold)
-            ess, did, new_lw, head, counts = cached_call(_systematic_head, payload, payload, key, lw, g)
+            payload = (self.size, r, threshold, _fused(lw))
+            ess, did, new_lw, head, C, U = cached_call(_systematic_head, payload, payload, key, lw, g)
             head = head.tolist()  # the host sync: N(B) and the decision
             if not head[-1]:
                 return leaves, None, new_lw, ess, did
             plan = SegmentPlan(head[:-1], m)
-            seg = plan.segment(counts, r)
+            seg = plan.segment(C, U, r, payload[3])
             own = [seg] + gather_rows(leaves, seg - r * m)
             if plan.local:
                 return own[1:], seg, new_lw, ess, did
@@ -392,12 +394,13 @@ class SegmentPlan:
         self.WL, self.WH = max(self.L), max(self.H)
         self.local = self.WL + self.WH == 0  # every segment is its own block
 
-    def segment(self, counts: mx.array, q: int) -> mx.array:
-        """Global source rows of process q's segment from its offspring counts."""
-        n_q = self.S[q + 1] - self.S[q]
-        if n_q == 0:
-            return mx.zeros((0,), mx.int32)
-        return q * self.m + R.indices_from_counts(counts, n_q)
+    def segment(self, C: mx.array, U: mx.array, q: int, fused: bool = False) -> mx.array:
+        """Global source rows of process q's segment: the systematic ancestors of the
+        global slots [S_q, S_{q+1}) among its particles, whose global CDF values are
+        ``C`` (:func:`_systematic_local`; ``fused``: the GPU search kernel)."""
+        S = self.S
+        n_q = S[q + 1] - S[q]
+        return q * self.m + R.segment_ancestors(C, U, S[q], n_q, S[-1], fused=fused)
 
     def export(self, seg: mx.array, q: int) -> mx.array:
         n_q = self.S[q + 1] - self.S[q]
@@ -468,8 +471,8 @@ def _local_stats(lw: mx.array) -> mx.array:
 def _systematic_head(payload, key, lw, stats):
     """:func:`_systematic_local` with N(B) and the decision in one int array [R + 2]
     (read by the host at once): (ESS, did, new lw, head, counts)."""
-    ess, did, new_lw, Nb, counts = _systematic_local(payload, key, lw, stats)
-    return ess, did, new_lw, mx.concatenate([Nb, did.astype(mx.int32)[None]]), counts
+    ess, did, new_lw, Nb, C, U = _systematic_local(payload, key, lw, stats)
+    return ess, did, new_lw, mx.concatenate([Nb, did.astype(mx.int32)[None]]), C, U
 
 
 def _resample_global(payload, key, glw):
@@ -496,9 +499,11 @@ def _systematic_local(payload, key, lw, stats):
     points u_j = (j + U)/n, j < n, at or below C is N(C) (``strata_counts``); particle
     i's count is N(C_i) − N(C_{i−1}), with C_{−1} = B_r and the last C set to B_{r+1}
     exactly, so the counts of all processes telescope to N(1) − N(0) = n and process r's
-    offspring fill the global slots [N(B_r), N(B_{r+1})). Returns (ESS, did, new lw,
-    N(B) [R+1], counts [m])."""
-    Rk, r, threshold = payload
+    offspring fill the global slots [N(B_r), N(B_{r+1})) (their ancestors:
+    :meth:`SegmentPlan.segment` from C and U). ``payload`` = (R, r, threshold, fused: the
+    local CDF by the GPU scan kernel, not ``mx.cumsum``). Returns (ESS, did, new lw,
+    N(B) [R+1], C [m], U)."""
+    Rk, r, threshold, fused = payload
     m = lw.shape[0]
     n = Rk * m
     lse, lse2 = stats[:, 0], stats[:, 1]
@@ -507,22 +512,33 @@ def _systematic_local(payload, key, lw, stats):
     did = ess < threshold * n
     ok = LSE > -mx.inf  # all particles impossible: resample uniformly (as _safe_logits)
     W = mx.where(ok, mx.exp(lse - LSE), mx.ones_like(lse))
-    B = mx.concatenate([mx.zeros((1,)), mx.cumsum(W)])
+    B = mx.concatenate([mx.zeros((1,)), mx.cummax(mx.cumsum(W))])
     B = B / B[-1]
-    own_ok = mx.logical_and(ok, lse[r] > -mx.inf)  # else this process's mass is 0 (or all uniform)
-    w = mx.where(own_ok, mx.exp(lw - lse[r]), mx.ones_like(lw))
-    c = mx.cumsum(w)
-    c = c / c[-1]
-    C = B[r] + (B[r + 1] - B[r]) * c
+    C = B[r] + (B[r + 1] - B[r]) * _local_cdf(lw, ok, lse[r], fused)
     C = mx.concatenate([C[:-1], B[r + 1:r + 2]])
     U = mx.random.uniform(shape=(), key=key)
     Nb = R.strata_counts(B, U, n)
     Nb = mx.concatenate([mx.zeros((1,), mx.int32), Nb[1:Rk], mx.array([n], dtype=mx.int32)])
-    Nc = R.strata_counts(C, U, n)
-    Nc = mx.concatenate([Nc[:-1], Nb[r + 1:r + 2]])
-    counts = Nc - mx.concatenate([Nb[r:r + 1], Nc[:-1]])
     new_lw = mx.where(did, mx.broadcast_to(LSE - math.log(n), lw.shape), lw)
-    return ess, did, new_lw, Nb, counts
+    return ess, did, new_lw, Nb, C, U
+
+
+def _local_cdf(lw: mx.array, ok: mx.array, lse_r: mx.array, fused: bool) -> mx.array:
+    """The normalised CDF of this process's weights (uniform when its mass is 0 or no
+    particle anywhere is possible), nondecreasing: the GPU scan kernel (``fused``) or
+    a cumulative sum with a running maximum (a parallel float scan need not be monotone)."""
+    if fused:
+        from genmlx.kernels.resample import cdf_kernel
+
+        return cdf_kernel("cuda", lw)
+    own_ok = mx.logical_and(ok, lse_r > -mx.inf)
+    c = mx.cummax(mx.cumsum(mx.where(own_ok, mx.exp(lw - lse_r), mx.ones_like(lw))))
+    return c / row(c, -1)
+
+
+def _fused(lw: mx.array) -> bool:
+    """Whether the sharded systematic step runs its scan and search as CUDA kernels."""
+    return _K.use_kernel(lw) == "cuda"
 
 
 def shards_for(group: Any = None, n: int | None = None, who: str = "sharded") -> Shards | None:

@@ -83,7 +83,7 @@ def kernels() -> dict[str, tuple[str, str]]:
                                     [("lw", "float32", 1), ("off", "float32", 1), ("gmax", "float32", 1)],
                                     [("cdf", "float32")], KR._CUDA_SEGMENTS, KR._SCAN_HEADER),
         "resample_search": render("genmlx_resample_search",
-                                  [("cdf", "float32", 1), ("U", "float32", 1)],
+                                  [("cdf", "float32", 1), ("U", "float32", 1), ("meta", "int32", 1)],
                                   [("anc", "int32")], KR._CUDA_SEARCH),
     }
 

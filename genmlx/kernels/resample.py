@@ -17,7 +17,8 @@ with u_j = (j + U_j)/m and C the normalised CDF, C_i = Σ_{k≤i} w_k / Σ_k w_k
    capped at the next offset, keeping C monotone across segment edges).
 2. ``search`` kernel: thread j binary-searches C[0 .. n−2] for the first i with
    "u_j ≤ C_i", decided exactly as the reference ``_from_strata`` decides it in float32:
-   x = m·C_i, f = ⌊x⌋; true iff f > j, or f = j and U_j ≤ x − f.
+   x = m·C_i, f = ⌊x⌋; true iff f > j, or f = j and U_j ≤ x − f. It can also fill a run
+   of strata j0 … j0 + k − 1 alone (a process's segment in sharded SMC).
    So, given the same CDF, the ancestors equal the reference's bit for bit (the reference
    counts #{j : u_j ≤ C_i}; the search inverts that count). CDFs from the kernel scan and
    from ``mx.cumsum`` differ by float32 rounding only, which can move an ancestor by one
@@ -62,12 +63,13 @@ _CUDA_CDF = r"""
 """
 
 _CUDA_SEARCH = r"""
-  const int m = U_shape[0];
+  const int count = U_shape[0];
   const int j = blockIdx.x * blockDim.x + threadIdx.x;
-  if (j >= m) return;
+  if (j >= count) return;
   const int n = cdf_shape[0];
   const float Uj = U[(long long)j * U_strides[0]];
-  const float mf = (float)m, jf = (float)j;
+  // slot j is stratum meta[0] + j of meta[1]
+  const float mf = (float)meta[1], jf = (float)(meta[0] + j);
   int lo = 0, hi = n - 1;
   while (lo < hi) {
     const int mid = (lo + hi) >> 1;
@@ -267,12 +269,12 @@ _METAL_CDF = r"""
 """
 
 _METAL_SEARCH = r"""
-  const int m = U_shape[0];
+  const int count = U_shape[0];
   const int j = (int)thread_position_in_grid.x;
-  if (j >= m) return;
+  if (j >= count) return;
   const int n = cdf_shape[0];
   const float Uj = U[(long)j * U_strides[0]];
-  const float mf = (float)m, jf = (float)j;
+  const float mf = (float)meta[1], jf = (float)(meta[0] + j);
   int lo = 0, hi = n - 1;
   while (lo < hi) {
     const int mid = (lo + hi) >> 1;
@@ -292,7 +294,7 @@ def _build(backend: str, which: str):
                        _SCAN_HEADER if backend == "cuda" else "")
     src = _CUDA_SEARCH if backend == "cuda" else _METAL_SEARCH
     # U may be a stride-0 broadcast (systematic): it is read through its strides
-    return B.build(backend, "genmlx_resample_search", ("cdf", "U"), ("anc",), src,
+    return B.build(backend, "genmlx_resample_search", ("cdf", "U", "meta"), ("anc",), src,
                    row_contiguous=False)
 
 
@@ -328,14 +330,17 @@ def cdf_kernel(backend: str, log_weights: mx.array) -> mx.array:
     return c
 
 
-def search_kernel(backend: str, cdf: mx.array, U: mx.array) -> mx.array:
-    """Ancestors [m] (int32) for strata uniforms ``U`` [m] (a broadcast view is fine)
-    by per-slot binary search of ``cdf`` with the reference's float32 decision rule."""
-    m = U.shape[0]
+def search_kernel(backend: str, cdf: mx.array, U: mx.array, first: int = 0,
+                  strata: int | None = None) -> mx.array:
+    """Ancestors [k] (int32) of the strata first … first + k − 1 of ``strata`` (default
+    k: all of them) for their uniforms ``U`` [k] (a broadcast view is fine), by per-slot
+    binary search of ``cdf`` with the reference's float32 decision rule."""
+    k = U.shape[0]
+    meta = mx.array([first, k if strata is None else strata], dtype=mx.int32)
     t = 256
-    (a,) = _build(backend, "search")(inputs=[mx.contiguous(cdf), U], output_shapes=[(m,)],
+    (a,) = _build(backend, "search")(inputs=[mx.contiguous(cdf), U, meta], output_shapes=[(k,)],
                                   output_dtypes=[mx.int32],
-                                  grid=(t * ((m + t - 1) // t), 1, 1), threadgroup=(t, 1, 1))
+                                  grid=(t * ((k + t - 1) // t), 1, 1), threadgroup=(t, 1, 1))
     return a
 
 

@@ -553,11 +553,11 @@ def test_local_systematic_counts_equal_systematic_on_all_weights(R):
             lws = [mx.full((m,), -mx.inf) for _ in range(R)]
         stats = mx.stack([mx.stack([mx.logsumexp(lw), mx.logsumexp(2 * lw)]) for lw in lws])
         k_res = mx.random.key(1000 + case)
-        outs = [_systematic_local((R, r, 1.0), k_res, lw, stats) for r, lw in enumerate(lws)]
+        outs = [_systematic_local((R, r, 1.0, False), k_res, lw, stats) for r, lw in enumerate(lws)]
         Nb = [int(v) for v in np.array(outs[0][3])]
         assert all([int(v) for v in np.array(o[3])] == Nb for o in outs)
         plan = SegmentPlan(Nb, m)
-        segs = [plan.segment(o[4], r) for r, o in enumerate(outs)]
+        segs = [plan.segment(o[4], o[5], r) for r, o in enumerate(outs)]
         if plan.local:
             got = mx.concatenate(segs)
         else:

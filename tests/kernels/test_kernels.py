@@ -338,6 +338,34 @@ def test_gpu_search_kernel_exact_on_reference_cdf():
 
 
 @needs_gpu
+def test_gpu_sharded_segments_by_kernel_equal_generic():
+    """Sharded systematic resampling on R virtual processes: the search kernel fills each
+    process's segment of global slots exactly as the generic counting path does from the
+    same global CDF values, and the scan kernel's local CDF agrees with the cumulative
+    sum to float32 rounding."""
+    from genmlx.inference.sharded import SegmentPlan, _systematic_local
+
+    if B.active_backend() != "cuda":
+        pytest.skip("the segment search kernel is CUDA only (Metal takes the generic path)")
+    for R_, m in ((2, 1000), (3, 40_001), (4, 7)):
+        for case in range(3):
+            k = mx.random.key(100 * R_ + case)
+            lws = [mx.random.normal((m,), key=kk) * (0.5 + 3 * case) for kk in mx.random.split(k, R_)]
+            if case == 2:
+                lws[0] = mx.full((m,), -mx.inf)  # a process without mass: an empty segment
+            stats = mx.stack([mx.stack([mx.logsumexp(lw), mx.logsumexp(2 * lw)]) for lw in lws])
+            key = mx.random.key(7 + case)
+            for r, lw in enumerate(lws):
+                gen = _systematic_local((R_, r, 1.0, False), key, lw, stats)
+                fus = _systematic_local((R_, r, 1.0, True), key, lw, stats)
+                assert mx.allclose(gen[4], fus[4], atol=1e-5).item(), (R_, m, case, r)
+                plan = SegmentPlan([int(v) for v in np.array(gen[3])], m)
+                want = plan.segment(gen[4], gen[5], r, False)
+                got = plan.segment(gen[4], gen[5], r, True)
+                assert mx.array_equal(got, want).item(), (R_, m, case, r)
+
+
+@needs_gpu
 def test_gpu_kernels_under_compile_and_vmap():
     xs = mx.array(np.random.default_rng(5).standard_normal((3, 500)).astype(np.float32))
     lse, ess = mx.compile(K.weight_summary)(xs)
