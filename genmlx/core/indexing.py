@@ -4,11 +4,16 @@ In MLX 0.32 ``x[i]`` for an integer ``i`` becomes a ``Gather`` primitive — a k
 launch (microseconds on a CPU, ~10 µs on a GPU) — while ``mx.take(x, i, axis=0)`` with
 a non-negative Python int is a ``Slice`` + ``Squeeze``: views, no kernel. Hot paths
 (NUTS blocks, resampling) pick rows with :func:`row`.
+
+MLX shapes are 32-bit: no axis may exceed :data:`MAX_DIM` entries, so code that joins
+many arrays along one axis (T steps × n particles) checks the product first.
 """
 
 from __future__ import annotations
 
 import mlx.core as mx
+
+MAX_DIM = 2**31 - 1  # MLX 0.32: shape dimensions are int32
 
 
 def row(x: mx.array, i: int) -> mx.array:

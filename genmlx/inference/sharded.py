@@ -103,7 +103,7 @@ import numpy as np
 
 from genmlx import kernels as _K
 from genmlx.core.gfi import GenerativeFunction
-from genmlx.core.indexing import row
+from genmlx.core.indexing import MAX_DIM, row
 from genmlx.core.trace import Trace
 from genmlx.core.vectorize import unbatch
 from genmlx.distributed import fold_rank, world
@@ -268,25 +268,31 @@ class Shards:
     def gather_packed(self, arrays: list) -> list:
         """All-gather of several arrays (each with the same shape in every process) in
         ONE collective: 4-byte-or-narrower dtypes are packed into one uint32 buffer (bit
-        views); wider dtypes (64-bit) are gathered on their own. Returns each array's
-        concatenation over processes along axis 0."""
+        views); wider dtypes (64-bit) are gathered on their own. A buffer whose gathered
+        length would pass MLX's 32-bit axis limit is split into several collectives.
+        Returns each array's concatenation over processes along axis 0."""
         out: list = [None] * len(arrays)
-        packed, parts = [], []
+        groups, size, cap = [[]], 0, MAX_DIM // self.size
         for i, x in enumerate(arrays):
             if x.dtype in _WIDE:
                 out[i] = self.gather(x)
-            else:
-                packed.append(i)
-                parts.append(_to_u32(x).reshape(-1))
-        if not packed:
-            return out
-        buf = self.gather(mx.concatenate(parts) if len(parts) > 1 else parts[0]).reshape(self.size, -1)
-        off = 0
-        for i, p in zip(packed, parts):
-            x, k = arrays[i], int(p.size)
-            rows = buf[:, off:off + k].reshape((self.size * int(x.shape[0]),) + tuple(x.shape[1:]))
-            out[i] = _from_u32(rows, x.dtype)
-            off += k
+                continue
+            if groups[-1] and size + x.size > cap:
+                groups.append([])
+                size = 0
+            groups[-1].append((i, _to_u32(x).reshape(-1)))
+            size += x.size
+        for group in groups:
+            if not group:
+                continue
+            parts = [p for _, p in group]
+            buf = self.gather(mx.concatenate(parts) if len(parts) > 1 else parts[0]).reshape(self.size, -1)
+            off = 0
+            for i, p in group:
+                x, k = arrays[i], int(p.size)
+                rows = buf[:, off:off + k].reshape((self.size * int(x.shape[0]),) + tuple(x.shape[1:]))
+                out[i] = _from_u32(rows, x.dtype)
+                off += k
         return out
 
     def _move(self, plan: "WindowPlan", leaves: list, idx: mx.array) -> list:

@@ -48,6 +48,7 @@ from genmlx.combinators._sequence import SequenceTrace as SequenceTraceT
 from genmlx.core.choicemap import ChoiceMap
 from genmlx.core.diff import IntDiff, NoChange
 from genmlx.core.dynamic import _as_choicemap
+from genmlx.core import indexing
 from genmlx.core.gfi import GenerativeFunction
 from genmlx.core.pytree import tree_flatten, tree_map, tree_unflatten
 from genmlx.core.selection import select
@@ -433,6 +434,8 @@ def _rebuild_columns(model, args, recs, Ds, cons, axes, carry_td, n: int, take_e
     from genmlx.combinators._sequence import STEP_INDEX, holds_step_index, same_leaves
 
     T = len(recs)
+    if T * n > indexing.MAX_DIM:  # T·n rows in one axis: the general path replays per step
+        return None
     td0 = recs[0][0]
     obs = [dict(c.leaves()) for c in cons]
     ob_paths = list(obs[0])

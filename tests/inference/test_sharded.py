@@ -497,6 +497,23 @@ def test_gather_packed_round_trips_every_dtype():
         assert y.dtype == x.dtype and y.shape == x.shape and mx.array_equal(x, y), x.dtype
 
 
+def test_gather_packed_splits_buffers_past_the_axis_limit(monkeypatch):
+    """A packed buffer longer than MLX's 32-bit axis limit (here made 12 entries) goes
+    out in several collectives, each array returned as it was."""
+    import genmlx.inference.sharded as SH
+
+    sh = SH.Shards(mx.distributed.init())
+    calls = []
+    gather = sh.gather
+    monkeypatch.setattr(sh, "gather", lambda x: calls.append(x.size) or gather(x))
+    monkeypatch.setattr(SH, "MAX_DIM", 12)
+    xs = [mx.arange(5, dtype=mx.int32), mx.arange(8, dtype=mx.float32).reshape(4, 2), mx.arange(3, dtype=mx.uint8)]
+    out = sh.gather_packed(xs)
+    assert calls == [5, 11]
+    for x, y in zip(xs, out):
+        assert y.dtype == x.dtype and mx.array_equal(x, y)
+
+
 # --- R processes simulated in one (the collectives replaced by concatenation) ----------
 def _virtual_take(blocks, idxs):
     """Shards.take_rows's plan, exports and assembly for every rank of a virtual group."""

@@ -421,3 +421,26 @@ def test_per_particle_observations_follow_the_ancestry(compile):
     for t in range(T - 1):
         assert np.array_equal(ys[t], idx[t][ys[t + 1]])
     assert any(not np.array_equal(y, np.arange(n)) for y in ys)  # the ancestry did move rows
+
+
+def test_smc_past_the_axis_limit_replays_step_by_step(monkeypatch):
+    """When T·n rows would pass MLX's 32-bit axis limit (here made smaller than T·n) the
+    steps are rebuilt one by one instead of in one T·n-row replay: the same particles,
+    weights and scores."""
+    import genmlx.core.indexing as I
+
+    a = gm.inference.smc(mx.random.key(4), ssm, ARGS, OBS, 50, progress=False, ess_threshold=0.9)
+    import importlib
+
+    S = importlib.import_module("genmlx.inference.smc")
+    calls, general = [], S._rebuild
+    monkeypatch.setattr(S, "_rebuild", lambda *a, **k: calls.append(1) or general(*a, **k))
+    gm.inference.smc(mx.random.key(4), ssm, ARGS, OBS, 50, progress=False)
+    assert not calls  # the one-replay path below the limit
+    monkeypatch.setattr(I, "MAX_DIM", 50 * 3)
+    b = gm.inference.smc(mx.random.key(4), ssm, ARGS, OBS, 50, progress=False, ess_threshold=0.9)
+    assert calls
+    assert mx.array_equal(a.log_weights, b.log_weights) and sum(a.resampled) >= 2
+    for t in range(T):
+        assert mx.array_equal(a.traces[(t, "x")], b.traces[(t, "x")])
+    assert mx.allclose(a.traces.score, b.traces.score, atol=1e-5)
