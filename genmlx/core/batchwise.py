@@ -64,6 +64,15 @@ def _arrange(x: mx.array, ax: int | None, rank: int, batch: str) -> mx.array:
     return x
 
 
+def _custom(cache: dict, key: Hashable, forward: Callable, rule: Callable):
+    """The custom function of ``forward`` with vmap rule ``rule``, made once per ``key``."""
+    f = cache.get(key)
+    if f is None:
+        f = cache[key] = mx.custom_function(forward)
+        f.vmap(rule)
+    return f
+
+
 class _Batchwise:
     """See :func:`batchwise`. Level k: the function of inputs carrying k leading batch
     axes from k enclosing vmaps already applied (level 0: one example)."""
@@ -78,12 +87,8 @@ class _Batchwise:
         return self._custom_for(static, 0)(*xs)
 
     def _custom_for(self, static, level: int):
-        f = self._custom.get((static, level))
-        if f is None:
-            f = mx.custom_function(partial(self._fn, level or None, static))
-            f.vmap(partial(self._rule, static, level))
-            self._custom[(static, level)] = f
-        return f
+        return _custom(self._custom, (static, level), partial(self._fn, level or None, static),
+                       partial(self._rule, static, level))
 
     def _rule(self, static, level: int, inputs, axes):
         if isinstance(inputs, mx.array):  # one input: MLX passes it and its axis bare
@@ -127,12 +132,7 @@ class _Elementwise:
         return self._custom_for(static)(x)
 
     def _custom_for(self, static):
-        f = self._custom.get(static)
-        if f is None:
-            f = mx.custom_function(partial(self._fn, static))
-            f.vmap(partial(self._rule, static))
-            self._custom[static] = f
-        return f
+        return _custom(self._custom, static, partial(self._fn, static), partial(self._rule, static))
 
     def _rule(self, static, x, ax):
         # one input: MLX passes the array and its axis themselves, not in tuples
