@@ -66,9 +66,10 @@ def dense_metric(minv: np.ndarray) -> Metric:
 
 
 def velocity(p: mx.array, minv: mx.array, dense: bool) -> mx.array:
-    """M⁻¹p for p [..., C, D] (broadcast over leading axes)."""
+    """M⁻¹p for p [..., C, D] (broadcast over leading axes); dense: one batched
+    matrix-vector product (one kernel, where a broadcast product and a sum are two)."""
     if dense:
-        return mx.sum(minv * p[..., None, :], axis=-1)
+        return (minv @ p[..., None])[..., 0]
     return minv * p
 
 
@@ -79,7 +80,7 @@ def kinetic(p, minv, dense: bool):
 def sample_momentum(key, mfac, dense: bool, shape):
     z = mx.random.normal(shape, key=key)
     if dense:
-        return mx.sum(mfac * z[..., None, :], axis=-1)
+        return (mfac @ z[..., None])[..., 0]
     return mfac * z
 
 

@@ -131,6 +131,37 @@ def _leaf_index(n: int) -> mx.array:
     return mx.array(np.arange(n, dtype=np.int32))
 
 
+def _closing_leaves(n: int) -> mx.array:
+    """For the balanced sub-subtrees of a block of n leaves, sizes 2, 4, …, n in turn
+    and groups g within a size: the leaf g·size + size − 1 that closes each ([n − 1]
+    int32 constant), twice (start- and end-momentum checks)."""
+    closes = np.concatenate([np.arange(n // s) * s + s - 1 for s in _sizes(n)]).astype(np.int32)
+    return mx.array(np.concatenate([closes, closes]))
+
+
+def _sizes(n: int) -> list:
+    return [2**k for k in range(1, n.bit_length())]
+
+
+def _first_turn(P: mx.array, V: mx.array, n: int) -> mx.array:
+    """The first leaf [C] (n if none) closing a balanced sub-subtree of the block that
+    turns: for sub-subtree g of size s, ρ = Σ of its momenta (pairwise: the sums of size
+    s from those of size s/2) and the criterion ρ·M⁻¹p⁻ ≤ 0 or ρ·M⁻¹p⁺ ≤ 0 with its first
+    and last leaf. All sizes are checked by one product and one sum over the stacked
+    [2(n − 1), C, D] pairs (a few kernels per block, not a few per size). Also returns
+    the block's momentum sum (the sub-subtree of size n)."""
+    rhos, starts, ends = [], [], []
+    level = P
+    for s in _sizes(n):
+        level = level[0::2] + level[1::2]  # [n/s, C, D]: ρ of each sub-subtree of size s
+        rhos.append(level)
+        starts.append(V[0::s])
+        ends.append(V[s - 1::s])
+    rho = mx.concatenate(rhos, axis=0)
+    ab = mx.sum(mx.concatenate([rho, rho], axis=0) * mx.concatenate(starts + ends, axis=0), axis=-1)
+    return mx.min(mx.where(ab <= 0, _closing_leaves(n)[:, None], n), axis=0), row(level, 0)
+
+
 def _pick(idx, xs: list, onehot=None):
     """xs[idx[c]][c] for chain c: for short blocks a chain of selects on the rows of
     ``onehot`` ([n, C], idx == i; one kernel shared by every pick), which fuses into one
@@ -187,20 +218,11 @@ def _leaves(vg, dense, s: Sub, h0, unifs, minv, count: int, hi_w=None, hi_c=None
     lw = -dh
     # where each chain stops: the first leaf with a divergence or closing a sub-subtree
     # (inside the block) that turns; n when none does (leaf indices are constants)
-    first = None
+    first = psum_b = None
     if n > 1:
-        first = mx.min(mx.where(div, _leaf_index(n)[:, None], n), axis=0)  # [C]
-    size = 2
-    while size <= n:
-        grp = n // size
-        rho = mx.sum(P.reshape(grp, size, *P.shape[1:]), axis=1)
-        a = mx.sum(rho * V[0::size], axis=-1)
-        b = mx.sum(rho * V[size - 1::size], axis=-1)
-        t = (a <= 0) | (b <= 0)  # [grp, C]: sub-subtree g closes at leaf g·size + size − 1
-        closes = _leaf_index(grp) * size + (size - 1)
-        first = mx.minimum(first, mx.min(mx.where(t, closes[:, None], n), axis=0))
-        size *= 2
-    psum_b = ps_[0] if n == 1 else mx.sum(P, axis=0)
+        turn, psum_b = _first_turn(P, V, n)
+        first = mx.minimum(mx.min(mx.where(div, _leaf_index(n)[:, None], n), axis=0), turn)  # [C]
+    psum_b = ps_[0] if n == 1 else psum_b
     psum_end = psum_b if fresh else s.psum + psum_b
     ckp, ckr = list(s.ckp), list(s.ckr)
     hi_turn = None

@@ -141,3 +141,31 @@ def test_block_proposal_is_multinomial(dens):
     freq = np.bincount(which, minlength=8) / C
     se = np.sqrt(w * (1 - w) / C)
     assert np.all(np.abs(freq - w) < 3.5 * se + 1e-9), (freq, w)
+
+
+def test_block_uturn_checks_are_batched_over_sizes():
+    """The U-turn checks of all balanced sub-subtrees in a block of 16 leaves (sizes 2, 4,
+    8, 16) are one product, ONE Sum and ONE Min over the stacked pairs (they were a few
+    reductions per size), and give the first closing leaf of a direct per-size check."""
+    import io
+    import re
+
+    rng = np.random.default_rng(3)
+    n, C, D = 16, 5, 3
+    P = mx.array(rng.normal(size=(n, C, D)).astype(np.float32))
+    V = mx.array(rng.normal(size=(n, C, D)).astype(np.float32))
+    first, total = N._first_turn(P, V, n)
+    Pn, Vn = np.array(P), np.array(V)
+    want = np.full(C, n)
+    for s in (2, 4, 8, 16):
+        for g in range(n // s):
+            rho = Pn[g * s:(g + 1) * s].sum(axis=0)
+            turn = ((rho * Vn[g * s]).sum(-1) <= 0) | ((rho * Vn[g * s + s - 1]).sum(-1) <= 0)
+            want = np.where(turn, np.minimum(want, g * s + s - 1), want)
+    np.testing.assert_array_equal(np.array(first), want)
+    np.testing.assert_allclose(np.array(total), Pn.sum(axis=0), rtol=1e-5, atol=1e-5)
+    buf = io.StringIO()
+    mx.export_to_dot(buf, *N._first_turn(P + 0, V + 0, n))
+    text = buf.getvalue()
+    assert len(re.findall(r'label ="Sum', text)) == 1
+    assert len(re.findall(r'label ="Min', text)) == 1
