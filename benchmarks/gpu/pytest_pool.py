@@ -1,7 +1,9 @@
 """Run test files on the GPU machine one *test* per process, many processes side by side
 (issue 8): a cold machine JIT-compiles every fused kernel (NVRTC, on the host), so a
 heavy file run serially can take longer than a call; spread over the host's cores and
-the GPUs, with MLX's shared PTX cache, it finishes. Writes one log per test and a JSON
+the GPUs, it finishes. Each worker has its own MLX PTX cache directory (under
+``$MLX_PTX_CACHE_DIR`` when set): MLX's cache is not safe for concurrent writers (a
+process died reading a kernel another was writing). Writes one log per test and a JSON
 summary under --out, and prints per-file counts.
 
     python3 benchmarks/gpu/pytest_pool.py --out $OUT/pool --workers 14 --budget-s 400 FILE...
@@ -16,6 +18,8 @@ import re
 import subprocess
 import sys
 import time
+import itertools
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -29,11 +33,27 @@ def collect(files: list[str]) -> list[str]:
     return ids + [f for f in files if f not in seen]
 
 
+_SLOT = threading.local()
+_SLOTS = itertools.count()
+
+
+def _ptx_dir() -> dict:
+    """This worker thread's own PTX cache directory (``MLX_PTX_CACHE_DIR``/w<slot>)."""
+    base = os.environ.get("MLX_PTX_CACHE_DIR")
+    if not base:
+        return {}
+    if not hasattr(_SLOT, "i"):
+        _SLOT.i = next(_SLOTS)
+    d = Path(base) / f"w{_SLOT.i}"
+    d.mkdir(parents=True, exist_ok=True)
+    return {"MLX_PTX_CACHE_DIR": str(d)}
+
+
 def run_one(node: str, gpu: int, deadline: float, out: Path) -> dict:
     left = deadline - time.time()
     if left < 15:
         return {"id": node, "outcome": "not run"}
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpu))
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpu), **_ptx_dir())
     log = out / (re.sub(r"[^A-Za-z0-9_.-]+", "_", node)[:180] + ".log")
     t = time.time()
     try:
