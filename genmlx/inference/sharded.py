@@ -60,36 +60,60 @@ Fused path (``gm.Unfold``/``gm.Scan`` models with the prior as proposal, no
 rejuvenation, callback or ``step_args``: ``smc._run_sequence`` with ``comm``): each step
 is ONE compiled local function (extension, weight, and the summary (logsumexp(lw^(r)),
 logsumexp(2 lw^(r)))) that keeps only the step's new choices and carry
-(:meth:`Shards.step_resample` then does the rest):
+(:meth:`Shards.step_resample` then does the rest). With systematic resampling the step
+is *sync-free* (the default, ``Shards.sync_free``): no host read and fixed shapes, so
+the host queues the steps ahead of the devices and nothing drains their queues
+(:func:`_sync_free_step`, compiled as one function with its two collectives):
 
-* one all-gather of the R·2 summaries and one host read (N(B) and the decision
-  together, computed on the device by :func:`_systematic_local`); nothing else when
-  the ESS test does not fire;
-* on a resampling, process q expands its carry rows into its segment (its offspring,
-  with their global source rows) and exports the parts outside its block: ONE
-  all-gather of all carry leaves and the source rows packed into one uint32 buffer
-  (:meth:`Shards.gather_packed`), none when every segment is its own block. The
-  ancestor vector a_t stays sharded: process r keeps a_t's block of its slots;
-* at the end: ONE all-gather of the K ancestor blocks [K, m] gives every process the
-  global a_t, composed locally into the global rows D_t its final particles descend from
-  (:meth:`Shards.descent`); the kept arrays of every step move by those rows in one
-  bounds gather and one packed window gather (:meth:`Shards.take_rows_each`); the steps
-  are replayed locally from their choices (scores), as in ``smc``; one gather of the
-  log-weights.
+* one all-gather of the R·2 summaries; :func:`_systematic_local` gives ESS, the decision
+  did, N(B) [R+1] (process q's offspring fill the global slots [N(B_q), N(B_{q+1}))) and
+  the local global-CDF values, all on the device;
+* windows of W slots (:func:`window_width`, default min(m, max(4096, m/16))): process q
+  searches the systematic ancestors of the fixed slot run [q·m − W, (q+1)·m + W)
+  (:func:`~genmlx.inference.resampling.window_ancestors`: bit for bit the exact path's on
+  the slots of q's segment) and exports the source rows and carry rows of the W slots
+  below and the W above its block: ONE packed all-gather of 2W rows per process
+  (:meth:`Shards.gather_packed`). Process r fills slot j from the owner p of j
+  (N(B_p) ≤ j < N(B_{p+1})): its own search (p = r), row j − (p+1)·m of p's high window
+  (p < r), row j − (p·m − W) of p's low window (p > r);
+* the outputs are chosen on the device: where(did, resampled, old) for the carry rows and
+  the ancestor block (the identity block r·m + [0, m) when did is false); the work is
+  done every step, the price of no sync;
+* overflow: a nonempty segment reaching past its windows (N(B_{q+1}) > (q+1)·m + W or
+  N(B_q) < q·m − W) on a resampling step sets a device flag, identical in every process
+  (it depends on N(B) alone). The flags are read ONCE at the end of the run, with the
+  decisions; after an overflow the run is redone on the exact path from the same key
+  (the same draws, so the same result; :meth:`Shards.fallback`, counted in
+  ``Shards.fallbacks``). The segments' offsets from the blocks are the weight imbalance
+  between processes, O(√n)-sized for exchangeable particles: far inside W = m/16.
+
+The exact path (``Shards.sync_free = False``, and the fallback) reads N(B) and the
+decision on the host each step (one read) and sizes the windows to the segments
+(:class:`SegmentPlan`): nothing more without a resampling, one packed all-gather of the
+segment parts outside the blocks with one. Both keep the ancestor vector a_t sharded
+(process r keeps a_t's block of its slots). At the end of the run: ONE all-gather of
+the K ancestor blocks [K, m] of the resampling steps gives every process the global
+a_t, composed locally into the global rows D_t its final particles descend from
+(:meth:`Shards.descent`); the kept arrays of every step move by those rows in one bounds
+gather and one packed window gather (:meth:`Shards.take_rows_each`); the steps are
+replayed locally from their choices (scores), as in ``smc``; one gather of the
+log-weights.
 
 Other schemes gather the n log-weights instead of the summaries (one collective, O(n)
-work per process), draw the global (sorted) ancestors everywhere, and move the carry
-rows in one collective whose windows follow from them. Otherwise (the general path) a
-resampling of ``gm.Unfold``/``gm.Scan`` traces moves only the last step and the score
-(the lazy ancestry of ``smc``); the earlier steps move when the full traces are resolved
-(at the end, or for rejuvenation, callbacks or proposals), along the composed ancestor
-vectors (composed with the cross-process :meth:`Shards.take_rows`; compositions of
-sorted vectors are sorted, so again only boundary particles move).
+work per process, one host read), draw the global (sorted) ancestors everywhere, and
+move the carry rows in one collective whose windows follow from them. Otherwise (the
+general path) a resampling of ``gm.Unfold``/``gm.Scan`` traces moves only the last step
+and the score (the lazy ancestry of ``smc``); the earlier steps move when the full
+traces are resolved (at the end, or for rejuvenation, callbacks or proposals), along the
+composed ancestor vectors (composed with the cross-process :meth:`Shards.take_rows`;
+compositions of sorted vectors are sorted, so again only boundary particles move).
 
-Communication per step of the fused path: 2R scalars (one collective, one host read);
-on a resampling also the carry rows that change process (one collective). At the end:
-K·n ancestor indices with the n log-weights, 2R·T bounds, the moved rows of the kept
-arrays (three collectives).
+Communication per step of the fused systematic path: 2R scalars and R·2W rows (carry
+leaves and source indices), two collectives, no host read. Exact path: 2R scalars (one
+collective, one host read); on a resampling also the carry rows that change process (one
+collective). At the end: K·n ancestor indices with the n log-weights, 2R·T bounds, the
+moved rows of the kept arrays (three collectives), and one host read of the decisions and
+overflow flags.
 """
 
 from __future__ import annotations
@@ -121,17 +145,17 @@ class Shards:
     """The particle sharding over an ``mx.distributed`` group of R > 1 processes: key
     folding, weight gathering and cross-process row gathers."""
 
-    def __init__(self, group: Any):
-        self.group = group
-        self.size = int(group.size())
-        self.rank = int(group.rank())
-        self.sort_ancestors = True
-
     #: systematic steps of the fused SMC path without host reads (:func:`_sync_free_step`);
     #: False: the exact path (host-sized segments, one host read per step)
     sync_free: bool = True
     #: runs redone on the exact path after a sync-free window overflowed (all instances)
     fallbacks: int = 0
+
+    def __init__(self, group: Any):
+        self.group = group
+        self.size = int(group.size())
+        self.rank = int(group.rank())
+        self.sort_ancestors = True
 
     # -- keys and weights ----------------------------------------------------------
     def local_key(self, key: mx.array) -> mx.array:
@@ -802,9 +826,10 @@ def sharded_smc(key: mx.array, model: GenerativeFunction, args: tuple, observati
     ``group``; the ESS test, resampling and log Ẑ are global (module docstring).
     ``rejuvenation(key, traces)`` and ``callback(t, traces, log_weights)`` see this
     process's particles (and local log-weights). ``gm.Unfold``/``gm.Scan`` models with
-    the prior as proposal take the fused path (module docstring: one collective per step
-    without a resampling, two with one); ``compile`` (default True, as ``smc``) compiles
-    the step. Returns a :class:`ShardedSMCResult`, or the single-process
+    the prior as proposal take the fused path (module docstring: with systematic
+    resampling two collectives per step and no host read until the end of the run;
+    ``Shards.sync_free = False`` for the exact path); ``compile`` (default True, as
+    ``smc``) compiles the step. Returns a :class:`ShardedSMCResult`, or the single-process
     :class:`SMCResult` when the group has one process (then this is ``smc`` itself)."""
     kw = dict(proposal=proposal, proposal_args=proposal_args, resampling=resampling,
               ess_threshold=ess_threshold, rejuvenation=rejuvenation, step_args=step_args,

@@ -286,7 +286,10 @@ def _run_sequence(keys, model, args, args_T, cons: list, n: int, scheme, thresho
     compiled step is the local extension (:func:`_seq_step_sharded`) and
     ``comm.step_resample`` makes the global decision and moves only the carry rows; the
     ancestors are global rows, composed once at the end (``comm.descent``), and the
-    kept arrays cross processes once (``comm.take_rows_each``)."""
+    kept arrays cross processes once (``comm.take_rows_each``). The decisions (and the
+    sync-free steps' overflow flags) are read once, after the last step; after an
+    overflow the run is redone with ``comm.fallback()`` (the exact path) from the same
+    keys."""
     from genmlx.combinators._sequence import STEP_INDEX, StepIndexUsed, holds_step_index
 
     T = len(cons)
@@ -775,6 +778,10 @@ def run_smc(key: mx.array, model: GenerativeFunction, args: tuple, observations,
     global ESS test and resampling; ``idx`` holds the global source rows of this
     process's slots), ``take_rows(leaves, idx)`` and ``compose(nxt, c)`` (their
     cross-process versions of row gathers) and ``gather(lw)`` (the global log-weights).
+    The fused path (``gm.Unfold``/``gm.Scan`` models) also uses ``step_resample(key, lw,
+    stats, carry_leaves, scheme, threshold) -> (leaves, idx, lw, ess, did, overflow)``,
+    ``descent``, ``take_rows_each`` and ``fallback()`` (see
+    :class:`~genmlx.inference.sharded.Shards`).
     """
     if not 0.0 <= ess_threshold <= 1.0:
         raise ValueError(f"smc: ess_threshold must lie in [0, 1], got {ess_threshold!r}")

@@ -14,9 +14,14 @@ coherent (each particle's score equals the log joint of its own path).
 
 The fused sharded SMC path (``Shards.step_resample`` / ``descent`` / ``take_rows_each``):
 on a group of one process it draws exactly what ``smc`` draws (every scheme); on two
-processes every time step makes ONE collective without a resampling and at most two
-with one (counted by wrapping ``mx.distributed``'s collectives), the cross-process row
-gathers equal the gather-everything reference, and the rebuilt paths are coherent.
+processes the sync-free systematic step makes two collectives every time step, the exact
+path and the other schemes ONE without a resampling and at most two with one (counted by
+wrapping ``mx.distributed``'s collectives), the cross-process row gathers equal the
+gather-everything reference, and the rebuilt paths are coherent. The sync-free step
+equals the exact path bit for bit (several seeds, forced small windows), tiny windows
+overflow into a rerun on the exact path, and its time loop makes no host read (counted
+by wrapping the array-to-host conversions); on R = 2, 3, 4 virtual processes its windows
+give R.systematic's ancestors and the overflow flag is exact.
 """
 
 from __future__ import annotations
