@@ -85,7 +85,9 @@ the host queues the steps ahead of the devices and nothing drains their queues
   decisions; after an overflow the run is redone on the exact path from the same key
   (the same draws, so the same result; :meth:`Shards.fallback`, counted in
   ``Shards.fallbacks``). The segments' offsets from the blocks are the weight imbalance
-  between processes, O(√n)-sized for exchangeable particles: far inside W = m/16.
+  between processes: about CV·√(q·m) slots for exchangeable particles (CV² = n/ESS − 1),
+  far inside W = m/16 unless the ESS is tiny (a few particles holding most of the mass),
+  where the run is redone.
 
 The exact path (``Shards.sync_free = False``, and the fallback) reads N(B) and the
 decision on the host each step (one read) and sizes the windows to the segments
