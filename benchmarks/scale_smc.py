@@ -20,7 +20,10 @@ once with every collective counted (the smallest n):
 per time step without / with a resampling, and at the end of the run. With one process
 ``--vs-smc`` times the single-process ``smc`` against the sharded code path on a group of
 one (``run_smc(comm=Shards(group of size 1))``: the same draws, the collectives identities)
-— the cost of the sharded machinery itself.
+— the cost of the sharded machinery itself. With several processes ``--exact`` also times
+the exact systematic path (``Shards.sync_free = False``: one host read per step, windows
+sized on the host) beside the default sync-free one (no host read until the end of the
+run; rows ``smc_exact`` / ``smc_hand_exact``).
 
 Launch on one host with 2 GPUs (the lead's H200 machine, MLX CUDA build). How ranks map
 to GPUs: ``mlx.launch -n 2 --backend nccl`` (MLX 0.32, mlx/_distributed_utils/launch.py)
@@ -34,7 +37,7 @@ is overridden). NVLink multicast stays off::
     cd /path/to/genmlx
     python3 benchmarks/scale_smc.py --vs-smc --out /tmp/scale_1.json             # 1 GPU
     NCCL_NVLS_ENABLE=0 mlx.launch -n 2 --backend nccl --env NCCL_NVLS_ENABLE=0 \\
-        --python "$(command -v python3)" benchmarks/scale_smc.py --count --latency --out /tmp/scale_2.json
+        --python "$(command -v python3)" benchmarks/scale_smc.py --count --latency --exact --out /tmp/scale_2.json
     python3 benchmarks/scale_smc.py --compare /tmp/scale_1.json /tmp/scale_2.json \\
         --append-results --note "H200 x2, NCCL, NCCL_NVLS_ENABLE=0"
 
@@ -105,10 +108,13 @@ def _propagate(key, x, lw, y):
 
 def hand_filter(key, ys, n: int, sh):
     """States-only bootstrap filter, sharded like sharded_smc (systematic, ESS < n/2;
-    ``Shards.step_resample``, as sharded_smc's fused path), without traces or paths."""
+    ``Shards.step_resample``, as sharded_smc's fused path), without traces or paths.
+    Sharded: no host read in the loop on the sync-free path (the overflow flags are read
+    once at the end; after an overflow the filter is redone on the exact path)."""
     R = 1 if sh is None else sh.size
     m = n // R
     x, lw = mx.zeros((m,)), mx.zeros((m,))
+    ovfs = []
     for t, k in enumerate(mx.random.split(key, len(ys))):
         k_prop, k_res = mx.random.split(k)
         x, lw = _propagate(k_prop if sh is None else sh.local_key(k_prop), x, lw, mx.array(ys[t]))
@@ -117,10 +123,13 @@ def hand_filter(key, ys, n: int, sh):
             mx.eval(x, lw, did)
             if did.item():
                 x = mx.take(x, idx)
-        else:  # sharded_smc's step: one gather of the weight summary, the states on a resampling
+        else:  # sharded_smc's step: one gather of the weight summary, one of the windows
             stats = mx.stack([mx.logsumexp(lw), mx.logsumexp(2 * lw)])
-            (x,), _, lw, _, did = sh.step_resample(k_res, lw, stats, [x], "systematic", 0.5)
-            mx.eval(x, lw)
+            (x,), _, lw, _, did, ovf = sh.step_resample(k_res, lw, stats, [x], "systematic", 0.5)
+            ovfs += [] if ovf is None else [ovf]
+            mx.async_eval(x, lw, ovfs[-1:])
+    if ovfs and any(mx.stack(ovfs).tolist()):
+        return hand_filter(key, ys, n, sh.fallback())
     glw = lw if sh is None else sh.gather(lw)
     return mx.logsumexp(glw) - math.log(n)
 
@@ -147,7 +156,8 @@ def latency(sh, reps: int = 200) -> dict:
 
 
 def count_collectives(model, args, obs, n: int, sh) -> dict:
-    """One sharded SMC run with mx.distributed's collectives counted: per step (inside
+    """One sharded SMC run with mx.distributed's collectives counted (compilation off: a
+    compiled function calls them only while tracing): per step (inside
     ``Shards.step_resample``) split by whether the step resampled, and the rest (the end
     of the run: ancestors, kept arrays, log-weights)."""
     names = ("all_gather", "all_sum")
@@ -166,24 +176,28 @@ def count_collectives(model, args, obs, n: int, sh) -> dict:
     def step(self, *a, **k):
         c0 = count["n"]
         out = step_orig(self, *a, **k)
-        steps.append((out[1] is not None, count["n"] - c0))
+        steps.append(count["n"] - c0)
         return out
 
     for k in names:
         setattr(mx.distributed, k, wrap(orig[k]))
     Shards.step_resample = step
+    mx.disable_compile()
     try:
         out = sharded_smc(mx.random.key(123), model, args, obs, n, progress=False)
         mx.eval(out.log_weights)
     finally:
+        mx.enable_compile()
         for k in names:
             setattr(mx.distributed, k, orig[k])
         Shards.step_resample = step_orig
-    res_steps = [c for did, c in steps if did]
-    plain = [c for did, c in steps if not did]
+    steps = steps[-len(out.resampled):]  # the run's steps (a rerun after an overflow)
+    res_steps = [c for c, did in zip(steps, out.resampled) if did]
+    plain = [c for c, did in zip(steps, out.resampled) if not did]
     return {"n": n, "T": len(steps), "resamplings": len(res_steps), "total": count["n"],
-            "per_plain_step": sorted(set(plain)), "per_resampling_step": sorted(set(res_steps)),
-            "in_steps": sum(c for _, c in steps), "end_of_run": count["n"] - sum(c for _, c in steps)}
+            "sync_free": Shards.sync_free, "per_plain_step": sorted(set(plain)),
+            "per_resampling_step": sorted(set(res_steps)),
+            "in_steps": sum(steps), "end_of_run": count["n"] - sum(steps)}
 
 
 def run(a) -> dict:
@@ -221,30 +235,39 @@ def run(a) -> dict:
             res["vs_smc"][str(n)] = {"smc_s": m1, "sharded_path_s": m2, "smc_times": t_smc, "sharded_times": t_sh}
             print(f"[1 proc] n={n}: smc {fmt_seconds(m1)}, sharded path on a group of one {fmt_seconds(m2)} "
                   f"({m2 / m1:.2f}x)", flush=True)
+    paths = [("", True)] + ([("_exact", False)] if a.exact and sh is not None else [])
     for n in a.ns_smc:
         if n % R:
             continue
-        last = {}
+        for suffix, sync_free in paths:
+            Shards.sync_free = sync_free
+            tag = f"[{R} proc{', exact path' if suffix else ''}]"
+            last = {}
 
-        def f_smc():
-            out = sharded_smc(next(keys), model, args, obs, n, progress=False)
-            last["lz"] = out.log_marginal_likelihood
-            return out.log_weights
+            def f_smc():
+                out = sharded_smc(next(keys), model, args, obs, n, progress=False)
+                last["lz"] = out.log_marginal_likelihood
+                return out.log_weights
 
-        ts = _time(f_smc, sh, a.repeats)
-        med = statistics.median(ts)
-        res["smc"][str(n)] = {"median_s": med, "times": ts, "particle_steps_per_s": n * T / med,
-                              "log_z": float(last["lz"])}
-        if rank == 0:
-            print(f"[{R} proc] sharded_smc n={n}: {fmt_seconds(med)}, {n * T / med:.3g} particle-steps/s, "
-                  f"log Z {float(last['lz']):.2f} (Kalman {res['kalman_log_z']:.2f})", flush=True)
-        if not a.skip_hand:
-            ts = _time(lambda: hand_filter(next(keys), ys, n, sh), sh, a.repeats)
+            f0 = Shards.fallbacks
+            ts = _time(f_smc, sh, a.repeats)
             med = statistics.median(ts)
-            res["smc_hand"][str(n)] = {"median_s": med, "times": ts, "particle_steps_per_s": n * T / med}
+            res.setdefault("smc" + suffix, {})[str(n)] = {
+                "median_s": med, "times": ts, "particle_steps_per_s": n * T / med,
+                "log_z": float(last["lz"]), "fallbacks": Shards.fallbacks - f0}
             if rank == 0:
-                print(f"[{R} proc] hand filter n={n}: {fmt_seconds(med)}, {n * T / med:.3g} particle-steps/s",
-                      flush=True)
+                print(f"{tag} sharded_smc n={n}: {fmt_seconds(med)}, {n * T / med:.3g} particle-steps/s, "
+                      f"log Z {float(last['lz']):.2f} (Kalman {res['kalman_log_z']:.2f}); "
+                      f"exact-path reruns {Shards.fallbacks - f0}", flush=True)
+            if not a.skip_hand:
+                ts = _time(lambda: hand_filter(next(keys), ys, n, sh), sh, a.repeats)
+                med = statistics.median(ts)
+                res.setdefault("smc_hand" + suffix, {})[str(n)] = {
+                    "median_s": med, "times": ts, "particle_steps_per_s": n * T / med}
+                if rank == 0:
+                    print(f"{tag} hand filter n={n}: {fmt_seconds(med)}, {n * T / med:.3g} particle-steps/s",
+                          flush=True)
+        Shards.sync_free = True
     xs, yq = make_data(mx.random.key(0))
     qobs = gm.choicemap({"ys": yq})
     for n in ([] if a.skip_is else a.ns_is):
@@ -272,15 +295,17 @@ def compare(paths: list[str], append: bool, note: str) -> None:
     runs = [json.loads(Path(p).read_text()) for p in paths]
     base = min(runs, key=lambda r: r["processes"])
     rows = []
-    for kind, rate in (("smc", "particle_steps_per_s"), ("smc_hand", "particle_steps_per_s"),
+    for kind, rate in (("smc", "particle_steps_per_s"), ("smc_exact", "particle_steps_per_s"),
+                       ("smc_hand", "particle_steps_per_s"), ("smc_hand_exact", "particle_steps_per_s"),
                        ("is", "particles_per_s")):
-        for n in base.get(kind, {}):
-            b = base[kind][n][rate]
+        bkind = kind.removesuffix("_exact")  # one process has no exact/sync-free split
+        for n in base.get(bkind, {}):
+            b = base[bkind][n][rate]
             for r in runs:
                 if r is base or n not in r.get(kind, {}):
                     continue
                 x = r[kind][n]
-                rows.append([kind, n, f"1 → {r['processes']}", fmt_seconds(base[kind][n]["median_s"]),
+                rows.append([kind, n, f"1 → {r['processes']}", fmt_seconds(base[bkind][n]["median_s"]),
                              fmt_seconds(x["median_s"]), f"{b:.3g}", f"{x[rate]:.3g}", f"{x[rate] / b:.2f}",
                              f"{x['log_z']:.2f}" if "log_z" in x else "—"])
     table = markdown_table(["benchmark", "n (total)", "processes", "time (1)", "time (N)", "rate (1)",
@@ -307,6 +332,9 @@ def main() -> None:
     ap.add_argument("--count", action="store_true", help="count the collectives of one sharded SMC run")
     ap.add_argument("--latency", action="store_true",
                     help="time a host read and a 2-float all-gather + read (the per-step floor)")
+    ap.add_argument("--exact", action="store_true",
+                    help="N processes: also time the exact systematic path (Shards.sync_free = False; "
+                         "one host read per step) beside the default sync-free one")
     ap.add_argument("--vs-smc", action="store_true",
                     help="one process: time smc() against the sharded path on a group of one")
     ap.add_argument("--out", default=None, help="JSON file for this run's results (rank 0 writes)")

@@ -1,6 +1,8 @@
 """Per-op device times of the sharded SMC resampling step (issue 8 diagnosis): the
-primitives it is built from and ``Shards.step_resample`` on a group of one, at n
-particles per process. Prints median µs over repeats (each timed op evaluated and the
+primitives it is built from, ``Shards.step_resample`` on a group of one (sync-free: no
+windows; ``_exact``: the host-sized path) and the sync-free step of one of 2 virtual
+processes (windows of ``window_width(n)`` slots, the gather replaced by a concatenation),
+at n particles per process. Prints median µs over repeats (each timed op evaluated and the
 stream synchronised).
 
     python3 benchmarks/gpu/probe_sharded.py [--ns 1000000 10000000] [--repeats 20]
@@ -17,7 +19,8 @@ import mlx.core as mx
 import numpy as np
 
 from genmlx.inference import resampling as R
-from genmlx.inference.sharded import Shards, _fused, _systematic_head
+from genmlx.inference.sharded import (Shards, _fused, _sync_free_assemble, _sync_free_search,
+                                     _systematic_head, window_width)
 
 
 def timed(fn, repeats: int) -> float:
@@ -48,6 +51,20 @@ def probe(n: int, repeats: int) -> dict:
     i = mx.arange(n, dtype=mx.int32)
     fused = _fused(lw)
     head_fn = mx.compile(lambda k, l, s: _systematic_head((1, 0, 1.1, fused), k, l, s))
+    exact = Shards(mx.distributed.init())
+    exact.sync_free = False
+    # the sync-free step of rank 0 of 2 virtual processes at n per process (the packed
+    # gather replaced by a concatenation of its own exports): the device work of one step
+    W = window_width(n)
+    pay = (None, 2, 0, 1.1, fused, W)
+    stats2 = mx.concatenate([stats[None], stats[None]])
+
+    def sync_free_virtual(k, l, s, xx):
+        ess, did, new_lw, Nb, ovf, mid, export = _sync_free_search(pay, k, l, s, [xx])
+        got = [mx.concatenate([e, e]) for e in export]
+        return _sync_free_assemble(pay, did, Nb, mid, [xx], got), new_lw, ovf
+
+    sf_fn = mx.compile(sync_free_virtual)
     ops = {
         "cumsum_f32": lambda: mx.cumsum(w),
         "cummax_f32": lambda: mx.cummax(w),
@@ -65,6 +82,8 @@ def probe(n: int, repeats: int) -> dict:
         "systematic_fused": lambda: R.systematic(key, lw, n, fused=True),
         "systematic_head_compiled": lambda: head_fn(key, lw, stats[None]),
         "step_resample_group_of_one": lambda: one.step_resample(key, lw, stats, [x], "systematic", 1.1)[:2],
+        "step_resample_group_of_one_exact": lambda: exact.step_resample(key, lw, stats, [x], "systematic", 1.1)[:2],
+        "sync_free_step_R2_virtual_compiled": lambda: sf_fn(key, lw, stats2, x),
     }
     out = {}
     for name, fn in ops.items():

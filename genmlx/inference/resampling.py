@@ -104,6 +104,25 @@ def segment_ancestors(cdf: mx.array, U: mx.array, first: int, count: int, m: int
     return _from_strata(cdf, U, m, first, count)
 
 
+def window_ancestors(cdf: mx.array, U: mx.array, first: int, count: int, m: int, *,
+                     fused: bool = False) -> mx.array:
+    """:func:`segment_ancestors` for a fixed run of strata first … first + count − 1
+    (``first`` may be negative, the run may pass m) that need not be the particles'
+    segment [S, S') (N at the CDF value before the first particle and at the last one):
+    slots j in [S, S') get the same ancestors bit for bit, the others arbitrary indices
+    in [0, n).
+    Generic path: the counts N_i are clipped to [first, first + count] (comparisons
+    j < N_i are unchanged for the slots of the run), so no host value of S is needed."""
+    if fused and _K.use_kernel(cdf) == "cuda":
+        from genmlx.kernels.resample import search_kernel
+
+        return search_kernel("cuda", cdf, mx.broadcast_to(U, (count,)), first, m)
+    N = mx.clip(strata_counts(cdf, U, m), first, first + count)
+    N = mx.concatenate([N[:-1], mx.array([first + count], dtype=mx.int32)])
+    counts = N - mx.concatenate([mx.array([first], dtype=mx.int32), N[:-1]])
+    return indices_from_counts(counts, count)
+
+
 def multinomial(key: mx.array, log_weights: mx.array, m: int | None = None) -> mx.array:
     """m i.i.d. ancestor indices from Categorical(softmax(log_weights))."""
     m = log_weights.shape[0] if m is None else m

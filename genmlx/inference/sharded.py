@@ -60,40 +60,67 @@ Fused path (``gm.Unfold``/``gm.Scan`` models with the prior as proposal, no
 rejuvenation, callback or ``step_args``: ``smc._run_sequence`` with ``comm``): each step
 is ONE compiled local function (extension, weight, and the summary (logsumexp(lw^(r)),
 logsumexp(2 lw^(r)))) that keeps only the step's new choices and carry
-(:meth:`Shards.step_resample` then does the rest):
+(:meth:`Shards.step_resample` then does the rest). With systematic resampling the step
+is *sync-free* (the default, ``Shards.sync_free``): no host read and fixed shapes, so
+the host queues the steps ahead of the devices and nothing drains their queues
+(:func:`_sync_free_step`, compiled as one function with its two collectives):
 
-* one all-gather of the R·2 summaries and one host read (N(B) and the decision
-  together, computed on the device by :func:`_systematic_local`); nothing else when
-  the ESS test does not fire;
-* on a resampling, process q expands its carry rows into its segment (its offspring,
-  with their global source rows) and exports the parts outside its block: ONE
-  all-gather of all carry leaves and the source rows packed into one uint32 buffer
-  (:meth:`Shards.gather_packed`), none when every segment is its own block. The
-  ancestor vector a_t stays sharded: process r keeps a_t's block of its slots;
-* at the end: ONE all-gather of the K ancestor blocks [K, m] gives every process the
-  global a_t, composed locally into the global rows D_t its final particles descend from
-  (:meth:`Shards.descent`); the kept arrays of every step move by those rows in one
-  bounds gather and one packed window gather (:meth:`Shards.take_rows_each`); the steps
-  are replayed locally from their choices (scores), as in ``smc``; one gather of the
-  log-weights.
+* one all-gather of the R·2 summaries; :func:`_systematic_local` gives ESS, the decision
+  did, N(B) [R+1] (process q's offspring fill the global slots [N(B_q), N(B_{q+1}))) and
+  the local global-CDF values, all on the device;
+* windows of W slots (:func:`window_width`, default min(m, max(4096, m/16))): process q
+  searches the systematic ancestors of the fixed slot run [q·m − W, (q+1)·m + W)
+  (:func:`~genmlx.inference.resampling.window_ancestors`: bit for bit the exact path's on
+  the slots of q's segment) and exports the source rows and carry rows of the W slots
+  below and the W above its block: ONE packed all-gather of 2W rows per process
+  (:meth:`Shards.gather_packed`). Process r fills slot j from the owner p of j
+  (N(B_p) ≤ j < N(B_{p+1})): its own search (p = r), row j − (p+1)·m of p's high window
+  (p < r), row j − (p·m − W) of p's low window (p > r);
+* the outputs are chosen on the device: where(did, resampled, old) for the carry rows and
+  the ancestor block (the identity block r·m + [0, m) when did is false); the work is
+  done every step, the price of no sync;
+* overflow: a nonempty segment reaching past its windows (N(B_{q+1}) > (q+1)·m + W or
+  N(B_q) < q·m − W) on a resampling step sets a device flag, identical in every process
+  (it depends on N(B) alone). The flags are read ONCE at the end of the run, with the
+  decisions; after an overflow the run is redone on the exact path from the same key
+  (the same draws, so the same result; :meth:`Shards.fallback`, counted in
+  ``Shards.fallbacks``). The segments' offsets from the blocks are the weight imbalance
+  between processes: about CV·√(q·m) slots for exchangeable particles (CV² = n/ESS − 1),
+  far inside W = m/16 unless the ESS is tiny (a few particles holding most of the mass),
+  where the run is redone.
+
+The exact path (``Shards.sync_free = False``, and the fallback) reads N(B) and the
+decision on the host each step (one read) and sizes the windows to the segments
+(:class:`SegmentPlan`): nothing more without a resampling, one packed all-gather of the
+segment parts outside the blocks with one. Both keep the ancestor vector a_t sharded
+(process r keeps a_t's block of its slots). At the end of the run: ONE all-gather of
+the K ancestor blocks [K, m] of the resampling steps gives every process the global
+a_t, composed locally into the global rows D_t its final particles descend from
+(:meth:`Shards.descent`); the kept arrays of every step move by those rows in one bounds
+gather and one packed window gather (:meth:`Shards.take_rows_each`); the steps are
+replayed locally from their choices (scores), as in ``smc``; one gather of the
+log-weights.
 
 Other schemes gather the n log-weights instead of the summaries (one collective, O(n)
-work per process), draw the global (sorted) ancestors everywhere, and move the carry
-rows in one collective whose windows follow from them. Otherwise (the general path) a
-resampling of ``gm.Unfold``/``gm.Scan`` traces moves only the last step and the score
-(the lazy ancestry of ``smc``); the earlier steps move when the full traces are resolved
-(at the end, or for rejuvenation, callbacks or proposals), along the composed ancestor
-vectors (composed with the cross-process :meth:`Shards.take_rows`; compositions of
-sorted vectors are sorted, so again only boundary particles move).
+work per process, one host read), draw the global (sorted) ancestors everywhere, and
+move the carry rows in one collective whose windows follow from them. Otherwise (the
+general path) a resampling of ``gm.Unfold``/``gm.Scan`` traces moves only the last step
+and the score (the lazy ancestry of ``smc``); the earlier steps move when the full
+traces are resolved (at the end, or for rejuvenation, callbacks or proposals), along the
+composed ancestor vectors (composed with the cross-process :meth:`Shards.take_rows`;
+compositions of sorted vectors are sorted, so again only boundary particles move).
 
-Communication per step of the fused path: 2R scalars (one collective, one host read);
-on a resampling also the carry rows that change process (one collective). At the end:
-K·n ancestor indices with the n log-weights, 2R·T bounds, the moved rows of the kept
-arrays (three collectives).
+Communication per step of the fused systematic path: 2R scalars and R·2W rows (carry
+leaves and source indices), two collectives, no host read. Exact path: 2R scalars (one
+collective, one host read); on a resampling also the carry rows that change process (one
+collective). At the end: K·n ancestor indices with the n log-weights, 2R·T bounds, the
+moved rows of the kept arrays (three collectives), and one host read of the decisions and
+overflow flags.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -119,6 +146,12 @@ _SORTED_SCHEMES = ("systematic", "stratified", "residual")
 class Shards:
     """The particle sharding over an ``mx.distributed`` group of R > 1 processes: key
     folding, weight gathering and cross-process row gathers."""
+
+    #: systematic steps of the fused SMC path without host reads (:func:`_sync_free_step`);
+    #: False: the exact path (host-sized segments, one host read per step)
+    sync_free: bool = True
+    #: runs redone on the exact path after a sync-free window overflowed (all instances)
+    fallbacks: int = 0
 
     def __init__(self, group: Any):
         self.group = group
@@ -176,43 +209,74 @@ class Shards:
     # -- the fused SMC path (smc._run_sequence with comm=) ---------------------------
     def step_resample(self, key: mx.array, lw: mx.array, stats: mx.array, leaves: list, scheme,
                       threshold: float):
-        """A step's global ESS test and, when it fires, resampling of the carry rows
-        ``leaves`` (this process's m rows each): (leaves, idx or None, new lw, ESS, did).
+        """A step's global ESS test and resampling of the carry rows ``leaves`` (this
+        process's m rows each): (leaves, idx, new lw, ESS, did, overflow).
 
-        Systematic: ONE collective (the R·2 log-sum-exps ``stats``), one host read
-        (N(B) and the decision together); on a resampling the carry rows of each
-        process's segment (:class:`SegmentPlan`) that fall in other processes' blocks are
-        exported with their global source rows in ONE more collective (all leaves packed
-        into one buffer). Other schemes: one gather of the n log-weights, every process
-        draws the global (sorted) ancestors, and the carry rows move in one collective
-        whose windows follow from those ancestors (no bounds exchange)."""
+        Systematic, sync-free (``sync_free``, the default): no host read and fixed
+        shapes (:func:`_sync_free_step`): two collectives (the R·2 log-sum-exps
+        ``stats``; the 2W-row windows of every process's carry rows and sources, packed
+        into one buffer); the outputs are chosen by ``did`` on the device (``idx`` the
+        identity block when it is false); ``overflow`` (a device bool, identical in every
+        process) says that some segment passed its windows: the caller then redoes the run
+        on the exact path (:meth:`fallback`). Systematic, exact: ONE collective and one
+        host read (N(B) and the decision); on a resampling the parts of each process's
+        segment (:class:`SegmentPlan`) that fall in other blocks are exported with their
+        global source rows in ONE more collective. Other schemes: one gather of the n
+        log-weights, every process draws the global (sorted) ancestors, and the carry rows
+        move in one collective whose windows follow from those ancestors. On the exact
+        paths ``idx`` is None without a resampling and ``overflow`` is None."""
         m, r = int(lw.shape[0]), self.rank
         if isinstance(scheme, str) and scheme == "systematic":
+            if self.sync_free:
+                return self._step_sync_free(key, lw, stats, leaves, float(threshold))
             g = self.gather(stats.reshape(1, 2))
             payload = (self.size, r, threshold, _fused(lw))
             ess, did, new_lw, head, C, U = cached_call(_systematic_head, payload, payload, key, lw, g)
             head = head.tolist()  # the host sync: N(B) and the decision
             if not head[-1]:
-                return leaves, None, new_lw, ess, did
+                return leaves, None, new_lw, ess, did, None
             plan = SegmentPlan(head[:-1], m)
             seg = plan.segment(C, U, r, payload[3])
             own = [seg] + gather_rows(leaves, seg - r * m)
             if plan.local:
-                return own[1:], seg, new_lw, ess, did
+                return own[1:], seg, new_lw, ess, did, None
             got = self.gather_packed([plan.export(x, r) for x in own])
             pos = plan.positions(r)
             moved = [mx.take(mx.concatenate([x, gx]), pos, axis=0) for x, gx in zip(own, got)]
-            return moved[1:], moved[0], new_lw, ess, did
+            return moved[1:], moved[0], new_lw, ess, did, None
         glw = self.gather(lw)
         idx, glw, ess, did = cached_call(_resample_global, (scheme, threshold, self.size, self.sort_ancestors),
                                          (scheme, threshold, self.size, self.sort_ancestors), key, glw)
         head = np.array(idx[1])  # [R·2 + 1]: every block's [min, max] and the decision
         idx = idx[0]
         if not head[-1]:
-            return leaves, None, self.local(glw), ess, did
+            return leaves, None, self.local(glw), ess, did, None
         mine = self.local(idx)
         plan = WindowPlan(head[:-1].reshape(self.size, 2), m)
-        return self._move(plan, leaves, mine), mine, self.local(glw), ess, did
+        return self._move(plan, leaves, mine), mine, self.local(glw), ess, did, None
+
+    def _step_sync_free(self, key, lw, stats, leaves, threshold):
+        m = int(lw.shape[0])
+        W = 0 if self.size == 1 else max(1, min(m, int(window_width(m))))
+        static = (self.group, self.size, self.rank, threshold, _fused(lw), W, COMPILE_COLLECTIVES)
+        payload = (self,) + static[1:6]
+        if COMPILE_COLLECTIVES:  # the whole step, collectives included, as one compiled function
+            return cached_call(_sync_free_step, static, payload, key, lw, stats, leaves)
+        g = self.gather(stats.reshape(1, 2))
+        ess, did, new_lw, Nb, ovf, mid, export = cached_call(_sync_free_search, static, payload, key, lw, g,
+                                                             leaves)
+        got = self.gather_packed(export) if W else []
+        moved, idx = cached_call(_sync_free_assemble, static, payload, did, Nb, mid, leaves, got)
+        return moved, idx, new_lw, ess, did, ovf
+
+    def fallback(self) -> "Shards":
+        """This sharding on the exact systematic path, for redoing a run whose sync-free
+        windows overflowed (same keys, hence the same draws); counted in
+        ``Shards.fallbacks``."""
+        Shards.fallbacks += 1
+        twin = copy.copy(self)
+        twin.sync_free = False
+        return twin
 
     def descent(self, idxs: list, flags: list, lw: mx.array | None = None):
         """Global rows of each step's (pre-resampling) arrays that this process's final
@@ -529,6 +593,84 @@ def _systematic_local(payload, key, lw, stats):
     return ess, did, new_lw, Nb, C, U
 
 
+#: compile the sync-free step with its two collectives as ONE function (False: the
+#: collectives run between two compiled halves)
+COMPILE_COLLECTIVES = True
+
+
+def window_width(m: int) -> int:
+    """W, the sync-free step's window width in slots (m particles per process): process q's
+    offspring may reach W slots past either end of its block before the step overflows
+    (:func:`_sync_free_search`). Tests replace this function to force overflows."""
+    return min(m, max(4096, m // 16))
+
+
+def _sync_free_step(payload, key, lw, stats, leaves):
+    """The sync-free systematic step of one process (payload = (Shards, R, r, threshold,
+    fused, W)): gather the R·2 summaries, search the window slots
+    (:func:`_sync_free_search`), gather every process's 2W exported rows in one packed
+    collective, assemble the block (:func:`_sync_free_assemble`). Fixed shapes, no host
+    value: (carry leaves, idx, new lw, ESS, did, overflow)."""
+    sh, W = payload[0], payload[5]
+    g = sh.gather(stats.reshape(1, 2))
+    ess, did, new_lw, Nb, ovf, mid, export = _sync_free_search(payload, key, lw, g, leaves)
+    got = sh.gather_packed(export) if W else []
+    moved, idx = _sync_free_assemble(payload, did, Nb, mid, leaves, got)
+    return moved, idx, new_lw, ess, did, ovf
+
+
+def _sync_free_search(payload, key, lw, g, leaves):
+    """Process r's systematic ancestors for the fixed slot run [r·m − W, (r + 1)·m + W)
+    (:func:`R.window_ancestors`: bit for bit those of :meth:`SegmentPlan.segment` on the
+    slots of r's segment [N(B_r), N(B_{r+1})), the rest masked later). Its exports: the
+    source rows and carry rows of the W slots below and the W above its block (for the
+    processes there). ``overflow`` = did ∧ ∃ q with a nonempty segment reaching past its
+    windows, N(B_{q+1}) > (q + 1)·m + W or N(B_q) < q·m − W: computed from the gathered
+    N(B), so identical in every process. Returns (ESS, did, new lw, N(B), overflow, the
+    local source rows of the own block [m], exports [source rows [2W], carry rows
+    [2W, …] …])."""
+    _, Rk, r, threshold, fused, W = payload
+    m = lw.shape[0]
+    ess, did, new_lw, Nb, C, U = _systematic_local((Rk, r, threshold, fused), key, lw, g)
+    loc = R.window_ancestors(C, U, r * m - W, m + 2 * W, Rk * m, fused=fused)
+    loc = mx.clip(loc, 0, m - 1)
+    q = mx.arange(Rk, dtype=mx.int32)
+    lo, hi = Nb[:-1], Nb[1:]
+    past = mx.logical_or(hi > (q + 1) * m + W, lo < q * m - W)
+    ovf = mx.logical_and(did, mx.any(mx.logical_and(hi > lo, past)))
+    win = mx.concatenate([loc[:W], loc[W + m:]])
+    export = [win + r * m] + [mx.take(x, win, axis=0) for x in leaves] if W else []
+    return ess, did, new_lw, Nb, ovf, loc[W:W + m], export
+
+
+def _sync_free_assemble(payload, did, Nb, mid, leaves, got):
+    """Process r's block from its own search (``mid``) and the gathered windows ``got``
+    ([R·2W] sources, then each leaf's [R·2W, …] rows). Slot j = r·m + i has owner
+    p = #{q ≥ 1 : N(B_q) ≤ j}: p = r its own row; p < r row j − (p + 1)·m of p's high
+    window; p > r row j − (p·m − W) of p's low window (clipped: out of the windows only
+    where the step overflowed). Where did is false: the identity (idx = j, old rows)."""
+    _, Rk, r, _, _, W = payload
+    m = mid.shape[0]
+    i = mx.arange(m, dtype=mx.int32)
+    j = r * m + i
+    if W == 0:  # one process: the segment is the block
+        idx, pos = r * m + mid, mid
+    else:
+        p = mx.sum(j[:, None] >= Nb[None, 1:Rk], axis=1).astype(mx.int32)
+        off = mx.where(p < r, W + j - (p + 1) * m, j - (p * m - W))
+        gpos = p * (2 * W) + mx.clip(off, 0, 2 * W - 1)
+        own = p == r
+        idx = mx.where(own, r * m + mid, mx.take(got[0], gpos))
+        pos = mx.where(own, mid, m + gpos)
+    idx = mx.where(did, idx, j)
+    pos = mx.where(did, pos, i)
+    if W == 0:
+        moved = [mx.take(x, pos, axis=0) for x in leaves]
+    else:
+        moved = [mx.take(mx.concatenate([x, gx]), pos, axis=0) for x, gx in zip(leaves, got[1:])]
+    return moved, idx
+
+
 def _local_cdf(lw: mx.array, ok: mx.array, lse_r: mx.array, fused: bool) -> mx.array:
     """The normalised CDF of this process's weights (uniform when its mass is 0 or no
     particle anywhere is possible), nondecreasing: the GPU scan kernel (``fused``) or
@@ -686,9 +828,10 @@ def sharded_smc(key: mx.array, model: GenerativeFunction, args: tuple, observati
     ``group``; the ESS test, resampling and log Ẑ are global (module docstring).
     ``rejuvenation(key, traces)`` and ``callback(t, traces, log_weights)`` see this
     process's particles (and local log-weights). ``gm.Unfold``/``gm.Scan`` models with
-    the prior as proposal take the fused path (module docstring: one collective per step
-    without a resampling, two with one); ``compile`` (default True, as ``smc``) compiles
-    the step. Returns a :class:`ShardedSMCResult`, or the single-process
+    the prior as proposal take the fused path (module docstring: with systematic
+    resampling two collectives per step and no host read until the end of the run;
+    ``Shards.sync_free = False`` for the exact path); ``compile`` (default True, as
+    ``smc``) compiles the step. Returns a :class:`ShardedSMCResult`, or the single-process
     :class:`SMCResult` when the group has one process (then this is ``smc`` itself)."""
     kw = dict(proposal=proposal, proposal_args=proposal_args, resampling=resampling,
               ess_threshold=ess_threshold, rejuvenation=rejuvenation, step_args=step_args,

@@ -286,13 +286,16 @@ def _run_sequence(keys, model, args, args_T, cons: list, n: int, scheme, thresho
     compiled step is the local extension (:func:`_seq_step_sharded`) and
     ``comm.step_resample`` makes the global decision and moves only the carry rows; the
     ancestors are global rows, composed once at the end (``comm.descent``), and the
-    kept arrays cross processes once (``comm.take_rows_each``)."""
+    kept arrays cross processes once (``comm.take_rows_each``). The decisions (and the
+    sync-free steps' overflow flags) are read once, after the last step; after an
+    overflow the run is redone with ``comm.fallback()`` (the exact path) from the same
+    keys."""
     from genmlx.combinators._sequence import STEP_INDEX, StepIndexUsed, holds_step_index
 
     T = len(cons)
     carry_l, carry_td = tree_flatten(model._init_carry(args))
     lw = mx.zeros((n,), dtype=mx.float32)
-    recs, idxs, esss, dos, axes = [], [], [], [], []
+    recs, idxs, esss, dos, axes, ovfs = [], [], [], [], [], []
     shared = compile and not _INDEX_DEPENDENT.get(_model_key(model), False)
     thr = float(threshold)
     flat_cons = [tree_flatten(c) for c in cons]
@@ -364,20 +367,29 @@ def _run_sequence(keys, model, args, args_T, cons: list, n: int, scheme, thresho
             else:
                 nl, ntd = tree_flatten(c_out)
                 out = ((rtd, rl), ntd, nl, lw_w, mx.stack([mx.logsumexp(lw_w), mx.logsumexp(2 * lw_w)]))
+        ovf = None
         if comm is None:
             (rec_td, rec_l), carry_td, carry_l, lw, idx, ess, do = out
         else:  # the global ESS test and resampling: the carry rows alone move
             (rec_td, rec_l), carry_td, carry_l, lw, stats = out
-            carry_l, idx, lw, ess, do = comm.step_resample(k_res, lw, stats, carry_l, scheme, thr)
+            carry_l, idx, lw, ess, do, ovf = comm.step_resample(k_res, lw, stats, carry_l, scheme, thr)
+            if ovf is not None:
+                ovfs.append(ovf)
         # scheduled, not waited for: the host queues step t + 1 while the device runs step t
-        # (sharded: the next step's decision is the one host sync)
-        mx.async_eval(rec_l, carry_l, lw, ess, do, [] if idx is None else idx)
+        # (sharded, exact path: the step's decision is read on the host)
+        mx.async_eval(rec_l, carry_l, lw, ess, do, [] if idx is None else idx,
+                      [] if ovf is None else ovf)
         recs.append((rec_td, rec_l))
         idxs.append(idx)
         esss.append(ess)
         dos.append(do)
         axes.append(caxes)
-    flags = [bool(f) for f in mx.stack(dos).tolist()]
+    head = mx.stack(dos + ovfs).tolist()  # the run's one read of the decisions
+    if any(head[T:]):  # a sync-free step's windows overflowed: redo the run on the exact
+        # path from the same keys (the same draws, so the result an exact run gives)
+        return _run_sequence(keys, model, args, args_T, cons, n, scheme, threshold, compile, progress,
+                             comm.fallback())
+    flags = [bool(f) for f in head[:T]]
     ess_hist = tuple(float(e) for e in mx.stack(esss).tolist())
     if comm is None:
         Ds = _descent(idxs, flags)
@@ -766,6 +778,10 @@ def run_smc(key: mx.array, model: GenerativeFunction, args: tuple, observations,
     global ESS test and resampling; ``idx`` holds the global source rows of this
     process's slots), ``take_rows(leaves, idx)`` and ``compose(nxt, c)`` (their
     cross-process versions of row gathers) and ``gather(lw)`` (the global log-weights).
+    The fused path (``gm.Unfold``/``gm.Scan`` models) also uses ``step_resample(key, lw,
+    stats, carry_leaves, scheme, threshold) -> (leaves, idx, lw, ess, did, overflow)``,
+    ``descent``, ``take_rows_each`` and ``fallback()`` (see
+    :class:`~genmlx.inference.sharded.Shards`).
     """
     if not 0.0 <= ess_threshold <= 1.0:
         raise ValueError(f"smc: ess_threshold must lie in [0, 1], got {ess_threshold!r}")

@@ -14,9 +14,14 @@ coherent (each particle's score equals the log joint of its own path).
 
 The fused sharded SMC path (``Shards.step_resample`` / ``descent`` / ``take_rows_each``):
 on a group of one process it draws exactly what ``smc`` draws (every scheme); on two
-processes every time step makes ONE collective without a resampling and at most two
-with one (counted by wrapping ``mx.distributed``'s collectives), the cross-process row
-gathers equal the gather-everything reference, and the rebuilt paths are coherent.
+processes the sync-free systematic step makes two collectives every time step, the exact
+path and the other schemes ONE without a resampling and at most two with one (counted by
+wrapping ``mx.distributed``'s collectives), the cross-process row gathers equal the
+gather-everything reference, and the rebuilt paths are coherent. The sync-free step
+equals the exact path bit for bit (several seeds, forced small windows), tiny windows
+overflow into a rerun on the exact path, and its time loop makes no host read (counted
+by wrapping the array-to-host conversions); on R = 2, 3, 4 virtual processes its windows
+give R.systematic's ancestors and the overflow flag is exact.
 """
 
 from __future__ import annotations
@@ -203,7 +208,8 @@ for i, k in enumerate(mx.random.split(mx.random.key(5), 40)):
 res["smc_logz"] = lzs
 res["smc_coherent"] = coherent
 
-# the fused path: collectives per step (the compiled step itself has none)
+# the fused path: collectives per step (the compiled step itself has none), counted with
+# compilation off (a compiled function calls the Python collectives only while tracing)
 from genmlx.inference.sharded import Shards
 calls = {"n": 0}
 real = {k: getattr(mx.distributed, k) for k in ("all_gather", "all_sum")}
@@ -214,28 +220,109 @@ per_step, step_real = [], Shards.step_resample
 def counted(self, *a, **k):
     c0 = calls["n"]
     out = step_real(self, *a, **k)
-    per_step.append([out[1] is not None, calls["n"] - c0])
+    per_step.append(calls["n"] - c0)
     return out
 
 Shards.step_resample = counted
 counts = {}
-for scheme in ("systematic", "stratified", "residual"):
+mx.disable_compile()
+for scheme, sync_free in (("systematic", True), ("systematic", False), ("stratified", True),
+                          ("residual", True)):
+    Shards.sync_free = sync_free
     calls["n"], per_step[:] = 0, []
     out = sharded_smc(mx.random.key(8), model, args, obs, 200, progress=False, resampling=scheme,
                       ess_threshold=0.8)
-    counts[scheme] = {"steps": [list(p) for p in per_step], "total": calls["n"]}
+    name = scheme if sync_free else "systematic_exact"
+    counts[name] = {"steps": list(per_step), "total": calls["n"]}
     xs = np.stack([np.array(out.traces[(t, "x")]) for t in range(T)], 1)
     prev = np.concatenate([np.zeros((xs.shape[0], 1)), xs[:, :-1]], 1)
     lp = (-0.5 * ((xs - A * prev) / Q) ** 2 - math.log(Q) - 0.5 * ((np.array(YS) - xs) / RR) ** 2
           - math.log(RR) - math.log(2 * math.pi)).sum(1)
-    counts[scheme]["coherent"] = bool(np.allclose(lp, np.array(out.traces.score), atol=1e-3, rtol=1e-4))
-    # the paths: the rebuilt final particles' states are the gathered per-step states along
-    # the composed global ancestors (reference: everything gathered)
-    counts[scheme]["resampled"] = list(out.resampled)
+    counts[name]["coherent"] = bool(np.allclose(lp, np.array(out.traces.score), atol=1e-3, rtol=1e-4))
+    counts[name]["resampled"] = list(out.resampled)
+mx.enable_compile()
+Shards.sync_free = True
 Shards.step_resample = step_real
 for name, f in real.items():
     setattr(mx.distributed, name, f)
 res["fused_counts"] = counts
+
+# the sync-free systematic step against the exact one (host-sized segments): identical
+# particles, weights, ESS, flags, ancestors and log Ẑ; tiny windows overflow and the run
+# is redone on the exact path; no host read between the first and the last step
+import genmlx.inference.sharded as SH
+from genmlx.inference import smc as SMC
+
+def run_summary(key, thr, n=128):
+    out = sharded_smc(key, model, args, obs, n, progress=False, ess_threshold=thr)
+    return {"glw": np.array(out.global_log_weights).tolist(), "ess": list(out.ess_history),
+            "flags": list(out.resampled), "anc": [np.array(sh.gather(a)).tolist() for a in out.ancestors],
+            "lz": float(out.log_marginal_likelihood), "score": np.array(out.traces.score).tolist(),
+            "xs": [np.array(out.traces[(t, "x")]).tolist() for t in range(T)]}
+
+reads = {"n": 0}
+read_names = ("tolist", "item", "__bool__", "__int__", "__float__", "__index__")
+real_reads = {k: getattr(mx.array, k) for k in read_names}
+real_np = (np.array, np.asarray, mx.eval, mx.synchronize)
+
+def count_reads(on):
+    def wrap(f):
+        def g(*a, **k):
+            reads["n"] += 1
+            return f(*a, **k)
+        return g
+    for k, f in real_reads.items():
+        setattr(mx.array, k, wrap(f) if on else f)
+    np.array, np.asarray = (wrap(real_np[0]), wrap(real_np[1])) if on else real_np[:2]
+    mx.eval, mx.synchronize = (wrap(real_np[2]), wrap(real_np[3])) if on else real_np[2:]
+
+marks = []
+
+def marked(self, *a, **k):
+    marks.append(reads["n"])
+    out = step_real(self, *a, **k)
+    marks.append(reads["n"])
+    return out
+
+def loop_reads(key, thr):
+    """Host reads from the first step's resampling to the last's (the time loop)."""
+    marks[:] = []
+    Shards.step_resample = marked
+    count_reads(True)
+    try:
+        sharded_smc(key, model, args, obs, 128, progress=False, ess_threshold=thr)
+    finally:
+        count_reads(False)
+        Shards.step_resample = step_real
+    return marks[-1] - marks[0]
+
+sf = {"same": [], "fallbacks": [], "flags": [], "reads": [], "exact_reads": 0}
+default_width = SH.window_width
+for seed, thr, W in ((0, 0.5, None), (1, 0.5, None), (2, 1.0, None), (3, 0.5, 16), (0, 0.5, 2), (2, 1.0, 1)):
+    SH.window_width = default_width if W is None else (lambda m, W=W: W)
+    f0 = Shards.fallbacks
+    a = run_summary(mx.random.key(seed), thr)
+    sf["fallbacks"].append(Shards.fallbacks - f0)
+    Shards.sync_free = False
+    b = run_summary(mx.random.key(seed), thr)
+    Shards.sync_free = True
+    sf["same"].append([k for k in a if a[k] != b[k]])
+    sf["flags"].append(a["flags"])
+    # the windows carried particles across ranks (not every ancestor in its own block)
+    sf.setdefault("crossed", []).append(any(
+        any(v // 64 != i // 64 for i, v in enumerate(anc)) for anc in a["anc"]))
+    if W is None or W == 16:
+        sf["reads"].append(loop_reads(mx.random.key(seed), thr))
+SH.window_width = default_width
+Shards.sync_free = False
+sf["exact_reads"] = loop_reads(mx.random.key(1), 0.5)
+Shards.sync_free = True
+# the collectives between the two compiled halves: the same draws
+SH.COMPILE_COLLECTIVES = False
+a = run_summary(mx.random.key(1), 0.5)
+SH.COMPILE_COLLECTIVES = True
+sf["split_same"] = a == run_summary(mx.random.key(1), 0.5)
+res["sync_free"] = sf
 
 # take_rows_each and descent against the gather-everything reference
 leaves = [mx.random.normal((m_loc, 2), key=mx.random.key(30 + rank)),
@@ -390,18 +477,56 @@ def test_smc_rejuvenation_and_callback_see_local_resolved_particles(two_ranks):
 
 
 def test_fused_smc_one_collective_per_step(two_ranks):
-    """Per step: ONE collective without a resampling (the weight summary, or the
-    log-weights for other schemes), at most two with one (plus the carry rows); the end
-    of the run: the ancestors, the kept arrays' bounds and rows, the log-weights."""
+    """Per step: systematic (sync-free) TWO collectives whether or not it resamples (the
+    weight summary; the packed windows); the exact systematic path and other schemes ONE
+    without a resampling (the summary or the log-weights), at most two with one (plus
+    the carry rows); the end of the run: the ancestors, the kept arrays' bounds and rows,
+    the log-weights."""
     for r in two_ranks:
         for scheme, c in r["fused_counts"].items():
-            steps = c["steps"]
-            assert len(steps) == len(YS), scheme
-            assert [did for did, _ in steps] == c["resampled"] and any(c["resampled"]), scheme
-            assert all(k == 1 for did, k in steps if not did), (scheme, steps)
-            assert all(1 <= k <= 2 for did, k in steps if did), (scheme, steps)
-            assert c["total"] - sum(k for _, k in steps) <= 3, (scheme, c["total"])
+            steps, did = c["steps"], c["resampled"]
+            assert len(steps) == len(YS) and any(did), (scheme, did)
+            if scheme == "systematic":
+                assert all(k == 2 for k in steps), steps
+            else:
+                assert all(k == 1 for d, k in zip(did, steps) if not d), (scheme, steps)
+                assert all(1 <= k <= 2 for d, k in zip(did, steps) if d), (scheme, steps)
+            assert c["total"] - sum(steps) <= 3, (scheme, c["total"])
             assert c["coherent"], scheme
+
+
+def test_sync_free_step_equals_exact_path(two_ranks):
+    """The sync-free systematic step (fixed windows, decision on the device) gives the
+    exact path's particles, log-weights, ESS history, flags, ancestors and log Ẑ bit for
+    bit, for several seeds, runs where the ESS test does not fire at some steps, windows
+    that carry particles across ranks, and both compiled layouts (collectives inside
+    the compiled function or between two compiled halves)."""
+    for r in two_ranks:
+        sf = r["sync_free"]
+        assert all(diff == [] for diff in sf["same"]), sf["same"]
+        assert any(not all(f) and any(f) for f in sf["flags"])
+        assert sf["fallbacks"][:4] == [0, 0, 0, 0]  # default and 16-slot windows: no overflow
+        assert sf["crossed"][3]  # 16-slot windows (of 64-particle blocks) carried particles
+        assert sf["split_same"]
+
+
+def test_sync_free_overflow_falls_back_to_exact_path(two_ranks):
+    """Windows of 1–2 slots overflow: the run is redone on the exact path from the same key
+    (one fallback per run), with the exact path's result."""
+    for r in two_ranks:
+        sf = r["sync_free"]
+        assert sf["fallbacks"][4:] == [1, 1]
+        assert sf["same"][4:] == [[], []]
+
+
+def test_sync_free_loop_makes_no_host_read(two_ranks):
+    """No host read (tolist/item/bool/int/float/index of an array, np.array/asarray,
+    mx.eval, mx.synchronize) from the first step's resampling to the last's; the exact
+    path reads every step (the count works)."""
+    for r in two_ranks:
+        sf = r["sync_free"]
+        assert sf["reads"] == [0, 0, 0, 0], sf["reads"]
+        assert sf["exact_reads"] >= len(YS) - 1
 
 
 def test_fused_row_moves_equal_full_gather(two_ranks):
@@ -587,6 +712,59 @@ def test_local_systematic_counts_equal_systematic_on_all_weights(R):
             assert abs(ess - float(RS.effective_sample_size(glw))) <= 1e-4 * ess
             assert all(bool(o[1]) for o in outs)
             assert mx.allclose(outs[1][2], mx.broadcast_to(RS.log_mean_exp(glw), (m,)), atol=1e-5)
+
+
+@pytest.mark.parametrize("R", [2, 3, 4])
+def test_sync_free_windows_on_virtual_processes(R):
+    """_sync_free_search / _sync_free_assemble on R virtual processes (the packed gather
+    replaced by concatenation): where no segment passes its W-slot windows the blocks hold
+    R.systematic's ancestors on the concatenated weights and the carry rows they name;
+    ``overflow`` is set exactly when some slot lies outside the windows (then the exact
+    path redoes the run); without a resampling the identity."""
+    from genmlx.inference import resampling as RS
+    from genmlx.inference.sharded import _sync_free_assemble, _sync_free_search
+
+    m = 24
+    n = R * m
+    seen = set()
+    for case in range(4):
+        k = mx.random.key(100 * R + case)
+        lws = [mx.random.normal((m,), key=kk) * (0.5 + 2 * case) for kk in mx.random.split(k, R)]
+        if case == 3:  # nearly all the mass in the last process: long segment
+            lws = [lw + (4.0 if r == R - 1 else -4.0) for r, lw in enumerate(lws)]
+        stats = mx.stack([mx.stack([mx.logsumexp(lw), mx.logsumexp(2 * lw)]) for lw in lws])
+        xs = [mx.random.normal((m, 2), key=mx.random.key(7 * r + case)) for r in range(R)]
+        k_res = mx.random.key(500 + case)
+        glw = mx.concatenate(lws)
+        ref = RS.systematic(k_res, glw, n)
+        for W in (1, 3, 8, m):
+            for thr in (1.0, 0.0):
+                pay = [(None, R, r, thr, False, W) for r in range(R)]
+                outs = [_sync_free_search(pay[r], k_res, lws[r], stats, [xs[r]]) for r in range(R)]
+                Nb = np.array(outs[0][3])
+                got = [mx.concatenate([o[6][i] for o in outs]) for i in range(2)]
+                blocks = [_sync_free_assemble(pay[r], o[1], o[3], o[5], [xs[r]], got)
+                          for r, o in enumerate(outs)]
+                idx = mx.concatenate([b[1] for b in blocks])
+                moved = mx.concatenate([b[0][0] for b in blocks])
+                ovf = [bool(o[4]) for o in outs]
+                assert len(set(ovf)) == 1
+                if thr == 0.0:  # no resampling: the identity
+                    assert not ovf[0] and mx.array_equal(idx, mx.arange(n))
+                    assert mx.array_equal(moved, mx.concatenate(xs))
+                    continue
+                # ground truth: a slot whose owner is another process, outside its window
+                owner = np.searchsorted(Nb, np.arange(n), side="right") - 1
+                j = np.arange(n)
+                blk = j // m
+                out_hi = (owner < blk) & (j - (owner + 1) * m >= W)
+                out_lo = (owner > blk) & (j < owner * m - W)
+                assert ovf[0] == bool(np.any(out_hi | out_lo)), (case, W)
+                seen.add(ovf[0])
+                if not ovf[0]:
+                    assert mx.array_equal(idx, ref), (case, W)
+                    assert mx.array_equal(moved, mx.concatenate(xs)[ref])
+    assert seen == {True, False}
 
 
 class _FakeGroup:

@@ -366,6 +366,53 @@ def test_gpu_sharded_segments_by_kernel_equal_generic():
 
 
 @needs_gpu
+def test_gpu_sync_free_windows_by_kernel_equal_generic():
+    """The sharded sync-free step's fixed slot runs [r·m − W, (r+1)·m + W) (first < 0 for
+    r = 0, past n for the last process): the search kernel gives the generic counting
+    path's ancestors on every slot of the process's segment (same CDF values), and the
+    compiled step on R virtual processes (fused: the scan and search kernels) assembles
+    the blocks the exact path (SegmentPlan, fused) assembles."""
+    from genmlx.inference.sharded import SegmentPlan, _sync_free_assemble, _sync_free_search, _systematic_local
+
+    if B.active_backend() != "cuda":
+        pytest.skip("the search kernel is CUDA only (Metal takes the generic path)")
+    for R_, m, W0 in ((2, 1000, 64), (3, 40_001, 4096), (4, 7, 3)):
+        n = R_ * m
+        for case in range(3):
+            k = mx.random.key(100 * R_ + case)
+            lws = [mx.random.normal((m,), key=kk) * (0.3 + 0.5 * case) for kk in mx.random.split(k, R_)]
+            W = W0
+            if case == 2:
+                lws[0] = mx.full((m,), -mx.inf)  # a process without mass: an empty segment
+                W = m  # (its block filled from its neighbours' windows)
+            stats = mx.stack([mx.stack([mx.logsumexp(lw), mx.logsumexp(2 * lw)]) for lw in lws])
+            key = mx.random.key(7 + case)
+            xs = [mx.random.normal((m, 2), key=mx.random.key(3 * r + case)) for r in range(R_)]
+            segs, outs = [], []
+            for r, lw in enumerate(lws):
+                gen = _systematic_local((R_, r, 1.0, False), key, lw, stats)
+                Nb = [int(v) for v in np.array(gen[3])]
+                got = R.window_ancestors(gen[4], gen[5], r * m - W, m + 2 * W, n, fused=True)
+                want = R.window_ancestors(gen[4], gen[5], r * m - W, m + 2 * W, n, fused=False)
+                lo, hi = Nb[r] - (r * m - W), Nb[r + 1] - (r * m - W)
+                lo, hi = max(lo, 0), min(hi, m + 2 * W)
+                assert mx.array_equal(got[lo:hi], want[lo:hi]).item(), (R_, m, case, r)
+                pay = (None, R_, r, 1.0, True, W)
+                outs.append(mx.compile(lambda k_, l_, s_, x_, pay=pay: _sync_free_search(pay, k_, l_, s_, [x_]))(
+                    key, lw, stats, xs[r]))
+                segs.append(SegmentPlan(Nb, m).segment(
+                    *_systematic_local((R_, r, 1.0, True), key, lw, stats)[4:6], r, True))
+            gathered = [mx.concatenate([o[6][i] for o in outs]) for i in range(2)]
+            blocks = [_sync_free_assemble((None, R_, r, 1.0, True, W), o[1], o[3], o[5], [xs[r]], gathered)
+                      for r, o in enumerate(outs)]
+            if bool(outs[0][4]):  # overflow: the exact path redoes the run
+                continue
+            ref = mx.concatenate(segs)  # the segments tile the global slots in order
+            assert mx.array_equal(mx.concatenate([b[1] for b in blocks]), ref).item(), (R_, m, case)
+            assert mx.array_equal(mx.concatenate([b[0][0] for b in blocks]), mx.concatenate(xs)[ref]).item()
+
+
+@needs_gpu
 def test_gpu_kernels_under_compile_and_vmap():
     xs = mx.array(np.random.default_rng(5).standard_normal((3, 500)).astype(np.float32))
     lse, ess = mx.compile(K.weight_summary)(xs)
