@@ -337,12 +337,19 @@ def main() -> None:
                          "one host read per step) beside the default sync-free one")
     ap.add_argument("--vs-smc", action="store_true",
                     help="one process: time smc() against the sharded path on a group of one")
+    ap.add_argument("--split-collectives", action="store_true",
+                    help="run the sync-free step's collectives between two compiled halves "
+                         "(sharded.COMPILE_COLLECTIVES = False) instead of inside one compiled step")
     ap.add_argument("--out", default=None, help="JSON file for this run's results (rank 0 writes)")
     ap.add_argument("--compare", nargs="+", default=None, metavar="JSON",
                     help="no run: compare result files of 1 and N processes")
     ap.add_argument("--append-results", action="store_true", help="with --compare: append to RESULTS.md")
     ap.add_argument("--note", default="")
     a = ap.parse_args()
+    if a.split_collectives:
+        import genmlx.inference.sharded as _sharded
+
+        _sharded.COMPILE_COLLECTIVES = False
     if a.compare:
         compare(a.compare, a.append_results, a.note)
         return
