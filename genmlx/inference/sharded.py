@@ -333,13 +333,18 @@ class Shards:
         """All-gather of several arrays (each with the same shape in every process) in
         ONE collective: 4-byte-or-narrower dtypes are packed into one uint32 buffer (bit
         views); wider dtypes (64-bit) are gathered on their own. A buffer whose gathered
-        length would pass MLX's 32-bit axis limit is split into several collectives.
+        length would pass MLX's 32-bit axis limit is split into several collectives; an
+        array longer than that limit by itself is gathered alone in its own shape (e.g. the
+        [K, m] ancestor blocks of a long run: [R·K, m]).
         Returns each array's concatenation over processes along axis 0."""
         out: list = [None] * len(arrays)
         groups, size, cap = [[]], 0, MAX_DIM // self.size
         for i, x in enumerate(arrays):
             if x.dtype in _WIDE:
                 out[i] = self.gather(x)
+                continue
+            if x.size > cap:  # too long to flatten: gathered on its own, in its own shape
+                out[i] = _from_u32(self.gather(_to_u32(x)), x.dtype)
                 continue
             if groups[-1] and size + x.size > cap:
                 groups.append([])
