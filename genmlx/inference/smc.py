@@ -72,6 +72,7 @@ from genmlx.inference._util import (
     vpropose,
 )
 from genmlx.inference.kernels import as_kernel_output
+from genmlx.kernels import paths as paths_kernel
 from genmlx.inference.particles import WeightedParticles
 
 
@@ -512,21 +513,26 @@ def _rebuild_columns(model, args, recs, Ds, cons, axes, carry_td, n: int, take_e
             or any(getattr(o[p], "shape", None) != getattr(obs[0][p], "shape", None)
                    for o in obs for p in ob_paths):
         return None
-    if isinstance(Ds, _Descent):
-        D = Ds.block(n)  # [T, n]
-    else:
-        ar = mx.arange(n, dtype=mx.int32)
-        D = _rows_block([ar if d is None else d for d in Ds])
     J = len(recs[0][1])
+    kept = [[ls[j] for _, ls in recs] for j in range(J)]  # per kind: T arrays [n, …]
     cols = []
     if take_each is not None:  # rows across processes (per-particle observations excluded)
         if any(a is not None for a in axes[0]):
             return None
         got = take_each([ls[j] for _, ls in recs for j in range(J)], [d for d in Ds for _ in range(J)])
         cols = [mx.stack(got[j::J]) for j in range(J)]
-    for j in range(J if take_each is None else 0):
-        block = _rows_block([ls[j] for _, ls in recs])  # [T, n, …]
-        cols.append(mx.take_along_axis(block, D.reshape(D.shape + (1,) * (block.ndim - 2)), axis=1))
+    elif isinstance(Ds, _Descent) and paths_kernel.usable(Ds.idxs, kept):
+        # GPU: the descent and every kind's gather in ONE kernel (no T-input concatenations)
+        D, cols = paths_kernel.ancestral_paths(Ds.idxs, kept)
+    else:
+        if isinstance(Ds, _Descent):
+            D = Ds.block(n)  # [T, n]
+        else:
+            ar = mx.arange(n, dtype=mx.int32)
+            D = _rows_block([ar if d is None else d for d in Ds])
+        for col in kept:
+            block = _rows_block(col)  # [T, n, …]
+            cols.append(mx.take_along_axis(block, D.reshape(D.shape + (1,) * (block.ndim - 2)), axis=1))
     cm_cols, carry_cols = tree_unflatten(td0, cols)
     choices = list(cm_cols.leaves())
     carry_cols = [choices[c][1] if isinstance(c, int) else c for c in carry_cols]
