@@ -458,7 +458,12 @@ def _end_graph(monkeypatch, doubling, T_=20, n=50):
 
     S = importlib.import_module("genmlx.inference.smc")
     block, rebuild, seen = S._Descent.block, S._rebuild_columns, {}
-    monkeypatch.setattr(S._Descent, "block", lambda self, n, doubling=doubling: block(self, n, doubling))
+    if doubling == "kernel":  # the ancestral-paths kernel (CUDA)
+        if S.paths_kernel.usable([mx.zeros((2,), mx.int32)], [[mx.zeros((2,))]]) is None:
+            pytest.skip("the ancestral-paths kernel runs on a CUDA device only")
+    else:
+        monkeypatch.setattr(S.paths_kernel, "usable", lambda *a: None)
+        monkeypatch.setattr(S._Descent, "block", lambda self, n, doubling=doubling: block(self, n, doubling))
 
     def counted(*a, **k):
         out = rebuild(*a, **k)
@@ -472,22 +477,26 @@ def _end_graph(monkeypatch, doubling, T_=20, n=50):
     return seen["graph"], res
 
 
-@pytest.mark.parametrize("doubling", [False, True])
+@pytest.mark.parametrize("doubling", [False, True, "kernel"])
 def test_end_of_run_graph_is_bounded(monkeypatch, doubling):
     """Kernels of the end of a fused run at T = 20 with 20 resamplings. The chain
     (CPU): 19 ``take``s compose the ancestors, then one concatenation each for the
     descent block, the kept states and the replay's incoming carries, one gather, the
-    fused replay and the score's sum: ≤ T + 6. Doubling (GPU): the ancestor vectors
-    concatenated once and ⌈log₂ T⌉ = 5 ``take_along_axis`` rounds instead of the
-    chain: ≤ 12. Copies counted as a GPU runs them (a concatenation of m arrays is m
-    copy kernels): ≤ 3T + 5, resp. ≤ 2T + 12. The result is already evaluated and
-    flattens to a few arrays (no per-step leaves: the steps are columns)."""
+    fused replay and the score's sum: ≤ T + 6. Doubling (GPU without the paths
+    kernel): the ancestor vectors concatenated once and ⌈log₂ T⌉ = 5
+    ``take_along_axis`` rounds instead of the chain: ≤ 12. The ancestral-paths kernel
+    (CUDA): it, the carries' concatenation, the replay and the sum: ≤ 6. Copies
+    counted as a GPU runs them (a concatenation of m arrays is m copy kernels): ≤ 3T +
+    5, resp. ≤ 2T + 12, resp. ≤ 7. The result is already evaluated and flattens to a
+    few arrays (no per-step leaves: the steps are columns)."""
     from benchmarks.graph_ops import count_graph
 
     T_ = 20
     g, res = _end_graph(monkeypatch, doubling, T_)
     concat = g.by_name.get("Concatenate", 0)
-    if doubling:
+    if doubling == "kernel":
+        assert g.launches <= 6 and concat <= 1 and g.by_name.get("Gather", 0) == 0, g.by_name
+    elif doubling:
         assert g.launches <= 12 and g.by_name.get("Gather", 0) == 0, g.by_name
     else:
         assert g.launches <= T_ + 6 and g.by_name.get("Gather", 0) == T_ - 1, g.by_name
@@ -508,7 +517,13 @@ def test_end_of_run_copies_as_a_gpu_counts_them(monkeypatch):
     from benchmarks import graph_ops as G
 
     T_ = 20
-    for doubling, bound in ((False, 3 * T_ + 5), (True, 2 * T_ + 12)):
+    cases = [(False, 3 * T_ + 5), (True, 2 * T_ + 12)]
+    import importlib
+
+    if importlib.import_module("genmlx.inference.smc").paths_kernel.usable(
+            [mx.zeros((2,), mx.int32)], [[mx.zeros((2,))]]) is not None:
+        cases.append(("kernel", 7))
+    for doubling, bound in cases:
         seen = {}
         orig = G.count_graph
 
