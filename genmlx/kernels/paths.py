@@ -11,10 +11,12 @@ here takes the T·(J + 1) arrays as its inputs and writes D [T, n] and the J pat
 D_t[i] of every x_t. The code is generated per (T, row types, row sizes): the steps are
 unrolled, so each input is named in straight-line code.
 
-:func:`ancestral_paths` dispatches: the kernel on a CUDA device (``GENMLX_KERNELS``, see
-``_backend``) for at most :data:`MAX_INPUTS` arrays (the kernel parameters are one
-pointer each), otherwise :func:`ancestral_paths_generic`, the MLX-ops reference. Integer
-compositions and copies: both give the same values bit for bit.
+:func:`ancestral_paths` dispatches: the kernel on a CUDA device for at most
+:data:`MAX_INPUTS` arrays (the kernel parameters are one pointer each), otherwise
+:func:`ancestral_paths_generic`, the MLX-ops reference. Integer compositions and copies:
+both give the same values bit for bit. Not yet run on a GPU (its source compiles with
+nvcc, ``cuda_check``), the kernel is opt-in like the Metal twins: ``GENMLX_KERNELS=1``
+(or ``_backend.override("1")``); ``tests/kernels/test_kernels.py`` checks it on a GPU.
 """
 
 from __future__ import annotations
@@ -97,7 +99,7 @@ def _kind(x: mx.array) -> tuple | None:
 
 def usable(idxs: list, xs: list) -> str | None:
     """The backend to run the kernel on, or None (the generic path applies)."""
-    backend = B.active_backend()
+    backend = B.active_backend() if B.mode() == "1" else None  # opt-in (module docstring)
     if backend != "cuda" or not idxs or any(i is None or i.dtype != mx.int32 or i.ndim != 1 for i in idxs):
         return None
     T, n = len(idxs), idxs[0].shape[0]

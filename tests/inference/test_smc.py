@@ -458,7 +458,10 @@ def _end_graph(monkeypatch, doubling, T_=20, n=50):
 
     S = importlib.import_module("genmlx.inference.smc")
     block, rebuild, seen = S._Descent.block, S._rebuild_columns, {}
-    if doubling == "kernel":  # the ancestral-paths kernel (CUDA)
+    if doubling == "kernel":  # the ancestral-paths kernel (CUDA, opt-in)
+        from genmlx.kernels import _backend as B
+
+        monkeypatch.setattr(B, "_override", "1")
         if S.paths_kernel.usable([mx.zeros((2,), mx.int32)], [[mx.zeros((2,))]]) is None:
             pytest.skip("the ancestral-paths kernel runs on a CUDA device only")
     else:
@@ -520,9 +523,12 @@ def test_end_of_run_copies_as_a_gpu_counts_them(monkeypatch):
     cases = [(False, 3 * T_ + 5), (True, 2 * T_ + 12)]
     import importlib
 
-    if importlib.import_module("genmlx.inference.smc").paths_kernel.usable(
-            [mx.zeros((2,), mx.int32)], [[mx.zeros((2,))]]) is not None:
-        cases.append(("kernel", 7))
+    from genmlx.kernels import _backend as B
+
+    with B.override("1"):
+        if importlib.import_module("genmlx.inference.smc").paths_kernel.usable(
+                [mx.zeros((2,), mx.int32)], [[mx.zeros((2,))]]) is not None:
+            cases.append(("kernel", 7))
     for doubling, bound in cases:
         seen = {}
         orig = G.count_graph

@@ -458,9 +458,12 @@ def test_ancestral_paths_reference():
                 assert p.dtype == col[t].dtype
                 assert np.array_equal(np.asarray(p[t]), np.asarray(col[t])[r])
     idxs, xs = _paths_case(KP.MAX_INPUTS, 3, 0)
-    assert KP.usable(idxs, xs[:1]) is None
+    with B.override("1"):
+        assert KP.usable(idxs, xs[:1]) is None
+    assert KP.usable(*_paths_case(3, 3, 0)) is None or B.mode() == "1"  # opt-in
     if B.active_backend() != "cuda":
-        assert KP.usable(*_paths_case(3, 3, 0)) is None
+        with B.override("1"):
+            assert KP.usable(*_paths_case(3, 3, 0)) is None
 
 
 @needs_gpu
@@ -472,8 +475,9 @@ def test_gpu_ancestral_paths_equal_reference(T, n):
     if B.active_backend() != "cuda":
         pytest.skip("the ancestral-paths kernel is CUDA only (Metal takes the generic path)")
     idxs, xs = _paths_case(T, n, 7 * T + n)
-    assert KP.usable(idxs, xs) == "cuda"
-    D, ps = KP.ancestral_paths(idxs, xs)
+    with B.override("1"):  # opt-in (genmlx.kernels.paths)
+        assert KP.usable(idxs, xs) == "cuda"
+        D, ps = KP.ancestral_paths(idxs, xs)
     D0, ps0 = KP.ancestral_paths_generic(idxs, xs)
     assert D.dtype == mx.int32 and mx.array_equal(D, D0).item()
     for p, p0 in zip(ps, ps0):
@@ -505,7 +509,9 @@ def test_gpu_smc_end_by_kernel_equals_generic(monkeypatch):
     monkeypatch.setattr(KP, "ancestral_paths", lambda *a: used.append(1) or real(*a))
 
     def run():
-        return S_.smc(mx.random.key(3), gm.Unfold(step), (T_, mx.array(0.0), 0.9), obs, n, progress=False)
+        with B.override("1"):  # the paths kernel is opt-in (genmlx.kernels.paths)
+            return S_.smc(mx.random.key(3), gm.Unfold(step), (T_, mx.array(0.0), 0.9), obs, n,
+                          progress=False)
 
     a = run()
     assert used
