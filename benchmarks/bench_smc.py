@@ -9,7 +9,7 @@ same filter keeping its paths (per-step states and ancestor indices, paths rebui
 at the end: what genmlx returns, O(n·T)), and reports log Ẑ against the exact Kalman
 value. Every run evaluates everything it returns (genmlx: the full particle traces).
 ``--graph`` prints the primitives per time step of the compiled steps (genmlx vs
-hand-written; see ``benchmarks/graph_ops.py``).
+hand-written; see ``benchmarks/graph_ops.py``) and those of genmlx's end of run.
 
     .venv/bin/python benchmarks/bench_smc.py [--n 10000] [--T 100] [--repeats 3] [--graph] [--append-results]
 """
@@ -137,6 +137,44 @@ def step_graphs(n: int = 1000):
     return rows
 
 
+def end_graph(model, args, obs, n: int) -> list:
+    """The graph smc's end of run leaves for its final evaluation (descent, gathers of
+    the kept arrays, the replay, the score), captured at ``_rebuild_columns``' return:
+    [launches, launches with every concatenation input counted as the copy kernel a
+    GPU runs for it, views, by kind]. A second run (compiled step warm)."""
+    import importlib
+    import re
+
+    from benchmarks import graph_ops as G
+
+    S = importlib.import_module("genmlx.inference.smc")
+    orig, seen = S._rebuild_columns, {}
+
+    def counted(*a, **k):
+        out = orig(*a, **k)
+        if out is not None:
+            outs = [out[1], out[2]]
+            g = G.count_graph(outs)
+            text = G._dot([x for x in outs[1] + [outs[0]] if isinstance(x, mx.array)])
+            labels = dict(G._NODE.findall(text))
+            ins: dict = {}
+            for x, y in re.findall(r'^"?([^"\s]+)"? -> "?([^"\s]+)"?$', text, flags=re.M):
+                if y in labels:
+                    ins[y] = ins.get(y, 0) + 1
+            copies = sum(ins.get(k_, 1) - 1 for k_, v in labels.items() if v.startswith("Concatenate"))
+            seen["row"] = [g.launches, g.launches + copies, g.view,
+                           ", ".join(f"{k_} {v}" for k_, v in sorted(g.by_name.items()))]
+        return out
+
+    S._rebuild_columns = counted
+    try:
+        for r in range(2):
+            smc(mx.random.key(7 + r), model, args, obs, n, progress=False)
+    finally:
+        S._rebuild_columns = orig
+    return seen["row"]
+
+
 def phases(model, args, obs, n: int, repeats: int = 5) -> dict:
     """Where a genmlx run's wall time goes (median ms): the per-step loop up to the host's
     read of the resampling flags, the rest of ``smc`` (ancestry, the trace rebuild and
@@ -225,6 +263,11 @@ def main():
     body = (f"Linear-Gaussian SSM, T = {T}, n = {n}, bootstrap proposal, systematic resampling at "
             f"ESS < n/2; exact (Kalman) log Z = {exact:.2f}; median of {a.repeats} runs.\n\n"
             + markdown_table(["method", "time / run", "particle-steps / s", "log Ẑ (last run)"], rows))
+    if a.graph:
+        body += "\n\n" + markdown_table(
+            ["genmlx end of run (graph left for smc's final evaluation)", "launches",
+             "launches, concatenation inputs as copies (GPU)", "views", "by kind"],
+            [[f"T = {T}, n = {n}", *end_graph(model, args, obs, n)]])
     if a.phases:
         ph = phases(model, args, obs, n)
         body += ("\n\ngenmlx run by phase (median ms): per-step loop to the flags read "

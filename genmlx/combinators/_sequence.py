@@ -13,6 +13,7 @@ per-update cost does not grow with T.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
@@ -27,15 +28,133 @@ from genmlx.core.errors import MissingChoiceError, UnvisitedConstraintError
 from genmlx.core.gfi import GenerativeFunction
 from genmlx.core.handlers import project_subtrace
 from genmlx.core.indexing import row
+from genmlx.core.pytree import tree_unflatten
 from genmlx.core.selection import Selection, select_none
 from genmlx.core.trace import Trace
+
+
+class StackedSteps(Sequence):
+    """The step sub-traces of a sequence trace held as stacked columns: the steps
+    ``h..h+k−1`` share one structure ``td`` and each distinct leaf of theirs is ONE
+    array with a step axis of length k after the batch axes (``[n, k, …]`` for n
+    particles; ``[k, …]`` for one trace, e.g. under ``vmap`` or after ``unbatch``);
+    steps ``0..h−1`` (``head``) are ordinary sub-traces. A step is built (its leaves
+    as views of the columns) when it is read, and kept; a sequence trace holding one
+    flattens to the columns (:meth:`SequenceTrace._tree_flatten`), so taking rows,
+    gathering particles or evaluating the trace never builds the k step sub-traces.
+
+    ``StepsLayout`` (static): (h, k, td, leaf → column map, per column the number of
+    axes after the step axis). ``src`` (optional, as SMC builds it): each column's
+    step-major source ``[k·n, …]`` with n rows per step, whose contiguous slices are
+    the steps' leaves."""
+
+    __slots__ = ("head", "cols", "layout", "_src", "_subs")
+
+    def __init__(self, head: tuple, cols: list, layout: "StepsLayout", src: tuple | None = None):
+        self.head = tuple(head)
+        self.cols = list(cols)
+        self.layout = layout
+        self._src = src  # (n, [k·n, …] sources) or None
+        self._subs: dict = {}
+
+    @classmethod
+    def from_rows(cls, head: tuple, leaves: list, td, k: int, n: int) -> "StackedSteps":
+        """Steps from the leaves ``[k·n, …]`` of one (stripped) sub-trace of k·n rows
+        (rows t·n..(t+1)·n: step h+t of n particles); a leaf that appears twice in the
+        tree (e.g. a return value that is a choice) is one column."""
+        pos, srcs, lmap = {}, [], []
+        for x in leaves:
+            j = pos.get(id(x))
+            if j is None:
+                j = pos[id(x)] = len(srcs)
+                srcs.append(x)
+            lmap.append(j)
+        cols = [mx.swapaxes(x.reshape((k, n) + x.shape[1:]), 0, 1) for x in srcs]
+        layout = StepsLayout(len(head), k, td, tuple(lmap), tuple(x.ndim - 1 for x in srcs))
+        return cls(head, cols, layout, (n, srcs))
+
+    def __len__(self) -> int:
+        return self.layout.h + self.layout.k
+
+    def _col_step(self, j: int, s: int):
+        """Leaf column j at stacked step s (a view)."""
+        if self._src is not None:
+            n, srcs = self._src
+            return srcs[j][s * n:(s + 1) * n]
+        col = self.cols[j]
+        ax = col.ndim - 1 - self.layout.trail[j]
+        return col[(slice(None),) * ax + (s,)]
+
+    def _build(self, s: int, cols: list):
+        """Stacked step s from its columns' views ``cols`` (kept)."""
+        sub = self._subs[s] = tree_unflatten(self.layout.td, [cols[j] for j in self.layout.lmap])
+        return sub
+
+    def stacked(self):
+        """One sub-trace of the stacked steps' structure whose every leaf is the whole
+        column (step axis after the batch axes): e.g. its ``retval`` is the step return
+        values stacked along the step axis."""
+        return tree_unflatten(self.layout.td, [self.cols[j] for j in self.layout.lmap])
+
+    def _all(self) -> None:
+        """Build every stacked step at once: one Split node per column."""
+        lay = self.layout
+        if len(self._subs) == lay.k:
+            return
+        parts = []
+        for j, col in enumerate(self.cols):
+            if self._src is not None:
+                parts.append(mx.split(self._src[1][j], lay.k, axis=0))
+            else:
+                ax = col.ndim - 1 - lay.trail[j]
+                parts.append([p.squeeze(ax) for p in mx.split(col, lay.k, axis=ax)])
+        for s in range(lay.k):
+            if s not in self._subs:
+                self._build(s, [p[s] for p in parts])
+
+    def __getitem__(self, t):
+        if isinstance(t, slice):
+            ts = range(*t.indices(len(self)))
+            if sum(1 for u in ts if u >= self.layout.h) > 1:
+                self._all()
+            return tuple(self[u] for u in ts)
+        t = range(len(self))[t]  # negative indices; IndexError past the end
+        h = self.layout.h
+        if t < h:
+            return self.head[t]
+        s = t - h
+        sub = self._subs.get(s)
+        if sub is None:
+            sub = self._build(s, [self._col_step(j, s) for j in range(len(self.cols))])
+        return sub
+
+    def __iter__(self):
+        self._all()
+        return iter(self[:])
+
+    def __repr__(self) -> str:
+        return (f"StackedSteps(head={len(self.head)}, k={self.layout.k}, "
+                f"cols={[tuple(getattr(c, 'shape', ())) for c in self.cols]})")
+
+
+@dataclass(frozen=True)
+class StepsLayout:
+    """Static part of :class:`StackedSteps` (hashable: a treedef component)."""
+
+    h: int
+    k: int
+    td: Any
+    lmap: tuple
+    trail: tuple
 
 
 @dataclass(frozen=True, eq=False)
 class SequenceTrace(Trace):
     """Trace of Unfold/Scan: ``steps[t]`` is the kernel's sub-trace of step t (its
     arguments dropped; rebuilt from the previous step's carry), ``score_`` the sum of
-    the step scores. Choices of step t sit at ``(t, …)``."""
+    the step scores. Choices of step t sit at ``(t, …)``. ``steps`` is a tuple, or a
+    :class:`StackedSteps` (columns over the steps; SMC returns those), which reads the
+    same (``len``, indexing, slicing, iteration) but flattens to its columns."""
 
     gen_fn: Any
     args: tuple
@@ -45,6 +164,11 @@ class SequenceTrace(Trace):
 
     @property
     def retval(self):
+        s = self.steps
+        if isinstance(s, StackedSteps) and not s.head and self.score_.ndim <= 1:
+            r = self.gen_fn._stacked_retval(self.args, s, self.score_.ndim > 0)
+            if r is not None:
+                return r
         # particle axes (batched, or nested in a batched trace) lead: stack after them
         return self.gen_fn._retval_of(self.args, [s.retval for s in self.steps], self.score_.ndim > 0)
 
@@ -64,6 +188,12 @@ class SequenceTrace(Trace):
     def __len__(self) -> int:
         return len(self.steps)
 
+    def _canonical(self) -> "SequenceTrace":
+        """Steps as a tuple of sub-traces (the layout of every other sequence trace)."""
+        if isinstance(self.steps, StackedSteps):
+            return replace(self, steps=tuple(self.steps))
+        return self
+
     def step_scores(self) -> list:
         """log p of each step's choices given the incoming carry."""
         return [s.score for s in self.steps]
@@ -80,12 +210,20 @@ class SequenceTrace(Trace):
         return sub[rest if len(rest) > 1 else rest[0]]
 
     def _tree_flatten(self):
-        return [self.args, self.score_, *self.steps], (self.gen_fn, len(self.steps), self.batch_size)
+        s = self.steps
+        if isinstance(s, StackedSteps):
+            return [self.args, self.score_, *s.head, *s.cols], (self.gen_fn, s.layout, self.batch_size)
+        return [self.args, self.score_, *s], (self.gen_fn, len(s), self.batch_size)
 
     @classmethod
     def _tree_unflatten(cls, aux, children):
-        gen_fn, _, batch_size = aux
-        return cls(gen_fn, children[0], tuple(children[2:]), children[1], batch_size)
+        gen_fn, shape, batch_size = aux
+        if isinstance(shape, StepsLayout):
+            h = shape.h
+            steps = StackedSteps(children[2:2 + h], children[2 + h:], shape)
+        else:
+            steps = tuple(children[2:])
+        return cls(gen_fn, children[0], steps, children[1], batch_size)
 
 
 @dataclass(frozen=True)
@@ -273,6 +411,11 @@ class SequenceGF(GenerativeFunction):
 
     def _init_carry(self, args):
         return self._parse(args)[1]
+
+    def _stacked_retval(self, args, steps: StackedSteps, batched: bool):
+        """The return value from stacked steps (no step sub-traces built), or None:
+        build the steps and use :meth:`_retval_of`."""
+        return None
 
     def _step_args(self, args, t, carry):
         """The kernel's argument tuple at step t."""
@@ -650,5 +793,5 @@ def changed_everywhere(_t) -> bool:
     return True
 
 
-__all__ = ["SequenceGF", "SequenceTrace", "ArgChanges", "stack_leading", "fold_in", "STEP_INDEX",
-           "StepIndexUsed", "holds_step_index"]
+__all__ = ["SequenceGF", "SequenceTrace", "StackedSteps", "StepsLayout", "ArgChanges",
+           "stack_leading", "fold_in", "STEP_INDEX", "StepIndexUsed", "holds_step_index"]

@@ -81,6 +81,10 @@ class Unfold(SequenceGF):
             return tree_map(lambda x: mx.zeros((0, *x.shape), x.dtype), args[1])
         return stack_leading(step_retvals, batched)
 
+    def _stacked_retval(self, args, steps, batched):
+        # the step states stacked along the step axis: the columns themselves
+        return steps.stacked().retval if len(steps) else None
+
     def _arg_changes(self, old_args, new_args, argdiffs):
         if len(new_args) != len(old_args):
             raise ValueError(f"{self.name}: update cannot change the number of parameters")

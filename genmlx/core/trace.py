@@ -38,6 +38,12 @@ class Trace:
     def get_choices(self) -> ChoiceMap:
         return self.choices
 
+    def _canonical(self) -> "Trace":
+        """The same trace in the layout every trace of its structure can take (a
+        sequence trace from SMC holds its steps as columns, see
+        ``genmlx.combinators._sequence.StackedSteps``); ``self`` for most traces."""
+        return self
+
     def get_score(self):
         return self.score
 
@@ -70,3 +76,16 @@ class StoredTrace(Trace):
     @property
     def score(self):
         return self.score_
+
+
+def same_structure(traces: list, flat) -> list:
+    """``[flat(t) for t in traces]`` (``flat(t) -> (leaves, treedef)``); where the
+    structures differ, again with every trace in its canonical layout
+    (:meth:`Trace._canonical`): e.g. a sequence trace returned by SMC and one returned
+    by an update read alike but flatten differently until then."""
+    flats = [flat(t) for t in traces]
+    if any(td != flats[0][1] for _, td in flats[1:]):
+        canon = [t._canonical() for t in traces]
+        if any(c is not t for c, t in zip(canon, traces)):
+            flats = [flat(t) for t in canon]
+    return flats

@@ -22,7 +22,7 @@ from genmlx.core.errors import ConstraintShapeError
 from genmlx.core.handlers import BatchNoise, batch_noise_scope, planned_noise
 from genmlx.core.pytree import tree_flatten, tree_unflatten
 from genmlx.core.selection import Selection
-from genmlx.core.trace import Trace
+from genmlx.core.trace import Trace, same_structure
 from genmlx.core.validation import tracing, under_transformation, vmap_level
 
 
@@ -313,7 +313,7 @@ def unbatch(trace: Trace, i: int) -> Trace:
 
 def stack_traces(traces: list[Trace]) -> Trace:
     """Stack single traces of identical structure into one batched trace."""
-    flats = [_flat_trace(t) for t in traces]
+    flats = same_structure(traces, _flat_trace)
     td = flats[0][1]
     leaves = [mx.stack(xs) for xs in zip(*(f[0] for f in flats))]
     return _dress(tree_unflatten(td, leaves), traces[0].args, len(traces))

@@ -25,7 +25,7 @@ from genmlx.core.selection import (
     Selection,
     Union,
 )
-from genmlx.core.trace import Trace
+from genmlx.core.trace import Trace, same_structure
 
 
 # -- batched traces ---------------------------------------------------------------
@@ -97,7 +97,7 @@ def gather_rows_each(leaves: list, rows: list) -> list:
 
 def concat_particles(traces: list[Trace]) -> Trace:
     """Concatenate batched traces of one structure along the particle axis."""
-    flats = [flatten_particles(t) for t in traces]
+    flats = same_structure(traces, flatten_particles)
     td = flats[0][1]
     for _, other in flats[1:]:
         if other != td:
@@ -114,8 +114,8 @@ def where_trace(mask: mx.array, a: Trace, b: Trace) -> Trace:
     """Per particle (``mask`` [n]) or whole-trace (scalar ``mask``) choice of ``a`` where
     ``mask`` else ``b``. Both traces must have the same structure; the result keeps
     ``a``'s (shared) arguments."""
-    la, tda = tree_flatten(replace(a, args=None, batch_size=None))
-    lb, tdb = tree_flatten(replace(b, args=None, batch_size=None))
+    (la, tda), (lb, tdb) = same_structure(
+        [a, b], lambda t: tree_flatten(replace(t, args=None, batch_size=None)))
     if tda != tdb:
         raise ValueError(
             "the proposed trace has a different structure (addresses or static values) "
@@ -127,8 +127,8 @@ def where_trace(mask: mx.array, a: Trace, b: Trace) -> Trace:
 
 def set_particle(tr: Trace, i: int, single: Trace) -> Trace:
     """A copy of batched ``tr`` whose particle ``i`` is the unbatched trace ``single``."""
-    leaves, td = flatten_particles(tr)
-    sl, std = tree_flatten(replace(single, args=None, batch_size=None))
+    (leaves, td), (sl, std) = same_structure(
+        [tr, single], lambda t: tree_flatten(replace(t, args=None, batch_size=None)))
     if std != td:
         raise ValueError("set_particle: the trace's structure differs from the batch's")
     out = []

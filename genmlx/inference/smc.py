@@ -32,7 +32,9 @@ carry — extension and weight, ESS, the resampling decision (``mx.where``, no h
 round trip) and the ancestors' carry — traced once for all t; each step keeps only its
 new choices, its carry and the ancestor indices, and the full traces (ancestral paths,
 scores) are rebuilt once at the end: the work and the kernel launches per step are
-those of a hand-written filter that keeps its paths.
+those of a hand-written filter that keeps its paths. The returned sequence trace holds
+its steps as columns over the steps (``StackedSteps``; a step's sub-trace is built when
+read), so the end of the run builds no per-step objects.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from typing import Callable
 import mlx.core as mx
 from tqdm.auto import tqdm
 
-from genmlx.combinators._sequence import SequenceGF
+from genmlx.combinators._sequence import SequenceGF, StackedSteps
 from genmlx.combinators._sequence import SequenceTrace as SequenceTraceT
 from genmlx.core.choicemap import ChoiceMap
 from genmlx.core.diff import IntDiff, NoChange
@@ -70,6 +72,7 @@ from genmlx.inference._util import (
     vpropose,
 )
 from genmlx.inference.kernels import as_kernel_output
+from genmlx.kernels import paths as paths_kernel
 from genmlx.inference.particles import WeightedParticles
 
 
@@ -384,13 +387,15 @@ def _run_sequence(keys, model, args, args_T, cons: list, n: int, scheme, thresho
         esss.append(ess)
         dos.append(do)
         axes.append(caxes)
-    head = mx.stack(dos + ovfs).tolist()  # the run's one read of the decisions
+    # the run's one read of the decisions (and overflow flags), one by one: evaluated
+    # scalars, host reads (stacking them would be a copy kernel per step on a GPU)
+    head = [bool(f.item()) for f in dos + ovfs]
     if any(head[T:]):  # a sync-free step's windows overflowed: redo the run on the exact
         # path from the same keys (the same draws, so the result an exact run gives)
         return _run_sequence(keys, model, args, args_T, cons, n, scheme, threshold, compile, progress,
                              comm.fallback())
-    flags = [bool(f) for f in head[:T]]
-    ess_hist = tuple(float(e) for e in mx.stack(esss).tolist())
+    flags = head[:T]
+    ess_hist = tuple(float(e.item()) for e in esss)
     if comm is None:
         Ds = _descent(idxs, flags)
     else:  # the final log-weights travel with the ancestors (one collective)
@@ -404,8 +409,9 @@ def _run_sequence(keys, model, args, args_T, cons: list, n: int, scheme, thresho
         mx.eval(lw, score, [tree_flatten(s)[0] for s in steps])
     else:
         steps, score, blocks = built
-        mx.eval(lw, score, blocks)  # the per-step views of the blocks stay lazy (free)
-    traces = SequenceTraceT(model, args_T, tuple(steps), score, n)
+        mx.eval(lw, score, blocks)  # the steps' own views are built only when read
+    traces = SequenceTraceT(model, args_T, steps if isinstance(steps, StackedSteps) else tuple(steps),
+                            score, n)
     ancestors = tuple(i for i, f in zip(idxs, flags) if f)
     if comm is None:
         glw = lw
@@ -422,27 +428,78 @@ def _model_key(model):
         return id(model)
 
 
-def _descent(idxs: list, flags: list) -> list:
+def _descent(idxs: list, flags: list) -> "_Descent":
     """Rows of each step's (pre-resampling) arrays that the final particles descend
     from: D_{T−1} = idx_{T−1}, D_t = idx_t[D_{t+1}], identity factors (no resampling)
-    skipped; None where all are identity."""
-    D, Ds = None, [None] * len(idxs)
-    for t in reversed(range(len(idxs))):
-        if flags[t]:
-            D = idxs[t] if D is None else mx.take(idxs[t], D, axis=0)
-        Ds[t] = D
-    return Ds
+    skipped; None where all are identity. A list-like :class:`_Descent`, built when
+    read; its :meth:`_Descent.block` gives all of them as one [T, n] array instead."""
+    return _Descent(idxs, flags)
+
+
+class _Descent:
+    """The descent rows D_t of :func:`_descent`: as a list (``Ds[t]``, iteration; the
+    chain of ``take``s, built on first read) or as ONE block [T, n] (:meth:`block`)."""
+
+    def __init__(self, idxs: list, flags: list):
+        self.idxs, self.flags = idxs, flags
+        self._rows = None
+
+    def rows(self) -> list:
+        if self._rows is None:
+            D, Ds = None, [None] * len(self.idxs)
+            for t in reversed(range(len(self.idxs))):
+                if self.flags[t]:
+                    D = self.idxs[t] if D is None else mx.take(self.idxs[t], D, axis=0)
+                Ds[t] = D
+            self._rows = Ds
+        return self._rows
+
+    def __getitem__(self, t):
+        return self.rows()[t]
+
+    def __iter__(self):
+        return iter(self.rows())
+
+    def __len__(self) -> int:
+        return len(self.idxs)
+
+    def block(self, n: int, doubling: bool | None = None) -> mx.array:
+        """[T, n]: row t is D_t (the identity where None). On a GPU, by doubling: the T
+        ancestor vectors (the identity where no resampling) stacked once, then
+        ⌈log₂ T⌉ rounds G_t ← G_t[G_{t+2^r}] of ONE ``take_along_axis`` each, over
+        rows padded with identity rows (a round's last 2^r rows need no partner): about
+        T + ⌈log₂ T⌉ kernels instead of a gather per resampling plus a copy per step.
+        On the CPU (where the doubling's extra row work costs more than the kernels it
+        saves) the chain of :meth:`rows`, stacked (``doubling`` forces either). Integer
+        compositions: the same rows either way."""
+        T = len(self.idxs)
+        if doubling is None:
+            doubling = mx.default_device().type == mx.DeviceType.gpu
+        if not doubling or T < 2 or any(i is None for i in self.idxs) or not any(self.flags) \
+                or (2 * T) * n > indexing.MAX_DIM:
+            ar = mx.arange(n, dtype=mx.int32)
+            return _rows_block([ar if d is None else d for d in self.rows()])
+        R = (T - 1).bit_length()  # rounds: 2^R ≥ T
+        pad = mx.broadcast_to(mx.arange(n, dtype=mx.int32), ((1 << R) - 1, n))
+        G = mx.concatenate([i[None] for i in self.idxs] + [pad], axis=0)
+        L = G.shape[0]
+        for r in range(R):
+            off = 1 << r
+            L -= off
+            G = mx.take_along_axis(G[:L], G[off:off + L], axis=1)
+        return G[:T]
 
 
 def _rebuild_columns(model, args, recs, Ds, cons, axes, carry_td, n: int, take_each=None):
     """:func:`_rebuild` when every step has one structure (the shared compiled step):
     each kept array is stacked over the steps into a block [T, n, …] and gathered by ONE
-    ``take_along_axis`` with the stacked D_t; the steps are replayed as ONE vmapped call
-    on T·n rows (the kernel given :data:`STEP_INDEX`; step 0 apart when its initial
-    carry has another structure) and split per step. Returns (steps, total score,
-    arrays to evaluate) or None (the general path applies). ``take_each`` (sharded
-    particles: ``comm.take_rows_each``) gathers the kept arrays of every step by its
-    global rows D_t instead."""
+    ``take_along_axis`` with the stacked D_t (:meth:`_Descent.block`); the steps are
+    replayed as ONE vmapped call on T·n rows (the kernel given :data:`STEP_INDEX`; step
+    0 apart when its initial carry has another structure) and kept as columns
+    (:class:`StackedSteps`: a step's sub-trace is built when it is read). Returns
+    (steps, total score, arrays to evaluate) or None (the general path applies).
+    ``take_each`` (sharded particles: ``comm.take_rows_each``) gathers the kept arrays
+    of every step by its global rows D_t instead."""
     from genmlx.combinators._sequence import STEP_INDEX, holds_step_index, same_leaves
 
     T = len(recs)
@@ -456,24 +513,32 @@ def _rebuild_columns(model, args, recs, Ds, cons, axes, carry_td, n: int, take_e
             or any(getattr(o[p], "shape", None) != getattr(obs[0][p], "shape", None)
                    for o in obs for p in ob_paths):
         return None
-    ar = mx.arange(n, dtype=mx.int32)
-    D = _rows_block([ar if d is None else d for d in Ds])  # [T, n]
     J = len(recs[0][1])
+    kept = [[ls[j] for _, ls in recs] for j in range(J)]  # per kind: T arrays [n, …]
     cols = []
     if take_each is not None:  # rows across processes (per-particle observations excluded)
         if any(a is not None for a in axes[0]):
             return None
         got = take_each([ls[j] for _, ls in recs for j in range(J)], [d for d in Ds for _ in range(J)])
         cols = [mx.stack(got[j::J]) for j in range(J)]
-    for j in range(J if take_each is None else 0):
-        block = _rows_block([ls[j] for _, ls in recs])  # [T, n, …]
-        cols.append(mx.take_along_axis(block, D.reshape(D.shape + (1,) * (block.ndim - 2)), axis=1))
+    elif isinstance(Ds, _Descent) and paths_kernel.usable(Ds.idxs, kept):
+        # GPU: the descent and every kind's gather in ONE kernel (no T-input concatenations)
+        D, cols = paths_kernel.ancestral_paths(Ds.idxs, kept)
+    else:
+        if isinstance(Ds, _Descent):
+            D = Ds.block(n)  # [T, n]
+        else:
+            ar = mx.arange(n, dtype=mx.int32)
+            D = _rows_block([ar if d is None else d for d in Ds])
+        for col in kept:
+            block = _rows_block(col)  # [T, n, …]
+            cols.append(mx.take_along_axis(block, D.reshape(D.shape + (1,) * (block.ndim - 2)), axis=1))
     cm_cols, carry_cols = tree_unflatten(td0, cols)
     choices = list(cm_cols.leaves())
     carry_cols = [choices[c][1] if isinstance(c, int) else c for c in carry_cols]
     ob_cols = []
     for j, p in enumerate(ob_paths):
-        vals = mx.stack([o[p] if isinstance(o[p], mx.array) else mx.array(o[p]) for o in obs])
+        vals = _stack_values([o[p] for o in obs])
         if axes[0][j] is None:  # shared by all particles
             vals = mx.broadcast_to(vals[:, None], (T, n) + vals.shape[1:])
         else:  # one per particle slot: follows the ancestry like the choices
@@ -516,34 +581,38 @@ def _rebuild_columns(model, args, recs, Ds, cons, axes, carry_td, n: int, take_e
             return None
     except Exception:  # noqa: BLE001 - e.g. the kernel reads t while replaying: general path
         return None
-    steps = _split_steps(leaves, td, k)
     score = mx.sum(sub.score.reshape(k, n), axis=0)
+    head = ()
     if not with0:
         cm0 = ChoiceMap.empty()
         for p, v in choices + list(zip(ob_paths, ob_cols)):
             cm0 = cm0.set_submap(p, ChoiceMap.leaf(v[0]))
         sub0, _ = model.vextend(mx.random.key(0), model._kernel_inputs(args, 0, 0),
                                 model._init_carry(args), False, cm0, tuple(0 for _ in cm0.leaves()), n)
-        steps, score = [sub0] + steps, sub0.score + score
-        leaves = leaves + tree_flatten(sub0)[0]
-    return steps, score, leaves
+        head, score = (sub0,), sub0.score + score
+    # the replayed steps stay columns [n, k, …] (a step's leaves are views, built when
+    # read): no k sub-traces to build, and the trace flattens to a few arrays
+    steps = StackedSteps.from_rows(head, leaves, td, k, n)
+    return steps, score, leaves + steps.cols + [x for h in head for x in tree_flatten(h)[0]]
+
+
+def _stack_values(vals: list) -> mx.array:
+    """``mx.stack`` of per-step observation values. Scalars of one type (0-d arrays of
+    one dtype, as a choice map stores numbers, or Python numbers) are read on the host
+    and made ONE array, with the same values: not a T-input concatenation (on a GPU a
+    copy kernel per input)."""
+    if all(isinstance(v, mx.array) and v.ndim == 0 for v in vals):
+        dtype = vals[0].dtype
+        if all(v.dtype == dtype for v in vals):
+            return mx.array([v.item() for v in vals], dtype=dtype)
+    elif len({type(v) for v in vals}) == 1 and type(vals[0]) in (float, int, bool):
+        return mx.array(vals)
+    return mx.stack([v if isinstance(v, mx.array) else mx.array(v) for v in vals])
 
 
 def _rows_block(xs: list) -> mx.array:
     """``mx.stack(xs)`` of T arrays [n, …] as one concatenation (no per-array view nodes)."""
     return mx.concatenate(xs, axis=0).reshape((len(xs),) + xs[0].shape)
-
-
-def _split_steps(leaves: list, td, k: int) -> list:
-    """k sub-traces from leaves of k·n rows (rows t·n..(t+1)·n): one Split node per
-    distinct leaf (a leaf that appears twice in the tree, e.g. a return value that is a
-    choice, is split once and its views shared)."""
-    parts: dict = {}
-    for x in leaves:
-        if id(x) not in parts:
-            parts[id(x)] = mx.split(x, k, axis=0)
-    cols = [parts[id(x)] for x in leaves]
-    return [tree_unflatten(td, list(row)) for row in zip(*cols)]
 
 
 def _replay(payload, inputs, carry, cm):

@@ -22,6 +22,7 @@ _STANDIN = r"""
 #include <cuda/std/limits>
 #include <cstdint>
 #include <cooperative_groups.h>
+#include <cuda_fp16.h>
 namespace mlx::core::cu {
 using Shape = cuda::std::array<int32_t, 10>;
 using Strides = cuda::std::array<int64_t, 10>;
@@ -30,7 +31,8 @@ using namespace mlx::core::cu;
 #define inf cuda::std::numeric_limits<float>::infinity()
 """
 
-_CTYPE = {"float32": "float", "int32": "int32_t", "uint32": "uint32_t"}
+_CTYPE = {"float32": "float", "int32": "int32_t", "uint32": "uint32_t", "float16": "__half",
+          "bool": "bool"}
 
 
 def render(name: str, inputs: list[tuple[str, str, int]], outputs: list[tuple[str, str]],
@@ -61,10 +63,19 @@ def translation_unit(parts: dict[str, tuple[str, str]]) -> str:
 
 def kernels() -> dict[str, tuple[str, str]]:
     """Every CUDA kernel of the package, rendered."""
+    from genmlx.kernels import paths as KP
     from genmlx.kernels import resample as KR
     from genmlx.kernels import weights as KW
 
+    T, kinds, dts = 3, ((4, 1), (4, 2), (2, 3), (1, 1)), ("float32", "int32", "float16", "bool")
+    p_in, p_out = KP.names(T, len(kinds))
+    paths = render(KP.kernel_name(T, kinds),
+                   [(nm, "int32", 1) for nm in p_in[:T]]
+                   + [(nm, dts[int(nm[1:].split("_")[0])], 1) for nm in p_in[T:]],
+                   [("D", "int32")] + [(nm, dts[j]) for j, nm in enumerate(p_out[1:])],
+                   KP._source(T, kinds))
     return {
+        "ancestral_paths": paths,
         "weight_summary": render("genmlx_weight_summary", [("lw", "float32", 2)],
                                  [("lse", "float32"), ("ess", "float32")], KW._CUDA, KW._HEADER),
         "weight_partial": render("genmlx_weight_partial", [("lw", "float32", 2)],

@@ -8,6 +8,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from genmlx.combinators import SequenceTrace
+from genmlx.combinators._sequence import StackedSteps
 from genmlx.harness.zoo.ssm import kalman_filter
 from genmlx.inference import conditional_smc, mh, particle_gibbs, smc
 
@@ -444,3 +446,232 @@ def test_smc_past_the_axis_limit_replays_step_by_step(monkeypatch):
     for t in range(T):
         assert mx.array_equal(a.traces[(t, "x")], b.traces[(t, "x")])
     assert mx.allclose(a.traces.score, b.traces.score, atol=1e-5)
+
+
+# -- the end of the fused run: descent, one gather, one replay, steps kept as columns --------
+def _end_graph(monkeypatch, doubling, T_=20, n=50):
+    """The lazy graph left for smc's final evaluation (descent, gathers, replay) of the
+    SSM run with resampling at every step (T_ − 1 ancestor compositions), and the run."""
+    import importlib
+
+    from benchmarks.graph_ops import count_graph
+
+    S = importlib.import_module("genmlx.inference.smc")
+    block, rebuild, seen = S._Descent.block, S._rebuild_columns, {}
+    if doubling == "kernel":  # the ancestral-paths kernel (CUDA, opt-in)
+        from genmlx.kernels import _backend as B
+
+        monkeypatch.setattr(B, "_override", "1")
+        if S.paths_kernel.usable([mx.zeros((2,), mx.int32)], [[mx.zeros((2,))]]) is None:
+            pytest.skip("the ancestral-paths kernel runs on a CUDA device only")
+    else:
+        monkeypatch.setattr(S.paths_kernel, "usable", lambda *a: None)
+        monkeypatch.setattr(S._Descent, "block", lambda self, n, doubling=doubling: block(self, n, doubling))
+
+    def counted(*a, **k):
+        out = rebuild(*a, **k)
+        seen["graph"] = count_graph([out[1], out[2]])
+        return out
+
+    monkeypatch.setattr(S, "_rebuild_columns", counted)
+    obs = gm.choicemap({(t, "y"): 0.1 * t for t in range(T_)})
+    res = smc(mx.random.key(21), ssm, (T_, mx.array(0.0), A, Q, R_), obs, n, ess_threshold=1.0,
+              progress=False)
+    return seen["graph"], res
+
+
+@pytest.mark.parametrize("doubling", [False, True, "kernel"])
+def test_end_of_run_graph_is_bounded(monkeypatch, doubling):
+    """Kernels of the end of a fused run at T = 20 with 20 resamplings. The chain
+    (CPU): 19 ``take``s compose the ancestors, then one concatenation each for the
+    descent block, the kept states and the replay's incoming carries, one gather, the
+    fused replay and the score's sum: ≤ T + 6. Doubling (GPU without the paths
+    kernel): the ancestor vectors concatenated once and ⌈log₂ T⌉ = 5
+    ``take_along_axis`` rounds instead of the chain: ≤ 12. The ancestral-paths kernel
+    (CUDA): it, the carries' concatenation, the replay and the sum: ≤ 6. Copies
+    counted as a GPU runs them (a concatenation of m arrays is m copy kernels): ≤ 3T +
+    5, resp. ≤ 2T + 12, resp. ≤ 7. The result is already evaluated and flattens to a
+    few arrays (no per-step leaves: the steps are columns)."""
+    from benchmarks.graph_ops import count_graph
+
+    T_ = 20
+    g, res = _end_graph(monkeypatch, doubling, T_)
+    concat = g.by_name.get("Concatenate", 0)
+    if doubling == "kernel":
+        assert g.launches <= 6 and concat <= 1 and g.by_name.get("Gather", 0) == 0, g.by_name
+    elif doubling:
+        assert g.launches <= 12 and g.by_name.get("Gather", 0) == 0, g.by_name
+    else:
+        assert g.launches <= T_ + 6 and g.by_name.get("Gather", 0) == T_ - 1, g.by_name
+    assert concat <= 3
+    assert isinstance(res.traces.steps, StackedSteps) and len(res.traces.steps) == T_
+    leaves = gm.core.pytree.tree_flatten(res.traces)[0]
+    assert len(leaves) <= 10
+    final = count_graph([res.log_weights, leaves])
+    assert final.launches == 0 and final.view == 0
+
+
+def test_end_of_run_copies_as_a_gpu_counts_them(monkeypatch):
+    """As above with each concatenation input counted (a GPU copies each input with its
+    own kernel): no T-input stack of flags or ESS, of observations, or of descent rows
+    beyond the one concatenation of the ancestor vectors."""
+    import re
+
+    from benchmarks import graph_ops as G
+
+    T_ = 20
+    cases = [(False, 3 * T_ + 5), (True, 2 * T_ + 12)]
+    import importlib
+
+    from genmlx.kernels import _backend as B
+
+    with B.override("1"):
+        if importlib.import_module("genmlx.inference.smc").paths_kernel.usable(
+                [mx.zeros((2,), mx.int32)], [[mx.zeros((2,))]]) is not None:
+            cases.append(("kernel", 7))
+    for doubling, bound in cases:
+        seen = {}
+        orig = G.count_graph
+
+        def weighted(outputs, seen=seen):
+            g = orig(outputs)
+            leaves = [a for a in gm.core.pytree.tree_flatten(outputs)[0] if isinstance(a, mx.array)]
+            text = G._dot(leaves)
+            labels = dict(G._NODE.findall(text))
+            inputs: dict = {}
+            for a, b in re.findall(r'^"?([^"\s]+)"? -> "?([^"\s]+)"?$', text, flags=re.M):
+                if b in labels:
+                    inputs[b] = inputs.get(b, 0) + 1
+            seen["copies"] = g.launches + sum(inputs.get(k, 1) - 1 for k, v in labels.items()
+                                              if v.startswith("Concatenate"))
+            return g
+
+        monkeypatch.setattr(G, "count_graph", weighted)
+        _end_graph(monkeypatch, doubling, T_)
+        monkeypatch.setattr(G, "count_graph", orig)
+        assert seen["copies"] <= bound, (doubling, seen)
+
+
+def test_descent_block_by_doubling_equals_the_chain():
+    """The descent block [T, n] by doubling (GPU) equals the stacked chain of takes
+    (CPU) exactly, for any pattern of resampled steps and lengths around powers of 2."""
+    from genmlx.inference.smc import _Descent
+
+    rng = np.random.default_rng(0)
+    for T_ in (1, 2, 3, 5, 8, 9, 17, 64, 100):
+        for n in (1, 5, 33):
+            for p in (0.0, 0.3, 1.0):
+                flags = [bool(rng.random() < p) for _ in range(T_)]
+                idxs = [mx.array(rng.integers(0, n, n).astype(np.int32)) if f else mx.arange(n, dtype=mx.int32)
+                        for f in flags]
+                d = _Descent(idxs, flags)
+                a, b = d.block(n, doubling=False), d.block(n, doubling=True)
+                assert a.shape == b.shape == (T_, n) and mx.array_equal(a, b), (T_, n, p)
+                for t in range(T_):
+                    want = np.arange(n) if d[t] is None else np.asarray(d[t])
+                    assert np.array_equal(np.asarray(a[t]), want)
+
+
+def _replayed(tr, args, model=ssm):
+    """Particle 0's trace replayed from its choices (generate with all of them)."""
+    u = gm.unbatch(tr, 0)
+    g, _ = model.generate(mx.random.key(0), args, u.choices)
+    return u, g
+
+
+@pytest.mark.parametrize("x0", [0.0, mx.array(0.0)])
+def test_stacked_steps_equal_a_replay_of_the_choices(x0):
+    """Every step of the columns-held trace (read one by one, all at once, or after
+    unbatching) has the structure and values of the step replayed from its choices:
+    its choices, their scores, the step score and return value."""
+    args = (T, x0, A, Q, R_)
+    res = smc(mx.random.key(22), ssm, args, OBS, 24, ess_threshold=0.8, progress=False)
+    tr = res.traces
+    assert isinstance(tr.steps, StackedSteps)
+    u, g = _replayed(tr, args)
+    flat = gm.core.pytree.tree_flatten
+    for t in range(T):
+        a, ta = flat(u.steps[t])
+        b, tb = flat(g.steps[t])
+        assert ta == tb
+        for x, y in zip(a, b):
+            assert np.allclose(np.asarray(x), np.asarray(y), atol=1e-5)
+    assert float(u.score) == pytest.approx(float(g.score), abs=1e-4)
+    eager = tr._canonical()
+    assert isinstance(eager.steps, tuple) and eager.score is tr.score
+    one_by_one = [flat(tr.steps[t]) for t in range(T)]
+    all_at_once = [flat(s) for s in SequenceTrace(ssm, args, StackedSteps(
+        tr.steps.head, tr.steps.cols, tr.steps.layout), tr.score, 24).steps]
+    for (a, ta), (b, tb), (c, tc) in zip(one_by_one, all_at_once, (flat(s) for s in eager.steps)):
+        assert ta == tb == tc
+        assert all(mx.array_equal(x, y) and mx.array_equal(x, z) for x, y, z in zip(a, b, c))
+    assert mx.array_equal(tr.retval, eager.retval) and tr.retval.shape == (24, T)
+    assert tr.steps[-1] is tr.steps[T - 1] and len(tr.steps[1:4]) == 3
+
+
+def test_stacked_trace_supports_trace_operations():
+    """A columns-held SMC trace works wherever a trace goes: taking particles,
+    unbatching, update (extension by a step) and regenerate, MH rejuvenation (accepts
+    between its layout and the update's), concatenation and stacking with traces of
+    the other layout; every result's score is the log joint of its own choices."""
+    from genmlx.core.diff import IntDiff, NoChange
+    from genmlx.core.vectorize import stack_traces
+    from genmlx.inference._util import concat_particles, take_particles, where_trace
+
+    args = (T, mx.array(0.0), A, Q, R_)
+    res = smc(mx.random.key(23), ssm, args, OBS, 16, ess_threshold=1.0, progress=False)
+    tr = res.traces
+
+    def coherent(x, a=args):
+        for i in range(x.batch_size):
+            lp, _ = ssm.assess(a, gm.unbatch(x, i).choices)
+            assert float(lp) == pytest.approx(float(x.score[i]), abs=1e-4)
+
+    taken = take_particles(tr, mx.array([3, 1, 1, 0]))
+    assert isinstance(taken.steps, StackedSteps)
+    assert mx.array_equal(taken[(2, "x")], tr[(2, "x")][mx.array([3, 1, 1, 0])])
+    coherent(taken)
+    coherent(res.resample(mx.random.key(1), 5))
+    new, _, _, _ = ssm.update(mx.random.key(2), tr, gm.choicemap({(T, "y"): 0.2}),
+                              (T + 1, *args[1:]), (IntDiff(1),) + (NoChange,) * 4)
+    assert len(new.steps) == T + 1
+    coherent(new, (T + 1, *args[1:]))
+    coherent(ssm.regenerate(mx.random.key(3), tr, gm.select((2, "x")))[0])
+    moved = mh(mx.random.key(4), tr, gm.select((T - 1, "x"), (0, "x")))
+    coherent(moved[0] if isinstance(moved, tuple) else moved)
+    eager = tr._canonical()
+    coherent(concat_particles([tr, eager]))
+    coherent(where_trace(mx.arange(16) % 2 == 0, tr, eager))
+    st = stack_traces([gm.unbatch(tr, 2), gm.unbatch(eager, 5)])
+    coherent(st)
+    assert gm.unbatch(tr, 2).retval.shape == (T,)
+    assert tr.get_choices().get_submap(3).get_submap("x").get_value().shape == (16,)
+
+
+def test_scan_model_trace_is_stacked_and_coherent():
+    """gm.Scan models (return value (carry, outputs)) take the same columns."""
+    model = gm.Scan(scan_step)
+    args = (mx.array(0.0), mx.zeros((T,)))
+    res = smc(mx.random.key(24), model, args, OBS, 20, ess_threshold=1.0, progress=False)
+    assert isinstance(res.traces.steps, StackedSteps)
+    carry, ys = res.traces.retval
+    eager = res.traces._canonical()
+    assert mx.array_equal(carry, eager.retval[0]) and mx.array_equal(ys, eager.retval[1])
+    for i in [0, 19]:
+        lp, _ = model.assess(args, gm.unbatch(res.traces, i).choices)
+        assert float(lp) == pytest.approx(float(res.traces.score[i]), abs=1e-4)
+
+
+def test_observation_values_stack_like_mx_stack():
+    """Per-step observation values made one array on the host equal ``mx.stack``."""
+    from genmlx.inference.smc import _stack_values
+
+    cases = [[0.5, -1.25, 3.0], [1, 2, 3], [True, False],
+             [mx.array(0.1), mx.array(-2.5)], [mx.array(1, dtype=mx.int32), mx.array(7, dtype=mx.int32)],
+             [mx.array(0.3, dtype=mx.float16), mx.array(1.7, dtype=mx.float16)],
+             [mx.array(0.1), 0.2], [1, 2.5], [mx.array(0.5), mx.array(1, dtype=mx.int32)],
+             [mx.array([1.0, 2.0]), mx.array([3.0, 4.0])]]
+    for vals in cases:
+        want = mx.stack([v if isinstance(v, mx.array) else mx.array(v) for v in vals])
+        got = _stack_values(vals)
+        assert got.dtype == want.dtype and mx.array_equal(got, want), vals

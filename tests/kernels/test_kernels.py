@@ -426,3 +426,99 @@ def test_gpu_kernels_under_compile_and_vmap():
     one = mx.compile(lambda k, x: R.systematic(k, x, fused=True))(keys[0], xs[0])
     assert one.shape == (500,) and one.dtype == mx.int32
     assert int(mx.max(one)) < 500 and int(mx.min(one)) >= 0
+
+
+# -- ancestral paths: the descent and the per-step gathers in one kernel -----------------
+def _paths_case(T, n, seed):
+    """T ancestor vectors (some the identity: no resampling) and four kinds of per-step
+    arrays (float32 [n], int32 [n, 2], float16 [n, 3], bool [n])."""
+    rng = np.random.default_rng(seed)
+    idxs = [mx.array(rng.integers(0, n, n).astype(np.int32)) if rng.random() < 0.6
+            else mx.arange(n, dtype=mx.int32) for _ in range(T)]
+    xs = [[mx.array(rng.standard_normal(n).astype(np.float32)) for _ in range(T)],
+          [mx.array(rng.integers(-9, 9, (n, 2)).astype(np.int32)) for _ in range(T)],
+          [mx.array(rng.standard_normal((n, 3)).astype(np.float16)) for _ in range(T)],
+          [mx.array(rng.random(n) < 0.5) for _ in range(T)]]
+    return idxs, xs
+
+
+def test_ancestral_paths_reference():
+    """The reference: D_t = a_t[D_{t+1}] (numpy walk) and path_t = x_t[D_t]; the kernel
+    is not used without a CUDA device or past MAX_INPUTS arrays."""
+    from genmlx.kernels import paths as KP
+
+    for T, n in ((1, 4), (5, 9), (12, 1)):
+        idxs, xs = _paths_case(T, n, T + n)
+        D, ps = KP.ancestral_paths_generic(idxs, xs)
+        r = np.arange(n)
+        for t in reversed(range(T)):
+            r = np.asarray(idxs[t])[r]
+            assert np.array_equal(np.asarray(D[t]), r)
+            for col, p in zip(xs, ps):
+                assert p.dtype == col[t].dtype
+                assert np.array_equal(np.asarray(p[t]), np.asarray(col[t])[r])
+    idxs, xs = _paths_case(KP.MAX_INPUTS, 3, 0)
+    with B.override("1"):
+        assert KP.usable(idxs, xs[:1]) is None
+    assert KP.usable(*_paths_case(3, 3, 0)) is None or B.mode() == "1"  # opt-in
+    if B.active_backend() != "cuda":
+        with B.override("1"):
+            assert KP.usable(*_paths_case(3, 3, 0)) is None
+
+
+@needs_gpu
+@pytest.mark.parametrize("T", [1, 2, 7, 100])
+@pytest.mark.parametrize("n", [1, 33, 10_000])
+def test_gpu_ancestral_paths_equal_reference(T, n):
+    from genmlx.kernels import paths as KP
+
+    if B.active_backend() != "cuda":
+        pytest.skip("the ancestral-paths kernel is CUDA only (Metal takes the generic path)")
+    idxs, xs = _paths_case(T, n, 7 * T + n)
+    with B.override("1"):  # opt-in (genmlx.kernels.paths)
+        assert KP.usable(idxs, xs) == "cuda"
+        D, ps = KP.ancestral_paths(idxs, xs)
+    D0, ps0 = KP.ancestral_paths_generic(idxs, xs)
+    assert D.dtype == mx.int32 and mx.array_equal(D, D0).item()
+    for p, p0 in zip(ps, ps0):
+        assert p.dtype == p0.dtype and p.shape == p0.shape and mx.array_equal(p, p0).item()
+
+
+@needs_gpu
+def test_gpu_smc_end_by_kernel_equals_generic(monkeypatch):
+    """SMC's end of run with the paths kernel equals the MLX-ops path bit for bit
+    (particles, weights, every step's leaves)."""
+    import importlib
+
+    import genmlx as gm
+    from genmlx.core.pytree import tree_flatten
+    from genmlx.kernels import paths as KP
+
+    S_ = importlib.import_module("genmlx.inference.smc")
+
+    @gm.gen
+    def step(t, x, a):
+        x = gm.trace("x", gm.normal(a * x, 1.0))
+        gm.trace("y", gm.normal(x, 0.5))
+        return x
+
+    T_, n = 30, 500
+    obs = gm.choicemap({(t, "y"): 0.1 * t for t in range(T_)})
+    used = []
+    real = KP.ancestral_paths
+    monkeypatch.setattr(KP, "ancestral_paths", lambda *a: used.append(1) or real(*a))
+
+    def run():
+        with B.override("1"):  # the paths kernel is opt-in (genmlx.kernels.paths)
+            return S_.smc(mx.random.key(3), gm.Unfold(step), (T_, mx.array(0.0), 0.9), obs, n,
+                          progress=False)
+
+    a = run()
+    assert used
+    monkeypatch.setattr(KP, "usable", lambda *a: None)
+    b = run()
+    assert mx.array_equal(a.log_weights, b.log_weights).item()
+    assert mx.array_equal(a.traces.score, b.traces.score).item()
+    for t in range(T_):
+        for x, y in zip(tree_flatten(a.traces.steps[t])[0], tree_flatten(b.traces.steps[t])[0]):
+            assert mx.array_equal(x, y).item()
