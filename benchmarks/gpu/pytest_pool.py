@@ -1,9 +1,11 @@
 """Run test files on the GPU machine one *test* per process, many processes side by side
 (issue 8): a cold machine JIT-compiles every fused kernel (NVRTC, on the host), so a
 heavy file run serially can take longer than a call; spread over the host's cores and
-the GPUs, it finishes. Each worker has its own MLX PTX cache directory (under
-``$MLX_PTX_CACHE_DIR`` when set): MLX's cache is not safe for concurrent writers (a
-process died reading a kernel another was writing). Writes one log per test and a JSON
+the GPUs, it finishes. ``--own-ptx`` gives each worker its own MLX PTX cache directory
+(under ``$MLX_PTX_CACHE_DIR``): MLX's cache is not safe for concurrent writers (a process
+died reading a kernel another was writing), but on a cold machine every worker then
+compiles every kernel itself (session 7: the NUTS tests ran out of time that way), so the
+shared cache is the default. Writes one log per test and a JSON
 summary under --out, and prints per-file counts.
 
     python3 benchmarks/gpu/pytest_pool.py --out $OUT/pool --workers 14 --budget-s 400 FILE...
@@ -33,6 +35,7 @@ def collect(files: list[str]) -> list[str]:
     return ids + [f for f in files if f not in seen]
 
 
+OWN_PTX = False  # --own-ptx
 _SLOT = threading.local()
 _SLOTS = itertools.count()
 
@@ -40,7 +43,7 @@ _SLOTS = itertools.count()
 def _ptx_dir() -> dict:
     """This worker thread's own PTX cache directory (``MLX_PTX_CACHE_DIR``/w<slot>)."""
     base = os.environ.get("MLX_PTX_CACHE_DIR")
-    if not base:
+    if not base or not OWN_PTX:
         return {}
     if not hasattr(_SLOT, "i"):
         _SLOT.i = next(_SLOTS)
@@ -76,7 +79,10 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=8)
     ap.add_argument("--gpus", type=int, default=1, help="number of GPUs to spread the tests over")
     ap.add_argument("--budget-s", type=float, default=400)
+    ap.add_argument("--own-ptx", action="store_true", help="one PTX cache directory per worker")
     a = ap.parse_args()
+    global OWN_PTX
+    OWN_PTX = a.own_ptx
     deadline = time.time() + a.budget_s
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
