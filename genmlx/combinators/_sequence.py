@@ -28,7 +28,7 @@ from genmlx.core.errors import MissingChoiceError, UnvisitedConstraintError
 from genmlx.core.gfi import GenerativeFunction
 from genmlx.core.handlers import project_subtrace
 from genmlx.core.indexing import row
-from genmlx.core.pytree import tree_unflatten
+from genmlx.core.pytree import tree_unflatten, unique_by_identity
 from genmlx.core.selection import Selection, select_none
 from genmlx.core.trace import Trace
 
@@ -62,13 +62,7 @@ class StackedSteps(Sequence):
         """Steps from the leaves ``[k·n, …]`` of one (stripped) sub-trace of k·n rows
         (rows t·n..(t+1)·n: step h+t of n particles); a leaf that appears twice in the
         tree (e.g. a return value that is a choice) is one column."""
-        pos, srcs, lmap = {}, [], []
-        for x in leaves:
-            j = pos.get(id(x))
-            if j is None:
-                j = pos[id(x)] = len(srcs)
-                srcs.append(x)
-            lmap.append(j)
+        srcs, lmap = unique_by_identity(leaves)
         cols = [mx.swapaxes(x.reshape((k, n) + x.shape[1:]), 0, 1) for x in srcs]
         layout = StepsLayout(len(head), k, td, tuple(lmap), tuple(x.ndim - 1 for x in srcs))
         return cls(head, cols, layout, (n, srcs))

@@ -38,6 +38,19 @@ def tree_unflatten(treedef: Any, leaves: list) -> Any:
     return out
 
 
+def unique_by_identity(xs: list) -> tuple[list, list[int]]:
+    """The distinct objects of ``xs`` (by identity, first-seen order) and, for each item,
+    the position of its object among them."""
+    uniq, index, pos = [], [], {}
+    for x in xs:
+        j = pos.get(id(x))
+        if j is None:
+            j = pos[id(x)] = len(uniq)
+            uniq.append(x)
+        index.append(j)
+    return uniq, index
+
+
 def tree_map(fn, obj: Any) -> Any:
     """Apply ``fn`` to every array leaf of ``obj``."""
     leaves, treedef = tree_flatten(obj)

@@ -20,7 +20,7 @@ import mlx.core as mx
 from genmlx.core.choicemap import ChoiceMap
 from genmlx.core.errors import ConstraintShapeError
 from genmlx.core.handlers import BatchNoise, batch_noise_scope, planned_noise
-from genmlx.core.pytree import tree_flatten, tree_unflatten
+from genmlx.core.pytree import tree_flatten, tree_unflatten, unique_by_identity
 from genmlx.core.selection import Selection
 from genmlx.core.trace import Trace, same_structure
 from genmlx.core.validation import tracing, under_transformation, vmap_level
@@ -51,15 +51,7 @@ def _vmapped(body, in_axes=0):
     box = {}
 
     def unique_body(*xs):
-        outs = body(*xs)
-        index, uniq, pos = [], [], {}
-        for o in outs:
-            j = pos.get(id(o))
-            if j is None:
-                j = pos[id(o)] = len(uniq)
-                uniq.append(o)
-            index.append(j)
-        box["index"] = index
+        uniq, box["index"] = unique_by_identity(body(*xs))
         return uniq
 
     def call(*xs):
