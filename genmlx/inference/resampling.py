@@ -76,32 +76,38 @@ def strata_counts(cdf: mx.array, U: mx.array, m: int) -> mx.array:
     return mx.minimum(fl.astype(mx.int32) + extra.astype(mx.int32), m)
 
 
-def _from_strata(cdf: mx.array, U: mx.array, m: int, first: int = 0, count: int | None = None) -> mx.array:
+def _from_strata(cdf: mx.array, U: mx.array, m: int, first: int = 0, count: int | None = None,
+                 clip: bool = False) -> mx.array:
     """Indices for u_j = (j + U_j)/m, j < m, by counting (:func:`strata_counts`), or for
     the strata first … first + count − 1 alone (N at the CDF's first and last points
     then taken as ``first`` and first + count). Gathers and scatters only, so it vmaps
     over keys and weights alike (unlike searchsorted over a batched CDF). ``cdf`` must be
-    nondecreasing (as :func:`_cdf` makes it): the counts N_i − N_{i−1} are then ≥ 0."""
+    nondecreasing (as :func:`_cdf` makes it): the counts N_i − N_{i−1} are then ≥ 0.
+    ``clip``: N clipped to [first, first + count] (a run of strata that need not be the
+    CDF's own segment, :func:`window_ancestors`)."""
     count = m if count is None else count
     N = strata_counts(cdf, U, m)
+    if clip:
+        N = mx.clip(N, first, first + count)
     N = mx.concatenate([N[:-1], mx.array([first + count], dtype=mx.int32)])  # C_n = 1 exactly
     counts = N - mx.concatenate([mx.array([first], dtype=mx.int32), N[:-1]])
     return indices_from_counts(counts, count)
 
 
 def segment_ancestors(cdf: mx.array, U: mx.array, first: int, count: int, m: int, *,
-                      fused: bool = False) -> mx.array:
+                      fused: bool = False, clip: bool = False) -> mx.array:
     """Systematic ancestors (indices into ``cdf``) of the strata first … first + count − 1
     of m, u_j = (j + U)/m for one U: the slots of a process's particles in sharded
     resampling, whose global CDF values ``cdf`` (nondecreasing) end at the segment's end.
-    ``fused``: the search kernel on a CUDA GPU (no scan of the counts)."""
+    ``fused``: the search kernel on a CUDA GPU (no scan of the counts); ``clip``: the
+    run need not be the CDF's segment (:func:`window_ancestors`; the kernel needs no clip)."""
     if count == 0:
         return mx.zeros((0,), dtype=mx.int32)
     if fused and _K.use_kernel(cdf) == "cuda":
         from genmlx.kernels.resample import search_kernel
 
         return search_kernel("cuda", cdf, mx.broadcast_to(U, (count,)), first, m)
-    return _from_strata(cdf, U, m, first, count)
+    return _from_strata(cdf, U, m, first, count, clip)
 
 
 def window_ancestors(cdf: mx.array, U: mx.array, first: int, count: int, m: int, *,
@@ -113,14 +119,7 @@ def window_ancestors(cdf: mx.array, U: mx.array, first: int, count: int, m: int,
     in [0, n).
     Generic path: the counts N_i are clipped to [first, first + count] (comparisons
     j < N_i are unchanged for the slots of the run), so no host value of S is needed."""
-    if fused and _K.use_kernel(cdf) == "cuda":
-        from genmlx.kernels.resample import search_kernel
-
-        return search_kernel("cuda", cdf, mx.broadcast_to(U, (count,)), first, m)
-    N = mx.clip(strata_counts(cdf, U, m), first, first + count)
-    N = mx.concatenate([N[:-1], mx.array([first + count], dtype=mx.int32)])
-    counts = N - mx.concatenate([mx.array([first], dtype=mx.int32), N[:-1]])
-    return indices_from_counts(counts, count)
+    return segment_ancestors(cdf, U, first, count, m, fused=fused, clip=True)
 
 
 def multinomial(key: mx.array, log_weights: mx.array, m: int | None = None) -> mx.array:
