@@ -67,6 +67,7 @@ from benchmarks.bench_smc import A, Q, RR, kalman_loglik, step  # noqa: E402
 from genmlx.inference import sharded_importance_sampling, sharded_smc  # noqa: E402
 from genmlx.inference._util import cached_call  # noqa: E402
 from genmlx.inference.sharded import Shards, shards_for  # noqa: E402
+from genmlx.inference.resampling import weight_stats  # noqa: E402
 from genmlx.inference.smc import _resample, run_smc, smc  # noqa: E402
 
 
@@ -124,7 +125,7 @@ def hand_filter(key, ys, n: int, sh):
             if did.item():
                 x = mx.take(x, idx)
         else:  # sharded_smc's step: one gather of the weight summary, one of the windows
-            stats = mx.stack([mx.logsumexp(lw), mx.logsumexp(2 * lw)])
+            stats = weight_stats(lw, fused=True)
             (x,), _, lw, _, did, ovf = sh.step_resample(k_res, lw, stats, [x], "systematic", 0.5)
             ovfs += [] if ovf is None else [ovf]
             mx.async_eval(x, lw, ovfs[-1:])

@@ -75,6 +75,8 @@ def probe(n: int, repeats: int) -> dict:
         "take_perm": lambda: mx.take(x, perm),
         "take_sorted": lambda: mx.take(x, mx.sort(perm) // 2),
         "logsumexp": lambda: mx.logsumexp(lw),
+        "local_stats_two_logsumexps": lambda: R.weight_stats(lw),
+        "local_stats_summary_kernel": lambda: R.weight_stats(lw, fused=True),
         "indices_from_counts": lambda: R.indices_from_counts(counts, n),
         "segment_ancestors_generic": lambda: R.segment_ancestors(cdf, key_u, 0, n, n),
         "segment_ancestors_fused": lambda: R.segment_ancestors(cdf, key_u, 0, n, n, fused=True),

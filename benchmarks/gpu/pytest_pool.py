@@ -80,6 +80,7 @@ def main() -> int:
     ap.add_argument("--gpus", type=int, default=1, help="number of GPUs to spread the tests over")
     ap.add_argument("--budget-s", type=float, default=400)
     ap.add_argument("--own-ptx", action="store_true", help="one PTX cache directory per worker")
+    ap.add_argument("--first-gpu", type=int, default=0, help="GPUs used: first-gpu … first-gpu + gpus − 1")
     a = ap.parse_args()
     global OWN_PTX
     OWN_PTX = a.own_ptx
@@ -88,7 +89,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     nodes = collect([f for f in a.files if Path(f).exists()])
     with ThreadPoolExecutor(a.workers) as ex:
-        res = list(ex.map(lambda iv: run_one(iv[1], iv[0] % a.gpus, deadline, out), enumerate(nodes)))
+        res = list(ex.map(lambda iv: run_one(iv[1], a.first_gpu + iv[0] % a.gpus, deadline, out), enumerate(nodes)))
     by_file: dict = {}
     for r in res:
         f = r["id"].split("::")[0]

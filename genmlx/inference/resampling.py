@@ -50,6 +50,19 @@ def log_mean_exp(log_weights: mx.array, *, fused: bool = False) -> mx.array:
     return mx.logsumexp(log_weights, axis=-1) - math.log(n)
 
 
+def weight_stats(log_weights: mx.array, *, fused: bool = False) -> mx.array:
+    """[logsumexp(lw), logsumexp(2 lw)] of a row of log-weights [n]: what a process
+    contributes to the global log Ẑ_t and ESS of sharded particles. ``fused``: from the
+    fused weight-summary kernel where one applies (one pass; ``mx.logsumexp`` of one long
+    row runs as a single block on CUDA, ~1 ms at 10⁷), via logsumexp(2 lw) =
+    2 logsumexp(lw) − log ESS (−∞ for an all −∞ row)."""
+    if fused and _K.use_kernel(log_weights):
+        lse, ess = _K.weight_summary(log_weights)
+        lse2 = mx.where(lse > -mx.inf, 2 * lse - mx.log(ess), lse)
+        return mx.stack([lse, lse2])
+    return mx.stack([mx.logsumexp(log_weights), mx.logsumexp(2 * log_weights)])
+
+
 def _safe_logits(log_weights: mx.array) -> mx.array:
     # all −inf (every particle impossible) would give NaN probabilities: fall back to uniform
     ok = mx.max(log_weights) > -mx.inf

@@ -193,7 +193,7 @@ class Shards:
 
     def _systematic(self, key, lw, threshold):
         m = int(lw.shape[0])
-        stats = self.gather(mx.stack([mx.logsumexp(lw), mx.logsumexp(2 * lw)])[None])
+        stats = self.gather(R.weight_stats(lw, fused=True)[None])
         payload = (self.size, self.rank, threshold, _fused(lw))
         ess, did, new_lw, Nb, C, U = cached_call(_systematic_local, payload, payload, key, lw, stats)
         mx.eval(ess, did, Nb)
@@ -537,12 +537,6 @@ def _from_u32(x: mx.array, dtype) -> mx.array:
     return y != 0 if dtype == mx.bool_ else y.astype(dtype)
 
 
-def _local_stats(lw: mx.array) -> mx.array:
-    """(logsumexp(lw), logsumexp(2 lw)) of this process's log-weights: with the other
-    processes' the global log Ẑ_t and ESS (:func:`_systematic_local`)."""
-    return mx.stack([mx.logsumexp(lw), mx.logsumexp(2 * lw)])
-
-
 def _systematic_head(payload, key, lw, stats):
     """:func:`_systematic_local` with N(B) and the decision in one int array [R + 2]
     (read by the host at once): (ESS, did, new lw, head, counts)."""
@@ -661,7 +655,9 @@ def _sync_free_assemble(payload, did, Nb, mid, leaves, got):
     if W == 0:  # one process: the segment is the block
         idx, pos = r * m + mid, mid
     else:
-        p = mx.sum(j[:, None] >= Nb[None, 1:Rk], axis=1).astype(mx.int32)
+        p = (j >= row(Nb, 1)).astype(mx.int32)  # elementwise over the R − 1 boundaries (fuses)
+        for q in range(2, Rk):
+            p = p + (j >= row(Nb, q)).astype(mx.int32)
         off = mx.where(p < r, W + j - (p + 1) * m, j - (p * m - W))
         gpos = p * (2 * W) + mx.clip(off, 0, 2 * W - 1)
         own = p == r

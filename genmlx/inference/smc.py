@@ -238,7 +238,7 @@ def _seq_step_sharded(payload, key, k_res, carry, lw, inputs, obs):
 
     rank, size = payload[6:8]
     rec, out, lw = _seq_extend(payload, fold_rank(key, rank, size), carry, lw, inputs, obs)
-    return rec, out, lw, mx.stack([mx.logsumexp(lw), mx.logsumexp(2 * lw)])
+    return rec, out, lw, R.weight_stats(lw, fused=True)
 
 
 _INDEX_DEPENDENT: dict = {}  # Unfold models whose kernel reads t (run with the real t)
@@ -369,7 +369,7 @@ def _run_sequence(keys, model, args, args_T, cons: list, n: int, scheme, thresho
                 out = ((rtd, rl), ntd, nl, lw2, idx, ess, do)
             else:
                 nl, ntd = tree_flatten(c_out)
-                out = ((rtd, rl), ntd, nl, lw_w, mx.stack([mx.logsumexp(lw_w), mx.logsumexp(2 * lw_w)]))
+                out = ((rtd, rl), ntd, nl, lw_w, R.weight_stats(lw_w, fused=True))
         ovf = None
         if comm is None:
             (rec_td, rec_l), carry_td, carry_l, lw, idx, ess, do = out

@@ -125,20 +125,29 @@ def cdf(lw: np.ndarray, threads: int = THREADS, segment: int | None = None) -> n
     return out
 
 
-def search(cdf: np.ndarray, U: np.ndarray, m: int) -> np.ndarray:
+def search(cdf: np.ndarray, U: np.ndarray, m: int, block: int | None = None) -> np.ndarray:
     """Ancestors a_j = first i ≤ n−2 with "u_j ≤ C_i" (else n − 1), decided in float32 as
-    x = m·C_i, f = ⌊x⌋: f > j, or f = j and U_j ≤ x − f."""
+    x = m·C_i, f = ⌊x⌋: f > j, or f = j and U_j ≤ x − f. ``block``: as the CUDA kernel,
+    each block of that many slots first finds its first and last slot's ancestors and
+    searches only between them."""
     cdf = np.asarray(cdf, np.float32)
     U = np.broadcast_to(np.asarray(U, np.float32), (m,))
     n, mf = cdf.shape[0], np.float32(m)
-    out = np.empty(m, np.int32)
-    for j in range(m):
-        lo, hi = 0, n - 1
+
+    def first_hit(j: int, lo: int, hi: int) -> int:
         while lo < hi:
             mid = (lo + hi) // 2
             x = np.float32(mf * cdf[mid])
             f = np.floor(x)
             hit = f > j or (f == j and U[j] <= np.float32(x - f))
             lo, hi = (lo, mid) if hit else (mid + 1, hi)
-        out[j] = lo
+        return lo
+
+    out = np.empty(m, np.int32)
+    step = block or m
+    for j0 in range(0, m, step):
+        j1 = min(j0 + step, m) - 1
+        lo, hi = (first_hit(j0, 0, n - 1), first_hit(j1, 0, n - 1)) if block else (0, n - 1)
+        for j in range(j0, j1 + 1):
+            out[j] = first_hit(j, lo, hi)
     return out

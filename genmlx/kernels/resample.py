@@ -18,7 +18,11 @@ with u_j = (j + U_j)/m and C the normalised CDF, C_i = Σ_{k≤i} w_k / Σ_k w_k
 2. ``search`` kernel: thread j binary-searches C[0 .. n−2] for the first i with
    "u_j ≤ C_i", decided exactly as the reference ``_from_strata`` decides it in float32:
    x = m·C_i, f = ⌊x⌋; true iff f > j, or f = j and U_j ≤ x − f. It can also fill a run
-   of strata j0 … j0 + k − 1 alone (a process's segment in sharded SMC).
+   of strata j0 … j0 + k − 1 alone (a process's segment in sharded SMC). The decision is
+   monotone in j (u_j grows with j), so a_j is nondecreasing: on CUDA two threads of each
+   block of 256 slots search the whole CDF for the block's first and last slot and every
+   thread then searches only between those two ancestors (the same first hit; a few
+   cached loads instead of ⌈log₂ n⌉ dependent global ones).
    So, given the same CDF, the ancestors equal the reference's bit for bit (the reference
    counts #{j : u_j ≤ C_i}; the search inverts that count). CDFs from the kernel scan and
    from ``mx.cumsum`` differ by float32 rounding only, which can move an ancestor by one
@@ -64,21 +68,35 @@ _CUDA_CDF = r"""
 
 _CUDA_SEARCH = r"""
   const int count = U_shape[0];
-  const int j = blockIdx.x * blockDim.x + threadIdx.x;
-  if (j >= count) return;
   const int n = cdf_shape[0];
-  const float Uj = U[(long long)j * U_strides[0]];
   // slot j is stratum meta[0] + j of meta[1]
-  const float mf = (float)meta[1], jf = (float)(meta[0] + j);
-  int lo = 0, hi = n - 1;
-  while (lo < hi) {
-    const int mid = (lo + hi) >> 1;
-    const float x = mf * cdf[mid];
-    const float f = floorf(x);
-    const bool hit = (f > jf) || (f == jf && Uj <= x - f);
-    if (hit) hi = mid; else lo = mid + 1;
+  const float mf = (float)meta[1];
+  // first i in [lo, hi) with "u_j <= C_i" (hi if none); x = m C_i rounded before its use
+  // in x - f (no contraction into an FMA, which would decide a tie differently)
+  auto first_hit = [&](int j, int lo, int hi) -> int {
+    const float Uj = U[(long long)j * U_strides[0]];
+    const float jf = (float)(meta[0] + j);
+    while (lo < hi) {
+      const int mid = (lo + hi) >> 1;
+      const float x = __fmul_rn(mf, cdf[mid]);
+      const float f = floorf(x);
+      const bool hit = (f > jf) || (f == jf && Uj <= x - f);
+      if (hit) hi = mid; else lo = mid + 1;
+    }
+    return lo;
+  };
+  // ancestors are nondecreasing in the slot: the block's slots j0 .. j1 have theirs in
+  // [a(j0), a(j1)], so two full searches per block bound every thread's search
+  __shared__ int bounds[2];
+  const int j0 = blockIdx.x * blockDim.x;
+  if (threadIdx.x < 2) {
+    const int js = threadIdx.x == 0 ? j0 : min(j0 + (int)blockDim.x, count) - 1;
+    bounds[threadIdx.x] = first_hit(js, 0, n - 1);
   }
-  anc[j] = lo;
+  __syncthreads();
+  const int j = j0 + threadIdx.x;
+  if (j >= count) return;
+  anc[j] = first_hit(j, bounds[0], bounds[1]);
 """
 
 # Long rows (n > SPLIT_N): stage 1 is the weight-summary partial kernel (segment triples
