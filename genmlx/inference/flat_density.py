@@ -24,7 +24,11 @@ minimal handler and a smaller graph:
   functions of the data) stay unbatched constants;
 * hoisted Normal / HalfNormal / HalfCauchy sites are scored by their closed-form
   per-chain sums with the constant parts folded at trace time (``fast``), and the
-  elementwise parts of sites of one shape share one reduction (see ``_fast_score``);
+  elementwise parts of sites of one shape share one reduction (see ``_fast_score``),
+  differentiated by a written-out reverse mode (``mx.custom_function``): the backward
+  recomputes z = (x − μ)/σ inside its own kernels and reuses the forward's Σ z² for a
+  per-chain σ, where autodiff would materialize the intermediates it shares between
+  the value and the gradient and reduce z² again (``_elementwise_sum``);
 * latents on a fixed elementwise support (bounds independent of u): x = f(u) and
   log|J| are computed outside the vmap, and the body receives x;
 * other sites (multivariate families, families with derived arrays) are scored inside
@@ -245,9 +249,10 @@ def _aligned(p: mx.array, rank: int) -> mx.array:
 # N(μ, σ): −½ Σ z² − Σ log σ − n·½log 2π with z = (x − μ)/σ, where Σ log σ over the
 # broadcast is (Σ over σ's own elements)·(n / |σ|), and the support check of a latent's
 # value is dropped (x = f(u) lies in the support by construction). Same value as
-# summing the family's elementwise ``_log_prob``, fewer nodes (and no reductions of
-# broadcast constants in the gradient). :func:`make_density` compares the flat and
-# generic densities, so a disagreement falls back to the generic path.
+# summing the family's elementwise ``_log_prob``, fewer nodes. The elementwise parts of
+# the sites of one shape are one custom function with a written-out reverse mode (see
+# ``_elementwise_sum``). :func:`make_density` compares the flat and generic densities
+# and gradients, so a disagreement falls back to the generic path.
 def _rowsum(a: mx.array, rank: int) -> mx.array:
     """Σ over every axis but a leading chain axis ([C]); a scalar if ``a`` is unbatched."""
     if a.ndim == rank + 1:
@@ -259,63 +264,183 @@ def _const_all(a, value: float) -> bool:
     return np.all(np.asarray(a) == value)
 
 
-def _log_sum(scale, batched: bool, rank: int, n: int):
+def _log_sum(scale, batched: bool, n: int):
     """Σ log(scale) over the site's n elements: a Python float for a constant scale,
-    else per chain (the scale aligned [C, 1, …, *ps])."""
+    else per chain (the scale batched [C, *ps], not aligned: no size-1 axes)."""
     if not batched:
         a = np.asarray(scale, dtype=np.float64)
         return float(np.sum(np.log(a))) * (n / max(a.size, 1))
     per = math.prod(scale.shape[1:])
-    t = _rowsum(mx.log(scale), rank)
+    t = _rowsum(mx.log(scale), scale.ndim - 1)
     return t if per == n else t * (n / per)
 
 
-def _z2(x, loc, scale, bloc: bool, bscale: bool):
-    d = x if (loc is None or (not bloc and _const_all(loc, 0.0))) else x - loc
-    z = d if (not bscale and _const_all(scale, 1.0)) else d / scale
-    return z * z
+class _Elem(NamedTuple):
+    """A site's elementwise part φ(z²) [− log σ], z = (x − μ)/σ over ``rank`` element
+    axes, with φ(q) = −½q (Normal, HalfNormal) or −log(1 + q) (``cauchy``); − log σ
+    when ``logscale`` (σ batched per element). ``loc`` None: μ = 0, ``scale`` None:
+    σ = 1; ``traced``: the fields holding batched arrays (x [C, *shape], parameters
+    [C, *ps], aligned when used), the others are constants."""
+
+    x: object
+    loc: object
+    scale: object
+    traced: tuple
+    rank: int
+    cauchy: bool = False
+    logscale: bool = False
 
 
-def _fast_normal(P, B, x, site, rank, n):
-    zz = _z2(x, P["mu"], P["sigma"], "mu" in B, "sigma" in B)
-    if "sigma" in B and math.prod(P["sigma"].shape[1:]) == n:  # σ per element: in the elementwise part
-        return -0.5 * zz - mx.log(P["sigma"]), -n * HALF_LOG_2PI
-    return -0.5 * zz, -_log_sum(P["sigma"], "sigma" in B, rank, n) - n * HALF_LOG_2PI
+def _elem(x, loc, scale, batched: set, rank: int, n: int, cauchy: bool = False) -> _Elem:
+    """The elementwise part of x against (μ, σ) (``batched``: the traced fields), constant
+    μ = 0 / σ = 1 dropped."""
+    loc = None if "loc" not in batched and _const_all(loc, 0.0) else loc
+    scale = None if "scale" not in batched and _const_all(scale, 1.0) else scale
+    traced = tuple(f for f in ("x", "loc", "scale") if f in batched)
+    logscale = "scale" in batched and math.prod(scale.shape[1:]) == n
+    return _Elem(x, loc, scale, traced, rank, cauchy, logscale)
 
 
-def _fast_half_normal(P, B, x, site, rank, n):
-    zz = _z2(x, None, P["sigma"], False, "sigma" in B)
-    return -0.5 * zz, n * (LOG_2 - HALF_LOG_2PI) - _log_sum(P["sigma"], "sigma" in B, rank, n)
+def _field(t: _Elem, f: str):
+    """A field of ``t``, aligned against the elements if it is a batched parameter."""
+    v = getattr(t, f)
+    return _aligned(v, t.rank) if f in t.traced and f != "x" else v
 
 
-def _fast_half_cauchy(P, B, x, site, rank, n):
-    zz = _z2(x, None, P["scale"], False, "scale" in B)
-    return -mx.log1p(zz), n * (LOG_2 - math.log(math.pi)) - _log_sum(P["scale"], "scale" in B, rank, n)
+def _forward(t: _Elem) -> mx.array:
+    """φ(z²) [− log σ], elementwise."""
+    x, loc, scale = _field(t, "x"), _field(t, "loc"), _field(t, "scale")
+    d = x if loc is None else x - loc
+    z = d if scale is None else d / scale
+    e = -mx.log1p(z * z) if t.cauchy else -0.5 * (z * z)
+    return e - mx.log(scale) if t.logscale else e
 
 
-_FAST = {Normal: _fast_normal, HalfNormal: _fast_half_normal, HalfCauchy: _fast_half_cauchy}
+def _forward_sum(terms: list[_Elem]) -> mx.array:
+    """Σ_s φ_s(z_s²) [− log σ_s], elementwise."""
+    e = _forward(terms[0])
+    for t in terms[1:]:
+        e = e + _forward(t)
+    return e
+
+
+def _backward(t: _Elem, fld: str) -> mx.array:
+    """∂/∂``fld`` of φ(z²) [− log σ], elementwise: with z' = (μ − x)/σ = −z and
+    a = 2φ'(z²)·z/σ (= z'/σ for the Normal, 2z'/(σ(1 + z'²)) for the Cauchy form),
+    ∂/∂x = a, ∂/∂μ = −a, ∂/∂σ = a·z' [− 1/σ]. Written from μ − x (not the forward's
+    x − μ) so that compile does not merge them: a z shared by the forward and backward
+    kernels would be materialized, one more kernel than recomputing it."""
+    x, loc, scale = _field(t, "x"), _field(t, "loc"), _field(t, "scale")
+    zn = -x if loc is None else loc - x
+    if scale is not None:
+        zn = zn / scale
+    a = zn if scale is None else zn / scale
+    if t.cauchy:
+        a = 2.0 * a / (1.0 + zn * zn)
+    if fld == "x":
+        return a
+    if fld == "loc":
+        return -a
+    return a * zn - 1.0 / scale if t.logscale else a * zn
+
+
+def _fast_normal(P, B, x, rank, n):
+    t = _elem(x, P["mu"], P["sigma"], B, rank, n)
+    return t, -n * HALF_LOG_2PI - (0.0 if t.logscale else _log_sum(P["sigma"], "scale" in B, n))
+
+
+def _fast_half_normal(P, B, x, rank, n):
+    t = _elem(x, 0.0, P["sigma"], B, rank, n)
+    return t, n * (LOG_2 - HALF_LOG_2PI) - (0.0 if t.logscale else _log_sum(P["sigma"], "scale" in B, n))
+
+
+def _fast_half_cauchy(P, B, x, rank, n):
+    t = _elem(x, 0.0, P["scale"], B, rank, n, cauchy=True)
+    return t, n * (LOG_2 - math.log(math.pi)) - (0.0 if t.logscale else _log_sum(P["scale"], "scale" in B, n))
+
+
+# family → (closed form, {parameter name: field})
+_FAST = {Normal: (_fast_normal, {"mu": "loc", "sigma": "scale"}),
+         HalfNormal: (_fast_half_normal, {"sigma": "scale"}),
+         HalfCauchy: (_fast_half_cauchy, {"scale": "scale"})}
 _NONNEG = (HalfNormal, HalfCauchy)  # support x ≥ 0: an observed value is checked at trace time
 
 
 def _fast_score(site: _Site, params: list, x: mx.array | None):
-    """The closed-form per-chain sum of a Normal / HalfNormal / HalfCauchy site as
-    (elementwise part [C, *batch shape], remainder [C] or a number): Σ log p per chain
-    = Σ_elements part + remainder. None when it does not apply (another family, nothing
-    batched, or an observed value outside the support)."""
-    fn = _FAST.get(type(site.dist))
+    """(elementwise part, remainder [C] or a number) of a Normal / HalfNormal /
+    HalfCauchy site: Σ log p per chain = Σ_elements part + remainder. None when it does
+    not apply (another family, nothing batched, or an observed value outside the
+    support)."""
+    fn, fields = _FAST.get(type(site.dist), (None, None))
     if fn is None or (x is None and not site.names):
         return None
     rank = len(site.batch_shape)
+    batched = {fields[k] for k in site.names} | ({"x"} if x is not None else set())
     if x is None:
         x = site.value
         if type(site.dist) in _NONNEG and not np.all(np.asarray(x) >= 0):
             return None
     P = dict(site.consts)
-    P.update({k: _aligned(p, rank) for k, p in zip(site.names, params)})
-    elem, rest = fn(P, set(site.names), x, site, rank, math.prod(site.batch_shape))
-    if elem.ndim != rank + 1:  # not batched after all: no per-chain part
+    P.update(zip(site.names, params))
+    t, rest = fn(P, batched, x, rank, math.prod(site.batch_shape))
+    if len(np.broadcast_shapes(*[_field(t, f).shape for f in t.traced])) != rank + 1:  # not batched after all
         return None
-    return elem, rest
+    return t, rest
+
+
+def _unbroadcast(g: mx.array, shape: tuple) -> mx.array:
+    """Σ of ``g`` over the axes along which an operand of ``shape`` (same rank) was broadcast."""
+    axes = tuple(i for i, (a, b) in enumerate(zip(shape, g.shape)) if a == 1 and b != 1)
+    return mx.sum(g, axis=axes, keepdims=True) if axes else g
+
+
+def _elementwise_sum(terms: list[_Elem], shape: tuple) -> mx.array:
+    """Σ_elements Σ_s part_s per chain [C] over element arrays of ``shape`` [C, *batch
+    shape], as one custom function whose reverse mode is written out (``_backward``,
+    summed over each operand's broadcast axes): autodiff of the same expression shares
+    intermediates between the forward and backward kernels (each shared one is a
+    kernel) and reduces again what the forward reduced. For a single Normal term
+    whose σ is one number per chain, ∂/∂σ = Σ z²/σ reuses the forward's sum
+    (Σ z² = −2·out)."""
+    slots = [(i, f) for i, t in enumerate(terms) for f in t.traced]
+    axes = tuple(range(1, len(shape)))
+
+    def bind(arrays) -> list[_Elem]:
+        ts = [t._asdict() for t in terms]
+        for (i, f), a in zip(slots, arrays):
+            ts[i][f] = a
+        return [_Elem(**t) for t in ts]
+
+    @mx.custom_function
+    def f(*arrays):
+        e = _forward_sum(bind(arrays))
+        return mx.sum(e, axis=axes) if axes else e
+
+    @f.vjp
+    def f_vjp(primals, cot, out):
+        primals = primals if isinstance(primals, (tuple, list)) else (primals,)  # one argument: given bare
+        g = cot.reshape(cot.shape + (1,) * len(axes)) if axes else cot
+        ts = bind(primals)
+        reuse = len(terms) == 1 and not terms[0].cauchy and not terms[0].logscale
+        grads = []
+        for (i, fld), p in zip(slots, primals):
+            if fld == "scale" and reuse and p.ndim == 1:
+                grads.append(-2.0 * out * cot / p)
+            else:
+                grads.append(_unbroadcast(_backward(ts[i], fld) * g, _field(ts[i], fld).shape).reshape(p.shape))
+        return tuple(grads)
+
+    return f(*[getattr(terms[i], fld) for i, fld in slots])
+
+
+def _group_sum(terms: list[_Elem], shape: tuple) -> mx.array:
+    """Σ_elements Σ_s part_s per chain [C] of the sites of one shape [C, *batch shape]:
+    :func:`_elementwise_sum`, except for scalar sites (no reduction) without the Cauchy
+    form, where autodiff is as small: there the custom function's output is one more
+    kernel, and differentiating −½z² shares at most z."""
+    if len(shape) > 1 or any(t.cauchy for t in terms):
+        return _elementwise_sum(terms, shape)
+    return _forward_sum(terms)
 
 
 def _site_terms(site: _Site, params: list, x: mx.array | None):
@@ -433,8 +558,8 @@ class FlatDensity(UnconstrainedDensity):
                 else:
                     x = None
                 elem, term = _site_terms(s, params, x)
-                if elem is not None:  # summed with same-shape parts: one reduction per shape
-                    groups[elem.shape] = elem if elem.shape not in groups else groups[elem.shape] + elem
+                if elem is not None:  # with same-shape parts: one reduction per shape
+                    groups.setdefault((c,) + s.batch_shape, []).append(elem)
                 if s.logdet:
                     term = term + outs[i]
                     i += 1
@@ -444,8 +569,8 @@ class FlatDensity(UnconstrainedDensity):
             if s.outside:
                 term = term + lds[s.path]
             lp = term if lp is None else lp + term
-        for e in groups.values():
-            lp = _rowsum(e, e.ndim - 1) + (0.0 if lp is None else lp)
+        for shape, terms in groups.items():
+            lp = _group_sum(terms, shape) + (0.0 if lp is None else lp)
         if lp is None or not isinstance(lp, mx.array):
             return mx.full((c,), 0.0 if lp is None else float(lp))
         return lp if lp.ndim == 1 else mx.broadcast_to(lp, (c,))
