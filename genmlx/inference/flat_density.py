@@ -344,25 +344,29 @@ def _backward(t: _Elem, fld: str) -> mx.array:
     return a * zn - 1.0 / scale if t.logscale else a * zn
 
 
-def _fast_normal(P, B, x, rank, n):
-    t = _elem(x, P["mu"], P["sigma"], B, rank, n)
-    return t, -n * HALF_LOG_2PI - (0.0 if t.logscale else _log_sum(P["sigma"], "scale" in B, n))
+class _Form(NamedTuple):
+    """A closed-form family: its location and scale parameter names (``loc`` None: μ = 0),
+    the per-element constant of its log density, and whether φ is the Cauchy form."""
+
+    loc: str | None
+    scale: str
+    const: float
+    cauchy: bool = False
 
 
-def _fast_half_normal(P, B, x, rank, n):
-    t = _elem(x, 0.0, P["sigma"], B, rank, n)
-    return t, n * (LOG_2 - HALF_LOG_2PI) - (0.0 if t.logscale else _log_sum(P["sigma"], "scale" in B, n))
+_FAST = {Normal: _Form("mu", "sigma", -HALF_LOG_2PI),
+         HalfNormal: _Form(None, "sigma", LOG_2 - HALF_LOG_2PI),
+         HalfCauchy: _Form(None, "scale", LOG_2 - math.log(math.pi), cauchy=True)}
 
 
-def _fast_half_cauchy(P, B, x, rank, n):
-    t = _elem(x, 0.0, P["scale"], B, rank, n, cauchy=True)
-    return t, n * (LOG_2 - math.log(math.pi)) - (0.0 if t.logscale else _log_sum(P["scale"], "scale" in B, n))
+def _fast_part(form: _Form, P: dict, B: set, x, rank: int, n: int):
+    """(elementwise part, remainder) of a closed-form site: remainder = n·const − Σ log σ
+    (Σ log σ inside the elementwise part instead when σ is batched per element)."""
+    loc = 0.0 if form.loc is None else P[form.loc]
+    t = _elem(x, loc, P[form.scale], B, rank, n, cauchy=form.cauchy)
+    return t, n * form.const - (0.0 if t.logscale else _log_sum(P[form.scale], "scale" in B, n))
 
 
-# family → (closed form, {parameter name: field})
-_FAST = {Normal: (_fast_normal, {"mu": "loc", "sigma": "scale"}),
-         HalfNormal: (_fast_half_normal, {"sigma": "scale"}),
-         HalfCauchy: (_fast_half_cauchy, {"scale": "scale"})}
 _NONNEG = (HalfNormal, HalfCauchy)  # support x ≥ 0: an observed value is checked at trace time
 
 
@@ -371,10 +375,11 @@ def _fast_score(site: _Site, params: list, x: mx.array | None):
     HalfCauchy site: Σ log p per chain = Σ_elements part + remainder. None when it does
     not apply (another family, nothing batched, or an observed value outside the
     support)."""
-    fn, fields = _FAST.get(type(site.dist), (None, None))
-    if fn is None or (x is None and not site.names):
+    form = _FAST.get(type(site.dist))
+    if form is None or (x is None and not site.names):
         return None
     rank = len(site.batch_shape)
+    fields = {form.loc: "loc", form.scale: "scale"}
     batched = {fields[k] for k in site.names} | ({"x"} if x is not None else set())
     if x is None:
         x = site.value
@@ -382,7 +387,7 @@ def _fast_score(site: _Site, params: list, x: mx.array | None):
             return None
     P = dict(site.consts)
     P.update(zip(site.names, params))
-    t, rest = fn(P, batched, x, rank, math.prod(site.batch_shape))
+    t, rest = _fast_part(form, P, batched, x, rank, math.prod(site.batch_shape))
     if len(np.broadcast_shapes(*[_field(t, f).shape for f in t.traced])) != rank + 1:  # not batched after all
         return None
     return t, rest

@@ -257,6 +257,20 @@ def test_online_weight_summary_against_generic(n):
         assert abs(ess - re) <= 3 * tol * re, name
 
 
+def _check_weight_stats(n: int, threads: int) -> None:
+    """R.weight_stats(fused=True) on the selftest cases against float64 logsumexps: within
+    the rounding of lse (twice) and of log ESS (3 lse tolerances) of a ``threads``-thread
+    summation; −∞ for an all −∞ row."""
+    for name, lw in S.cases(n).items():
+        got = np.array(R.weight_stats(mx.array(lw), fused=True))
+        if name == "all_neg_inf":
+            assert np.all(got == -np.inf), got
+            continue
+        ref = np.array([np.logaddexp.reduce(lw.astype(np.float64)), np.logaddexp.reduce(2 * lw.astype(np.float64))])
+        tol = 5 * S.lse_tol(np.max(np.abs(ref)), n, threads=threads)
+        assert np.all(np.abs(got - ref) <= tol), (name, got, ref, tol)
+
+
 @pytest.mark.parametrize("n", [1, 7, 1000, 5003])
 def test_weight_stats_by_the_summary_kernel(n, monkeypatch):
     """R.weight_stats' fused form (logsumexp(2 lw) = 2 logsumexp(lw) − log ESS, from the
@@ -269,14 +283,7 @@ def test_weight_stats_by_the_summary_kernel(n, monkeypatch):
     monkeypatch.setattr(K, "use_kernel", lambda x: "cuda")
     monkeypatch.setattr(B, "use_kernel", lambda x: "cuda")
     monkeypatch.setattr(KW, "_weight_summary_kernel", emulated)
-    for name, lw in S.cases(n).items():
-        got = np.array(R.weight_stats(mx.array(lw), fused=True))
-        ref = np.array([np.logaddexp.reduce(lw.astype(np.float64)), np.logaddexp.reduce(2 * lw.astype(np.float64))])
-        if name == "all_neg_inf":
-            assert np.all(got == -np.inf), got
-            continue
-        tol = 5 * S.lse_tol(np.max(np.abs(ref)), n, threads=32)
-        assert np.all(np.abs(got - ref) <= tol), (name, got, ref, tol)
+    _check_weight_stats(n, threads=32)
     lw = S.cases(n)["normal"]  # the generic form is the two logsumexps themselves
     with B.override(False):
         monkeypatch.undo()
@@ -346,14 +353,7 @@ def test_gpu_weight_stats(n):
     """The sharded steps' [logsumexp(lw), logsumexp(2 lw)] from the summary kernel against
     float64 logsumexps (tolerance as in test_weight_stats_by_the_summary_kernel, 1024
     threads)."""
-    for name, lw in S.cases(n).items():
-        got = np.array(R.weight_stats(mx.array(lw), fused=True))
-        if name == "all_neg_inf":
-            assert np.all(got == -np.inf), got
-            continue
-        ref = np.array([np.logaddexp.reduce(lw.astype(np.float64)), np.logaddexp.reduce(2 * lw.astype(np.float64))])
-        tol = 5 * S.lse_tol(np.max(np.abs(ref)), n)
-        assert np.all(np.abs(got - ref) <= tol), (name, got, ref, tol)
+    _check_weight_stats(n, threads=1024)
 
 
 @needs_gpu
