@@ -9,7 +9,8 @@ Two patterns of ordinary model code give needlessly large graphs there (MLX 0.32
   they split the elementwise arithmetic before and after them into separate kernels
   (in the reverse pass as well). Swapping the operands of ``+`` and ``*`` when the
   first has fewer dimensions keeps the chain axis leading; IEEE addition and
-  multiplication are commutative, so the values are bit-identical.
+  multiplication are commutative, so the values are bit-identical (``a − b`` of
+  floats is taken as ``(−b) + a``, also exact).
 * ``beta[0]`` on a latent vector: an integer index is a ``Gather`` (and a ``Scatter`` in
   the reverse pass). For a latent whose elements the body takes one by one, the flat
   density passes each element as its own input (its own column of U) and ``x[i]``
@@ -50,7 +51,7 @@ class BodyOps:
 
     def __enter__(self) -> "BodyOps":
         cls = mx.array
-        self._saved = {k: getattr(cls, k) for k in ("__getitem__", "__add__", "__mul__")}
+        self._saved = {k: getattr(cls, k) for k in ("__getitem__", "__add__", "__mul__", "__sub__")}
         getitem = self._saved["__getitem__"]
 
         def __getitem__(a, key):
@@ -64,8 +65,16 @@ class BodyOps:
             return getitem(a, key)
 
         cls.__getitem__ = __getitem__
-        for name in ("__add__", "__mul__"):
-            setattr(cls, name, _leading(self._saved[name]))
+        add, sub = self._saved["__add__"], self._saved["__sub__"]
+        cls.__add__ = _leading(add)
+        cls.__mul__ = _leading(self._saved["__mul__"])
+
+        def __sub__(a, b):
+            if isinstance(b, mx.array) and b.ndim > a.ndim and mx.issubdtype(b.dtype, mx.floating):
+                return add(-b, a)
+            return sub(a, b)
+
+        cls.__sub__ = __sub__
         return self
 
     def __exit__(self, *exc) -> None:
