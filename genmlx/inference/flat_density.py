@@ -31,6 +31,13 @@ minimal handler and a smaller graph:
   the value and the gradient and reduce z² again (``_elementwise_sum``);
 * latents on a fixed elementwise support (bounds independent of u): x = f(u) and
   log|J| are computed outside the vmap, and the body receives x;
+* a flat prior on R (``gm.flat()`` with infinite bounds) adds nothing: log p(x) = 0 for
+  every finite x = u, so its support check is not built;
+* while the body is traced, ``+``, ``−`` and ``*`` put the operand with more dimensions
+  first (exact: IEEE + and * commute), so that ``tau * theta`` keeps the chain axis
+  leading, and a latent vector on R whose every element the body takes by an integer
+  index (``beta[0]``, ``beta[1]``) is given per element (a [C] block for each column of
+  U), ``beta[i]`` returning that block: no Gather / Scatter (``_body_ops``);
 * other sites (multivariate families, families with derived arrays) are scored inside
   the vmap with the family's own score; calls of ``@gm.gen`` sub-functions are
   flattened; any other generative function (combinators) is evaluated by its own
@@ -38,8 +45,8 @@ minimal handler and a smaller graph:
 * the gradient is that of Σ_c log π(U_c) (rows are independent) with respect to the
   latents' blocks, concatenated; NaN → −inf is applied after differentiation (a NaN
   state is rejected whatever its gradient);
-* block form: ``split(U)`` gives the latents' blocks ([C, *ushape] each, one Split
-  node), ``value_and_grad_blocks`` returns ∇ as blocks and ``join`` concatenates.
+* block form: ``split(U)`` gives the latents' blocks ([C, *ushape] each, or [C] per
+  element of a latent given per element; one Split node), ``value_and_grad_blocks`` returns ∇ as blocks and ``join`` concatenates.
   HMC's diagonal-metric trajectory integrates the blocks (u, p, ∇ split once per
   transition, joined once at its end), so a leapfrog step has no slicing of U or
   concatenation of ∇ — the same arithmetic per element, a smaller graph.
@@ -573,7 +580,7 @@ class FlatDensity(UnconstrainedDensity):
         return self._lp_blocks(self._blocks(U))
 
     def _lp_blocks(self, blocks: list) -> mx.array:
-        """log π from the latents' blocks of U ([C, *ushape] each): [C]."""
+        """log π from the blocks of U (:meth:`_blocks`): [C]."""
         ins, xs, lds = [], {}, {}
         c = blocks[0].shape[0]
         for (l, j), b in zip(self._pieces, blocks):
@@ -639,7 +646,7 @@ class FlatDensity(UnconstrainedDensity):
 
         return f
 
-    # -- block form: one block per latent, [C, *ushape] --------------------------------
+    # -- block form: one block per latent, [C, *ushape] (per element: [C] each) ---------
     def split(self, U: mx.array) -> list:
         return self._blocks(U)
 
