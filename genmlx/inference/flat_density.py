@@ -31,6 +31,13 @@ minimal handler and a smaller graph:
   the value and the gradient and reduce z² again (``_elementwise_sum``);
 * latents on a fixed elementwise support (bounds independent of u): x = f(u) and
   log|J| are computed outside the vmap, and the body receives x;
+* a flat prior on R (``gm.flat()`` with infinite bounds) adds nothing: log p(x) = 0 for
+  every finite x = u, so its support check is not built;
+* while the body is traced, ``+``, ``−`` and ``*`` put the operand with more dimensions
+  first (exact: IEEE + and * commute), so that ``tau * theta`` keeps the chain axis
+  leading, and a latent vector on R whose every element the body takes by an integer
+  index (``beta[0]``, ``beta[1]``) is given per element (a [C] block for each column of
+  U), ``beta[i]`` returning that block: no Gather / Scatter (``_body_ops``);
 * other sites (multivariate families, families with derived arrays) are scored inside
   the vmap with the family's own score; calls of ``@gm.gen`` sub-functions are
   flattened; any other generative function (combinators) is evaluated by its own
@@ -38,8 +45,8 @@ minimal handler and a smaller graph:
 * the gradient is that of Σ_c log π(U_c) (rows are independent) with respect to the
   latents' blocks, concatenated; NaN → −inf is applied after differentiation (a NaN
   state is rejected whatever its gradient);
-* block form: ``split(U)`` gives the latents' blocks ([C, *ushape] each, one Split
-  node), ``value_and_grad_blocks`` returns ∇ as blocks and ``join`` concatenates.
+* block form: ``split(U)`` gives the latents' blocks ([C, *ushape] each, or [C] per
+  element of a latent given per element; one Split node), ``value_and_grad_blocks`` returns ∇ as blocks and ``join`` concatenates.
   HMC's diagonal-metric trajectory integrates the blocks (u, p, ∇ split once per
   transition, joined once at its end), so a leapfrog step has no slicing of U or
   concatenation of ∇ — the same arithmetic per element, a smaller graph.
@@ -75,7 +82,9 @@ from genmlx.core.handlers import run_with_handler
 from genmlx.distributions.base import Distribution, UnconstrainedValue, _as_array, is_static
 from genmlx.distributions.constraints import GreaterThan, _Real
 from genmlx.distributions.continuous import HalfCauchy, HalfNormal, Normal
+from genmlx.distributions.degenerate import Flat
 from genmlx.distributions.special import HALF_LOG_2PI, LOG_2
+from genmlx.inference._body_ops import BodyOps
 from genmlx.inference.unconstrained import Latent, UnconstrainedDensity, _as_cm, _key0
 
 
@@ -174,11 +183,20 @@ def _from_unconstrained(sup, u: mx.array) -> mx.array:
     return sup.from_unconstrained(u)
 
 
+def _unscored(d: Distribution, sup) -> bool:
+    """Whether a latent of ``d`` adds nothing to log π: a flat prior on all of R, whose
+    log p(x) = 0 for every finite x = u (its support check x ∈ (−∞, ∞) fails only for
+    u = ±∞ or NaN, where the density is not evaluated by a sampler)."""
+    return type(d) is Flat and isinstance(sup, _Real)
+
+
 class _FlatHandler:
     """Receives ``gm.trace`` calls inside the vmapped body (one chain)."""
 
-    def __init__(self, dens: "FlatDensity", blocks: dict, prefix: tuple, plan: _Plan):
+    def __init__(self, dens: "FlatDensity", blocks: dict, prefix: tuple, plan: _Plan,
+                 ops: BodyOps, cols: dict):
         self.dens, self.blocks, self.prefix, self.plan = dens, blocks, prefix, plan
+        self.ops, self.cols = ops, cols  # cols: {path: the elements of a latent given per column}
 
     def _emit(self, site: _Site, outs: list):
         self.plan.sites.append(site)
@@ -198,6 +216,10 @@ class _FlatHandler:
                 else:
                     x = sup.from_unconstrained(ua)
                     ld = None if isinstance(sup, _Real) else _total(sup.log_abs_det_jacobian(ua))
+                if x.ndim == 1:
+                    self.ops.watch(x, full, self.cols.get(full))
+                if self.dens.fast and _unscored(gen_fn, sup):
+                    return x
                 attrs = _param_attrs(gen_fn) if self.dens.hoist else None
                 if attrs is not None:
                     names, consts, outs = _split_params(gen_fn)
@@ -228,7 +250,7 @@ class _FlatHandler:
                 self._emit(_Site(False, None, None, (), {}, (), None, False, False), [gen_fn._score(v)])
             return v
         if isinstance(gen_fn, DynamicGF):
-            sub = _FlatHandler(self.dens, self.blocks, full, self.plan)
+            sub = _FlatHandler(self.dens, self.blocks, full, self.plan, self.ops, self.cols)
             return run_with_handler(sub, gen_fn.fn, tuple(args))
         # any other GF: its own generate on the latents/observations below this address
         cm = self.dens._sub_choicemap(self.blocks, full)
@@ -499,11 +521,22 @@ class FlatDensity(UnconstrainedDensity):
         self.last_plan: _Plan | None = None  # the sites of the latest traced execution
         # latents on fixed supports (found by one traced run): transformed outside the vmap
         self._fixed: dict = {}
+        # latent vectors on R whose every element the body takes by an integer index:
+        # given to the body per element (one column of U each), see _body_ops
+        self._columns: set = set()
+        self._pieces = [(l, None) for l in self.latents]
         if hoist:
-            mx.vmap(self._body)(*self._blocks(mx.zeros((1, self.dim))))
+            ops = BodyOps()
+            mx.vmap(lambda *b: self._body(*b, ops=ops))(*self._blocks(mx.zeros((1, self.dim))))
             sups = self.last_plan.supports
             self._fixed = {l.path: sups[l.path] for l in self.latents
                            if l.path in sups and _fixed_support(sups[l.path], l.shape, l.ushape)}
+            if self.fast:
+                self._columns = {l.path for l in self.latents
+                                 if l.shape == l.ushape == (l.size,) and isinstance(sups.get(l.path), _Real)
+                                 and ops.indexed.get(l.path) == set(range(l.size))}
+                self._pieces = [(l, j) for l in self.latents
+                                for j in (range(l.size) if l.path in self._columns else (None,))]
         self._vg = mx.compile(self._make_value_and_grad())
         self._vgb = mx.compile(self._value_and_grad_blocks)
         self._batched = mx.compile(self._lp_mapped)
@@ -511,10 +544,13 @@ class FlatDensity(UnconstrainedDensity):
 
     # -- evaluation ----------------------------------------------------------------
     def _blocks(self, U: mx.array) -> list:
-        """The latents' blocks of U [C, D], [C, *ushape] each (one Split node)."""
+        """The latents' blocks of U [C, D] (one Split node): [C, *ushape] each, or one
+        [C] block per element of a latent given per column."""
         c = U.shape[0]
-        parts = mx.split(U, [l.offset for l in self.latents[1:]], axis=1) if len(self.latents) > 1 else [U]
-        return [b.reshape((c,) + l.ushape) if l.ushape != (l.size,) else b for l, b in zip(self.latents, parts)]
+        cuts = [l.offset + (j or 0) for l, j in self._pieces[1:]]
+        parts = mx.split(U, cuts, axis=1) if cuts else [U]
+        return [b.reshape((c,) + (() if j is not None else l.ushape)) if j is not None or l.ushape != (l.size,)
+                else b for (l, j), b in zip(self._pieces, parts)]
 
     def _sub_choicemap(self, blocks: dict, prefix: tuple) -> ChoiceMap:
         """Observations and ``UnconstrainedValue`` latents below ``prefix``, relative to it."""
@@ -525,10 +561,17 @@ class FlatDensity(UnconstrainedDensity):
                 cm = cm.set_submap(path[n:], ChoiceMap.leaf(UnconstrainedValue(ua)))
         return cm
 
-    def _body(self, *blocks):
+    def _body(self, *blocks, ops: BodyOps | None = None):
         plan = _Plan()
-        bl = {l.path: b for l, b in zip(self.latents, blocks)}
-        run_with_handler(_FlatHandler(self, bl, (), plan), self.model.fn, self.args)
+        bl, cols = {}, {}
+        for (l, j), b in zip(self._pieces, blocks):
+            if j is None:
+                bl[l.path] = b
+            else:
+                cols.setdefault(l.path, []).append(b)
+        bl.update({p: mx.stack(c) for p, c in cols.items()})  # used only if the body uses x whole
+        with ops or BodyOps() as o:
+            run_with_handler(_FlatHandler(self, bl, (), plan, o, cols), self.model.fn, self.args)
         self.last_plan = plan
         return plan.outputs if plan.outputs else [mx.array(0.0)]
 
@@ -537,11 +580,11 @@ class FlatDensity(UnconstrainedDensity):
         return self._lp_blocks(self._blocks(U))
 
     def _lp_blocks(self, blocks: list) -> mx.array:
-        """log π from the latents' blocks of U ([C, *ushape] each): [C]."""
+        """log π from the blocks of U (:meth:`_blocks`): [C]."""
         ins, xs, lds = [], {}, {}
         c = blocks[0].shape[0]
-        for l, b in zip(self.latents, blocks):
-            sup = self._fixed.get(l.path)
+        for (l, j), b in zip(self._pieces, blocks):
+            sup = None if j is not None else self._fixed.get(l.path)
             if sup is not None:  # x = f(u) and Σ log|J| per chain, batched
                 b, ld = _from_unconstrained(sup, b), sup.log_abs_det_jacobian(b)
                 xs[l.path] = b
@@ -603,7 +646,7 @@ class FlatDensity(UnconstrainedDensity):
 
         return f
 
-    # -- block form: one block per latent, [C, *ushape] --------------------------------
+    # -- block form: one block per latent, [C, *ushape] (per element: [C] each) ---------
     def split(self, U: mx.array) -> list:
         return self._blocks(U)
 

@@ -1,0 +1,95 @@
+"""Operator rewrites while :class:`~genmlx.inference.flat_density.FlatDensity` traces
+a model body under ``mx.vmap`` over chains (the graph is built once per compilation).
+
+Two patterns of ordinary model code give needlessly large graphs there (MLX 0.32):
+
+* ``tau * theta`` with ``tau`` a scalar per chain and ``theta`` a vector: vmap aligns
+  the batched operands from the right, so the product is laid out [*shape, C] (chain
+  axis last) and transposed back at the vmap's output; the transposes are views, but
+  they split the elementwise arithmetic before and after them into separate kernels
+  (in the reverse pass as well). Swapping the operands of ``+`` and ``*`` when the
+  first has fewer dimensions keeps the chain axis leading; IEEE addition and
+  multiplication are commutative, so the values are bit-identical (``a − b`` of
+  floats is taken as ``(−b) + a``, also exact).
+* ``beta[0]`` on a latent vector: an integer index is a ``Gather`` (and a ``Scatter`` in
+  the reverse pass). For a latent whose elements the body takes one by one, the flat
+  density passes each element as its own input (its own column of U) and ``x[i]``
+  returns that input: no gather, and its gradient is the column's gradient.
+
+Only the operators of ``mx.array`` are replaced, only while a :class:`BodyOps` is
+entered, and the previous ones are restored on exit (the tracing is single-threaded).
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+
+
+def _int_index(key, n: int) -> int | None:
+    """``key`` as a non-negative index into an axis of ``n`` when it is one integer."""
+    if isinstance(key, tuple) and len(key) == 1:
+        key = key[0]
+    if isinstance(key, (int, np.integer)) and not isinstance(key, bool) and -n <= key < n:
+        return int(key) % n
+    return None
+
+
+class BodyOps:
+    """A context manager installing the rewrites above. ``watch(x, path, cols)``
+    registers a latent vector ``x``: integer indices into it are recorded in
+    ``indexed[path]`` and, given ``cols`` (one array per element), answered by them."""
+
+    def __init__(self):
+        self._watched: dict = {}  # id(x) -> (x, path, cols or None)
+        self.indexed: dict = {}  # path -> set of element indices seen
+        self._saved: dict = {}
+
+    def watch(self, x: mx.array, path: tuple, cols: list | None = None) -> None:
+        self._watched[id(x)] = (x, path, cols)
+        self.indexed.setdefault(path, set())
+
+    def __enter__(self) -> "BodyOps":
+        cls = mx.array
+        self._saved = {k: getattr(cls, k) for k in ("__getitem__", "__add__", "__mul__", "__sub__")}
+        getitem = self._saved["__getitem__"]
+
+        def __getitem__(a, key):
+            hit = self._watched.get(id(a))
+            if hit is not None and a.ndim == 1:
+                i = _int_index(key, a.shape[0])
+                if i is not None:
+                    self.indexed[hit[1]].add(i)
+                    if hit[2] is not None:
+                        return hit[2][i]
+            return getitem(a, key)
+
+        cls.__getitem__ = __getitem__
+        add, sub = self._saved["__add__"], self._saved["__sub__"]
+        cls.__add__ = _leading(add)
+        cls.__mul__ = _leading(self._saved["__mul__"])
+
+        def __sub__(a, b):
+            if isinstance(b, mx.array) and b.ndim > a.ndim and mx.issubdtype(b.dtype, mx.floating):
+                return add(-b, a)
+            return sub(a, b)
+
+        cls.__sub__ = __sub__
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for k, v in self._saved.items():
+            setattr(mx.array, k, v)
+        self._saved = {}
+        self._watched = {}
+
+
+def _leading(op):
+    """A commutative operator that puts the operand with more dimensions first."""
+    def f(a, b):
+        if isinstance(b, mx.array) and b.ndim > a.ndim:
+            return op(b, a)
+        return op(a, b)
+
+    return f
+
