@@ -46,3 +46,18 @@ def require_data(root: Path, *parts: str) -> Path:
     if not p.exists():
         pytest.skip(f"reference data missing: {p}")
     return p
+
+
+def posteriordb_models():
+    """``experiments/posteriordb/models.py`` as a module (the genmlx ports of the
+    posteriordb models; loaded once, shared by the tests that use it)."""
+    import importlib.util
+    import sys
+
+    name = "posteriordb_models"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "experiments" / "posteriordb" / "models.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[name]

@@ -5,8 +5,6 @@ on R unscored) giving the generic density's values."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 
 import mlx.core as mx
 import numpy as np
@@ -16,13 +14,9 @@ import genmlx as gm
 from genmlx.inference._body_ops import BodyOps
 from genmlx.inference.flat_density import FlatDensity, make_density
 from genmlx.inference.unconstrained import UnconstrainedDensity
-from tests.conftest import REPO, require_data
+from tests.conftest import posteriordb_models, require_data
 
-_spec = importlib.util.spec_from_file_location(
-    "posteriordb_models", REPO / "experiments" / "posteriordb" / "models.py")
-models = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = models
-_spec.loader.exec_module(models)
+models = posteriordb_models()
 
 # primitives surviving mx.compile (benchmarks/graph_ops.py) of value_and_grad(U [4, D]);
 # before the rewrites: 15, 20 (4 of them Gather/Scatter), 13

@@ -8,20 +8,14 @@ Carlo standard errors (and ~5× the worst deviation of the reference check in
 shared/data/README.md).
 """
 
-import importlib.util
-import sys
 
 import mlx.core as mx
 import pytest
 
 import genmlx as gm
-from tests.conftest import REPO, require_data
+from tests.conftest import posteriordb_models, require_data
 
-_spec = importlib.util.spec_from_file_location(
-    "posteriordb_models", REPO / "experiments" / "posteriordb" / "models.py")
-models = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = models
-_spec.loader.exec_module(models)
+models = posteriordb_models()
 
 # name: (num_warmup, num_samples, max_tree_depth, seed)
 SETTINGS = {
