@@ -19,7 +19,9 @@ checkpoint k (written at the leaves n with n mod 2^k = 0).
 
 Execution: all chains advance in lockstep (a chain that has stopped is masked in the
 statistics and rejected by the merge; its trajectory is integrated unmasked). The
-momentum draw and the doublings 0..``fused`` are ONE compiled call; each further
+momentum draw and the doublings 0..F are ONE compiled call whose bookkeeping is
+vectorized over the whole 2^(F+1)-point trajectory (:func:`_prefix`; F follows the
+previous transition's deepest tree, at most ``fused``); each further
 doubling of 2^j ≤ B leaves (B = ``block``, 16 by default) is one compiled call (subtree
 start, its leapfrog steps unrolled, merge), and a longer doubling runs in compiled
 blocks of B leaves. Inside a block the leaves are integrated first and their
@@ -316,18 +318,114 @@ def _outputs(t: Tree) -> list:
     return list(t) + [mx.any(t.active), t.accsum / mx.maximum(t.nsteps, 1)]
 
 
-def _first(vg, dense, max_depth, upto, key, u, lp, g, eps, minv, mfac):
-    """Momentum draw and the doublings 0..``upto`` as one call; the doublings' uniforms
-    are one draw (from the stream of doubling 0; later doublings use their own keys)."""
+def _prefix_constants(F: int):
+    """Constants of the vectorized prefix of doublings 0..F over its n = 2^(F+1) points
+    (point 0 the start, doubling j the points [2^j, 2^(j+1)) in integration order).
+
+    Returns (close [n − 1] int32: for each row of the stacked momentum-sum levels, the
+    point that closes its sub-subtree, n for the rows that are whole trajectories;
+    traj_rows: the row of each doubling's whole-trajectory check; masks [2F + 3, n, 1]
+    bool: doubling j's points (rows 0..F), the trajectory before doubling j (rows
+    F + 1 .. 2F + 1), all points (last row))."""
+    n = 2 ** (F + 1)
+    close, traj_rows = [], []
+    for s in (2 ** (j + 1) for j in range(F + 1)):
+        traj_rows.append(len(close))
+        close += [n] + [(k + 1) * s - 1 for k in range(1, n // s)]
+    idx = np.arange(n)
+    sub = [(idx >= 2**j) & (idx < 2 ** (j + 1)) for j in range(F + 1)]
+    before = [idx < 2**j for j in range(F + 1)]
+    masks = np.stack(sub + before + [idx >= 0])[:, :, None]
+    return mx.array(np.array(close, np.int32)), traj_rows, mx.array(masks)
+
+
+def _prefix(vg, dense, max_depth, F, key, u, lp, g, eps, minv, mfac):
+    """The momentum draw and the doublings 0..F as one call, their bookkeeping
+    vectorized over the whole trajectory of n = 2^(F+1) points (no per-doubling merge).
+
+    The directions are drawn first, so the 2^(F+1) − 1 leapfrog steps are integrated
+    (doubling j from the trajectory's end on its side), then stacked with the start at
+    point 0: doubling j holds the points [2^j, 2^(j+1)), and every balanced
+    sub-subtree of a doubling is an aligned block [k·s, (k + 1)·s), k ≥ 1, of the
+    stack, while the block k = 0 of size 2^(j+1) is the whole trajectory after doubling
+    j (its U-turn check uses the spatial ends instead). One pairwise sum gives every
+    block's ρ, one product and one sum every check. A chain active at doubling j had no
+    stop before it, so its subtree j is bad iff the first stopping point over the whole
+    stack (a divergence, or a turning sub-subtree's closing point) falls in it. The
+    trajectory weights W_j (doubling j) and W_<j (before it) are masked logsumexps;
+    each doubling's multinomial proposal is a Gumbel-max over its points; the biased
+    progressive choice (subtree j replaces the proposal with probability
+    min(1, W_j / W_<j)) and the stopping rule are a scan over F + 1 elementwise steps.
+    The same law as doubling by doubling (tested equal on common uniforms)."""
     ks = mx.random.split(key, max_depth + 1)
     t = _start(dense, row(ks, -1), u, lp, g, minv, mfac)
-    rows = [2**j + 3 for j in range(upto + 1)]
-    U = mx.random.uniform(shape=(sum(rows), eps.shape[0]), key=row(ks, 0))
-    off = 0
-    for j in range(upto + 1):
-        t = _doubling(vg, dense, max_depth, j, t, None, eps, minv, draws=U[off:off + rows[j]])
-        off += rows[j]
-    return _outputs(t)
+    n, c = 2 ** (F + 1), lp.shape[0]
+    R = mx.random.uniform(shape=(n + 2 * (F + 1), c), key=row(ks, 0))
+    fwd, ut = R[n:n + F + 1] < 0.5, R[n + F + 1:]
+    left = right = (u, t.pl, g)
+    us, ps, gs, lps = [u], [t.pl], [g], [lp]
+    for j in range(F + 1):
+        f = row(fwd, j)
+        cu, cp, cg = (_w(f, r, l) for r, l in zip(right, left))
+        e = mx.where(f, eps, -eps)[:, None]
+        for _ in range(2**j):
+            cu, cp, cg, clp = leapfrog(vg, cu, cp, cg, e, minv, dense)
+            us.append(cu)
+            ps.append(cp)
+            gs.append(cg)
+            lps.append(clp)
+        end = (cu, cp, cg)
+        right = tuple(_w(f, a, b) for a, b in zip(end, right))
+        left = tuple(_w(f, b, a) for a, b in zip(end, left))
+    P, LP = mx.stack(ps), mx.stack(lps)  # [n, C, D], [n, C]
+    V = velocity(P, minv, dense)
+    ii = _leaf_index(n)[:, None]
+    dh = (0.5 * mx.sum(P * V, axis=-1) - LP) - t.h0
+    lw = mx.where(ii == 0, 0.0, -mx.where(mx.isnan(dh), mx.inf, dh))  # log weight per point
+    div = lw < -MAX_ENERGY_ERROR
+    close, traj_rows, masks = _prefix_constants(F)
+    # momentum sums of every aligned block, and the end velocities of each check
+    levels, lev, A, B = [], P, [], []
+    vl = vr = row(V, 0)
+    for j in range(F + 1):
+        s = 2 ** (j + 1)
+        lev = lev[0::2] + lev[1::2]
+        levels.append(lev)
+        f = row(fwd, j)
+        vl, vr = _w(f, vl, row(V, s - 1)), _w(f, row(V, s - 1), vr)
+        A.append(mx.expand_dims(vl, 0))
+        B.append(mx.expand_dims(vr, 0))
+        if s < n:
+            A.append(V[s::s])
+            B.append(V[2 * s - 1::s])
+    rho = mx.concatenate(levels, axis=0)
+    m = n - 1
+    ab = mx.sum(mx.concatenate([rho, rho], axis=0) * mx.concatenate(A + B, axis=0), axis=-1)
+    turned = (ab[:m] <= 0) | (ab[m:] <= 0)  # [n − 1, C]
+    first = mx.minimum(mx.min(mx.where(turned, close[:, None], n), axis=0),
+                       mx.min(mx.where(div, ii, n), axis=0))  # first stopping point [C]
+    W = mx.logsumexp(mx.where(masks, lw[None], -mx.inf), axis=1)  # [2F + 3, C]
+    gumbel = -mx.log(-mx.log(R[:n]))
+    pick = mx.argmax(mx.where(masks[:F + 1], (lw + gumbel)[None], -mx.inf), axis=1)  # [F + 1, C]
+    act = t.active
+    depth, idx, last = t.depth, mx.zeros((c,), dtype=mx.int32), t.nsteps
+    for j in range(F + 1):
+        end = 2 ** (j + 1)
+        bad = first < end
+        ok = act & ~bad
+        take = ok & (mx.log(row(ut, j)) < row(W, j) - row(W, F + 1 + j))
+        idx = mx.where(take, row(pick, j).astype(mx.int32), idx)
+        last = mx.where(act, mx.where(bad, first, end - 1), last)
+        depth = depth + act.astype(mx.int32)
+        act = ok & ~row(turned, traj_rows[j]) & (depth < max_depth)
+    on = (ii >= 1) & (ii <= last[None])  # the points counted: 1 .. last
+    accsum = mx.sum(mx.where(on, mx.exp(mx.minimum(lw, 0.0)), 0.0), axis=0)
+    diverging = mx.any(on & div, axis=0)
+    oh = (ii == idx[None]) if n <= 8 else None
+    lpprop = row(mx.take_along_axis(LP, idx[None], axis=0), 0)
+    t = Tree(*left, *right, _pick(idx, us, oh), lpprop, _pick(idx, gs, oh), row(W, 2 * F + 2),
+             row(levels[-1], 0), t.h0, act, diverging, depth, last, accsum)
+    return _outputs(t) + [mx.max(depth)]
 
 
 def _small(vg, dense, max_depth, j, t: Tree, key, eps, minv):
@@ -359,12 +457,15 @@ def _big(vg, dense, max_depth, B, n_hi, part, t: Tree, s, kj, b, eps, hi_w, hi_c
 class NUTSKernel:
     """Batched NUTS transition; ``step(key, state, eps, metric) → (state, info)`` with
     ``info.accepted`` holding the tree depth reached. ``block``: leaves per compiled
-    call (a power of two); ``fused``: the doublings 0..fused run as one call with the
-    momentum draw (their 2^(fused+1) − 1 leaves are needed whenever any chain gets that
-    deep, and the merged call saves host syncs)."""
+    call (a power of two). The momentum draw and the doublings 0..F run as one call
+    with their bookkeeping vectorized over the whole trajectory (:func:`_prefix`); F
+    follows the deepest tree of the previous transition (F = depth − 1, at most
+    ``fused``; ``init`` resets it to ``fused``), so that one call usually finishes every
+    chain's tree without integrating doublings that no chain needs. Every F gives the
+    same transition law; only the use of the random stream differs.""" 
 
     def __init__(self, density: UnconstrainedDensity, max_tree_depth: int = 10, block: int = 16,
-                 fused: int = 2):
+                 fused: int = 3):
         if not isinstance(max_tree_depth, int) or not 1 <= max_tree_depth <= 15:
             raise ValueError(f"nuts: max_tree_depth must be an int in [1, 15], got {max_tree_depth!r}")
         if not isinstance(block, int) or block < 1 or block & (block - 1):
@@ -377,8 +478,10 @@ class NUTSKernel:
         self.n_hi = max(0, max_tree_depth - 1 - self.log_block)  # checkpoint sizes > B
         self._fns: dict = {}
         self._masks: dict = {}
+        self._prefix_depth = self.fused
 
     def init(self, u: mx.array) -> ChainState:
+        self._prefix_depth = self.fused
         lp, g = self.density.value_and_grad(u)
         return ChainState(u, lp, g)
 
@@ -394,7 +497,7 @@ class NUTSKernel:
                 return Sub(*rest[:ns], tuple(rest[ns:ns + nh]), tuple(rest[ns + nh:ns + 2 * nh])), rest[ns + 2 * nh:]
 
             if kind == "first":
-                f = mx.compile(partial(_first, vg, dense, md, self.fused))
+                f = mx.compile(partial(_prefix, vg, dense, md, static[0]))
             elif kind == "small":
                 j = static[0]
                 f = mx.compile(lambda *a: _small(vg, dense, md, j, Tree(*a[:17]), *a[17:]))
@@ -447,10 +550,13 @@ class NUTSKernel:
     def step(self, key, state: ChainState, eps: mx.array, metric: Metric):
         dense = metric.dense
         minv, mfac = metric.minv, metric.mfac
-        out = self._fn(dense, "first")(key, state.u, state.lp, state.grad, eps, minv, mfac)
-        for j in range(self.fused + 1, self.max_depth):
+        F = self._prefix_depth
+        out = first = self._fn(dense, "first", F)(key, state.u, state.lp, state.grad, eps, minv, mfac)
+        deepest = None  # the last doubling that some chain ran, past the prefix
+        for j in range(F + 1, self.max_depth):
             if not bool(out[17]):  # one host sync per doubling: does any chain continue?
                 break
+            deepest = j
             tree = out[:17]
             if 2**j <= self.block:
                 out = self._fn(dense, "small", j)(*tree, key, eps, minv)
@@ -470,6 +576,8 @@ class NUTSKernel:
                     out = res
                 else:
                     sub = res
+        depth = deepest + 1 if deepest is not None else int(first[19])  # evaluated already
+        self._prefix_depth = max(0, min(self.fused, depth - 1))
         tree = Tree(*out[:17])
         info = StepInfo(out[18], tree.diverging, tree.nsteps, tree.depth)
         return ChainState(tree.uprop, tree.lpprop, tree.gprop), info

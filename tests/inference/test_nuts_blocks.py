@@ -169,3 +169,74 @@ def test_block_uturn_checks_are_batched_over_sizes():
     text = buf.getvalue()
     assert len(re.findall(r'label ="Sum', text)) == 1
     assert len(re.findall(r'label ="Min', text)) == 1
+
+
+def _doublings_on_common_uniforms(vg, md, F, key, U, lp, g, eps, m):
+    """The trajectory of doublings 0..F built one doubling at a time (start, subtree,
+    merge) from the uniforms the vectorized prefix draws: direction, leaf Gumbels and
+    merge uniform of doubling j at the prefix's rows for j."""
+    ks = mx.random.split(key, md + 1)
+    t = N._start(False, ks[-1], U, lp, g, m.minv, m.mfac)
+    n, C = 2 ** (F + 1), U.shape[0]
+    R = mx.random.uniform(shape=(n + 2 * (F + 1), C), key=ks[0])
+    for j in range(F + 1):
+        d = mx.concatenate([R[n + j:n + j + 1], R[2**j:2 ** (j + 1)], R[0:1], R[n + F + 1 + j:n + F + 2 + j]])
+        t = N._doubling(vg, False, md, j, t, None, eps, m.minv, draws=d)
+    return t
+
+
+@pytest.mark.parametrize("F", [0, 2, 3])
+def test_prefix_equals_doubling_by_doubling(dens, F):
+    """The momentum draw and doublings 0..F with their bookkeeping vectorized over the
+    whole trajectory (one stack, aligned sub-subtree blocks, one scan over doublings)
+    give the tree that doubling-by-doubling merging gives on the same uniforms: stops,
+    divergences, depths, counts, acceptance sums, proposals, weights — with and without
+    the max-depth cap inside the prefix."""
+    C, D = 48, dens.dim
+    m = identity_metric(C, D)
+    vg = dens.value_and_grad
+    stopped_early = took = div = 0
+    for trial, md in enumerate((10, 10, F + 1)):
+        U = mx.random.normal((C, D), key=mx.random.key(trial))
+        lp, g = vg(U)
+        eps = mx.random.uniform(0.05, 1.5, (C,), key=mx.random.key(100 + trial))
+        key = mx.random.key(17 + trial)
+        got = N._prefix(vg, False, md, F, key, U, lp, g, eps, m.minv, m.mfac)
+        t = _doublings_on_common_uniforms(vg, md, F, key, U, lp, g, eps, m)
+        want = N._outputs(t)
+        act = np.array(t.active)
+        for name, a, b in zip(list(N.Tree._fields) + ["any_active", "accept"], got, want):
+            a, b = np.array(a), np.array(b)
+            if name in ("ul", "pl", "gl", "ur", "pr", "gr", "psum", "logw"):
+                a, b = a[act], b[act]  # read only for the chains that go on
+            if a.dtype.kind == "f":
+                np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5, err_msg=f"{name}, F={F}")
+            else:
+                np.testing.assert_array_equal(a, b, err_msg=f"{name}, F={F}")
+        assert int(got[-1]) == int(np.array(t.depth).max())
+        stopped_early += int((np.array(t.depth) < F + 1).sum())
+        took += int((~np.all(np.array(t.uprop) == np.array(U), axis=1)).sum())
+        div += int(np.array(t.diverging).sum())
+    assert took > C and div > 0 and (F == 0 or stopped_early > 10)
+
+
+def test_prefix_depth_follows_the_deepest_tree(dens):
+    """The kernel's prefix depth F is the previous transition's deepest tree − 1 (at
+    most ``fused``), and init resets it: the same key gives the same draws in a new run."""
+    C, D = 8, dens.dim
+    m = identity_metric(C, D)
+    K = N.NUTSKernel(dens, 10, fused=3)
+    runs, seen = [], set()
+    for _ in range(2):
+        st = K.init(mx.random.normal((C, D), key=mx.random.key(0)) * 0.1)
+        assert K._prefix_depth == 3
+        us = []
+        for i, e in enumerate((0.05, 1.2, 1.2, 0.05)):
+            st, info = K.step(mx.random.key(i), st, mx.full((C,), e), m)
+            assert K._prefix_depth == min(3, int(np.array(info.accepted).max()) - 1)
+            seen.add(K._prefix_depth)
+            us.append(np.array(st.u))
+        runs.append(us)
+    assert len(seen) >= 2, seen  # the depth moved
+    for a, b in zip(*runs):
+        np.testing.assert_array_equal(a, b)
