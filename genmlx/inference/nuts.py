@@ -10,12 +10,17 @@ W_block / W_so_far, the same law as leaf-by-leaf progressive sampling), and the
 subtree's proposal replaces the trajectory's with probability min(1, W_subtree / W_old)
 (biased progressive sampling).
 
-U-turn (generalized criterion): a (sub)trajectory with momentum sum ρ and end momenta
-p⁻, p⁺ turns when ρ·M⁻¹p⁻ ≤ 0 or ρ·M⁻¹p⁺ ≤ 0. It is checked for the whole
-trajectory after each doubling and, iteratively, for every balanced sub-subtree of
-the subtree under construction: leaf n closes the sub-subtrees of size 2^k with
-(n + 1) mod 2^k = 0, whose first momentum and preceding prefix sum are kept in
-checkpoint k (written at the leaves n with n mod 2^k = 0).
+U-turn (generalized criterion, as in Stan): a (sub)trajectory with momentum sum ρ and
+end momenta p⁻, p⁺ turns when ρ·M⁻¹p⁻ ≤ 0 or ρ·M⁻¹p⁺ ≤ 0. Whenever two adjacent
+halves A (ends a⁻, a⁺) and B (ends b⁻, b⁺, with a⁺ next to b⁻) are merged, the union is
+checked, and so are A extended by b⁻ (ρ_A + b⁻ with ends a⁻, b⁻) and B extended by a⁺
+(ρ_B + a⁺ with ends a⁺, b⁺): the checks between subtrees that stop trajectories whose
+halves have turned against each other. It is checked for the whole trajectory after
+each doubling (halves: the old trajectory and the new subtree) and, iteratively, for
+every balanced sub-subtree of the subtree under construction: leaf n closes the
+sub-subtrees of size 2^k with (n + 1) mod 2^k = 0, whose first momentum and preceding
+prefix sum are kept in checkpoint k (written at the leaves n with n mod 2^k = 0),
+and the momenta around its middle and the sum before it at the leaf n mod 2^k = 2^(k−1).
 
 Execution: all chains advance in lockstep (a chain that has stopped is masked in the
 statistics and rejected by the merge; its trajectory is integrated unmasked). The
@@ -70,8 +75,11 @@ class Tree(NamedTuple):
 
 
 class Sub(NamedTuple):
-    """The subtree under construction (and, for long doublings, the checkpoints of
-    sizes > B in ``ckp``/``ckr``: tuples of [C, D] arrays)."""
+    """The subtree under construction: ``p1`` its first leaf's momentum; for long
+    doublings, the checkpoints of sub-subtree sizes > B (tuples of [C, D] arrays): at a
+    sub-subtree's first leaf its momentum ``ckp`` and the momentum sum before it ``ckr``;
+    at its second half's first leaf that leaf's momentum ``ckm``, the momentum of the
+    leaf before it ``ckq`` and the sum before it ``ckh``."""
 
     u: mx.array
     p: mx.array
@@ -88,8 +96,12 @@ class Sub(NamedTuple):
     accsum: mx.array
     fwd: mx.array
     eps: mx.array
+    p1: mx.array
     ckp: tuple
     ckr: tuple
+    ckm: tuple
+    ckq: tuple
+    ckh: tuple
 
 
 def _w(mask, a, b):
@@ -117,8 +129,8 @@ def _sub_init(t: Tree, key, eps, n_hi: int, fwd=None) -> Sub:
     z = mx.zeros((c, d))
     f = mx.zeros((c,), dtype=mx.bool_)
     return Sub(u, p, g, u, t.lpprop, g, mx.full((c,), -mx.inf), mx.zeros_like(p), t.active, f, f,
-               mx.zeros((c,), dtype=mx.int32), mx.zeros((c,)), fwd, mx.where(fwd, eps, -eps),
-               (z,) * n_hi, (z,) * n_hi)
+               mx.zeros((c,), dtype=mx.int32), mx.zeros((c,)), fwd, mx.where(fwd, eps, -eps), z,
+               *(((z,) * n_hi,) * 5))
 
 
 def _turned(rho, pa, pb, minv, dense):
@@ -128,17 +140,30 @@ def _turned(rho, pa, pb, minv, dense):
     return (a <= 0) | (b <= 0)
 
 
+def _any_turned(checks: list, minv, dense):
+    """Whether any of the criteria (ρ, pa, pb) in ``checks`` turns: one stacked product
+    and one sum for all of them."""
+    rho = mx.stack([r for r, _, _ in checks])
+    ends = mx.stack([a for _, a, _ in checks] + [b for _, _, b in checks])
+    ab = mx.sum(mx.concatenate([rho, rho], axis=0) * velocity(ends, minv, dense), axis=-1)
+    return mx.any(ab <= 0, axis=0)
+
+
 def _leaf_index(n: int) -> mx.array:
     """0 … n − 1 (int32) as a constant array (no kernel inside a compiled block)."""
     return mx.array(np.arange(n, dtype=np.int32))
 
 
 def _closing_leaves(n: int) -> mx.array:
-    """For the balanced sub-subtrees of a block of n leaves, sizes 2, 4, …, n in turn
-    and groups g within a size: the leaf g·size + size − 1 that closes each ([n − 1]
-    int32 constant), twice (start- and end-momentum checks)."""
-    closes = np.concatenate([np.arange(n // s) * s + s - 1 for s in _sizes(n)]).astype(np.int32)
-    return mx.array(np.concatenate([closes, closes]))
+    """For the checks of the balanced sub-subtrees of a block of n leaves (sizes 2, 4, …,
+    n in turn; for each size its unions, then for sizes ≥ 4 its A-extended and its
+    B-extended checks, group g within each): the leaf g·size + size − 1 that closes
+    the sub-subtree ([M, 1] int32 constant)."""
+    closes = []
+    for s in _sizes(n):
+        c = np.arange(n // s) * s + s - 1
+        closes += [c] if s == 2 else [c, c, c]
+    return mx.array(np.concatenate(closes).astype(np.int32))[:, None]
 
 
 def _sizes(n: int) -> list:
@@ -147,21 +172,31 @@ def _sizes(n: int) -> list:
 
 def _first_turn(P: mx.array, V: mx.array, n: int) -> mx.array:
     """The first leaf [C] (n if none) closing a balanced sub-subtree of the block that
-    turns: for sub-subtree g of size s, ρ = Σ of its momenta (pairwise: the sums of size
-    s from those of size s/2) and the criterion ρ·M⁻¹p⁻ ≤ 0 or ρ·M⁻¹p⁺ ≤ 0 with its first
-    and last leaf. All sizes are checked by one product and one sum over the stacked
-    [2(n − 1), C, D] pairs (a few kernels per block, not a few per size). Also returns
-    the block's momentum sum (the sub-subtree of size n)."""
+    turns: for sub-subtree g of size s with halves A, B, ρ = Σ of its momenta (pairwise:
+    the sums of size s from those of size s/2) and the criterion ρ·M⁻¹p⁻ ≤ 0 or
+    ρ·M⁻¹p⁺ ≤ 0 with its first and last leaf; for s ≥ 4 also ρ_A + p(B's first leaf)
+    with the ends A's first and B's first leaf, and ρ_B + p(A's last leaf) with the ends
+    A's last and B's last leaf. All checks are one product and one sum over the stacked
+    pairs (a few kernels per block, not a few per size). Also returns the block's
+    momentum sum (the sub-subtree of size n)."""
     rhos, starts, ends = [], [], []
     level = P
     for s in _sizes(n):
+        half = level
         level = level[0::2] + level[1::2]  # [n/s, C, D]: ρ of each sub-subtree of size s
         rhos.append(level)
         starts.append(V[0::s])
         ends.append(V[s - 1::s])
+        if s >= 4:
+            h = s // 2
+            rhos += [half[0::2] + P[h::s], half[1::2] + P[h - 1::s]]
+            starts += [V[0::s], V[h - 1::s]]
+            ends += [V[h::s], V[s - 1::s]]
     rho = mx.concatenate(rhos, axis=0)
+    m = rho.shape[0]
     ab = mx.sum(mx.concatenate([rho, rho], axis=0) * mx.concatenate(starts + ends, axis=0), axis=-1)
-    return mx.min(mx.where(ab <= 0, _closing_leaves(n)[:, None], n), axis=0), row(level, 0)
+    turned = (ab[:m] <= 0) | (ab[m:] <= 0)
+    return mx.min(mx.where(turned, _closing_leaves(n), n), axis=0), row(level, 0)
 
 
 def _pick(idx, xs: list, onehot=None):
@@ -180,7 +215,7 @@ def _pick(idx, xs: list, onehot=None):
     return row(mx.take_along_axis(X, idx.reshape((1, c) + (1,) * (X.ndim - 2)), axis=0), 0)
 
 
-def _leaves(vg, dense, s: Sub, h0, unifs, minv, count: int, hi_w=None, hi_c=None,
+def _leaves(vg, dense, s: Sub, h0, unifs, minv, count: int, hi_w=None, hi_c=None, hi_m=None,
             fresh: bool = False) -> Sub:
     """``count`` leaves (leapfrog steps) of the subtree, then their bookkeeping at once.
 
@@ -193,7 +228,8 @@ def _leaves(vg, dense, s: Sub, h0, unifs, minv, count: int, hi_w=None, hi_c=None
     divergence or a check closing at n, and is counted while no earlier leaf stopped
     it. Sizes larger than the block are checked with the carried checkpoints
     ``s.ckp``/``s.ckr`` (write at the first leaf where ``hi_w``, check at the last where
-    ``hi_c``). The block's proposal is a multinomial draw ∝ exp(−ΔH) over its leaves
+    ``hi_c``) and the middle checkpoints ``s.ckm``/``s.ckq``/``s.ckh`` (written at the
+    first leaf where ``hi_m``). The block's proposal is a multinomial draw ∝ exp(−ΔH) over its leaves
     (Gumbel-max), replacing the subtree's earlier proposal with probability
     W_block / (W_earlier + W_block): the same law as leaf-by-leaf progressive sampling.
     ``unifs``: [count + 1, C] uniforms. ``fresh``: ``s`` is a subtree just started (zero
@@ -226,13 +262,18 @@ def _leaves(vg, dense, s: Sub, h0, unifs, minv, count: int, hi_w=None, hi_c=None
         first = mx.minimum(mx.min(mx.where(div, _leaf_index(n)[:, None], n), axis=0), turn)  # [C]
     psum_b = ps_[0] if n == 1 else psum_b
     psum_end = psum_b if fresh else s.psum + psum_b
-    ckp, ckr = list(s.ckp), list(s.ckr)
+    ckp, ckr, ckm, ckq, ckh = (list(x) for x in (s.ckp, s.ckr, s.ckm, s.ckq, s.ckh))
     hi_turn = None
     if hi_w is not None and ckp:
         for k in range(len(ckp)):
             ckp[k] = _w(hi_w[k], ps_[0], ckp[k])
             ckr[k] = _w(hi_w[k], s.psum, ckr[k])
-            t = hi_c[k] & _turned(psum_end - ckr[k], ckp[k], ps_[-1], minv, dense)
+            ckm[k] = _w(hi_m[k], ps_[0], ckm[k])
+            ckq[k] = _w(hi_m[k], s.p, ckq[k])
+            ckh[k] = _w(hi_m[k], s.psum, ckh[k])
+            t = hi_c[k] & _any_turned([(psum_end - ckr[k], ckp[k], ps_[-1]),
+                                        (ckh[k] - ckr[k] + ckm[k], ckp[k], ckm[k]),
+                                        (psum_end - ckh[k] + ckq[k], ckq[k], ps_[-1])], minv, dense)
             hi_turn = t if hi_turn is None else hi_turn | t
     # leaf i counts while no earlier leaf stopped the chain (i ≤ first)
     if n == 1:
@@ -269,7 +310,7 @@ def _leaves(vg, dense, s: Sub, h0, unifs, minv, count: int, hi_w=None, hi_c=None
         take = mx.log(row(unifs, n)) < logw_b - logw
         us, lps, gs = _w(take, u_b, s.us), mx.where(take, lp_b, s.lps), _w(take, g_b, s.gs)
     return Sub(u, p, g, us, lps, gs, logw, psum_end, on, bad, div_all, nsteps, accsum, s.fwd, s.eps,
-               tuple(ckp), tuple(ckr))
+               ps_[0] if fresh else s.p1, tuple(ckp), tuple(ckr), tuple(ckm), tuple(ckq), tuple(ckh))
 
 
 def _merge(dense, max_depth, t: Tree, s: Sub, unif, minv) -> Tree:
@@ -277,10 +318,14 @@ def _merge(dense, max_depth, t: Tree, s: Sub, unif, minv) -> Tree:
     take = ok & (mx.log(unif) < s.logw - t.logw)
     right = ok & s.fwd
     left = ok & ~s.fwd
+    near, far = _w(s.fwd, t.pr, t.pl), _w(s.fwd, t.pl, t.pr)  # the old ends: by the subtree, away
     ul, pl, gl = _w(left, s.u, t.ul), _w(left, s.p, t.pl), _w(left, s.g, t.gl)
     ur, pr, gr = _w(right, s.u, t.ur), _w(right, s.p, t.pr), _w(right, s.g, t.gr)
     psum = _w(ok, t.psum + s.psum, t.psum)
-    turn = _turned(psum, pl, pr, minv, dense)
+    # the union, the old trajectory extended by the subtree's first leaf, the subtree
+    # extended by the old end next to it
+    turn = _any_turned([(psum, pl, pr), (t.psum + s.p1, far, s.p1), (s.psum + near, near, s.p)],
+                       minv, dense)
     depth = t.depth + t.active.astype(mx.int32)
     return Tree(
         ul, pl, gl, ur, pr, gr,
@@ -318,25 +363,15 @@ def _outputs(t: Tree) -> list:
     return list(t) + [mx.any(t.active), t.accsum / mx.maximum(t.nsteps, 1)]
 
 
-def _prefix_constants(F: int):
-    """Constants of the vectorized prefix of doublings 0..F over its n = 2^(F+1) points
-    (point 0 the start, doubling j the points [2^j, 2^(j+1)) in integration order).
-
-    Returns (close [n − 1] int32: for each row of the stacked momentum-sum levels, the
-    point that closes its sub-subtree, n for the rows that are whole trajectories;
-    traj_rows: the row of each doubling's whole-trajectory check; masks [2F + 3, n, 1]
-    bool: doubling j's points (rows 0..F), the trajectory before doubling j (rows
-    F + 1 .. 2F + 1), all points (last row))."""
-    n = 2 ** (F + 1)
-    close, traj_rows = [], []
-    for s in (2 ** (j + 1) for j in range(F + 1)):
-        traj_rows.append(len(close))
-        close += [n] + [(k + 1) * s - 1 for k in range(1, n // s)]
-    idx = np.arange(n)
+def _prefix_masks(F: int) -> mx.array:
+    """The point masks of the vectorized prefix of doublings 0..F over its n = 2^(F+1)
+    points (point 0 the start, doubling j the points [2^j, 2^(j+1)) in integration
+    order), [2F + 3, n, 1] bool: doubling j's points (rows 0..F), the trajectory before
+    doubling j (rows F + 1 .. 2F + 1), all points (last row)."""
+    idx = np.arange(2 ** (F + 1))
     sub = [(idx >= 2**j) & (idx < 2 ** (j + 1)) for j in range(F + 1)]
     before = [idx < 2**j for j in range(F + 1)]
-    masks = np.stack(sub + before + [idx >= 0])[:, :, None]
-    return mx.array(np.array(close, np.int32)), traj_rows, mx.array(masks)
+    return mx.array(np.stack(sub + before + [idx >= 0])[:, :, None])
 
 
 def _prefix(vg, dense, max_depth, F, key, u, lp, g, eps, minv, mfac):
@@ -383,27 +418,51 @@ def _prefix(vg, dense, max_depth, F, key, u, lp, g, eps, minv, mfac):
     dh = (0.5 * mx.sum(P * V, axis=-1) - LP) - t.h0
     lw = mx.where(ii == 0, 0.0, -mx.where(mx.isnan(dh), mx.inf, dh))  # log weight per point
     div = lw < -MAX_ENERGY_ERROR
-    close, traj_rows, masks = _prefix_constants(F)
-    # momentum sums of every aligned block, and the end velocities of each check
-    levels, lev, A, B = [], P, [], []
-    vl = vr = row(V, 0)
+    masks = _prefix_masks(F)
+    # every check as (ρ, end velocity a, end velocity b): the sub-subtrees of each doubling
+    # (aligned blocks k ≥ 1 of size s; for s ≥ 4 also each half extended by the other's
+    # adjacent leaf), closing at leaf (k + 1)·s − 1; and per doubling j the trajectory:
+    # the union, the old trajectory extended by the new subtree's first point, the new
+    # subtree extended by the old end next to it
+    sub, close = ([], [], []), []
+    traj = tuple(([], [], []) for _ in range(3))
+    lev, pl, vl = P, row(P, 0), row(V, 0)
+    pr, vr = pl, vl
     for j in range(F + 1):
-        s = 2 ** (j + 1)
-        lev = lev[0::2] + lev[1::2]
-        levels.append(lev)
+        s, h = 2 ** (j + 1), 2**j
+        half, lev = lev, lev[0::2] + lev[1::2]  # sums of the blocks of size h and s
         f = row(fwd, j)
-        vl, vr = _w(f, vl, row(V, s - 1)), _w(f, row(V, s - 1), vr)
-        A.append(mx.expand_dims(vl, 0))
-        B.append(mx.expand_dims(vr, 0))
+        near_p, near_v, far_v = _w(f, pr, pl), _w(f, vr, vl), _w(f, vl, vr)
+        pe, ve = row(P, s - 1), row(V, s - 1)
+        pl, vl, pr, vr = _w(f, pl, pe), _w(f, vl, ve), _w(f, pe, pr), _w(f, ve, vr)
+        for (rs, As, Bs), (r_, a_, b_) in zip(traj, [(row(lev, 0), vl, vr),
+                                                   (row(half, 0) + row(P, h), far_v, row(V, h)),
+                                                   (row(half, 1) + near_p, near_v, ve)]):
+            rs.append(r_)
+            As.append(a_)
+            Bs.append(b_)
         if s < n:
-            A.append(V[s::s])
-            B.append(V[2 * s - 1::s])
-    rho = mx.concatenate(levels, axis=0)
-    m = n - 1
-    ab = mx.sum(mx.concatenate([rho, rho], axis=0) * mx.concatenate(A + B, axis=0), axis=-1)
-    turned = (ab[:m] <= 0) | (ab[m:] <= 0)  # [n − 1, C]
-    first = mx.minimum(mx.min(mx.where(turned, close[:, None], n), axis=0),
-                       mx.min(mx.where(div, ii, n), axis=0))  # first stopping point [C]
+            ends = np.arange(2, n // s + 1) * s - 1
+            parts = [(lev[1:], V[s::s], V[2 * s - 1::s])]
+            if s >= 4:
+                parts += [(half[2::2] + P[s + h::s], V[s::s], V[s + h::s]),
+                          (half[3::2] + P[s + h - 1::s], V[s + h - 1::s], V[2 * s - 1::s])]
+            for r_, a_, b_ in parts:
+                sub[0].append(r_)
+                sub[1].append(a_)
+                sub[2].append(b_)
+                close.append(ends)
+    rho = mx.concatenate(sub[0] + [mx.stack(x[0]) for x in traj], axis=0)
+    ends_ab = mx.concatenate(sub[1] + [mx.stack(x[1]) for x in traj] + sub[2] + [mx.stack(x[2]) for x in traj], axis=0)
+    m = rho.shape[0]
+    ab = mx.sum(mx.concatenate([rho, rho], axis=0) * ends_ab, axis=-1)
+    turned = (ab[:m] <= 0) | (ab[m:] <= 0)  # [m, C]
+    ms = m - 3 * (F + 1)
+    traj_turn = mx.any(turned[ms:].reshape(3, F + 1, c), axis=0)  # [F + 1, C]
+    first = mx.min(mx.where(div, ii, n), axis=0)  # first stopping point [C]
+    if ms:
+        close_c = mx.array(np.concatenate(close).astype(np.int32))[:, None]
+        first = mx.minimum(first, mx.min(mx.where(turned[:ms], close_c, n), axis=0))
     W = mx.logsumexp(mx.where(masks, lw[None], -mx.inf), axis=1)  # [2F + 3, C]
     gumbel = -mx.log(-mx.log(R[:n]))
     pick = mx.argmax(mx.where(masks[:F + 1], (lw + gumbel)[None], -mx.inf), axis=1)  # [F + 1, C]
@@ -417,14 +476,14 @@ def _prefix(vg, dense, max_depth, F, key, u, lp, g, eps, minv, mfac):
         idx = mx.where(take, row(pick, j).astype(mx.int32), idx)
         last = mx.where(act, mx.where(bad, first, end - 1), last)
         depth = depth + act.astype(mx.int32)
-        act = ok & ~row(turned, traj_rows[j]) & (depth < max_depth)
+        act = ok & ~row(traj_turn, j) & (depth < max_depth)
     on = (ii >= 1) & (ii <= last[None])  # the points counted: 1 .. last
     accsum = mx.sum(mx.where(on, mx.exp(mx.minimum(lw, 0.0)), 0.0), axis=0)
     diverging = mx.any(on & div, axis=0)
     oh = (ii == idx[None]) if n <= 8 else None
     lpprop = row(mx.take_along_axis(LP, idx[None], axis=0), 0)
     t = Tree(*left, *right, _pick(idx, us, oh), lpprop, _pick(idx, gs, oh), row(W, 2 * F + 2),
-             row(levels[-1], 0), t.h0, act, diverging, depth, last, accsum)
+             row(lev, 0), t.h0, act, diverging, depth, last, accsum)
     return _outputs(t) + [mx.max(depth)]
 
 
@@ -440,7 +499,7 @@ def _block_key(k2, b):
     return k2 + mx.concatenate([mx.zeros((1,), dtype=mx.uint32), b.reshape(1).astype(mx.uint32)])
 
 
-def _big(vg, dense, max_depth, B, n_hi, part, t: Tree, s, kj, b, eps, hi_w, hi_c, minv):
+def _big(vg, dense, max_depth, B, n_hi, part, t: Tree, s, kj, b, eps, hi_w, hi_c, hi_m, minv):
     """Block ``b`` of B leaves of a long doubling with key ``kj`` (the direction comes
     from kj as in a short doubling, so trees do not depend on B): ``part`` "first"
     (starts the subtree), "mid", or "last" (merges it into the trajectory)."""
@@ -448,7 +507,7 @@ def _big(vg, dense, max_depth, B, n_hi, part, t: Tree, s, kj, b, eps, hi_w, hi_c
     r = _uniforms(_block_key(k2, b), B, eps.shape[0])
     if part == "first":
         s = _sub_init(t, k1, eps, n_hi)
-    s = _leaves(vg, dense, s, t.h0, r, minv, B, hi_w, hi_c, fresh=part == "first")
+    s = _leaves(vg, dense, s, t.h0, r, minv, B, hi_w, hi_c, hi_m, fresh=part == "first")
     if part == "last":
         return _outputs(_merge(dense, max_depth, t, s, row(r, -1), minv))
     return _flat_sub(s) + [mx.any(s.on)]
@@ -490,11 +549,12 @@ class NUTSKernel:
         f = self._fns.get(k)
         if f is None:
             vg, md = self.density.value_and_grad, self.max_depth
-            ns = len(Sub._fields) - 2
+            ns = len(Sub._fields) - 5
             nh = self.n_hi
 
             def sub_of(rest):
-                return Sub(*rest[:ns], tuple(rest[ns:ns + nh]), tuple(rest[ns + nh:ns + 2 * nh])), rest[ns + 2 * nh:]
+                cks = [tuple(rest[ns + i * nh:ns + (i + 1) * nh]) for i in range(5)]
+                return Sub(*rest[:ns], *cks), rest[ns + 5 * nh:]
 
             if kind == "first":
                 f = mx.compile(partial(_prefix, vg, dense, md, static[0]))
@@ -531,20 +591,22 @@ class NUTSKernel:
         return self._masks[k]
 
     def _hi_masks(self, j: int, blk: int):
-        """Write/check masks of the checkpoint sizes 2^k > B for block ``blk`` of a
-        doubling of depth j (sizes above 2^j never fire)."""
+        """Write, check and middle-write masks of the checkpoint sizes 2^k > B for block
+        ``blk`` of a doubling of depth j (sizes above 2^j never fire)."""
         k = (j, blk)
         m = self._masks.get(k)
         if m is None:
             lb = self.log_block
             w = np.zeros(self.n_hi, bool)
             c = np.zeros(self.n_hi, bool)
+            mid = np.zeros(self.n_hi, bool)
             for i in range(self.n_hi):
                 size_blocks = 2 ** (i + 1)  # size 2^(lb+1+i) leaves = 2^(i+1) blocks
                 if lb + 1 + i <= j:
                     w[i] = blk % size_blocks == 0
                     c[i] = (blk + 1) % size_blocks == 0
-            m = self._masks[k] = (mx.array(w), mx.array(c))
+                    mid[i] = blk % size_blocks == size_blocks // 2
+            m = self._masks[k] = (mx.array(w), mx.array(c), mx.array(mid))
         return m
 
     def step(self, key, state: ChainState, eps: mx.array, metric: Metric):
@@ -563,15 +625,15 @@ class NUTSKernel:
                 continue
             nb = 2**j // self.block
             kj = row(mx.random.split(key, self.max_depth + 1), j)
-            w, c = self._hi_masks(j, 0)
-            sub = self._fn(dense, "big", "first")(*tree, kj, self._index(0), eps, w, c, minv)
+            w, c, mid = self._hi_masks(j, 0)
+            sub = self._fn(dense, "big", "first")(*tree, kj, self._index(0), eps, w, c, mid, minv)
             for b in range(1, nb):
                 if not bool(sub[-1]):  # every subtree has stopped: merge now
                     out = self._fn(dense, "merge")(*tree, *sub[:-1], kj, self._index(b), minv)
                     break
-                w, c = self._hi_masks(j, b)
+                w, c, mid = self._hi_masks(j, b)
                 part = "last" if b == nb - 1 else "mid"
-                res = self._fn(dense, "big", part)(*tree, *sub[:-1], kj, self._index(b), eps, w, c, minv)
+                res = self._fn(dense, "big", part)(*tree, *sub[:-1], kj, self._index(b), eps, w, c, mid, minv)
                 if part == "last":
                     out = res
                 else:
@@ -584,7 +646,7 @@ class NUTSKernel:
 
 
 def _flat_sub(s: Sub) -> list:
-    return list(s[:-2]) + list(s.ckp) + list(s.ckr)
+    return list(s[:-5]) + [a for ck in s[-5:] for a in ck]
 
 
 def nuts(key: mx.array, model, args: tuple, observations, num_samples: int = 1000,

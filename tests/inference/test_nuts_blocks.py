@@ -23,12 +23,14 @@ def funnel():
 
 
 def _reference_leaves(vg, s, h0, minv, count):
-    """Leaf-by-leaf NUTS subtree bookkeeping (iterative checkpoints), the oracle."""
+    """Leaf-by-leaf NUTS subtree bookkeeping (iterative checkpoints), the oracle: a
+    sub-subtree of size ≥ 4 with halves A, B also turns when A extended by B's first
+    leaf, or B extended by A's last leaf, turns (Stan's checks between subtrees)."""
     e = s.eps[:, None]
     u, p, g, psum, logw = s.u, s.p, s.g, s.psum, s.logw
     on, bad, div_all, nsteps, accsum = s.on, s.bad, s.div, s.nsteps, s.accsum
     sizes = [2**k for k in range(1, 12) if 2**k <= count]
-    ck = {}
+    ck, mid = {}, {}
     for n in range(count):
         u, p1, g, lp = leapfrog(vg, u, p, g, e, minv, False)
         dh = (-lp + kinetic(p1, minv, False)) - h0
@@ -38,12 +40,18 @@ def _reference_leaves(vg, s, h0, minv, count):
         for size in sizes:
             if n % size == 0:
                 ck[size] = (p1, psum)
+            if size >= 4 and n % size == size // 2:
+                mid[size] = (p1, p, psum)  # B's first leaf, A's last leaf, Σ before B
         psum = psum + p1
         turn = mx.zeros(on.shape, dtype=mx.bool_)
         for size in sizes:
             if (n + 1) % size == 0:
                 cp, cr = ck[size]
                 turn = turn | N._turned(psum - cr, cp, p1, minv, False)
+                if size >= 4:
+                    bm, aq, hm = mid[size]
+                    turn = turn | N._turned(hm - cr + bm, cp, bm, minv, False)
+                    turn = turn | N._turned(psum - hm + aq, aq, p1, minv, False)
         stop = turn | div
         bad = bad | (on & stop)
         div_all = div_all | (on & div)
@@ -145,23 +153,40 @@ def test_block_proposal_is_multinomial(dens):
 
 def test_block_uturn_checks_are_batched_over_sizes():
     """The U-turn checks of all balanced sub-subtrees in a block of 16 leaves (sizes 2, 4,
-    8, 16) are one product, ONE Sum and ONE Min over the stacked pairs (they were a few
-    reductions per size), and give the first closing leaf of a direct per-size check."""
+    8, 16; unions and the checks between halves) are one product, ONE Sum and ONE Min
+    over the stacked pairs (they were a few reductions per size), and give the first
+    closing leaf of a direct per-size check."""
     import io
     import re
 
     rng = np.random.default_rng(3)
-    n, C, D = 16, 5, 3
-    P = mx.array(rng.normal(size=(n, C, D)).astype(np.float32))
-    V = mx.array(rng.normal(size=(n, C, D)).astype(np.float32))
+    n, C = 16, 64
+    # momenta turning slowly (a random angular speed per chain, jitter): trajectories
+    # that U-turn at various leaves, some only by the checks between halves
+    step = rng.uniform(0.1, 0.6, size=(1, C))
+    th = np.cumsum(np.broadcast_to(step, (n, C)), axis=0) + rng.normal(0, 0.3, (n, C))
+    Pn = np.stack([np.cos(th), np.sin(th), 0.3 * rng.normal(size=(n, C))], -1).astype(np.float32)
+    Vn = (Pn * np.array([1.0, 0.7, 1.3])).astype(np.float32)
+    P, V = mx.array(Pn), mx.array(Vn)
     first, total = N._first_turn(P, V, n)
-    Pn, Vn = np.array(P), np.array(V)
-    want = np.full(C, n)
-    for s in (2, 4, 8, 16):
-        for g in range(n // s):
-            rho = Pn[g * s:(g + 1) * s].sum(axis=0)
-            turn = ((rho * Vn[g * s]).sum(-1) <= 0) | ((rho * Vn[g * s + s - 1]).sum(-1) <= 0)
-            want = np.where(turn, np.minimum(want, g * s + s - 1), want)
+
+    def turns(rho, va, vb):
+        return ((rho * va).sum(-1) <= 0) | ((rho * vb).sum(-1) <= 0)
+
+    def first_turn(between: bool):
+        want = np.full(C, n)
+        for s in (2, 4, 8, 16):
+            for g in range(n // s):
+                a, h, b = g * s, g * s + s // 2, g * s + s - 1  # first, B's first, last leaf
+                turn = turns(Pn[a:b + 1].sum(axis=0), Vn[a], Vn[b])
+                if between and s >= 4:  # each half extended by the other's adjacent leaf
+                    turn |= turns(Pn[a:h + 1].sum(axis=0), Vn[a], Vn[h])
+                    turn |= turns(Pn[h - 1:b + 1].sum(axis=0), Vn[h - 1], Vn[b])
+                want = np.where(turn, np.minimum(want, b), want)
+        return want
+
+    want = first_turn(True)
+    assert (want != first_turn(False)).any() and (want < n).any() and (want == n).any()
     np.testing.assert_array_equal(np.array(first), want)
     np.testing.assert_allclose(np.array(total), Pn.sum(axis=0), rtol=1e-5, atol=1e-5)
     buf = io.StringIO()
