@@ -517,11 +517,15 @@ class NUTSKernel:
     """Batched NUTS transition; ``step(key, state, eps, metric) → (state, info)`` with
     ``info.accepted`` holding the tree depth reached. ``block``: leaves per compiled
     call (a power of two). The momentum draw and the doublings 0..F run as one call
-    with their bookkeeping vectorized over the whole trajectory (:func:`_prefix`); F
-    follows the deepest tree of the previous transition (F = depth − 1, at most
-    ``fused``; ``init`` resets it to ``fused``), so that one call usually finishes every
-    chain's tree without integrating doublings that no chain needs. Every F gives the
-    same transition law; only the use of the random stream differs.""" 
+    with their bookkeeping vectorized over the whole trajectory (:func:`_prefix`). F ≤
+    ``fused`` minimizes the expected cost over the deepest trees d of the last
+    transitions (``init`` clears them; F = ``fused`` while none is known): leaves
+    2^max(F+1, d) − 1 plus ``CALL_COST`` leaves per further call, 1 + max(0, d − 1 − F)
+    calls. Every F gives the same transition law; only the use of the random stream
+    differs."""
+
+    CALL_COST = 4.0  # one more compiled call (its bookkeeping, a host sync), in leapfrog steps
+    WINDOW = 64  # transitions whose deepest trees choose F 
 
     def __init__(self, density: UnconstrainedDensity, max_tree_depth: int = 10, block: int = 16,
                  fused: int = 3):
@@ -537,9 +541,11 @@ class NUTSKernel:
         self.n_hi = max(0, max_tree_depth - 1 - self.log_block)  # checkpoint sizes > B
         self._fns: dict = {}
         self._masks: dict = {}
+        self._depths: list = []
         self._prefix_depth = self.fused
 
     def init(self, u: mx.array) -> ChainState:
+        self._depths = []
         self._prefix_depth = self.fused
         lp, g = self.density.value_and_grad(u)
         return ChainState(u, lp, g)
@@ -583,6 +589,18 @@ class NUTSKernel:
                 f = mx.compile(big)
             self._fns[k] = f
         return f
+
+    def _choose_prefix(self, depth: int) -> int:
+        """Record the deepest tree of a transition; the prefix depth F for the next one."""
+        self._depths = (self._depths + [depth])[-self.WINDOW:]
+        counts = np.bincount(self._depths, minlength=self.max_depth + 1)
+        d = np.arange(counts.size)
+
+        def cost(F):
+            calls = 1 + np.maximum(0, d - 1 - F)
+            return np.sum(counts * (2.0 ** np.maximum(F + 1, d) - 1 + self.CALL_COST * calls))
+
+        return min(range(self.fused + 1), key=cost)
 
     def _index(self, b: int) -> mx.array:
         k = ("index", b)
@@ -639,7 +657,7 @@ class NUTSKernel:
                 else:
                     sub = res
         depth = deepest + 1 if deepest is not None else int(first[19])  # evaluated already
-        self._prefix_depth = max(0, min(self.fused, depth - 1))
+        self._prefix_depth = self._choose_prefix(depth)
         tree = Tree(*out[:17])
         info = StepInfo(out[18], tree.diverging, tree.nsteps, tree.depth)
         return ChainState(tree.uprop, tree.lpprop, tree.gprop), info

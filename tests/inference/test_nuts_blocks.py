@@ -245,23 +245,24 @@ def test_prefix_equals_doubling_by_doubling(dens, F):
     assert took > C and div > 0 and (F == 0 or stopped_early > 10)
 
 
-def test_prefix_depth_follows_the_deepest_tree(dens):
-    """The kernel's prefix depth F is the previous transition's deepest tree − 1 (at
-    most ``fused``), and init resets it: the same key gives the same draws in a new run."""
+def test_prefix_depth_follows_the_tree_depths(dens):
+    """The kernel's prefix depth F (the doublings done in its first call) goes to
+    ``fused`` when the recent trees are deep and down when they are shallow, and init
+    resets it: the same key gives the same draws in a new run."""
     C, D = 8, dens.dim
     m = identity_metric(C, D)
     K = N.NUTSKernel(dens, 10, fused=3)
-    runs, seen = [], set()
+    runs = []
     for _ in range(2):
         st = K.init(mx.random.normal((C, D), key=mx.random.key(0)) * 0.1)
         assert K._prefix_depth == 3
-        us = []
-        for i, e in enumerate((0.05, 1.2, 1.2, 0.05)):
+        us, seen = [], []
+        for i, e in enumerate((1.5,) * 4 + (0.02,) * 12):
             st, info = K.step(mx.random.key(i), st, mx.full((C,), e), m)
-            assert K._prefix_depth == min(3, int(np.array(info.accepted).max()) - 1)
-            seen.add(K._prefix_depth)
+            seen.append((int(np.array(info.accepted).max()), K._prefix_depth))
             us.append(np.array(st.u))
+        assert max(d for d, _ in seen[:4]) <= 2 and seen[3][1] <= 1, seen  # shallow trees: F down
+        assert min(d for d, _ in seen[4:]) >= 5 and seen[-1][1] == 3, seen  # deep trees: F = fused
         runs.append(us)
-    assert len(seen) >= 2, seen  # the depth moved
     for a, b in zip(*runs):
         np.testing.assert_array_equal(a, b)
