@@ -133,13 +133,6 @@ def _sub_init(t: Tree, key, eps, n_hi: int, fwd=None) -> Sub:
                *(((z,) * n_hi,) * 5))
 
 
-def _turned(rho, pa, pb, minv, dense):
-    """The generalized U-turn criterion for momentum sum ρ and end momenta pa, pb."""
-    a = mx.sum(rho * velocity(pa, minv, dense), axis=-1)
-    b = mx.sum(rho * velocity(pb, minv, dense), axis=-1)
-    return (a <= 0) | (b <= 0)
-
-
 def _any_turned(checks: list, minv, dense):
     """Whether any of the criteria (ρ, pa, pb) in ``checks`` turns: one stacked product
     and one sum for all of them."""

@@ -22,6 +22,12 @@ def funnel():
     return gm.trace("x", gm.normal(mx.zeros(5), mx.exp(v / 2)))
 
 
+def _turned(rho, pa, pb, minv):
+    """The generalized U-turn criterion (identity/diagonal metric) for momentum sum ρ and
+    end momenta pa, pb, written out for the oracle."""
+    return (mx.sum(rho * minv * pa, axis=-1) <= 0) | (mx.sum(rho * minv * pb, axis=-1) <= 0)
+
+
 def _reference_leaves(vg, s, h0, minv, count):
     """Leaf-by-leaf NUTS subtree bookkeeping (iterative checkpoints), the oracle: a
     sub-subtree of size ≥ 4 with halves A, B also turns when A extended by B's first
@@ -47,11 +53,11 @@ def _reference_leaves(vg, s, h0, minv, count):
         for size in sizes:
             if (n + 1) % size == 0:
                 cp, cr = ck[size]
-                turn = turn | N._turned(psum - cr, cp, p1, minv, False)
+                turn = turn | _turned(psum - cr, cp, p1, minv)
                 if size >= 4:
                     bm, aq, hm = mid[size]
-                    turn = turn | N._turned(hm - cr + bm, cp, bm, minv, False)
-                    turn = turn | N._turned(psum - hm + aq, aq, p1, minv, False)
+                    turn = turn | _turned(hm - cr + bm, cp, bm, minv)
+                    turn = turn | _turned(psum - hm + aq, aq, p1, minv)
         stop = turn | div
         bad = bad | (on & stop)
         div_all = div_all | (on & div)
