@@ -25,8 +25,8 @@ and the momenta around its middle and the sum before it at the leaf n mod 2^k = 
 Execution: all chains advance in lockstep (a chain that has stopped is masked in the
 statistics and rejected by the merge; its trajectory is integrated unmasked). The
 momentum draw and the doublings 0..F are ONE compiled call whose bookkeeping is
-vectorized over the whole 2^(F+1)-point trajectory (:func:`_prefix`; F follows the
-previous transition's deepest tree, at most ``fused``); each further
+vectorized over the whole 2^(F+1)-point trajectory (:func:`_prefix`; F ≤ ``fused``
+chosen from the recent trees' depths); each further
 doubling of 2^j ≤ B leaves (B = ``block``, 16 by default) is one compiled call (subtree
 start, its leapfrog steps unrolled, merge), and a longer doubling runs in compiled
 blocks of B leaves. Inside a block the leaves are integrated first and their
@@ -163,6 +163,21 @@ def _sizes(n: int) -> list:
     return [2**k for k in range(1, n.bit_length())]
 
 
+def _block_checks(P: mx.array, V: mx.array, half: mx.array, level: mx.array, s: int, k0: int) -> list:
+    """The U-turn checks of the aligned blocks k ≥ ``k0`` of size s of the stacked leaves
+    (momenta P, velocities V [n, C, D]; ``half``/``level``: the momentum sums of the
+    blocks of size s/2 and s), as (ρ, velocity at one end, velocity at the other) parts:
+    each block's union (first and last leaf) and, for s ≥ 4, its first half extended by
+    the second half's first leaf and its second half extended by the first half's last
+    leaf. Each part has one row per block."""
+    a, h = k0 * s, s // 2
+    parts = [(level[k0:], V[a::s], V[a + s - 1::s])]
+    if s >= 4:
+        parts += [(half[2 * k0::2] + P[a + h::s], V[a::s], V[a + h::s]),
+                  (half[2 * k0 + 1::2] + P[a + h - 1::s], V[a + h - 1::s], V[a + s - 1::s])]
+    return parts
+
+
 def _first_turn(P: mx.array, V: mx.array, n: int) -> mx.array:
     """The first leaf [C] (n if none) closing a balanced sub-subtree of the block that
     turns: for sub-subtree g of size s with halves A, B, ρ = Σ of its momenta (pairwise:
@@ -172,20 +187,13 @@ def _first_turn(P: mx.array, V: mx.array, n: int) -> mx.array:
     A's last and B's last leaf. All checks are one product and one sum over the stacked
     pairs (a few kernels per block, not a few per size). Also returns the block's
     momentum sum (the sub-subtree of size n)."""
-    rhos, starts, ends = [], [], []
+    parts = []
     level = P
     for s in _sizes(n):
-        half = level
-        level = level[0::2] + level[1::2]  # [n/s, C, D]: ρ of each sub-subtree of size s
-        rhos.append(level)
-        starts.append(V[0::s])
-        ends.append(V[s - 1::s])
-        if s >= 4:
-            h = s // 2
-            rhos += [half[0::2] + P[h::s], half[1::2] + P[h - 1::s]]
-            starts += [V[0::s], V[h - 1::s]]
-            ends += [V[h::s], V[s - 1::s]]
-    rho = mx.concatenate(rhos, axis=0)
+        half, level = level, level[0::2] + level[1::2]  # [n/s, C, D]: ρ of each block of size s
+        parts += _block_checks(P, V, half, level, s, 0)
+    rho = mx.concatenate([r for r, _, _ in parts], axis=0)
+    starts, ends = [a for _, a, _ in parts], [b for _, _, b in parts]
     m = rho.shape[0]
     ab = mx.sum(mx.concatenate([rho, rho], axis=0) * mx.concatenate(starts + ends, axis=0), axis=-1)
     turned = (ab[:m] <= 0) | (ab[m:] <= 0)
@@ -436,11 +444,7 @@ def _prefix(vg, dense, max_depth, F, key, u, lp, g, eps, minv, mfac):
             Bs.append(b_)
         if s < n:
             ends = np.arange(2, n // s + 1) * s - 1
-            parts = [(lev[1:], V[s::s], V[2 * s - 1::s])]
-            if s >= 4:
-                parts += [(half[2::2] + P[s + h::s], V[s::s], V[s + h::s]),
-                          (half[3::2] + P[s + h - 1::s], V[s + h - 1::s], V[2 * s - 1::s])]
-            for r_, a_, b_ in parts:
+            for r_, a_, b_ in _block_checks(P, V, half, lev, s, 1):
                 sub[0].append(r_)
                 sub[1].append(a_)
                 sub[2].append(b_)
@@ -535,11 +539,9 @@ class NUTSKernel:
         self._fns: dict = {}
         self._masks: dict = {}
         self._depths: list = []
-        self._prefix_depth = self.fused
 
     def init(self, u: mx.array) -> ChainState:
         self._depths = []
-        self._prefix_depth = self.fused
         lp, g = self.density.value_and_grad(u)
         return ChainState(u, lp, g)
 
@@ -583,9 +585,11 @@ class NUTSKernel:
             self._fns[k] = f
         return f
 
-    def _choose_prefix(self, depth: int) -> int:
-        """Record the deepest tree of a transition; the prefix depth F for the next one."""
-        self._depths = (self._depths + [depth])[-self.WINDOW:]
+    @property
+    def _prefix_depth(self) -> int:
+        """The prefix depth F of the next transition, from the recorded deepest trees."""
+        if not self._depths:
+            return self.fused
         counts = np.bincount(self._depths, minlength=self.max_depth + 1)
         d = np.arange(counts.size)
 
@@ -650,7 +654,7 @@ class NUTSKernel:
                 else:
                     sub = res
         depth = deepest + 1 if deepest is not None else int(first[19])  # evaluated already
-        self._prefix_depth = self._choose_prefix(depth)
+        self._depths = (self._depths + [depth])[-self.WINDOW:]
         tree = Tree(*out[:17])
         info = StepInfo(out[18], tree.diverging, tree.nsteps, tree.depth)
         return ChainState(tree.uprop, tree.lpprop, tree.gprop), info
