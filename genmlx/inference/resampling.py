@@ -21,15 +21,30 @@ import mlx.core as mx
 
 from genmlx import kernels as _K  # fused GPU kernels; generic path below otherwise
 from genmlx.core.indexing import row
+from genmlx.inference.prefix_sums import blocked_logsumexp, blocked_sum, prefix_split, slot_positions
+
+
+LONG_ROW = 1 << 16  # rows longer than this are reduced by blocks
+
+
+def _lse(log_weights: mx.array) -> mx.array:
+    """logsumexp over the last axis; long rows by blocks (:func:`blocked_logsumexp`: a
+    sequential float32 sum of 3·10⁷ equal terms, as MLX's CPU reduction does it, stops
+    at 2^24 of them)."""
+    if log_weights.shape[-1] > LONG_ROW:
+        return blocked_logsumexp(log_weights)
+    return mx.logsumexp(log_weights, axis=-1)
 
 
 def log_normalize(log_weights: mx.array) -> mx.array:
     """log w_i − logsumexp(log w)."""
-    return log_weights - mx.logsumexp(log_weights, axis=-1, keepdims=True)
+    return log_weights - mx.expand_dims(_lse(log_weights), -1)
 
 
 def normalized_weights(log_weights: mx.array) -> mx.array:
     """w_i = exp(log w_i) / Σ_j exp(log w_j)."""
+    if log_weights.shape[-1] > LONG_ROW:
+        return mx.exp(log_normalize(log_weights))
     return mx.softmax(log_weights, axis=-1)
 
 
@@ -38,7 +53,7 @@ def effective_sample_size(log_weights: mx.array, *, fused: bool = False) -> mx.a
     GPU kernel where one applies (never under ``mx.vmap``: see :mod:`genmlx.kernels`)."""
     if fused and _K.use_kernel(log_weights):
         return _K.weight_summary(log_weights)[1]
-    return mx.exp(2 * mx.logsumexp(log_weights, axis=-1) - mx.logsumexp(2 * log_weights, axis=-1))
+    return mx.exp(2 * _lse(log_weights) - _lse(2 * log_weights))
 
 
 def log_mean_exp(log_weights: mx.array, *, fused: bool = False) -> mx.array:
@@ -47,7 +62,7 @@ def log_mean_exp(log_weights: mx.array, *, fused: bool = False) -> mx.array:
     n = log_weights.shape[-1]
     if fused and _K.use_kernel(log_weights):
         return _K.weight_summary(log_weights)[0] - math.log(n)
-    return mx.logsumexp(log_weights, axis=-1) - math.log(n)
+    return _lse(log_weights) - math.log(n)
 
 
 def weight_stats(log_weights: mx.array, *, fused: bool = False) -> mx.array:
@@ -60,7 +75,7 @@ def weight_stats(log_weights: mx.array, *, fused: bool = False) -> mx.array:
         lse, ess = _K.weight_summary(log_weights)
         lse2 = mx.where(lse > -mx.inf, 2 * lse - mx.log(ess), lse)
         return mx.stack([lse, lse2])
-    return mx.stack([mx.logsumexp(log_weights), mx.logsumexp(2 * log_weights)])
+    return mx.stack([_lse(log_weights), _lse(2 * log_weights)])
 
 
 def _safe_logits(log_weights: mx.array) -> mx.array:
@@ -69,12 +84,42 @@ def _safe_logits(log_weights: mx.array) -> mx.array:
     return mx.where(ok, log_weights, mx.zeros_like(log_weights))
 
 
+def _weights(log_weights: mx.array) -> mx.array:
+    """exp(lw − max lw): unnormalised weights with maximum 1 (uniform if all are −inf)."""
+    lw = _safe_logits(log_weights)
+    return mx.exp(lw - mx.max(lw))
+
+
 def _cdf(log_weights: mx.array) -> mx.array:
-    """The normalised CDF, nondecreasing: a parallel (GPU) float scan of nonnegative
-    terms need not be, so a running maximum follows the cumulative sum."""
-    w = normalized_weights(_safe_logits(log_weights))
-    c = mx.cummax(mx.cumsum(w))
-    return c / row(c, -1)
+    """The normalised CDF [n], nondecreasing, C_{n−1} = 1: C_i = S_i / S_{n−1} with the
+    drift-free prefix sums S (:func:`prefix_split`; a float32 ``mx.cumsum`` of 10⁶
+    weights drifts by thousands of particles' worth) of the weights scaled by a power of
+    two to a total near n (exact for dyadic weights, as the GPU scan kernel is), and a
+    running maximum against the final rounding."""
+    n = log_weights.shape[-1]
+    w = _weights(log_weights)
+    scale = mx.power(2.0, mx.round(math.log2(n) - mx.log2(blocked_sum(w))))
+    I, F = prefix_split(w * scale)
+    S = I.astype(mx.float32) + F
+    return mx.cummax(S / row(S, -1))
+
+
+def _slot_counts(log_weights: mx.array, U: mx.array, m: int) -> mx.array:
+    """N_i = #{j < m : u_j ≤ C_i}, u_j = (j + U_j)/m (``U`` one shared uniform or [m]),
+    from the exact-enough slot positions m·C_i = I_i + F_i (:func:`slot_positions`):
+    I_i + [U_{I_i} ≤ F_i], capped at m; nondecreasing (running maximum), N_{n−1} = m.
+    Valid for any m < 2^31, where a float32 CDF resolves only m < 2^24 slots."""
+    I, F = slot_positions(_weights(log_weights), m)
+    Uj = U if U.ndim == 0 else mx.take(U, mx.minimum(I, m - 1))
+    N = mx.minimum(I + mx.logical_and(I < m, Uj <= F).astype(mx.int32), m)
+    return mx.cummax(N)
+
+
+def _from_slots(log_weights: mx.array, U: mx.array, m: int) -> mx.array:
+    """Sorted ancestors [m] for u_j = (j + U_j)/m from :func:`_slot_counts`."""
+    N = _slot_counts(log_weights, U, m)
+    counts = N - mx.concatenate([mx.zeros((1,), dtype=mx.int32), N[:-1]])
+    return indices_from_counts(counts, m)
 
 
 def strata_counts(cdf: mx.array, U: mx.array, m: int) -> mx.array:
@@ -149,7 +194,7 @@ def stratified(key: mx.array, log_weights: mx.array, m: int | None = None, *,
     U = mx.random.uniform(shape=(m,), key=key)
     if fused and _K.use_kernel(log_weights):
         return _K.resample_stratified(U, log_weights, m)
-    return _from_strata(_cdf(log_weights), U, m)
+    return _from_slots(log_weights, U, m)
 
 
 def systematic(key: mx.array, log_weights: mx.array, m: int | None = None, *,
@@ -160,7 +205,7 @@ def systematic(key: mx.array, log_weights: mx.array, m: int | None = None, *,
     U = mx.random.uniform(shape=(), key=key)
     if fused and _K.use_kernel(log_weights):
         return _K.resample_systematic(U, log_weights, m)
-    return _from_strata(_cdf(log_weights), U, m)
+    return _from_slots(log_weights, U, m)
 
 
 def residual(key: mx.array, log_weights: mx.array, m: int | None = None) -> mx.array:

@@ -675,14 +675,13 @@ def _sync_free_assemble(payload, did, Nb, mid, leaves, got):
 def _local_cdf(lw: mx.array, ok: mx.array, lse_r: mx.array, fused: bool) -> mx.array:
     """The normalised CDF of this process's weights (uniform when its mass is 0 or no
     particle anywhere is possible), nondecreasing: the GPU scan kernel (``fused``) or
-    a cumulative sum with a running maximum (a parallel float scan need not be monotone)."""
+    the drift-free generic CDF (``resampling._cdf``)."""
     if fused:
         from genmlx.kernels.resample import cdf_kernel
 
         return cdf_kernel("cuda", lw)
     own_ok = mx.logical_and(ok, lse_r > -mx.inf)
-    c = mx.cummax(mx.cumsum(mx.where(own_ok, mx.exp(lw - lse_r), mx.ones_like(lw))))
-    return c / row(c, -1)
+    return R._cdf(mx.where(own_ok, lw, mx.zeros_like(lw)))
 
 
 def _fused(lw: mx.array) -> bool:
