@@ -28,7 +28,9 @@ with u_j = (j + U_j)/m and C the normalised CDF, C_i = Σ_{k≤i} w_k / Σ_k w_k
    from ``mx.cumsum`` differ by float32 rounding only, which can move an ancestor by one
    where a u_j falls within rounding of a C_i. Exact for m < 2^24.
 
-The reference (generic) path is ``genmlx.inference.resampling._from_strata(_cdf(lw), U, m)``.
+The kernels equal ``genmlx.inference.resampling._from_strata(_cdf(lw), U, m)`` (the float32
+decision rule on a float32 CDF). The generic path (no kernel, or m ≥ 2^24) is
+``resampling._from_slots``: the same rule on int + fraction slot positions, valid for any m.
 """
 
 from __future__ import annotations
@@ -365,7 +367,7 @@ def search_kernel(backend: str, cdf: mx.array, U: mx.array, first: int = 0,
 def _generic(U: mx.array, log_weights: mx.array, m: int) -> mx.array:
     from genmlx.inference import resampling as R  # lazy: resampling imports this package
 
-    return R._from_strata(R._cdf(log_weights), U, m)
+    return R._from_slots(log_weights, U, m)
 
 
 def _check(name: str, U: mx.array, log_weights: mx.array, m, per_slot: bool) -> int:
