@@ -42,6 +42,9 @@ particles, the systematic points u_j = (j + U)/n below their global CDF values: 
 offspring counts telescope across processes (the boundary values are the same floats
 everywhere) to exactly n, and equal the single-process systematic counts on the global
 weights (up to the rounding of the CDF; the 2-process test finds them identical).
+Limit: the global CDF values are float32, which resolve n < 2^24 slots; beyond (3·10⁷
+particles in all) an offspring count can be off by one or two slots, unlike the single-
+process generic path (int + fraction slot positions, :mod:`~genmlx.inference.prefix_sums`).
 Process q's offspring fill the global slots [N(B_q), N(B_{q+1})) in order; the parts
 of that segment outside q's own block are all-gathered (index windows, as above) so
 that every process knows its slots' sources. Other schemes draw from the gathered
