@@ -104,22 +104,30 @@ def _cdf(log_weights: mx.array) -> mx.array:
     return mx.cummax(S / row(S, -1))
 
 
-def _slot_counts(log_weights: mx.array, U: mx.array, m: int) -> mx.array:
-    """N_i = #{j < m : u_j ≤ C_i}, u_j = (j + U_j)/m (``U`` one shared uniform or [m]),
-    from the exact-enough slot positions m·C_i = I_i + F_i (:func:`slot_positions`):
-    I_i + [U_{I_i} ≤ F_i], capped at m; nondecreasing (running maximum), N_{n−1} = m.
-    Valid for any m < 2^31, where a float32 CDF resolves only m < 2^24 slots."""
-    I, F = slot_positions(_weights(log_weights), m)
+def _points_below(I: mx.array, F: mx.array, U: mx.array, m: int) -> mx.array:
+    """N = #{j < m : j + U_j ≤ X} for slot positions X = I + F (I int32, F ∈ [0, 1)):
+    I + [U_I ≤ F], capped at m; ``U`` one shared uniform (systematic) or one per
+    stratum [m]."""
     Uj = U if U.ndim == 0 else mx.take(U, mx.minimum(I, m - 1))
-    N = mx.minimum(I + mx.logical_and(I < m, Uj <= F).astype(mx.int32), m)
-    return mx.cummax(N)
+    extra = mx.logical_and(I < m, Uj <= F)  # not `&`: its vmap rule mis-batches (MLX 0.32)
+    return mx.minimum(I + extra.astype(mx.int32), m)
+
+
+def _ancestors_from_cumulative(N: mx.array, first: int, count: int) -> mx.array:
+    """Sorted ancestors of the strata first … first + count − 1 from the cumulative
+    counts N_i (nondecreasing), the last one set to first + count (C_{n−1} = 1 exactly)."""
+    N = mx.concatenate([N[:-1], mx.array([first + count], dtype=mx.int32)])
+    counts = N - mx.concatenate([mx.array([first], dtype=mx.int32), N[:-1]])
+    return indices_from_counts(counts, count)
 
 
 def _from_slots(log_weights: mx.array, U: mx.array, m: int) -> mx.array:
-    """Sorted ancestors [m] for u_j = (j + U_j)/m from :func:`_slot_counts`."""
-    N = _slot_counts(log_weights, U, m)
-    counts = N - mx.concatenate([mx.zeros((1,), dtype=mx.int32), N[:-1]])
-    return indices_from_counts(counts, m)
+    """Sorted ancestors [m] for u_j = (j + U_j)/m, counted on the exact-enough slot
+    positions m·C_i = I_i + F_i (:func:`slot_positions`; valid for any m < 2^31, where a
+    float32 CDF resolves only m < 2^24 slots), with a running maximum against the
+    scan's ~10⁻³-slot rounding."""
+    I, F = slot_positions(_weights(log_weights), m)
+    return _ancestors_from_cumulative(mx.cummax(_points_below(I, F, U, m)), 0, m)
 
 
 def strata_counts(cdf: mx.array, U: mx.array, m: int) -> mx.array:
@@ -128,10 +136,7 @@ def strata_counts(cdf: mx.array, U: mx.array, m: int) -> mx.array:
     or one per stratum [m]."""
     x = m * cdf
     fl = mx.floor(x)
-    j = mx.minimum(fl, m - 1).astype(mx.int32)
-    Uj = U if U.ndim == 0 else mx.take(U, j)  # one shared U (systematic) or one per stratum
-    extra = mx.logical_and(fl < m, Uj <= x - fl)  # not `&`: its vmap rule mis-batches (MLX 0.32)
-    return mx.minimum(fl.astype(mx.int32) + extra.astype(mx.int32), m)
+    return _points_below(fl.astype(mx.int32), x - fl, U, m)
 
 
 def _from_strata(cdf: mx.array, U: mx.array, m: int, first: int = 0, count: int | None = None,
@@ -147,9 +152,7 @@ def _from_strata(cdf: mx.array, U: mx.array, m: int, first: int = 0, count: int 
     N = strata_counts(cdf, U, m)
     if clip:
         N = mx.clip(N, first, first + count)
-    N = mx.concatenate([N[:-1], mx.array([first + count], dtype=mx.int32)])  # C_n = 1 exactly
-    counts = N - mx.concatenate([mx.array([first], dtype=mx.int32), N[:-1]])
-    return indices_from_counts(counts, count)
+    return _ancestors_from_cumulative(N, first, count)
 
 
 def segment_ancestors(cdf: mx.array, U: mx.array, first: int, count: int, m: int, *,
