@@ -19,6 +19,7 @@ import mlx.core as mx
 import numpy as np
 
 from genmlx.inference import resampling as R
+from genmlx.inference.prefix_sums import slot_positions
 from genmlx.inference.sharded import (Shards, _fused, _sync_free_assemble, _sync_free_search,
                                      _systematic_head, window_width)
 
@@ -45,9 +46,9 @@ def probe(n: int, repeats: int) -> dict:
     perm = mx.random.permutation(n).astype(mx.int32)
     one = Shards(mx.distributed.init())
     stats = mx.stack([mx.logsumexp(lw), mx.logsumexp(2 * lw)])
-    cdf = R._cdf(lw)
+    pos = slot_positions(R._weights(lw), n)
     key_u = mx.random.uniform(shape=(), key=key)
-    mx.eval(lw, w, x, counts, ints, perm, stats, cdf, key_u)
+    mx.eval(lw, w, x, counts, ints, perm, stats, pos, key_u)
     i = mx.arange(n, dtype=mx.int32)
     fused = _fused(lw)
     head_fn = mx.compile(lambda k, l, s: _systematic_head((1, 0, 1.1, fused), k, l, s))
@@ -78,8 +79,8 @@ def probe(n: int, repeats: int) -> dict:
         "local_stats_two_logsumexps": lambda: R.weight_stats(lw),
         "local_stats_summary_kernel": lambda: R.weight_stats(lw, fused=True),
         "indices_from_counts": lambda: R.indices_from_counts(counts, n),
-        "segment_ancestors_generic": lambda: R.segment_ancestors(cdf, key_u, 0, n, n),
-        "segment_ancestors_fused": lambda: R.segment_ancestors(cdf, key_u, 0, n, n, fused=True),
+        "segment_ancestors_generic": lambda: R.segment_ancestors(pos, key_u, 0, n, n),
+        "segment_ancestors_fused": lambda: R.segment_ancestors(pos, key_u, 0, n, n, fused=True),
         "systematic_generic": lambda: R.systematic(key, lw, n),
         "systematic_fused": lambda: R.systematic(key, lw, n, fused=True),
         "systematic_head_compiled": lambda: head_fn(key, lw, stats[None]),

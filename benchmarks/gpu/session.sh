@@ -91,12 +91,14 @@ case $part in
     # IS_ARGS="--skip-is" leaves out the sharded IS rows; the N-process run also times the
     # exact systematic path (--exact); if the sync-free step with its collectives compiled
     # in fails, the run is repeated with them outside the compiled step (--split-collectives)
+    # NS_SMC: the particle counts (total) of the SMC rows
     is_args=${IS_ARGS:---ns-is 10000000 100000000}
-    run scale_smc_1 200 $py benchmarks/scale_smc.py --ns-smc 1000000 10000000 30000000 $is_args --repeats 3 --vs-smc --out "$OUT/scale_1.json"
+    ns=${NS_SMC:-1000000 10000000 30000000}
+    run scale_smc_1 200 $py benchmarks/scale_smc.py --ns-smc $ns $is_args --repeats 3 --vs-smc --out "$OUT/scale_1.json"
     run scale_smc_2 240 mlx.launch -n 2 --backend nccl --env NCCL_NVLS_ENABLE=0 --python "$(command -v $py)" \
-      benchmarks/scale_smc.py --ns-smc 1000000 10000000 30000000 $is_args --repeats 3 --count --latency --exact --out "$OUT/scale_2.json"
+      benchmarks/scale_smc.py --ns-smc $ns $is_args --repeats 3 --count --latency --exact --out "$OUT/scale_2.json"
     grep -q "^rc=0" "$OUT/scale_smc_2.log" || run scale_smc_2s 240 mlx.launch -n 2 --backend nccl --env NCCL_NVLS_ENABLE=0 \
-      --python "$(command -v $py)" benchmarks/scale_smc.py --ns-smc 1000000 10000000 30000000 $is_args --repeats 3 \
+      --python "$(command -v $py)" benchmarks/scale_smc.py --ns-smc $ns $is_args --repeats 3 \
       --count --exact --split-collectives --out "$OUT/scale_2.json"
     run scale_cmp 30 $py benchmarks/scale_smc.py --compare "$OUT/scale_1.json" "$OUT/scale_2.json" --append-results --note "$NOTE"
     ;;

@@ -85,19 +85,36 @@ def prefix_split(y: mx.array) -> tuple[mx.array, mx.array]:
     return _normalize(ints + fi, ff)
 
 
-def slot_positions(weights: mx.array, m: int) -> tuple[mx.array, mx.array]:
-    """X_i = m · Σ_{k≤i} w_k / Σ_k w_k for nonnegative weights [n] (not all zero) as
-    (I int32, F float32 in [0, 1)), the last position exactly (m, 0).
+def _position(x) -> tuple[mx.array, mx.array]:
+    """A slot position given as an int or as (int32 part, float32 fraction)."""
+    if isinstance(x, tuple):
+        return x[0].astype(mx.int32), x[1].astype(mx.float32)
+    return mx.array(int(x), dtype=mx.int32), mx.array(0.0, dtype=mx.float32)
 
-    y = w · m/Z with Z = Σ w (:func:`blocked_sum`), prefix-summed by :func:`prefix_split` to T = X_{n−1}; the
-    small mismatch D = m − T (float32 rounding of y and Z) is spread proportionally,
-    X_i ← X_i + X_i · D/T, a float32 correction of size ≤ |D| (no drift). Nondecreasing in
-    i up to the scan's ~10⁻³ absolute error; callers take a running maximum of counts."""
+
+def slot_positions(weights: mx.array, end, start=0) -> tuple[mx.array, mx.array]:
+    """X_i = x₀ + (x₁ − x₀) · Σ_{k≤i} w_k / Σ_k w_k for nonnegative weights [n] as (I int32,
+    F float32 in [0, 1)), the last position exactly x₁. ``end`` x₁ and ``start`` x₀ are
+    ints (one process: 0 and the number of slots m) or (int32, float32) pairs (a process's
+    range of global slots in sharded resampling). All-zero weights, or x₁ = x₀, put every
+    position at x₀ but the last.
+
+    y = w · (x₁ − x₀)/Z with Z = Σ w (:func:`blocked_sum`), prefix-summed by
+    :func:`prefix_split` to T = X_{n−1} − x₀; the small mismatch D = (x₁ − x₀) − T (float32
+    rounding of y and Z) is spread proportionally, X_i ← X_i + X_i · D/T, a float32
+    correction of size ≤ |D| (no drift). Nondecreasing in i up to the scan's ~10⁻³
+    absolute error; callers take a running maximum of counts."""
+    ei, ef = _position(end)
+    si, sf = _position(start)
+    span_i, span_f = ei - si, ef - sf
     z = blocked_sum(weights)
-    I, F = prefix_split(weights * (m / z))
+    span = span_i.astype(mx.float32) + span_f
+    I, F = prefix_split(weights * mx.where(z > 0, span / z, 0.0))
     t_i, t_f = I[-1], F[-1]
-    d = (m - t_i).astype(mx.float32) - t_f  # m − T, small: exact enough in float32
-    scale = d / (t_i.astype(mx.float32) + t_f)
+    d = (span_i - t_i).astype(mx.float32) + (span_f - t_f)  # small: exact enough in float32
+    t = t_i.astype(mx.float32) + t_f
+    scale = mx.where(t > 0, d / t, 0.0)
     I, F = _normalize(I, F + (I.astype(mx.float32) + F) * scale)
+    I, F = _normalize(I + si, F + sf)
     last = mx.arange(I.shape[0]) == I.shape[0] - 1
-    return mx.where(last, m, I), mx.where(last, 0.0, F)
+    return mx.where(last, ei, I), mx.where(last, ef, F)

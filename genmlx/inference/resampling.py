@@ -155,32 +155,37 @@ def _from_strata(cdf: mx.array, U: mx.array, m: int, first: int = 0, count: int 
     return _ancestors_from_cumulative(N, first, count)
 
 
-def segment_ancestors(cdf: mx.array, U: mx.array, first: int, count: int, m: int, *,
+def segment_ancestors(pos: tuple[mx.array, mx.array], U: mx.array, first: int, count: int, m: int, *,
                       fused: bool = False, clip: bool = False) -> mx.array:
-    """Systematic ancestors (indices into ``cdf``) of the strata first … first + count − 1
-    of m, u_j = (j + U)/m for one U: the slots of a process's particles in sharded
-    resampling, whose global CDF values ``cdf`` (nondecreasing) end at the segment's end.
-    ``fused``: the search kernel on a CUDA GPU (no scan of the counts); ``clip``: the
-    run need not be the CDF's segment (:func:`window_ancestors`; the kernel needs no clip)."""
+    """Systematic ancestors (indices into ``pos``) of the slots first … first + count − 1
+    of m, points j + U for one U: the slots of a process's particles in sharded
+    resampling, whose global slot positions ``pos`` = (I int32, F float32) are
+    nondecreasing and end at the segment's end. ``fused``: the search kernel on a CUDA GPU
+    (no scan of the counts); ``clip``: the run need not be the positions' segment
+    (:func:`window_ancestors`; the kernel needs no clip)."""
     if count == 0:
         return mx.zeros((0,), dtype=mx.int32)
-    if fused and _K.use_kernel(cdf) == "cuda":
+    I, F = pos
+    if fused and _K.use_kernel(F) == "cuda":
         from genmlx.kernels.resample import search_kernel
 
-        return search_kernel("cuda", cdf, mx.broadcast_to(U, (count,)), first, m)
-    return _from_strata(cdf, U, m, first, count, clip)
+        return search_kernel(pos, mx.broadcast_to(U, (count,)), first)
+    N = mx.cummax(_points_below(I, F, U, m))
+    if clip:
+        N = mx.clip(N, first, first + count)
+    return _ancestors_from_cumulative(N, first, count)
 
 
-def window_ancestors(cdf: mx.array, U: mx.array, first: int, count: int, m: int, *,
+def window_ancestors(pos: tuple[mx.array, mx.array], U: mx.array, first: int, count: int, m: int, *,
                      fused: bool = False) -> mx.array:
-    """:func:`segment_ancestors` for a fixed run of strata first … first + count − 1
+    """:func:`segment_ancestors` for a fixed run of slots first … first + count − 1
     (``first`` may be negative, the run may pass m) that need not be the particles'
-    segment [S, S') (N at the CDF value before the first particle and at the last one):
+    segment [S, S') (N at the position before the first particle and at the last one):
     slots j in [S, S') get the same ancestors bit for bit, the others arbitrary indices
     in [0, n).
     Generic path: the counts N_i are clipped to [first, first + count] (comparisons
     j < N_i are unchanged for the slots of the run), so no host value of S is needed."""
-    return segment_ancestors(cdf, U, first, count, m, fused=fused, clip=True)
+    return segment_ancestors(pos, U, first, count, m, fused=fused, clip=True)
 
 
 def multinomial(key: mx.array, log_weights: mx.array, m: int | None = None) -> mx.array:

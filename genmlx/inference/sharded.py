@@ -36,15 +36,19 @@ particle state. Windows covering a whole shard fall back to gathering the shard.
 Systematic resampling in O(n/R) per process (:func:`_systematic_local`, the default of
 SMC). Each process all-gathers only (logsumexp(lw^(r)), logsumexp(2 lw^(r))): R·2
 scalars give the global ESS, the log-mean weight log Ẑ_t and the process boundaries
-B_q of the global CDF, identically everywhere. With the shared uniform U (the single-
-process ``systematic`` draws it from the same key) each process counts, for its own
-particles, the systematic points u_j = (j + U)/n below their global CDF values: these
-offspring counts telescope across processes (the boundary values are the same floats
-everywhere) to exactly n, and equal the single-process systematic counts on the global
-weights (up to the rounding of the CDF; the 2-process test finds them identical).
-Limit: the global CDF values are float32, which resolve n < 2^24 slots; beyond (3·10⁷
-particles in all) an offspring count can be off by one or two slots, unlike the single-
-process generic path (int + fraction slot positions, :mod:`~genmlx.inference.prefix_sums`).
+B_q of the global CDF, identically everywhere. The decisions are taken on slot
+positions, the global CDF in units of the n slots as int32 + float32 fraction (a float32
+CDF resolves only n < 2^24 slots: past slot 2^24, n·C is an even integer and every
+offspring count there came out even): the
+boundaries P_q = n·B_q by int + fraction prefix sums of the R masses (P_R = n exactly),
+and process r's particles at P_r + (P_{r+1} − P_r)·c_i from its local normalised CDF c
+(double accumulation in the CUDA positions kernel, int + fraction prefix sums elsewhere).
+With the shared uniform U (the single-process ``systematic`` draws it from the same key)
+each process counts, for its own particles, the systematic points j + U at or below
+their positions: these offspring counts telescope across processes (the boundary
+positions are the same numbers everywhere) to exactly n, and equal the single-process
+systematic counts on the global weights up to the positions' rounding (~10⁻⁹ slots with
+the kernel, ~10⁻³ with the prefix sums).
 Process q's offspring fill the global slots [N(B_q), N(B_{q+1})) in order; the parts
 of that segment outside q's own block are all-gathered (index windows, as above) so
 that every process knows its slots' sources. Other schemes draw from the gathered
@@ -141,6 +145,7 @@ from genmlx.inference import resampling as R
 from genmlx.inference._util import cached_call, flatten_particles, gather_rows, grouped_rows, rebuild_particles
 from genmlx.inference.importance import importance_resampling, importance_sampling
 from genmlx.inference.particles import WeightedParticles
+from genmlx.inference.prefix_sums import slot_positions
 from genmlx.inference.smc import SMCResult, _resample, run_smc, smc
 
 _SORTED_SCHEMES = ("systematic", "stratified", "residual")
@@ -198,12 +203,12 @@ class Shards:
         m = int(lw.shape[0])
         stats = self.gather(R.weight_stats(lw, fused=True)[None])
         payload = (self.size, self.rank, threshold, _fused(lw))
-        ess, did, new_lw, Nb, C, U = cached_call(_systematic_local, payload, payload, key, lw, stats)
+        ess, did, new_lw, Nb, pos, U = cached_call(_systematic_local, payload, payload, key, lw, stats)
         mx.eval(ess, did, Nb)
         if not bool(did.item()):
             return self.rank * m + mx.arange(m, dtype=mx.int32), new_lw, ess, did
         plan = SegmentPlan([int(v) for v in np.array(Nb)], m)
-        seg = plan.segment(C, U, self.rank, payload[3])
+        seg = plan.segment(pos, U, self.rank, payload[3])
         if plan.local:
             return seg, new_lw, ess, did
         idx = plan.assemble(seg, self.gather(plan.export(seg, self.rank)), self.rank)
@@ -234,12 +239,12 @@ class Shards:
                 return self._step_sync_free(key, lw, stats, leaves, float(threshold))
             g = self.gather(stats.reshape(1, 2))
             payload = (self.size, r, threshold, _fused(lw))
-            ess, did, new_lw, head, C, U = cached_call(_systematic_head, payload, payload, key, lw, g)
+            ess, did, new_lw, head, pos, U = cached_call(_systematic_head, payload, payload, key, lw, g)
             head = head.tolist()  # the host sync: N(B) and the decision
             if not head[-1]:
                 return leaves, None, new_lw, ess, did, None
             plan = SegmentPlan(head[:-1], m)
-            seg = plan.segment(C, U, r, payload[3])
+            seg = plan.segment(pos, U, r, payload[3])
             own = [seg] + gather_rows(leaves, seg - r * m)
             if plan.local:
                 return own[1:], seg, new_lw, ess, did, None
@@ -472,13 +477,13 @@ class SegmentPlan:
         self.WL, self.WH = max(self.L), max(self.H)
         self.local = self.WL + self.WH == 0  # every segment is its own block
 
-    def segment(self, C: mx.array, U: mx.array, q: int, fused: bool = False) -> mx.array:
+    def segment(self, pos: tuple, U: mx.array, q: int, fused: bool = False) -> mx.array:
         """Global source rows of process q's segment: the systematic ancestors of the
-        global slots [S_q, S_{q+1}) among its particles, whose global CDF values are
-        ``C`` (:func:`_systematic_local`; ``fused``: the GPU search kernel)."""
+        global slots [S_q, S_{q+1}) among its particles, whose global slot positions are
+        ``pos`` (:func:`_systematic_local`; ``fused``: the GPU search kernel)."""
         S = self.S
         n_q = S[q + 1] - S[q]
-        return q * self.m + R.segment_ancestors(C, U, S[q], n_q, S[-1], fused=fused)
+        return q * self.m + R.segment_ancestors(pos, U, S[q], n_q, S[-1], fused=fused)
 
     def export(self, seg: mx.array, q: int) -> mx.array:
         n_q = self.S[q + 1] - self.S[q]
@@ -543,8 +548,8 @@ def _from_u32(x: mx.array, dtype) -> mx.array:
 def _systematic_head(payload, key, lw, stats):
     """:func:`_systematic_local` with N(B) and the decision in one int array [R + 2]
     (read by the host at once): (ESS, did, new lw, head, counts)."""
-    ess, did, new_lw, Nb, C, U = _systematic_local(payload, key, lw, stats)
-    return ess, did, new_lw, mx.concatenate([Nb, did.astype(mx.int32)[None]]), C, U
+    ess, did, new_lw, Nb, pos, U = _systematic_local(payload, key, lw, stats)
+    return ess, did, new_lw, mx.concatenate([Nb, did.astype(mx.int32)[None]]), pos, U
 
 
 def _resample_global(payload, key, glw):
@@ -562,19 +567,21 @@ def _resample_global(payload, key, glw):
 
 
 def _systematic_local(payload, key, lw, stats):
-    """Systematic resampling's global offspring counts of this process's particles.
+    """Systematic resampling's global offspring counts of this process's particles, on
+    slot positions (the global CDF in units of the n slots, as int32 + float32 fraction).
 
-    With per-process log-sums ℓ_q = logsumexp(lw^(q)) (``stats[:, 0]``), the global CDF
-    at local particle i of process r is C = B_r + (B_{r+1} − B_r) c_i with the process
-    boundaries B_q = Σ_{p<q} e^{ℓ_p} / Σ_p e^{ℓ_p} (computed identically everywhere from
-    the gathered scalars) and the local normalised CDF c. The number of systematic
-    points u_j = (j + U)/n, j < n, at or below C is N(C) (``strata_counts``); particle
-    i's count is N(C_i) − N(C_{i−1}), with C_{−1} = B_r and the last C set to B_{r+1}
-    exactly, so the counts of all processes telescope to N(1) − N(0) = n and process r's
-    offspring fill the global slots [N(B_r), N(B_{r+1})) (their ancestors:
-    :meth:`SegmentPlan.segment` from C and U). ``payload`` = (R, r, threshold, fused: the
-    local CDF by the GPU scan kernel, not ``mx.cumsum``). Returns (ESS, did, new lw,
-    N(B) [R+1], C [m], U)."""
+    With per-process log-sums ℓ_q = logsumexp(lw^(q)) (``stats[:, 0]``), the process
+    boundaries P_q = n · Σ_{p<q} e^{ℓ_p} / Σ_p e^{ℓ_p} (P_0 = 0, P_R = n exactly;
+    :func:`~genmlx.inference.prefix_sums.slot_positions` of the R masses, computed
+    identically everywhere from the gathered scalars) and process r's particles at
+    X_i = P_r + (P_{r+1} − P_r) c_i, c its local normalised CDF, the last exactly P_{r+1}
+    (the positions kernel in double on CUDA, ``fused``; else the int + fraction prefix
+    sums). The number of systematic points j + U, j < n, at or below X is
+    N(X) = ⌊X⌋ + [U ≤ frac X] (``_points_below``); the counts telescope across processes
+    to n, and process r's offspring fill the global slots [N(P_r), N(P_{r+1})) (their
+    ancestors: :meth:`SegmentPlan.segment` from the positions and U). A float32 global
+    CDF would resolve only n < 2^24 slots. ``payload`` = (R, r, threshold, fused). Returns
+    (ESS, did, new lw, N(P) [R+1], positions (I [m], F [m]), U)."""
     Rk, r, threshold, fused = payload
     m = lw.shape[0]
     n = Rk * m
@@ -584,15 +591,16 @@ def _systematic_local(payload, key, lw, stats):
     did = ess < threshold * n
     ok = LSE > -mx.inf  # all particles impossible: resample uniformly (as _safe_logits)
     W = mx.where(ok, mx.exp(lse - LSE), mx.ones_like(lse))
-    B = mx.concatenate([mx.zeros((1,)), mx.cummax(mx.cumsum(W))])
-    B = B / B[-1]
-    C = B[r] + (B[r + 1] - B[r]) * _local_cdf(lw, ok, lse[r], fused)
-    C = mx.concatenate([C[:-1], B[r + 1:r + 2]])
+    bi, bf = slot_positions(W, n)
+    Pi = mx.concatenate([mx.zeros((1,), mx.int32), bi])
+    Pf = mx.concatenate([mx.zeros((1,), mx.float32), bf])
+    ends = (Pi[r:r + 2], Pf[r:r + 2])
+    pos = _local_positions(lw, ok, lse[r], ends, fused)
     U = mx.random.uniform(shape=(), key=key)
-    Nb = R.strata_counts(B, U, n)
+    Nb = R._points_below(Pi, Pf, U, n)
     Nb = mx.concatenate([mx.zeros((1,), mx.int32), Nb[1:Rk], mx.array([n], dtype=mx.int32)])
     new_lw = mx.where(did, mx.broadcast_to(LSE - math.log(n), lw.shape), lw)
-    return ess, did, new_lw, Nb, C, U
+    return ess, did, new_lw, Nb, pos, U
 
 
 #: compile the sync-free step with its two collectives as ONE function (False: the
@@ -633,8 +641,8 @@ def _sync_free_search(payload, key, lw, g, leaves):
     [2W, …] …])."""
     _, Rk, r, threshold, fused, W = payload
     m = lw.shape[0]
-    ess, did, new_lw, Nb, C, U = _systematic_local((Rk, r, threshold, fused), key, lw, g)
-    loc = R.window_ancestors(C, U, r * m - W, m + 2 * W, Rk * m, fused=fused)
+    ess, did, new_lw, Nb, pos, U = _systematic_local((Rk, r, threshold, fused), key, lw, g)
+    loc = R.window_ancestors(pos, U, r * m - W, m + 2 * W, Rk * m, fused=fused)
     loc = mx.clip(loc, 0, m - 1)
     q = mx.arange(Rk, dtype=mx.int32)
     lo, hi = Nb[:-1], Nb[1:]
@@ -675,16 +683,19 @@ def _sync_free_assemble(payload, did, Nb, mid, leaves, got):
     return moved, idx
 
 
-def _local_cdf(lw: mx.array, ok: mx.array, lse_r: mx.array, fused: bool) -> mx.array:
-    """The normalised CDF of this process's weights (uniform when its mass is 0 or no
-    particle anywhere is possible), nondecreasing: the GPU scan kernel (``fused``) or
-    the drift-free generic CDF (``resampling._cdf``)."""
+def _local_positions(lw: mx.array, ok: mx.array, lse_r: mx.array, ends: tuple, fused: bool) -> tuple:
+    """Global slot positions of this process's particles from ends[0] (before the first)
+    to ends[1] (the last, exactly), ``ends`` = (int parts [2], fractions [2]), in
+    proportion to its weights' running sums (uniform when its mass is 0 or no particle
+    anywhere is possible): the CUDA positions kernel (``fused``; double accumulation) or
+    the int + fraction prefix sums (:func:`~genmlx.inference.prefix_sums.slot_positions`)."""
     if fused:
-        from genmlx.kernels.resample import cdf_kernel
+        from genmlx.kernels.resample import positions_kernel
 
-        return cdf_kernel("cuda", lw)
+        return positions_kernel(lw, ends)
     own_ok = mx.logical_and(ok, lse_r > -mx.inf)
-    return R._cdf(mx.where(own_ok, lw, mx.zeros_like(lw)))
+    w = R._weights(mx.where(own_ok, lw, mx.zeros_like(lw)))
+    return slot_positions(w, (ends[0][1], ends[1][1]), (ends[0][0], ends[1][0]))
 
 
 def _fused(lw: mx.array) -> bool:

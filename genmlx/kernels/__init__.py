@@ -5,8 +5,9 @@ vmapped (see ``_backend``): :mod:`genmlx.inference.resampling` uses them only wh
 (``fused=True``, as the SMC steps do).
 
 - :func:`weight_summary` — (logsumexp, ESS) of log-weights in one pass per row.
-- :func:`resample_systematic`, :func:`resample_stratified` — ancestors by a CDF scan
-  kernel and a per-slot binary-search kernel.
+- :func:`resample_systematic`, :func:`resample_stratified` — ancestors by a scan kernel
+  (each particle's CDF value in units of slots, int + fraction, accumulated in double:
+  exact for any number of slots) and a per-slot binary-search kernel.
 
 ``python -m genmlx.kernels.selftest`` checks every kernel against its reference on the
 current device and prints a JSON report.
