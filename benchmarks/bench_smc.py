@@ -48,16 +48,28 @@ def kalman_loglik(ys):
     return kalman_filter(ys, A, Q, RR, 0.0)[0]
 
 
+def _systematic_mlx(key, lw, n):
+    """Systematic resampling in plain MLX ops, as written by hand: the float32 CDF by
+    ``mx.cumsum``, N_i = #{j : (j + U)/n ≤ C_i} = ⌊n·C_i − U⌋ + 1 (clipped to [0, n]),
+    ancestors idx_j = #{i : N_i ≤ j} by a scatter-add of the N_i and a cumulative sum."""
+    c = mx.cumsum(mx.softmax(lw))
+    U = mx.random.uniform(key=key)
+    N = mx.clip(mx.floor(n * c - U) + 1, 0, n).astype(mx.int32)
+    marks = mx.zeros((n + 1,), mx.int32).at[N].add(mx.ones((n,), mx.int32))
+    return mx.minimum(mx.cumsum(marks[:n]), n - 1)
+
+
 def _hand_advance(key, x, lw, y):
-    """One bootstrap step on the state array: (states before resampling, ancestor indices
-    (identity when ESS ≥ n/2), new log-weights)."""
+    """One bootstrap step on the state array, plain MLX ops (no genmlx): (states before
+    resampling, ancestor indices (identity when ESS ≥ n/2), new log-weights)."""
     n = x.shape[0]
     k1, k2 = mx.random.split(key)
     x = A * x + Q * mx.random.normal(x.shape, key=k1)
     lw = lw - 0.5 * ((y - x) / RR) ** 2 - math.log(RR) - 0.5 * math.log(2 * math.pi)
-    do = R.effective_sample_size(lw) < 0.5 * n
-    idx = mx.where(do, R.systematic(k2, lw, n), mx.arange(n, dtype=mx.int32))
-    lw = mx.where(do, mx.broadcast_to(R.log_mean_exp(lw), lw.shape), lw)
+    lse = mx.logsumexp(lw)
+    do = mx.exp(2 * lse - mx.logsumexp(2 * lw)) < 0.5 * n
+    idx = mx.where(do, _systematic_mlx(k2, lw, n), mx.arange(n, dtype=mx.int32))
+    lw = mx.where(do, mx.broadcast_to(lse - math.log(n), lw.shape), lw)
     return x, idx, lw
 
 
