@@ -20,8 +20,7 @@ from typing import Callable
 import mlx.core as mx
 
 from genmlx import kernels as _K  # fused GPU kernels; generic path below otherwise
-from genmlx.core.indexing import row
-from genmlx.inference.prefix_sums import blocked_logsumexp, blocked_sum, prefix_split, slot_positions
+from genmlx.inference.prefix_sums import blocked_logsumexp, slot_positions
 
 
 LONG_ROW = 1 << 16  # rows longer than this are reduced by blocks
@@ -90,20 +89,6 @@ def _weights(log_weights: mx.array) -> mx.array:
     return mx.exp(lw - mx.max(lw))
 
 
-def _cdf(log_weights: mx.array) -> mx.array:
-    """The normalised CDF [n], nondecreasing, C_{n−1} = 1: C_i = S_i / S_{n−1} with the
-    drift-free prefix sums S (:func:`prefix_split`; a float32 ``mx.cumsum`` of 10⁶
-    weights drifts by thousands of particles' worth) of the weights scaled by a power of
-    two to a total near n (exact for dyadic weights, as the GPU scan kernel is), and a
-    running maximum against the final rounding."""
-    n = log_weights.shape[-1]
-    w = _weights(log_weights)
-    scale = mx.power(2.0, mx.round(math.log2(n) - mx.log2(blocked_sum(w))))
-    I, F = prefix_split(w * scale)
-    S = I.astype(mx.float32) + F
-    return mx.cummax(S / row(S, -1))
-
-
 def _points_below(I: mx.array, F: mx.array, U: mx.array, m: int) -> mx.array:
     """N = #{j < m : j + U_j ≤ X} for slot positions X = I + F (I int32, F ∈ [0, 1)):
     I + [U_I ≤ F], capped at m; ``U`` one shared uniform (systematic) or one per
@@ -139,20 +124,11 @@ def strata_counts(cdf: mx.array, U: mx.array, m: int) -> mx.array:
     return _points_below(fl.astype(mx.int32), x - fl, U, m)
 
 
-def _from_strata(cdf: mx.array, U: mx.array, m: int, first: int = 0, count: int | None = None,
-                 clip: bool = False) -> mx.array:
-    """Indices for u_j = (j + U_j)/m, j < m, by counting (:func:`strata_counts`), or for
-    the strata first … first + count − 1 alone (N at the CDF's first and last points
-    then taken as ``first`` and first + count). Gathers and scatters only, so it vmaps
-    over keys and weights alike (unlike searchsorted over a batched CDF). ``cdf`` must be
-    nondecreasing (as :func:`_cdf` makes it): the counts N_i − N_{i−1} are then ≥ 0.
-    ``clip``: N clipped to [first, first + count] (a run of strata that need not be the
-    CDF's own segment, :func:`window_ancestors`)."""
-    count = m if count is None else count
-    N = strata_counts(cdf, U, m)
-    if clip:
-        N = mx.clip(N, first, first + count)
-    return _ancestors_from_cumulative(N, first, count)
+def _from_strata(cdf: mx.array, U: mx.array, m: int) -> mx.array:
+    """Ancestors for u_j = (j + U_j)/m, j < m, counted on a nondecreasing float32 CDF
+    (:func:`strata_counts`): the reference of the Metal kernels, exact only for m < 2^24
+    slots (every other path counts on slot positions, :func:`_from_slots`)."""
+    return _ancestors_from_cumulative(strata_counts(cdf, U, m), 0, m)
 
 
 def segment_ancestors(pos: tuple[mx.array, mx.array], U: mx.array, first: int, count: int, m: int, *,

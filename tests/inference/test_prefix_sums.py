@@ -1,4 +1,4 @@
-"""Drift-free prefix sums and what rests on them: the resampling CDF, systematic and
+"""Drift-free prefix sums and what rests on them: resampling slot positions, systematic and
 stratified offspring counts, and log-sum-exp over long rows.
 
 Oracles are exact: float64 NumPy prefix sums of the same float32 values, and equal
@@ -14,6 +14,16 @@ import pytest
 
 from genmlx.inference import resampling as R
 from genmlx.inference.prefix_sums import BLOCK, blocked_logsumexp, blocked_sum, prefix_split, slot_positions
+
+
+@pytest.fixture(params=["float32", "float64"])
+def positions_path(request, monkeypatch):
+    """Run a test on both slot-position paths: the float32 int + fraction scan (GPUs'
+    generic path) and the float64 cumulative sum (the CPU's)."""
+    import genmlx.inference.prefix_sums as P
+
+    monkeypatch.setattr(P, "_wide_default", lambda: request.param == "float64")
+    return request.param
 
 
 def _exact_counts(w32: np.ndarray, U, m: int) -> np.ndarray:
@@ -59,28 +69,37 @@ def test_blocked_reductions_of_long_rows():
     assert abs(blocked_sum(w).item() - 1) < 1e-5
 
 
+@pytest.mark.parametrize("wide", [False, True])
 @pytest.mark.parametrize("n", [1000, 100_003, 3_000_000])
-def test_cdf_is_float32_rounding_of_the_exact_cdf(n):
-    """No drift: every value within a few float32 ulps of the float64 CDF (the old
-    ``mx.cumsum`` path was off by 2.8e-4 at 10⁵ and 2.1e-2 at 3·10⁶)."""
+def test_slot_positions_against_float64(n, wide):
+    """No drift: the positions within the blocked scan's bound and the rounding of m·w_i
+    (float32 int + fraction, the GPU's generic path) or ~10⁻⁹ slots (float64, the CPU's) of the float64 positions
+    of the same float32 weights, for m = n and for m past 2^24 (the old ``mx.cumsum`` CDF
+    was off by 2.8e-4 of the total at 10⁵ and 2.1e-2 at 3·10⁶)."""
     rng = np.random.default_rng(n)
-    lw = rng.normal(size=n).astype(np.float32) * 2
-    c = np.array(R._cdf(mx.array(lw)), np.float64)
-    w = np.array(mx.exp(mx.array(lw) - float(lw.max())), np.float64)
-    exact = np.cumsum(w) / w.sum()
-    assert np.all(np.diff(c) >= 0) and c[-1] == 1.0
-    assert np.abs(c - exact).max() <= 4 * 2.0**-24
+    w = np.array(mx.exp(mx.array(rng.normal(size=n).astype(np.float32) * 2)))
+    for m in (n, (1 << 24) + 1001):
+        I, F = slot_positions(mx.array(w), m, wide=wide)
+        X = np.array(I, np.float64) + np.array(F, np.float64)
+        exact = np.cumsum(w.astype(np.float64)) / w.astype(np.float64).sum() * m
+        # float32: the scan's bound plus the rounding of each y_i = m·w_i/Z (2^-24 relative,
+        # at most 2^-24·m in all: the weights' own float32 precision)
+        tol = 1e-6 if wide else 4 * BLOCK * BLOCK * 2.0**-24 + 2.0**-23 * m
+        assert np.abs(X - exact).max() <= tol, (m, np.abs(X - exact).max())
+        assert I[-1].item() == m and F[-1].item() == 0.0
+        if wide:
+            assert np.all(np.diff(X) >= 0)
 
 
 @pytest.mark.parametrize("n", [100_000, 3_000_000])
-def test_equal_weights_give_one_offspring_each(n):
+def test_equal_weights_give_one_offspring_each(n, positions_path):
     for scheme in (R.systematic, R.stratified):
         idx = scheme(mx.random.key(1), mx.zeros((n,)))
         assert np.array_equal(np.array(idx), np.arange(n)), scheme.__name__
 
 
 @pytest.mark.parametrize("n,m", [(100_000, 100_000), (1_000_000, 1_000_000), (1000, 30_000_000)])
-def test_counts_match_float64_systematic(n, m):
+def test_counts_match_float64_systematic(n, m, positions_path):
     """Offspring counts against the float64 CDF of the same float32 weights: a count may
     differ (by one) only where a slot boundary falls within the scan's ~10⁻³-slot error
     of X_i = m·C_i, or within the float32 rounding of m·w_i itself (~2^-24 · m·w_i
@@ -100,7 +119,7 @@ def test_counts_match_float64_systematic(n, m):
     assert (got != ex).sum() <= expected + 3.5 * math.sqrt(expected) + 3
 
 
-def test_stratified_counts_match_float64():
+def test_stratified_counts_match_float64(positions_path):
     n = 200_000
     lw = mx.random.normal((n,), key=mx.random.key(3))
     key = mx.random.key(4)
@@ -110,15 +129,35 @@ def test_stratified_counts_match_float64():
     assert np.abs(got - ex).max() <= 1 and (got != ex).sum() <= 2 * 2e-3 * n + 3.5 * math.sqrt(4e-3 * n) + 3
 
 
-def test_slot_positions_end_exactly_at_m():
+@pytest.mark.parametrize("wide", [False, True])
+def test_slot_positions_end_exactly_at_m(wide):
     w = mx.random.uniform(shape=(5000,), key=mx.random.key(5))
     for m in (1, 5000, (1 << 24) + 3, 2_000_000_000):
-        I, F = slot_positions(w, m)
+        I, F = slot_positions(w, m, wide=wide)
         assert I[-1].item() == m and F[-1].item() == 0.0
-        assert np.all(np.diff(np.array(I, np.float64) + np.array(F)) >= -2e-3)
+        assert np.all(np.diff(np.array(I, np.float64) + np.array(F)) >= (0 if wide else -2e-3))
 
 
-def test_resampling_under_compile_and_vmap():
+@pytest.mark.parametrize("wide", [False, True])
+def test_slot_positions_between_given_ends(wide):
+    """A sharded process's range (x₀, x₁) as int + fraction: positions from x₀ to x₁
+    exactly; zero weights or an empty range put them all at x₀ (the last at x₁)."""
+    w = mx.random.uniform(shape=(3000,), key=mx.random.key(9))
+    x0 = (mx.array(12_345_678, mx.int32), mx.array(0.25))
+    x1 = (mx.array(27_345_679, mx.int32), mx.array(0.5))
+    I, F = slot_positions(w, x1, x0, wide=wide)
+    X = np.array(I, np.float64) + np.array(F, np.float64)
+    c = np.cumsum(np.array(w, np.float64))
+    exact = 12_345_678.25 + c / c[-1] * 15_000_001.25
+    assert np.abs(X - exact).max() <= (1e-6 if wide else 4 * BLOCK * BLOCK * 2.0**-24)
+    assert X[-1] == 27_345_679.5
+    for ww, end in ((mx.zeros((5,)), x1), (w[:5], x0)):
+        I, F = slot_positions(ww, end, x0, wide=wide)
+        X = np.array(I, np.float64) + np.array(F, np.float64)
+        assert np.all(X[:-1] == 12_345_678.25), X
+
+
+def test_resampling_under_compile_and_vmap(positions_path):
     lw = mx.random.normal((4, 3000), key=mx.random.key(6))
     keys = mx.random.split(mx.random.key(8), 4)
     f = mx.compile(mx.vmap(lambda k, l: R.systematic(k, l)))
