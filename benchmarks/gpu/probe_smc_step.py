@@ -64,7 +64,7 @@ def probe(n: int, chain: int, repeats: int) -> dict:
     mx.eval(keys, x0, lw0)
 
     def gen_step(k, s):  # s: (carry, lw, …)
-        rec, nxt, lw, idx, ess, did = cached_call(S._seq_step, payload, payload, k, k, s[0], s[1], kin, obs)
+        rec, nxt, lw, idx, ess = cached_call(S._seq_step, payload, payload, k, k, s[0], s[1], kin, obs)
         return nxt, lw, rec, idx  # what a run keeps of the step
 
     sys_fused = mx.compile(lambda k, lw: R.systematic(k, lw, n, fused=True))

@@ -47,6 +47,17 @@ def normalized_weights(log_weights: mx.array) -> mx.array:
     return mx.softmax(log_weights, axis=-1)
 
 
+def weight_summary(log_weights: mx.array, *, fused: bool = False) -> tuple[mx.array, mx.array]:
+    """(logsumexp(lw), ESS) of a row of log-weights, from one pass of the fused GPU kernel
+    where one applies (``fused``; never under ``mx.vmap``), else two logsumexps: what an
+    SMC step needs for its ESS test and its new log-weights log Ẑ_t − … in one go (MLX's
+    compile does not merge two calls of one custom kernel)."""
+    if fused and _K.use_kernel(log_weights):
+        return _K.weight_summary(log_weights)
+    lse = _lse(log_weights)
+    return lse, mx.exp(2 * lse - _lse(2 * log_weights))
+
+
 def effective_sample_size(log_weights: mx.array, *, fused: bool = False) -> mx.array:
     """ESS = (Σ w)² / Σ w² = exp(2 logsumexp(lw) − logsumexp(2 lw)). ``fused``: the fused
     GPU kernel where one applies (never under ``mx.vmap``: see :mod:`genmlx.kernels`)."""

@@ -39,6 +39,7 @@ read), so the end of the run builds no per-step objects.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -184,10 +185,10 @@ def _resample(payload, key, lw):
     scheme, threshold = payload
     n = lw.shape[0]
     # the SMC drivers never run under mx.vmap: the fused GPU kernels may serve them
-    ess = R.effective_sample_size(lw, fused=True)
+    lse, ess = R.weight_summary(lw, fused=True)  # one summary for the test and the new lw
     do = ess < threshold * n
     idx = mx.where(do, R.resample_indices(key, lw, n, scheme, fused=True), mx.arange(n, dtype=mx.int32))
-    new_lw = mx.where(do, mx.broadcast_to(R.log_mean_exp(lw, fused=True), lw.shape), lw)
+    new_lw = mx.where(do, mx.broadcast_to(lse - math.log(n), lw.shape), lw)
     return idx, new_lw, ess, do
 
 
@@ -221,12 +222,22 @@ def _seq_resample(payload, key, lw, carry):
 
 def _seq_step(payload, key, k_res, carry, lw, inputs, obs):
     """One whole SMC time step (extend + weight + ESS + resample + carry gather), traced
-    once and compiled for every t: (record, next carry, lw, idx, ess, did). Only the
+    once and compiled for every t: (record, next carry, lw, idx, ess); the decision
+    ess < threshold · n is not an output (it fuses into the selects that use it; the host
+    repeats the float32 comparison on the ESS values at the end, :func:`_decisions`). Only the
     new choices, the carry and the weights are materialised, as in a hand-written
     filter; the step's scores are recomputed once at the end (:meth:`SequenceGF.vreplay`)."""
     rec, out, lw = _seq_extend(payload, key, carry, lw, inputs, obs)
-    nxt, lw, idx, ess, do = _seq_resample(payload[4:], k_res, lw, out)
-    return rec, nxt, lw, idx, ess, do
+    nxt, lw, idx, ess, _ = _seq_resample(payload[4:], k_res, lw, out)
+    return rec, nxt, lw, idx, ess
+
+
+def _decisions(esss: list, threshold: float, n: int) -> list:
+    """The steps' resampling decisions from their (evaluated) ESS values, as
+    :func:`_resample` takes them on the device: ess < threshold · n in float32 (the
+    Python scalar is rounded to float32 there too)."""
+    bound = mx.array(threshold * n, dtype=mx.float32).item()
+    return [e.item() < bound for e in esss]
 
 
 def _seq_step_sharded(payload, key, k_res, carry, lw, inputs, obs):
@@ -363,16 +374,16 @@ def _run_sequence(keys, model, args, args_T, cons: list, n: int, scheme, thresho
                 suspect = False
             rl, rtd = tree_flatten(rec)
             if comm is None:
-                nxt, lw2, idx, ess, do = cached_call(_seq_resample, payload[4:6], payload[4:6], k_res,
-                                                     lw_w, c_out, compile=compile)
+                nxt, lw2, idx, ess, _ = cached_call(_seq_resample, payload[4:6], payload[4:6], k_res,
+                                                    lw_w, c_out, compile=compile)
                 nl, ntd = tree_flatten(nxt)
-                out = ((rtd, rl), ntd, nl, lw2, idx, ess, do)
+                out = ((rtd, rl), ntd, nl, lw2, idx, ess)
             else:
                 nl, ntd = tree_flatten(c_out)
                 out = ((rtd, rl), ntd, nl, lw_w, R.weight_stats(lw_w, fused=True))
-        ovf = None
+        ovf = do = None
         if comm is None:
-            (rec_td, rec_l), carry_td, carry_l, lw, idx, ess, do = out
+            (rec_td, rec_l), carry_td, carry_l, lw, idx, ess = out
         else:  # the global ESS test and resampling: the carry rows alone move
             (rec_td, rec_l), carry_td, carry_l, lw, stats = out
             carry_l, idx, lw, ess, do, ovf = comm.step_resample(k_res, lw, stats, carry_l, scheme, thr)
@@ -380,7 +391,7 @@ def _run_sequence(keys, model, args, args_T, cons: list, n: int, scheme, thresho
                 ovfs.append(ovf)
         # scheduled, not waited for: the host queues step t + 1 while the device runs step t
         # (sharded, exact path: the step's decision is read on the host)
-        mx.async_eval(rec_l, carry_l, lw, ess, do, [] if idx is None else idx,
+        mx.async_eval(rec_l, carry_l, lw, ess, [] if do is None else do, [] if idx is None else idx,
                       [] if ovf is None else ovf)
         recs.append((rec_td, rec_l))
         idxs.append(idx)
@@ -389,7 +400,7 @@ def _run_sequence(keys, model, args, args_T, cons: list, n: int, scheme, thresho
         axes.append(caxes)
     # the run's one read of the decisions (and overflow flags), one by one: evaluated
     # scalars, host reads (stacking them would be a copy kernel per step on a GPU)
-    head = [bool(f.item()) for f in dos + ovfs]
+    head = _decisions(esss, threshold, n) if comm is None else [bool(f.item()) for f in dos + ovfs]
     if any(head[T:]):  # a sync-free step's windows overflowed: redo the run on the exact
         # path from the same keys (the same draws, so the result an exact run gives)
         return _run_sequence(keys, model, args, args_T, cons, n, scheme, threshold, compile, progress,
@@ -635,7 +646,6 @@ def _rebuild(model, args, recs, Ds, cons, axes, carry_td, n: int, shared: bool, 
     (:func:`_descent`). The kept choices and carries are gathered in one
     :func:`gather_rows_each` call, then every step is replayed from its choices
     (:meth:`SequenceGF.vreplay`) with the carry of its predecessor."""
-    T = len(recs)
     # one gather of every kept array (choices, and carry leaves that are not choices)
     flat, rows, where = [], [], []
     for t, (cm, carry) in enumerate(recs):

@@ -349,7 +349,8 @@ def _ends(ends) -> tuple[mx.array, mx.array]:
     or from a pair (int parts [2], fractions [2]) of arrays."""
     if isinstance(ends, tuple):
         return ends[0].astype(mx.int32), ends[1].astype(mx.float32)
-    return mx.array([0, operator.index(ends)], dtype=mx.int32), mx.zeros((2,), dtype=mx.float32)
+    # constants, not mx.zeros: no fill kernel in a compiled step
+    return mx.array([0, operator.index(ends)], dtype=mx.int32), mx.array([0.0, 0.0], dtype=mx.float32)
 
 
 def positions_kernel(log_weights: mx.array, ends) -> tuple[mx.array, mx.array]:
