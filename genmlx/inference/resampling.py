@@ -61,9 +61,7 @@ def weight_summary(log_weights: mx.array, *, fused: bool = False) -> tuple[mx.ar
 def effective_sample_size(log_weights: mx.array, *, fused: bool = False) -> mx.array:
     """ESS = (Σ w)² / Σ w² = exp(2 logsumexp(lw) − logsumexp(2 lw)). ``fused``: the fused
     GPU kernel where one applies (never under ``mx.vmap``: see :mod:`genmlx.kernels`)."""
-    if fused and _K.use_kernel(log_weights):
-        return _K.weight_summary(log_weights)[1]
-    return mx.exp(2 * _lse(log_weights) - _lse(2 * log_weights))
+    return weight_summary(log_weights, fused=fused)[1]
 
 
 def log_mean_exp(log_weights: mx.array, *, fused: bool = False) -> mx.array:
