@@ -42,13 +42,14 @@ CDF resolves only n < 2^24 slots: past slot 2^24, n·C is an even integer and ev
 offspring count there came out even): the
 boundaries P_q = n·B_q by int + fraction prefix sums of the R masses (P_R = n exactly),
 and process r's particles at P_r + (P_{r+1} − P_r)·c_i from its local normalised CDF c
-(double accumulation in the CUDA positions kernel, int + fraction prefix sums elsewhere).
+(double accumulation in the CUDA positions kernel and on the CPU, int + fraction prefix
+sums on a GPU's generic path).
 With the shared uniform U (the single-process ``systematic`` draws it from the same key)
 each process counts, for its own particles, the systematic points j + U at or below
 their positions: these offspring counts telescope across processes (the boundary
 positions are the same numbers everywhere) to exactly n, and equal the single-process
-systematic counts on the global weights up to the positions' rounding (~10⁻⁹ slots with
-the kernel, ~10⁻³ with the prefix sums).
+systematic counts on the global weights up to the positions' rounding (~10⁻⁹ slots in
+double, ~10⁻³ with the prefix sums).
 Process q's offspring fill the global slots [N(B_q), N(B_{q+1})) in order; the parts
 of that segment outside q's own block are all-gathered (index windows, as above) so
 that every process knows its slots' sources. Other schemes draw from the gathered
@@ -630,8 +631,8 @@ def _systematic_local(payload, key, lw, stats):
     :func:`~genmlx.inference.prefix_sums.slot_positions` of the R masses, computed
     identically everywhere from the gathered scalars) and process r's particles at
     X_i = P_r + (P_{r+1} − P_r) c_i, c its local normalised CDF, the last exactly P_{r+1}
-    (the positions kernel in double on CUDA, ``fused``; else the int + fraction prefix
-    sums). The number of systematic points j + U, j < n, at or below X is
+    (the positions kernel in double on CUDA, ``fused``; else
+    :func:`~genmlx.inference.prefix_sums.slot_positions`). The number of systematic points j + U, j < n, at or below X is
     N(X) = ⌊X⌋ + [U ≤ frac X] (``_points_below``); the counts telescope across processes
     to n, and process r's offspring fill the global slots [N(P_r), N(P_{r+1})) (their
     ancestors: :meth:`SegmentPlan.segment` from the positions and U). A float32 global
