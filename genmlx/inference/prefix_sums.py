@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from genmlx.core.indexing import iota
+
 BLOCK = 256
 
 
@@ -115,7 +117,7 @@ def slot_positions(weights: mx.array, end, start=0, wide: bool | None = None) ->
     running maximum of counts."""
     ei, ef = _position(end)
     si, sf = _position(start)
-    last = mx.arange(weights.shape[0]) == weights.shape[0] - 1
+    last = iota(weights.shape[0]) == weights.shape[0] - 1
     if _wide_default() if wide is None else wide:
         I, F = _positions_f64(weights, ei, ef, si, sf)
         return mx.where(last, ei, I), mx.where(last, ef, F)

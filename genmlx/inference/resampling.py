@@ -20,6 +20,7 @@ from typing import Callable
 import mlx.core as mx
 
 from genmlx import kernels as _K  # fused GPU kernels; generic path below otherwise
+from genmlx.core.indexing import iota
 from genmlx.inference.prefix_sums import blocked_logsumexp, slot_positions
 
 
@@ -94,8 +95,8 @@ def _safe_logits(log_weights: mx.array) -> mx.array:
 
 def _weights(log_weights: mx.array) -> mx.array:
     """exp(lw − max lw): unnormalised weights with maximum 1 (uniform if all are −inf)."""
-    lw = _safe_logits(log_weights)
-    return mx.exp(lw - mx.max(lw))
+    M = mx.max(log_weights)
+    return mx.where(M > -mx.inf, mx.exp(log_weights - M), 1.0)
 
 
 def _points_below(I: mx.array, F: mx.array, U: mx.array, m: int) -> mx.array:
@@ -109,10 +110,13 @@ def _points_below(I: mx.array, F: mx.array, U: mx.array, m: int) -> mx.array:
 
 def _ancestors_from_cumulative(N: mx.array, first: int, count: int) -> mx.array:
     """Sorted ancestors of the strata first … first + count − 1 from the cumulative
-    counts N_i (nondecreasing), the last one set to first + count (C_{n−1} = 1 exactly)."""
-    N = mx.concatenate([N[:-1], mx.array([first + count], dtype=mx.int32)])
-    counts = N - mx.concatenate([mx.array([first], dtype=mx.int32), N[:-1]])
-    return indices_from_counts(counts, count)
+    counts N_i, the last one set to first + count (C_{n−1} = 1 exactly) and a running
+    maximum taken (a scan's rounding can make N dip: a negative count): particle i's
+    offspring start at slot N_{i−1} − first (:func:`_scatter_ancestors`)."""
+    n = N.shape[0]
+    N = mx.cummax(mx.where(iota(n) == n - 1, first + count, N))
+    prev = mx.concatenate([mx.array([first], dtype=mx.int32), N[:-1]])
+    return _scatter_ancestors(prev - first, N > prev, count)
 
 
 def _from_slots(log_weights: mx.array, U: mx.array, m: int) -> mx.array:
@@ -121,7 +125,7 @@ def _from_slots(log_weights: mx.array, U: mx.array, m: int) -> mx.array:
     float32 CDF resolves only m < 2^24 slots), with a running maximum against the
     scan's ~10⁻³-slot rounding."""
     I, F = slot_positions(_weights(log_weights), m)
-    return _ancestors_from_cumulative(mx.cummax(_points_below(I, F, U, m)), 0, m)
+    return _ancestors_from_cumulative(_points_below(I, F, U, m), 0, m)
 
 
 def strata_counts(cdf: mx.array, U: mx.array, m: int) -> mx.array:
@@ -155,7 +159,7 @@ def segment_ancestors(pos: tuple[mx.array, mx.array], U: mx.array, first: int, c
         from genmlx.kernels.resample import search_kernel
 
         return search_kernel(pos, mx.broadcast_to(U, (count,)), first)
-    N = mx.cummax(_points_below(I, F, U, m))
+    N = _points_below(I, F, U, m)
     if clip:
         N = mx.clip(N, first, first + count)
     return _ancestors_from_cumulative(N, first, count)
@@ -227,12 +231,19 @@ def indices_from_counts(counts: mx.array, m: int) -> mx.array:
     fills the gaps: a scatter with no two writes to one address (a scatter-add of
     ones at the s_i collides wherever particles have no offspring — serialized atomics
     on a GPU)."""
-    n = counts.shape[0]
     # negative counts (a CDF that is not monotone) would make two particles share a slot
     counts = mx.maximum(counts.astype(mx.int32), 0)
-    starts = mx.cumsum(counts) - counts
-    i = mx.arange(n, dtype=mx.int32)
-    pos = mx.where(mx.logical_and(counts > 0, starts < m), starts, m + i)
+    return _scatter_ancestors(mx.cumsum(counts) - counts, counts > 0, m)
+
+
+def _scatter_ancestors(starts: mx.array, has: mx.array, m: int) -> mx.array:
+    """Sorted ancestors [m] from each particle's first slot ``starts`` (nondecreasing
+    where ``has``: the particles with offspring): particle i writes i + 1 at s_i
+    (distinct slots), every other particle at its own spare slot m + i, and a running
+    maximum fills the gaps."""
+    n = starts.shape[0]
+    i = iota(n)
+    pos = mx.where(mx.logical_and(has, starts < m), starts, m + i)
     marks = mx.zeros((m + n,), dtype=mx.int32).at[pos].add(i + 1)
     return mx.cummax(marks[:m]) - 1
 

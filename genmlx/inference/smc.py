@@ -187,7 +187,7 @@ def _resample(payload, key, lw):
     # the SMC drivers never run under mx.vmap: the fused GPU kernels may serve them
     lse, ess = R.weight_summary(lw, fused=True)  # one summary for the test and the new lw
     do = ess < threshold * n
-    idx = mx.where(do, R.resample_indices(key, lw, n, scheme, fused=True), mx.arange(n, dtype=mx.int32))
+    idx = mx.where(do, R.resample_indices(key, lw, n, scheme, fused=True), indexing.iota(n))
     new_lw = mx.where(do, mx.broadcast_to(lse - math.log(n), lw.shape), lw)
     return idx, new_lw, ess, do
 

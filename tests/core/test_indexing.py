@@ -37,3 +37,17 @@ def test_row_under_compile_and_vmap():
     np.testing.assert_array_equal(np.array(f(x)), np.array(x)[-1] + np.array(x)[0])
     g = mx.vmap(lambda a: row(a, 1))  # per-row vector a [4] -> its element 1
     np.testing.assert_array_equal(np.array(g(x)), np.array(x)[:, 1])
+
+
+def test_iota_is_a_constant_in_compiled_graphs():
+    """``iota(n)`` equals ``arange(n)`` and leaves no primitive in a compiled function's
+    graph (``mx.arange`` is one, run at every call)."""
+    from genmlx.core.indexing import iota
+
+    assert iota(5).dtype == mx.int32 and iota(5).tolist() == [0, 1, 2, 3, 4]
+    x = mx.arange(6, dtype=mx.float32)
+    mx.eval(x)
+    with_iota = mx.compile(lambda a: a * iota(6))(x)
+    with_arange = mx.compile(lambda a: a * mx.arange(6, dtype=mx.int32))(x)
+    assert "Arange" not in _primitives(with_iota) and "Arange" in _primitives(with_arange)
+    assert mx.array_equal(with_iota, with_arange).item()
