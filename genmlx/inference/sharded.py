@@ -338,31 +338,12 @@ class Shards:
         """:meth:`descent` on this process's block of every ancestor vector extended by H
         slots from each neighbour: (Ds, global lw), Ds None when a lineage of some
         process left its extended range (the flags all-summed and read)."""
-        K, r, R_ = int(blocks.shape[0]), self.rank, self.size
         edges = mx.concatenate([blocks[:, :H], blocks[:, m - H:]], axis=1)  # [K, 2H]
         if lw is None:
             E, glw = self.gather(edges), None
         else:
             E, glw = self.gather_packed([edges, lw])
-        E = E.reshape(R_, K, 2 * H)
-        pad = mx.zeros((K, H), dtype=blocks.dtype)
-        below = E[r - 1, :, H:] if r > 0 else pad  # slots [r·m − H, r·m) (none below rank 0)
-        above = E[r + 1, :, :H] if r + 1 < R_ else pad  # slots [(r+1)·m, (r+1)·m + H)
-        ext = mx.concatenate([below, blocks, above], axis=1)  # slot s at column s − (r·m − H)
-        base, width = r * m - H, m + 2 * H
-        Ds = [None] * len(idxs)
-        D, j, out = None, K - 1, []
-        for t in reversed(range(len(idxs))):
-            if flags[t]:
-                if D is None:
-                    D = idxs[t]
-                else:
-                    rel = D - base
-                    out.append(mx.logical_or(mx.min(rel) < 0, mx.max(rel) >= width))
-                    D = mx.take(ext[j], mx.clip(rel, 0, width - 1), axis=0)
-                j -= 1
-            Ds[t] = D
-        miss = mx.any(mx.stack(out)) if out else mx.array(False)
+        Ds, miss = halo_compose(idxs, flags, blocks, E, self.rank, self.size, H)
         if int(self.all_sum(miss.astype(mx.int32)[None]).item()) > 0:
             return None, glw
         return Ds, glw
@@ -459,6 +440,34 @@ class Shards:
             return plan.assemble(x, self.gather(buf), idx, r)
 
         return grouped_rows(leaves, _bool_safe(move))
+
+
+def halo_compose(idxs: list, flags: list, blocks: mx.array, E: mx.array, r: int, R_: int, H: int):
+    """Process r's lineage rows D_t = a_t[D_{t+1}] composed on its block of every
+    resampling's ancestors ``blocks`` [K, m] extended by the neighbours' edges: ``E``
+    holds every process's first and last H entries of each block (all-gathered,
+    [R·K, 2H]). Returns (Ds, miss): ``miss`` (a device bool) says that some lineage left
+    the slots [r·m − H, (r + 1)·m + H), where Ds is then wrong (clipped)."""
+    K, m = int(blocks.shape[0]), int(blocks.shape[1])
+    E = E.reshape(R_, K, 2 * H)
+    pad = mx.zeros((K, H), dtype=blocks.dtype)
+    below = E[r - 1, :, H:] if r > 0 else pad  # slots [r·m − H, r·m) (none below rank 0)
+    above = E[r + 1, :, :H] if r + 1 < R_ else pad  # slots [(r+1)·m, (r+1)·m + H)
+    ext = mx.concatenate([below, blocks, above], axis=1)  # slot s at column s − (r·m − H)
+    base, width = r * m - H, m + 2 * H
+    Ds = [None] * len(idxs)
+    D, j, out = None, K - 1, []
+    for t in reversed(range(len(idxs))):
+        if flags[t]:
+            if D is None:
+                D = idxs[t]
+            else:
+                rel = D - base
+                out.append(mx.logical_or(mx.min(rel) < 0, mx.max(rel) >= width))
+                D = mx.take(ext[j], mx.clip(rel, 0, width - 1), axis=0)
+            j -= 1
+        Ds[t] = D
+    return Ds, (mx.any(mx.stack(out)) if out else mx.array(False))
 
 
 def source_bounds(idx: mx.array) -> mx.array:

@@ -703,6 +703,41 @@ def test_window_plan_moves_exactly_the_requested_rows(R):
 
 
 @pytest.mark.parametrize("R", [2, 3, 4])
+def test_halo_descent_on_virtual_processes(R):
+    """The end-of-run descent on each process's blocks extended by its neighbours' H-slot
+    edges (``halo_compose``, fed the edges every process would all-gather) gives the
+    lineages of the full composition D_t = a_t[D_{t+1}] on every process (the middle ones
+    borrow from both sides) when the halos are wide enough, and says ``miss`` (on some
+    process) when they are not."""
+    from genmlx.inference.sharded import halo_compose
+
+    m, T = 50, 6
+    rng = np.random.default_rng(R)
+    flags = [True, False, True, True, False, True]
+    # sorted ancestors that wander a few slots: lineages drift across the block edges
+    anc = [np.clip(np.sort(np.arange(R * m) + rng.integers(-4, 5, R * m)), 0, R * m - 1).astype(np.int32)
+           for _ in range(T)]
+    for H, want_miss in ((12, False), (1, True)):
+        misses = []
+        for r in range(R):
+            idxs = [mx.array(a[r * m:(r + 1) * m]) for a in anc]
+            blocks = mx.stack([idxs[t] for t in range(T) if flags[t]])
+            # what the processes all-gather: each one's first and last H entries of each block
+            E = mx.array(np.concatenate([
+                np.stack([np.concatenate([anc[t][q * m:q * m + H], anc[t][(q + 1) * m - H:(q + 1) * m]])
+                          for t in range(T) if flags[t]]) for q in range(R)]))
+            Ds, miss = halo_compose(idxs, flags, blocks, E, r, R, H)
+            misses.append(bool(miss))
+            D = np.arange(r * m, (r + 1) * m)
+            for t in reversed(range(T)):
+                if flags[t]:
+                    D = anc[t][D]
+                    if not miss:
+                        assert np.array_equal(np.array(Ds[t]), D), (R, H, r, t)
+        assert any(misses) == want_miss, (R, H, misses)
+
+
+@pytest.mark.parametrize("R", [2, 3, 4])
 def test_local_systematic_counts_equal_systematic_on_all_weights(R):
     """_systematic_local + SegmentPlan on R virtual processes give R.systematic's
     ancestors on the concatenated weights, the global ESS and log-mean weight."""
