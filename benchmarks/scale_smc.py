@@ -14,6 +14,8 @@ Measures, in the processes of one ``mlx.launch`` group (or one plain process):
 Each timed call starts and ends with a barrier (a tiny all-sum), so a time is the
 slowest process's. Results go to ``--out`` as JSON (rank 0 writes).
 
+``--phases`` splits sharded_smc's time into the per-step loop, the end-of-run descent,
+the kept arrays' cross-process gathers and the rest (replay, final evaluation).
 ``--latency`` times a host read and an all-gather of 2 floats followed by a host read
 (the fused path's per-step floor beyond arithmetic). ``--count`` also runs sharded SMC
 once with every collective counted (the smallest n):
@@ -89,6 +91,60 @@ def _time(fn, sh, repeats: int, warmup: int = 1) -> list[float]:
         _barrier(sh)
         out.append(time.perf_counter() - t0)
     return out
+
+
+def phases(model, args, obs, n: int, sh, repeats: int) -> dict:
+    """Where a sharded_smc run's time goes (median ms, timed between barriers): the
+    per-step loop (up to the host's read of the flags), the end-of-run descent (its
+    outputs evaluated), the kept arrays' cross-process gathers (``take_rows_each``,
+    evaluated) and the rest (the local replay of the step scores, the final
+    evaluation). The evaluations at the marks serialize what a plain run overlaps, so the
+    sum can exceed a plain run's time a little. One process: loop and rest."""
+    import importlib
+
+    from genmlx.core.pytree import tree_flatten
+
+    S = importlib.import_module("genmlx.inference.smc")
+    marks: dict = {}
+    orig = (Shards.descent, Shards.take_rows_each, S._descent)
+
+    def arrays(x):
+        return [a for a in tree_flatten(x)[0] if isinstance(a, mx.array)]
+
+    def descent(self, *a, **k):
+        marks["loop"] = time.perf_counter()
+        out = orig[0](self, *a, **k)
+        mx.eval(arrays(out))
+        marks["descent"] = time.perf_counter()
+        return out
+
+    def take(self, *a, **k):
+        out = orig[1](self, *a, **k)
+        mx.eval(arrays(out))
+        marks["take"] = time.perf_counter()
+        return out
+
+    def descent_one(*a):
+        marks["loop"] = marks["descent"] = marks["take"] = time.perf_counter()
+        return orig[2](*a)
+
+    Shards.descent, Shards.take_rows_each, S._descent = descent, take, descent_one
+    rows = []
+    try:
+        for r in range(repeats + 1):
+            _barrier(sh)
+            t0 = time.perf_counter()
+            out = sharded_smc(mx.random.key(500 + r), model, args, obs, n, progress=False)
+            mx.eval(out.log_weights, arrays(out.traces))
+            _barrier(sh)
+            t1 = time.perf_counter()
+            if r:  # the first run compiles
+                rows.append([marks["loop"] - t0, marks["descent"] - marks["loop"],
+                             marks["take"] - marks["descent"], t1 - marks["take"]])
+    finally:
+        Shards.descent, Shards.take_rows_each, S._descent = orig
+    med = np.median(np.array(rows), axis=0) * 1e3
+    return dict(zip(("loop_ms", "descent_ms", "take_rows_ms", "rest_ms"), (float(v) for v in med)))
 
 
 def lgssm_data(T: int):
@@ -260,6 +316,11 @@ def run(a) -> dict:
                 print(f"{tag} sharded_smc n={n}: {fmt_seconds(med)}, {n * T / med:.3g} particle-steps/s, "
                       f"log Z {float(last['lz']):.2f} (Kalman {res['kalman_log_z']:.2f}); "
                       f"exact-path reruns {Shards.fallbacks - f0}", flush=True)
+            if a.phases and not suffix:
+                res.setdefault("phases", {})[str(n)] = ph = phases(model, args, obs, n, sh, a.repeats)
+                if rank == 0:
+                    print(f"{tag} sharded_smc n={n} by phase (median ms): "
+                          + ", ".join(f"{k[:-3]} {v:.1f}" for k, v in ph.items()), flush=True)
             if not a.skip_hand:
                 ts = _time(lambda: hand_filter(next(keys), ys, n, sh), sh, a.repeats)
                 med = statistics.median(ts)
@@ -333,6 +394,8 @@ def main() -> None:
     ap.add_argument("--count", action="store_true", help="count the collectives of one sharded SMC run")
     ap.add_argument("--latency", action="store_true",
                     help="time a host read and a 2-float all-gather + read (the per-step floor)")
+    ap.add_argument("--phases", action="store_true",
+                    help="also time sharded_smc by phase: loop, descent, cross-process gathers, rest")
     ap.add_argument("--exact", action="store_true",
                     help="N processes: also time the exact systematic path (Shards.sync_free = False; "
                          "one host read per step) beside the default sync-free one")
