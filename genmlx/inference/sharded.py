@@ -660,7 +660,7 @@ def _systematic_local(payload, key, lw, stats):
     Pi = mx.concatenate([mx.zeros((1,), mx.int32), bi])
     Pf = mx.concatenate([mx.zeros((1,), mx.float32), bf])
     ends = (Pi[r:r + 2], Pf[r:r + 2])
-    pos = _local_positions(lw, ok, lse[r], ends, fused)
+    pos = _local_positions(lw, ends, fused)
     U = mx.random.uniform(shape=(), key=key)
     Nb = R._points_below(Pi, Pf, U, n)
     Nb = mx.concatenate([mx.zeros((1,), mx.int32), Nb[1:Rk], mx.array([n], dtype=mx.int32)])
@@ -756,18 +756,18 @@ def _sync_free_assemble(payload, did, Nb, mid, leaves, got):
     return moved, idx
 
 
-def _local_positions(lw: mx.array, ok: mx.array, lse_r: mx.array, ends: tuple, fused: bool) -> tuple:
+def _local_positions(lw: mx.array, ends: tuple, fused: bool) -> tuple:
     """Global slot positions of this process's particles from ends[0] (before the first)
     to ends[1] (the last, exactly), ``ends`` = (int parts [2], fractions [2]), in
-    proportion to its weights' running sums (uniform when its mass is 0 or no particle
-    anywhere is possible): the CUDA positions kernel (``fused``; double accumulation) or
-    the int + fraction prefix sums (:func:`~genmlx.inference.prefix_sums.slot_positions`)."""
+    proportion to its weights' running sums (uniform when every local weight is −inf,
+    as the kernel and ``resampling._weights`` both do): the CUDA positions kernel
+    (``fused``; double accumulation) or
+    :func:`~genmlx.inference.prefix_sums.slot_positions`."""
     if fused:
         from genmlx.kernels.resample import positions_kernel
 
         return positions_kernel(lw, ends)
-    own_ok = mx.logical_and(ok, lse_r > -mx.inf)
-    w = R._weights(mx.where(own_ok, lw, mx.zeros_like(lw)))
+    w = R._weights(lw)
     return slot_positions(w, (ends[0][1], ends[1][1]), (ends[0][0], ends[1][0]))
 
 

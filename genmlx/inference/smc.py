@@ -213,11 +213,12 @@ def _seq_extend(payload, key, carry, lw, inputs, obs):
 
 
 def _seq_resample(payload, key, lw, carry):
-    """ESS, the resampling decision and ancestors (identity when not resampling, chosen
-    by ``mx.where``: no host round trip) and the carry of the ancestors."""
-    idx, lw, ess, do = _resample(payload, key, lw)
+    """ESS and ancestors (identity when not resampling, chosen by ``mx.where``: no host
+    round trip) and the carry of the ancestors: (carry, lw, idx, ess). The decision is
+    not returned: the host repeats it on the ESS values (:func:`_decisions`)."""
+    idx, lw, ess, _ = _resample(payload, key, lw)
     leaves, td = tree_flatten(carry)
-    return tree_unflatten(td, gather_rows(leaves, idx)), lw, idx, ess, do
+    return tree_unflatten(td, gather_rows(leaves, idx)), lw, idx, ess
 
 
 def _seq_step(payload, key, k_res, carry, lw, inputs, obs):
@@ -228,7 +229,7 @@ def _seq_step(payload, key, k_res, carry, lw, inputs, obs):
     new choices, the carry and the weights are materialised, as in a hand-written
     filter; the step's scores are recomputed once at the end (:meth:`SequenceGF.vreplay`)."""
     rec, out, lw = _seq_extend(payload, key, carry, lw, inputs, obs)
-    nxt, lw, idx, ess, _ = _seq_resample(payload[4:], k_res, lw, out)
+    nxt, lw, idx, ess = _seq_resample(payload[4:], k_res, lw, out)
     return rec, nxt, lw, idx, ess
 
 
@@ -374,8 +375,8 @@ def _run_sequence(keys, model, args, args_T, cons: list, n: int, scheme, thresho
                 suspect = False
             rl, rtd = tree_flatten(rec)
             if comm is None:
-                nxt, lw2, idx, ess, _ = cached_call(_seq_resample, payload[4:6], payload[4:6], k_res,
-                                                    lw_w, c_out, compile=compile)
+                nxt, lw2, idx, ess = cached_call(_seq_resample, payload[4:6], payload[4:6], k_res,
+                                                 lw_w, c_out, compile=compile)
                 nl, ntd = tree_flatten(nxt)
                 out = ((rtd, rl), ntd, nl, lw2, idx, ess)
             else:

@@ -54,12 +54,11 @@ def _merge(a: tuple, b: tuple) -> tuple:
     return M, s1 * ea + o1 * eb, s2 * ea * ea + o2 * eb * eb
 
 
-def _block_scan(lw: np.ndarray, M, uniform: bool, threads: int, start,
-                limit=None) -> tuple[np.ndarray, np.float32]:
-    """One block's chunked scan of exp(lw − M) from ``start``: (prefix sums, block total).
+def _block_scan(lw: np.ndarray, M, uniform: bool, threads: int) -> tuple[np.ndarray, np.float32]:
+    """One block's float32 chunked scan of exp(lw − M): (prefix sums, block total).
     Threads own contiguous chunks of ⌈len/threads⌉ entries; chunk starts are made monotone
-    (running max, capped at ``limit``, the block total when None) and each chunk is capped
-    at the next chunk's start, as in the kernels."""
+    (running max, capped at the total) and each chunk is capped at the next chunk's start,
+    as in the Metal kernel."""
     n = lw.shape[0]
     w = np.ones(n, np.float32) if uniform else np.exp(lw - M).astype(np.float32)
     chunk = -(-n // threads)
@@ -72,9 +71,8 @@ def _block_scan(lw: np.ndarray, M, uniform: bool, threads: int, start,
     for sm in sums:
         prefix.append(total)
         total = np.float32(total + sm)
-    lim = total if limit is None else np.float32(limit)
-    starts = np.minimum(np.maximum.accumulate(
-        np.array([np.float32(start + p) for p in prefix], np.float32)), lim)
+    lim = total
+    starts = np.minimum(np.maximum.accumulate(np.array(prefix, np.float32)), lim)
     out = np.empty(n, np.float32)
     for t, (lo, hi) in enumerate(bounds):
         acc, cap = starts[t], starts[t + 1] if t + 1 < threads else lim
@@ -91,7 +89,7 @@ def cdf(lw: np.ndarray, threads: int = THREADS) -> np.ndarray:
     lw = np.asarray(lw, np.float32)
     n = lw.shape[0]
     M = lw.max()
-    pre, total = _block_scan(lw, M, not M > -np.inf, threads, np.float32(0))
+    pre, total = _block_scan(lw, M, not M > -np.inf, threads)
     with np.errstate(invalid="ignore", divide="ignore"):
         out = np.minimum((pre / total).astype(np.float32), np.float32(1))
     out[n - 1] = 1
