@@ -94,7 +94,7 @@ case $part in
     # NS_SMC: the particle counts (total) of the SMC rows
     is_args=${IS_ARGS:---ns-is 10000000 100000000}
     ns=${NS_SMC:-1000000 10000000 30000000}
-    run scale_smc_1 200 $py benchmarks/scale_smc.py --ns-smc $ns $is_args --repeats 3 --vs-smc --out "$OUT/scale_1.json"
+    run scale_smc_1 200 $py benchmarks/scale_smc.py --ns-smc $ns $is_args --repeats 3 --vs-smc --phases --out "$OUT/scale_1.json"
     run scale_smc_2 240 mlx.launch -n 2 --backend nccl --env NCCL_NVLS_ENABLE=0 --python "$(command -v $py)" \
       benchmarks/scale_smc.py --ns-smc $ns $is_args --repeats 3 --count --latency --exact --phases --out "$OUT/scale_2.json"
     grep -q "^rc=0" "$OUT/scale_smc_2.log" || run scale_smc_2s 240 mlx.launch -n 2 --backend nccl --env NCCL_NVLS_ENABLE=0 \
