@@ -96,7 +96,7 @@ def _time(fn, sh, repeats: int, warmup: int = 1) -> list[float]:
 def phases(model, args, obs, n: int, sh, repeats: int) -> dict:
     """Where a sharded_smc run's time goes (median ms, timed between barriers): the
     per-step loop (up to the host's read of the flags), the end-of-run descent (its
-    outputs evaluated), the kept arrays' cross-process gathers (``take_rows_each``,
+    outputs evaluated), the kept arrays' cross-process gathers (``take_blocks``,
     evaluated) and the rest (the local replay of the step scores, the final
     evaluation). The evaluations at the marks serialize what a plain run overlaps, so the
     sum can exceed a plain run's time a little. One process: loop and rest."""
@@ -106,7 +106,7 @@ def phases(model, args, obs, n: int, sh, repeats: int) -> dict:
 
     S = importlib.import_module("genmlx.inference.smc")
     marks: dict = {}
-    orig = (Shards.descent, Shards.take_rows_each, S._descent)
+    orig = (Shards.descent, Shards.take_blocks, S._descent)
 
     def arrays(x):
         return [a for a in tree_flatten(x)[0] if isinstance(a, mx.array)]
@@ -128,7 +128,7 @@ def phases(model, args, obs, n: int, sh, repeats: int) -> dict:
         marks["loop"] = marks["descent"] = marks["take"] = time.perf_counter()
         return orig[2](*a)
 
-    Shards.descent, Shards.take_rows_each, S._descent = descent, take, descent_one
+    Shards.descent, Shards.take_blocks, S._descent = descent, take, descent_one
     rows = []
     try:
         for r in range(repeats + 1):
@@ -142,7 +142,7 @@ def phases(model, args, obs, n: int, sh, repeats: int) -> dict:
                 rows.append([marks["loop"] - t0, marks["descent"] - marks["loop"],
                              marks["take"] - marks["descent"], t1 - marks["take"]])
     finally:
-        Shards.descent, Shards.take_rows_each, S._descent = orig
+        Shards.descent, Shards.take_blocks, S._descent = orig
     med = np.median(np.array(rows), axis=0) * 1e3
     return dict(zip(("loop_ms", "descent_ms", "take_rows_ms", "rest_ms"), (float(v) for v in med)))
 
@@ -404,6 +404,8 @@ def main() -> None:
     ap.add_argument("--split-collectives", action="store_true",
                     help="run the sync-free step's collectives between two compiled halves "
                          "(sharded.COMPILE_COLLECTIVES = False) instead of inside one compiled step")
+    ap.add_argument("--window-div", type=int, default=None,
+                    help="sync-free window W = max(4096, m // DIV) slots (default: sharded.window_width)")
     ap.add_argument("--out", default=None, help="JSON file for this run's results (rank 0 writes)")
     ap.add_argument("--compare", nargs="+", default=None, metavar="JSON",
                     help="no run: compare result files of 1 and N processes")
@@ -414,6 +416,10 @@ def main() -> None:
         import genmlx.inference.sharded as _sharded
 
         _sharded.COMPILE_COLLECTIVES = False
+    if a.window_div:
+        import genmlx.inference.sharded as _sharded
+
+        _sharded.window_width = lambda m, d=a.window_div: min(m, max(4096, m // d))
     if a.compare:
         compare(a.compare, a.append_results, a.note)
         return

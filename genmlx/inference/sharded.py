@@ -140,7 +140,7 @@ import numpy as np
 
 from genmlx import kernels as _K
 from genmlx.core.gfi import GenerativeFunction
-from genmlx.core.indexing import MAX_DIM, row
+from genmlx.core.indexing import MAX_DIM, iota, row
 from genmlx.core.trace import Trace
 from genmlx.core.vectorize import unbatch
 from genmlx.distributed import fold_rank, world
@@ -343,7 +343,7 @@ class Shards:
             E, glw = self.gather(edges), None
         else:
             E, glw = self.gather_packed([edges, lw])
-        Ds, miss = halo_compose(idxs, flags, blocks, E, self.rank, self.size, H)
+        Ds, miss = halo_compose(idxs, flags, blocks, E, self.rank, self.size, H, self.sort_ancestors)
         if int(self.all_sum(miss.astype(mx.int32)[None]).item()) > 0:
             return None, glw
         return Ds, glw
@@ -373,6 +373,34 @@ class Shards:
             out[i] = (mx.take(leaves[i], idx - r * m, axis=0) if plan.local
                       else plan.assemble(leaves[i], got[i], idx, r))
         return out
+
+    def take_blocks(self, blocks: list, Ds: list) -> list:
+        """Every step's rows of the kept arrays at once: ``blocks`` holds, per kind, this
+        process's rows of every step as one block [T, m, …] and ``Ds`` the global source
+        rows [m] of this process's slots at each step (the end-of-run lineages of
+        :meth:`descent`; None: its own rows); returns per kind [T, m, …] with row (t, i) =
+        step t's global row Ds[t][i].
+
+        ONE all-gather of the [min, max] of D (read on the host) sizes the halo H
+        (:func:`block_halo`): the lineages of a sorted resampling stay near their block, so
+        usually H ≤ m and ONE packed all-gather of every block's first and last H rows
+        (:func:`halo_take`) is all that crosses processes; H = 0 moves nothing; H > m
+        gathers the whole blocks."""
+        if not blocks:
+            return []
+        T, m = len(Ds), int(blocks[0].shape[1])
+        r, size = self.rank, self.size
+        own = r * m + iota(m)
+        D = mx.concatenate([own if d is None else d for d in Ds]).reshape(T, m)
+        b = np.array(self.gather(mx.stack([mx.min(D), mx.max(D)]).astype(mx.int32)[None]))
+        H = block_halo(b, m)
+        if H == 0:
+            rel = D - r * m
+            return [mx.take_along_axis(x, _expand(rel, x), axis=1) for x in blocks]
+        if H <= m:
+            got = self.gather_packed([mx.concatenate([x[:, :H], x[:, m - H:]], axis=1) for x in blocks])
+            return halo_take(blocks, D, got, r, size, H)
+        return full_take(blocks, D, self.gather_packed(blocks), size)
 
     def gather_packed(self, arrays: list) -> list:
         """All-gather of several arrays (each with the same shape in every process) in
@@ -442,32 +470,84 @@ class Shards:
         return grouped_rows(leaves, _bool_safe(move))
 
 
-def halo_compose(idxs: list, flags: list, blocks: mx.array, E: mx.array, r: int, R_: int, H: int):
+def halo_compose(idxs: list, flags: list, blocks: mx.array, E: mx.array, r: int, R_: int, H: int,
+                 sorted_rows: bool = False):
     """Process r's lineage rows D_t = a_t[D_{t+1}] composed on its block of every
     resampling's ancestors ``blocks`` [K, m] extended by the neighbours' edges: ``E``
     holds every process's first and last H entries of each block (all-gathered,
     [R·K, 2H]). Returns (Ds, miss): ``miss`` (a device bool) says that some lineage left
-    the slots [r·m − H, (r + 1)·m + H), where Ds is then wrong (clipped)."""
+    the slots [r·m − H, (r + 1)·m + H), where Ds is then wrong (clipped). One compiled
+    call per composition (:func:`_halo_step`); ``sorted_rows`` (every a_t nondecreasing,
+    as sorted resampling gives, so every D_t is): the range test reads a lineage's first
+    and last entries instead of reducing over it."""
     K, m = int(blocks.shape[0]), int(blocks.shape[1])
     E = E.reshape(R_, K, 2 * H)
     pad = mx.zeros((K, H), dtype=blocks.dtype)
     below = E[r - 1, :, H:] if r > 0 else pad  # slots [r·m − H, r·m) (none below rank 0)
     above = E[r + 1, :, :H] if r + 1 < R_ else pad  # slots [(r+1)·m, (r+1)·m + H)
     ext = mx.concatenate([below, blocks, above], axis=1)  # slot s at column s − (r·m − H)
-    base, width = r * m - H, m + 2 * H
+    payload = (r * m - H, m + 2 * H, bool(sorted_rows))
     Ds = [None] * len(idxs)
-    D, j, out = None, K - 1, []
+    D, j, miss = None, K - 1, mx.array(False)
     for t in reversed(range(len(idxs))):
         if flags[t]:
             if D is None:
                 D = idxs[t]
             else:
-                rel = D - base
-                out.append(mx.logical_or(mx.min(rel) < 0, mx.max(rel) >= width))
-                D = mx.take(ext[j], mx.clip(rel, 0, width - 1), axis=0)
+                D, miss = cached_call(_halo_step, payload, payload, D, row(ext, j), miss)
             j -= 1
         Ds[t] = D
-    return Ds, (mx.any(mx.stack(out)) if out else mx.array(False))
+    return Ds, miss
+
+
+def _halo_step(payload, D, a, miss):
+    """One composition a[D − base] on an extended ancestor row ``a`` (columns [base,
+    base + width) of the global slots), clipped into it; ``miss`` or'ed with "some entry
+    of D lay outside"."""
+    base, width, sorted_rows = payload
+    rel = D - base
+    lo, hi = (row(rel, 0), row(rel, -1)) if sorted_rows else (mx.min(rel), mx.max(rel))
+    miss = mx.logical_or(miss, mx.logical_or(lo < 0, hi >= width))
+    return mx.take(a, mx.clip(rel, 0, width - 1), axis=0), miss
+
+
+def block_halo(bounds, m: int) -> int:
+    """The smallest H ≥ 0 with every process q's source rows inside [q·m − H, (q+1)·m + H),
+    from the gathered [min, max] of each process's rows ``bounds`` [R, 2]."""
+    return max(0, max(max(q * m - int(lo), int(hi) + 1 - (q + 1) * m) for q, (lo, hi) in enumerate(bounds)))
+
+
+def _expand(idx: mx.array, x: mx.array) -> mx.array:
+    """``idx`` [T, m] shaped to index axis 1 of ``x`` [T, ·, …] in ``take_along_axis``."""
+    return idx.reshape(idx.shape + (1,) * (x.ndim - 2))
+
+
+def halo_take(blocks: list, D: mx.array, E: list, r: int, R_: int, H: int) -> list:
+    """Process r's rows D [T, m] (global, inside [r·m − H, (r+1)·m + H), H ≤ m) of its
+    blocks [T, m, …] extended by the neighbours' edges: ``E`` holds, per block, every
+    process's first and last H rows of each step (all-gathered, [R·T, 2H, …])."""
+    T, m = int(D.shape[0]), int(D.shape[1])
+    rel = D - (r * m - H)  # row s at column s − (r·m − H) of the extended block
+    out = []
+    for x, e in zip(blocks, E):
+        e = e.reshape((R_, T, 2 * H) + x.shape[2:])
+        pad = mx.zeros((T, H) + x.shape[2:], dtype=x.dtype)
+        below = e[r - 1, :, H:] if r > 0 else pad  # rows [r·m − H, r·m)
+        above = e[r + 1, :, :H] if r + 1 < R_ else pad  # rows [(r+1)·m, (r+1)·m + H)
+        ext = mx.concatenate([below, x, above], axis=1)
+        out.append(mx.take_along_axis(ext, _expand(rel, x), axis=1))
+    return out
+
+
+def full_take(blocks: list, D: mx.array, G: list, R_: int) -> list:
+    """Rows D [T, m] (global) of the blocks [T, m, …] from ``G``, per block every
+    process's block all-gathered ([R·T, m, …])."""
+    T, m = int(D.shape[0]), int(D.shape[1])
+    out = []
+    for x, g in zip(blocks, G):
+        g = mx.swapaxes(g.reshape((R_, T, m) + x.shape[2:]), 0, 1).reshape((T, R_ * m) + x.shape[2:])
+        out.append(mx.take_along_axis(g, _expand(D, x), axis=1))
+    return out
 
 
 def source_bounds(idx: mx.array) -> mx.array:

@@ -413,7 +413,8 @@ def _run_sequence(keys, model, args, args_T, cons: list, n: int, scheme, thresho
     else:  # the final log-weights travel with the ancestors (one collective)
         Ds, glw = comm.descent(idxs, flags, lw)
     take_each = None if comm is None else comm.take_rows_each
-    built = _rebuild_columns(model, args, recs, Ds, cons, axes, carry_td, n, take_each) if shared else None
+    built = (_rebuild_columns(model, args, recs, Ds, cons, axes, carry_td, n,
+                              None if comm is None else comm.take_blocks) if shared else None)
     if built is None:
         recs = [tree_unflatten(td, ls) for td, ls in recs]
         steps = _rebuild(model, args, recs, Ds, cons, axes, carry_td, n, shared, take_each)
@@ -509,7 +510,7 @@ class _Descent:
         return G[:T]
 
 
-def _rebuild_columns(model, args, recs, Ds, cons, axes, carry_td, n: int, take_each=None):
+def _rebuild_columns(model, args, recs, Ds, cons, axes, carry_td, n: int, take_blocks=None):
     """:func:`_rebuild` when every step has one structure (the shared compiled step):
     each kept array is stacked over the steps into a block [T, n, …] and gathered by ONE
     ``take_along_axis`` with the stacked D_t (:meth:`_Descent.block`); the steps are
@@ -517,8 +518,8 @@ def _rebuild_columns(model, args, recs, Ds, cons, axes, carry_td, n: int, take_e
     0 apart when its initial carry has another structure) and kept as columns
     (:class:`StackedSteps`: a step's sub-trace is built when it is read). Returns
     (steps, total score, arrays to evaluate) or None (the general path applies).
-    ``take_each`` (sharded particles: ``comm.take_rows_each``) gathers the kept arrays
-    of every step by its global rows D_t instead."""
+    ``take_blocks`` (sharded particles: ``comm.take_blocks``) gathers the kept blocks by
+    the global rows D_t instead."""
     from genmlx.combinators._sequence import STEP_INDEX, holds_step_index, same_leaves
 
     T = len(recs)
@@ -535,11 +536,10 @@ def _rebuild_columns(model, args, recs, Ds, cons, axes, carry_td, n: int, take_e
     J = len(recs[0][1])
     kept = [[ls[j] for _, ls in recs] for j in range(J)]  # per kind: T arrays [n, …]
     cols = []
-    if take_each is not None:  # rows across processes (per-particle observations excluded)
+    if take_blocks is not None:  # rows across processes (per-particle observations excluded)
         if any(a is not None for a in axes[0]):
             return None
-        got = take_each([ls[j] for _, ls in recs for j in range(J)], [d for d in Ds for _ in range(J)])
-        cols = [mx.stack(got[j::J]) for j in range(J)]
+        cols = take_blocks([_rows_block(col) for col in kept], list(Ds))
     elif isinstance(Ds, _Descent) and paths_kernel.usable(Ds.idxs, kept):
         # GPU: the descent and every kind's gather in ONE kernel (no T-input concatenations)
         D, cols = paths_kernel.ancestral_paths(Ds.idxs, kept)

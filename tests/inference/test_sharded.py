@@ -344,6 +344,21 @@ got = sh.take_rows_each(leaves, rows)
 res["take_each_ok"] = all(
     bool(mx.array_equal(g, Gx[r] if r is not None else x)) and g.dtype == x.dtype
     for g, Gx, r, x in zip(got, G, rows, leaves))
+# take_blocks ([T, m, …] blocks): lineages at home (nothing moves) and drifting (the
+# neighbours' edges), against the gather-everything reference
+own = rank * m_loc + mx.arange(m_loc, dtype=mx.int32)
+blks = [mx.random.normal((3, m_loc, 2), key=mx.random.key(31 + rank)),
+        mx.random.randint(0, 9, (3, m_loc), key=mx.random.key(41 + rank)).astype(mx.int32),
+        mx.random.bernoulli(0.5, (3, m_loc), key=mx.random.key(51 + rank))]
+drift = [mx.clip(mx.sort(mx.arange(2 * m_loc) + mx.random.randint(-5, 6, (2 * m_loc,), key=mx.random.key(k))),
+                 0, 2 * m_loc - 1).astype(mx.int32)[rank * m_loc:(rank + 1) * m_loc] for k in (72, 73)]
+res["take_blocks_ok"] = True
+for Ds_b in ([None, own, None], [drift[0], None, drift[1]]):
+    got = sh.take_blocks(blks, Ds_b)
+    for g, x in zip(got, blks):
+        for t in range(3):
+            ref = sh.gather(x[t])[own if Ds_b[t] is None else Ds_b[t]]
+            res["take_blocks_ok"] = res["take_blocks_ok"] and bool(mx.array_equal(g[t], ref)) and g.dtype == x.dtype
 flags = [True, False, True, True]
 anc = [mx.sort(mx.random.randint(0, 2 * m_loc, (2 * m_loc,), key=mx.random.key(80 + t))) for t in range(4)]
 ref = anc[3][rank * m_loc:(rank + 1) * m_loc]
@@ -552,11 +567,11 @@ def test_sync_free_loop_makes_no_host_read(two_ranks):
 
 
 def test_fused_row_moves_equal_full_gather(two_ranks):
-    """take_rows_each and the end-of-run descent against the gather-everything reference;
+    """take_rows_each, take_blocks and the end-of-run descent against the gather-everything reference;
     the descent on neighbours' halos wide enough (no miss) and too narrow (a miss each
     call: the whole blocks are gathered), with the same rows either way."""
     for r in two_ranks:
-        assert r["take_each_ok"] and r["descent_ok"]
+        assert r["take_each_ok"] and r["descent_ok"] and r["take_blocks_ok"]
         assert r["halo_misses"] == [0, 0, 2], r["halo_misses"]
 
 
@@ -703,6 +718,55 @@ def test_window_plan_moves_exactly_the_requested_rows(R):
 
 
 @pytest.mark.parametrize("R", [2, 3, 4])
+def test_block_gathers_on_virtual_processes(R):
+    """The end of run's row gathers of whole [T, m, …] blocks: the halo H from every
+    process's [min, max] (``block_halo``), the rows from the neighbours' H-row edges
+    (``halo_take``) when H ≤ m and from every process's block (``full_take``) otherwise,
+    against the gather-everything reference, for lineages that stay home, drift a few
+    rows across the block edges, and come from anywhere (R > 2: H > m)."""
+    from genmlx.inference.sharded import block_halo, full_take, halo_take
+
+    m, T = 20, 3
+    n = R * m
+    rng = np.random.default_rng(10 + R)
+    X = [mx.array(rng.normal(size=(T, n, 2)).astype(np.float32)),
+         mx.array(rng.integers(0, 9, (T, n)).astype(np.int32)),
+         mx.array(rng.random((T, n)) < 0.5),
+         mx.array(rng.normal(size=(T, n)).astype(np.float16))]
+    cases = {
+        "home": np.broadcast_to(np.arange(n), (T, n)),
+        "drift": np.clip(np.sort(np.arange(n) + rng.integers(-5, 6, (T, n)), axis=1), 0, n - 1),
+        "anywhere": rng.integers(0, n, (T, n)),
+        "one ancestor": np.full((T, n), n - 1),
+    }
+    seen = set()
+    for name, Dg in cases.items():
+        Dg = Dg.astype(np.int32)
+        bounds = [(Dg[:, r * m:(r + 1) * m].min(), Dg[:, r * m:(r + 1) * m].max()) for r in range(R)]
+        H = block_halo(bounds, m)
+        want_H = max(0, max(max(r * m - lo, hi + 1 - (r + 1) * m) for r, (lo, hi) in enumerate(bounds)))
+        assert H == want_H
+        seen.add("local" if H == 0 else "halo" if H <= m else "full")
+        for r in range(R):
+            D = mx.array(Dg[:, r * m:(r + 1) * m])
+            blocks = [x[:, r * m:(r + 1) * m] for x in X]
+            if H == 0:
+                got = [mx.take_along_axis(x, (D - r * m).reshape(D.shape + (1,) * (x.ndim - 2)), axis=1)
+                       for x in blocks]
+            elif H <= m:  # what every process all-gathers: its first and last H rows of each step
+                E = [mx.concatenate([mx.concatenate([x[:, q * m:q * m + H], x[:, (q + 1) * m - H:(q + 1) * m]],
+                                                    axis=1) for q in range(R)]) for x in X]
+                got = halo_take(blocks, D, E, r, R, H)
+            else:
+                G = [mx.concatenate([x[:, q * m:(q + 1) * m] for q in range(R)]) for x in X]
+                got = full_take(blocks, D, G, R)
+            for g, x in zip(got, X):
+                want = np.take_along_axis(np.array(x), np.array(D).reshape(D.shape + (1,) * (x.ndim - 2)), axis=1)
+                assert g.dtype == x.dtype and np.array_equal(np.array(g), want), (name, r)
+    assert seen == ({"local", "halo", "full"} if R > 2 else {"local", "halo"}), seen
+
+
+@pytest.mark.parametrize("R", [2, 3, 4])
 def test_halo_descent_on_virtual_processes(R):
     """The end-of-run descent on each process's blocks extended by its neighbours' H-slot
     edges (``halo_compose``, fed the edges every process would all-gather) gives the
@@ -726,14 +790,18 @@ def test_halo_descent_on_virtual_processes(R):
             E = mx.array(np.concatenate([
                 np.stack([np.concatenate([anc[t][q * m:q * m + H], anc[t][(q + 1) * m - H:(q + 1) * m]])
                           for t in range(T) if flags[t]]) for q in range(R)]))
-            Ds, miss = halo_compose(idxs, flags, blocks, E, r, R, H)
+            got = [halo_compose(idxs, flags, blocks, E, r, R, H, s) for s in (False, True)]
+            # the range test on a lineage's ends (sorted rows) says what the reductions say
+            assert bool(got[0][1]) == bool(got[1][1]), (R, H, r)
+            Ds, miss = got[0]
             misses.append(bool(miss))
             D = np.arange(r * m, (r + 1) * m)
             for t in reversed(range(T)):
                 if flags[t]:
                     D = anc[t][D]
                     if not miss:
-                        assert np.array_equal(np.array(Ds[t]), D), (R, H, r, t)
+                        for Ds_s, _ in got:
+                            assert np.array_equal(np.array(Ds_s[t]), D), (R, H, r, t)
         assert any(misses) == want_miss, (R, H, misses)
 
 
