@@ -31,8 +31,9 @@ from genmlx.inference._util import cached_call  # noqa: E402
 from genmlx.inference.sharded import Shards, shards_for, window_width  # noqa: E402
 
 
-def chained(fn, state, keys, sh, repeats: int) -> float:
-    """µs per call of ``state = fn(key, state)`` over len(keys) calls, timed between barriers."""
+def chained(fn, state, keys, sh, repeats: int, name: str = "") -> float:
+    """µs per call of ``state = fn(key, state)`` over len(keys) calls, timed between
+    barriers (printed by rank 0 as soon as measured)."""
     def barrier():
         if sh is not None:
             mx.eval(sh.all_sum(mx.array(1.0)))
@@ -49,6 +50,8 @@ def chained(fn, state, keys, sh, repeats: int) -> float:
         mx.eval(s)
         barrier()
         out.append((time.perf_counter() - t0) / len(keys) * 1e6)
+    if sh is None or sh.rank == 0:
+        print(f"{name}: {statistics.median(out):.0f} µs per step", flush=True)
     return statistics.median(out)
 
 
@@ -79,7 +82,7 @@ def main() -> None:
         rec, nxt, lw, idx, ess = cached_call(S._seq_step, pay1, pay1, k, k, s[0], s[1], kin, obs)
         return nxt, lw, rec, idx
 
-    res["local_step"] = chained(local, (x0, lw0), keys, sh, a.repeats)
+    res["local_step"] = chained(local, (x0, lw0), keys, sh, a.repeats, "local_step")
     if sh is not None:
         pay = pay1 + (sh.rank, sh.size)
 
@@ -88,17 +91,18 @@ def main() -> None:
             nl, idx, lw, ess, did, ovf = sh.step_resample(k, lw, stats, [nxt], "systematic", thr)
             return nl[0], lw, rec, idx, ovf
 
-        res["sharded_step"] = chained(sharded, (x0, lw0), keys, sh, a.repeats)
+        res["sharded_step"] = chained(sharded, (x0, lw0), keys, sh, a.repeats, "sharded_step")
         SH.COMPILE_COLLECTIVES = False
-        res["sharded_step_split"] = chained(sharded, (x0, lw0), keys, sh, a.repeats)
+        res["sharded_step_split"] = chained(sharded, (x0, lw0), keys, sh, a.repeats, "sharded_step_split")
         SH.COMPILE_COLLECTIVES = True
         W = window_width(m)
         st = mx.zeros((1, 2))
         res["stats_gather"] = chained(lambda k, s: (sh.gather(s[0] + 1.0)[sh.rank:sh.rank + 1],), (st,), keys, sh,
-                                      a.repeats)
+                                      a.repeats, "stats_gather")
         win = [mx.zeros((2 * W,), mx.int32), mx.zeros((2 * W,))]
         res["window_gather"] = chained(lambda k, s: tuple(g[:2 * W] + 1 for g in sh.gather_packed(list(s))),
-                                       tuple(win), keys, sh, a.repeats)
+                                       tuple(win), keys, sh, a.repeats,
+                                       "window_gather")
         res["W"] = W
     if sh is None or sh.rank == 0:
         print(json.dumps(res), flush=True)

@@ -67,21 +67,6 @@ class StackedSteps(Sequence):
         layout = StepsLayout(len(head), k, td, tuple(lmap), tuple(x.ndim - 1 for x in srcs))
         return cls(head, cols, layout, (n, srcs))
 
-    @classmethod
-    def from_chunks(cls, head: tuple, chunks: list, td, n: int) -> "StackedSteps":
-        """Steps from several stripped sub-traces of one structure ``td``, ``chunks`` =
-        [(leaves [k_c·n, …], k_c)] for consecutive runs of steps (e.g. replays split so
-        that no axis passes MLX's 32-bit limit): each column is the chunks' rows joined
-        as [n, Σ k_c, …] (no flat step-major source is kept)."""
-        uniq, lmap = unique_by_identity(chunks[0][0])
-        first = [lmap.index(u) for u in range(len(uniq))]
-        k = sum(kc for _, kc in chunks)
-        blocks = [mx.concatenate([ls[p].reshape((kc, n) + ls[p].shape[1:]) for ls, kc in chunks])
-                  for p in first]
-        cols = [mx.swapaxes(b, 0, 1) for b in blocks]
-        layout = StepsLayout(len(head), k, td, tuple(lmap), tuple(b.ndim - 2 for b in blocks))
-        return cls(head, cols, layout)
-
     def __len__(self) -> int:
         return self.layout.h + self.layout.k
 

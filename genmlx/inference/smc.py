@@ -523,6 +523,10 @@ def _rebuild_columns(model, args, recs, Ds, cons, axes, carry_td, n: int, take_b
     from genmlx.combinators._sequence import STEP_INDEX, holds_step_index, same_leaves
 
     T = len(recs)
+    if T * n > indexing.MAX_DIM:  # T·n rows in one axis: the general path replays per step
+        # (a columns replay in chunks of steps was tried: at 3·10⁷ particles on an H200
+        # its whole-run graph ran out of memory where the step-by-step path fits)
+        return None
     td0 = recs[0][0]
     obs = [dict(c.leaves()) for c in cons]
     ob_paths = list(obs[0])
@@ -569,44 +573,36 @@ def _rebuild_columns(model, args, recs, Ds, cons, axes, carry_td, n: int, take_b
     lo = 0 if with0 else 1
     k = T - lo
 
-    # the replay runs on kc·n rows at a time: kc steps per call, no axis past MLX's
-    # 32-bit limit (one call unless T·n passes it)
-    kc = max(1, indexing.MAX_DIM // n)
-    spans = [(a, min(a + kc, k)) for a in range(0, k, kc)]
-
-    def rows(x, a, b):  # steps a..b-1 of a block [k, n, …] as [(b − a)·n, …]
-        return x[a:b].reshape(((b - a) * n,) + x.shape[2:])
+    def rows(x):  # steps lo..T-1 of a block [T, n, …] as [k·n, …]
+        return x[lo:].reshape((k * n,) + x.shape[2:])
 
     if with0:
         carry_in = [mx.concatenate([mx.broadcast_to(x[None, None], (1, n) + x.shape), c[:-1]])
                     for x, c in zip(init_l, carry_cols)]
+        carry_in = [c.reshape((k * n,) + c.shape[2:]) for c in carry_in]
     else:
-        carry_in = [c[:-1] for c in carry_cols]
+        carry_in = [c[:-1].reshape((k * n,) + c.shape[2:]) for c in carry_cols]
     try:
         in_flat = [tree_flatten(model._kernel_inputs(args, t, STEP_INDEX))
                    for t in (range(lo, T) if model._inputs_vary else [lo])]
         shared_in = same_leaves(in_flat)
-        in_blocks = None if shared_in else [mx.broadcast_to(mx.stack(xs)[:, None], (k, n) + xs[0].shape)
-                                            for xs in zip(*(a for a, _ in in_flat))]
-        chunks, score, td = [], None, None
-        for a, b in spans:
-            inp = tree_unflatten(in_flat[0][1], in_flat[0][0] if shared_in
-                                 else [rows(x, a, b) for x in in_blocks])
-            cm = ChoiceMap.empty()
-            for p, v in choices + list(zip(ob_paths, ob_cols)):
-                cm = cm.set_submap(p, ChoiceMap.leaf(rows(v[lo:], a, b)))
-            payload = (model, (b - a) * n, not shared_in)
-            sub = cached_call(_replay, payload, payload, inp,
-                              tree_unflatten(carry_td, [rows(c, a, b) for c in carry_in]), cm)
-            leaves, td_c = tree_flatten(sub)
-            if holds_step_index(td_c) or (td is not None and td_c != td):
-                return None
-            td = td_c
-            chunks.append((leaves, b - a))
-            part = mx.sum(sub.score.reshape(b - a, n), axis=0)
-            score = part if score is None else score + part
+        if shared_in:
+            inp = tree_unflatten(in_flat[0][1], in_flat[0][0])
+        else:
+            inp = tree_unflatten(in_flat[0][1], [
+                mx.broadcast_to(mx.stack(xs)[:, None], (k, n) + xs[0].shape).reshape((k * n,) + xs[0].shape)
+                for xs in zip(*(a for a, _ in in_flat))])
+        cm = ChoiceMap.empty()
+        for p, v in choices + list(zip(ob_paths, ob_cols)):
+            cm = cm.set_submap(p, ChoiceMap.leaf(rows(v)))
+        payload = (model, k * n, not shared_in)
+        sub = cached_call(_replay, payload, payload, inp, tree_unflatten(carry_td, carry_in), cm)
+        leaves, td = tree_flatten(sub)
+        if holds_step_index(td):
+            return None
     except Exception:  # noqa: BLE001 - e.g. the kernel reads t while replaying: general path
         return None
+    score = mx.sum(sub.score.reshape(k, n), axis=0)
     head = ()
     if not with0:
         cm0 = ChoiceMap.empty()
@@ -617,13 +613,8 @@ def _rebuild_columns(model, args, recs, Ds, cons, axes, carry_td, n: int, take_b
         head, score = (sub0,), sub0.score + score
     # the replayed steps stay columns [n, k, …] (a step's leaves are views, built when
     # read): no k sub-traces to build, and the trace flattens to a few arrays
-    if len(chunks) == 1:
-        steps = StackedSteps.from_rows(head, chunks[0][0], td, k, n)
-        kept_out = chunks[0][0] + steps.cols
-    else:  # the chunks' rows joined: their own leaves are freed once the columns exist
-        steps = StackedSteps.from_chunks(head, chunks, td, n)
-        kept_out = list(steps.cols)
-    return steps, score, kept_out + [x for h in head for x in tree_flatten(h)[0]]
+    steps = StackedSteps.from_rows(head, leaves, td, k, n)
+    return steps, score, leaves + steps.cols + [x for h in head for x in tree_flatten(h)[0]]
 
 
 def _stack_values(vals: list) -> mx.array:
