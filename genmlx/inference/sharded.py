@@ -150,6 +150,7 @@ from genmlx.inference.importance import importance_resampling, importance_sampli
 from genmlx.inference.particles import WeightedParticles
 from genmlx.inference.prefix_sums import slot_positions
 from genmlx.inference.smc import SMCResult, _resample, _rows_block, run_smc, smc
+from genmlx.kernels.gather import take_rows, take_rows_batched
 
 _SORTED_SCHEMES = ("systematic", "stratified", "residual")
 
@@ -388,15 +389,14 @@ class Shards:
         gathers the whole blocks."""
         if not blocks:
             return []
-        T, m = len(Ds), int(blocks[0].shape[1])
-        r, size = self.rank, self.size
+        m, r, size = int(blocks[0].shape[1]), self.rank, self.size
         own = r * m + iota(m)
         D = _rows_block([own if d is None else d for d in Ds])
         b = np.array(self.gather(mx.stack([mx.min(D), mx.max(D)]).astype(mx.int32)[None]))
         H = block_halo(b, m)
         if H == 0:
             rel = D - r * m
-            return [mx.take_along_axis(x, _expand(rel, x), axis=1) for x in blocks]
+            return [take_rows_batched(x, rel) for x in blocks]
         if H <= m:
             got = self.gather_packed([mx.concatenate([x[:, :H], x[:, m - H:]], axis=1) for x in blocks])
             return halo_take(blocks, D, got, r, size, H)
@@ -508,18 +508,13 @@ def _halo_step(payload, D, a, miss):
     rel = D - base
     lo, hi = (row(rel, 0), row(rel, -1)) if sorted_rows else (mx.min(rel), mx.max(rel))
     miss = mx.logical_or(miss, mx.logical_or(lo < 0, hi >= width))
-    return mx.take(a, mx.clip(rel, 0, width - 1), axis=0), miss
+    return take_rows(a, mx.clip(rel, 0, width - 1)), miss
 
 
 def block_halo(bounds, m: int) -> int:
     """The smallest H ≥ 0 with every process q's source rows inside [q·m − H, (q+1)·m + H),
     from the gathered [min, max] of each process's rows ``bounds`` [R, 2]."""
     return max(0, max(max(q * m - int(lo), int(hi) + 1 - (q + 1) * m) for q, (lo, hi) in enumerate(bounds)))
-
-
-def _expand(idx: mx.array, x: mx.array) -> mx.array:
-    """``idx`` [T, m] shaped to index axis 1 of ``x`` [T, ·, …] in ``take_along_axis``."""
-    return idx.reshape(idx.shape + (1,) * (x.ndim - 2))
 
 
 def halo_take(blocks: list, D: mx.array, E: list, r: int, R_: int, H: int) -> list:
@@ -535,7 +530,7 @@ def halo_take(blocks: list, D: mx.array, E: list, r: int, R_: int, H: int) -> li
         below = e[r - 1, :, H:] if r > 0 else pad  # rows [r·m − H, r·m)
         above = e[r + 1, :, :H] if r + 1 < R_ else pad  # rows [(r+1)·m, (r+1)·m + H)
         ext = mx.concatenate([below, x, above], axis=1)
-        out.append(mx.take_along_axis(ext, _expand(rel, x), axis=1))
+        out.append(take_rows_batched(ext, rel))
     return out
 
 
@@ -546,7 +541,7 @@ def full_take(blocks: list, D: mx.array, G: list, R_: int) -> list:
     out = []
     for x, g in zip(blocks, G):
         g = mx.swapaxes(g.reshape((R_, T, m) + x.shape[2:]), 0, 1).reshape((T, R_ * m) + x.shape[2:])
-        out.append(mx.take_along_axis(g, _expand(D, x), axis=1))
+        out.append(take_rows_batched(g, D))
     return out
 
 
@@ -829,14 +824,14 @@ def _sync_free_assemble(payload, did, Nb, mid, leaves, got):
         off = mx.where(p < r, W + j - (p + 1) * m, j - (p * m - W))
         gpos = p * (2 * W) + mx.clip(off, 0, 2 * W - 1)
         own = p == r
-        idx = mx.where(own, r * m + mid, mx.take(got[0], gpos))
+        idx = mx.where(own, r * m + mid, take_rows(got[0], gpos))
         pos = mx.where(own, mid, m + gpos)
     idx = mx.where(did, idx, j)
     pos = mx.where(did, pos, i)
     if W == 0:
-        moved = [mx.take(x, pos, axis=0) for x in leaves]
+        moved = [take_rows(x, pos) for x in leaves]
     else:
-        moved = [mx.take(mx.concatenate([x, gx]), pos, axis=0) for x, gx in zip(leaves, got[1:])]
+        moved = [take_rows(mx.concatenate([x, gx]), pos) for x, gx in zip(leaves, got[1:])]
     return moved, idx
 
 

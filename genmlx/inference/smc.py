@@ -66,6 +66,7 @@ from genmlx.inference._util import (
     flatten_particles,
     gather_rows,
     gather_rows_each,
+    grouped_rows,
     rebuild_particles,
     set_particle,
     take_particles,
@@ -74,6 +75,7 @@ from genmlx.inference._util import (
 )
 from genmlx.inference.kernels import as_kernel_output
 from genmlx.kernels import paths as paths_kernel
+from genmlx.kernels.gather import take_rows, take_rows_batched
 from genmlx.inference.particles import WeightedParticles
 
 
@@ -218,7 +220,7 @@ def _seq_resample(payload, key, lw, carry):
     not returned: the host repeats it on the ESS values (:func:`_decisions`)."""
     idx, lw, ess, _ = _resample(payload, key, lw)
     leaves, td = tree_flatten(carry)
-    return tree_unflatten(td, gather_rows(leaves, idx)), lw, idx, ess
+    return tree_unflatten(td, grouped_rows(leaves, lambda x: take_rows(x, idx))), lw, idx, ess
 
 
 def _seq_step(payload, key, k_res, carry, lw, inputs, obs):
@@ -466,7 +468,7 @@ class _Descent:
             D, Ds = None, [None] * len(self.idxs)
             for t in reversed(range(len(self.idxs))):
                 if self.flags[t]:
-                    D = self.idxs[t] if D is None else mx.take(self.idxs[t], D, axis=0)
+                    D = self.idxs[t] if D is None else take_rows(self.idxs[t], D)
                 Ds[t] = D
             self._rows = Ds
         return self._rows
@@ -553,7 +555,7 @@ def _rebuild_columns(model, args, recs, Ds, cons, axes, carry_td, n: int, take_b
             D = _rows_block([ar if d is None else d for d in Ds])
         for col in kept:
             block = _rows_block(col)  # [T, n, …]
-            cols.append(mx.take_along_axis(block, D.reshape(D.shape + (1,) * (block.ndim - 2)), axis=1))
+            cols.append(take_rows_batched(block, D))
     cm_cols, carry_cols = tree_unflatten(td0, cols)
     choices = list(cm_cols.leaves())
     carry_cols = [choices[c][1] if isinstance(c, int) else c for c in carry_cols]

@@ -32,7 +32,7 @@ using namespace mlx::core::cu;
 """
 
 _CTYPE = {"float32": "float", "int32": "int32_t", "uint32": "uint32_t", "float16": "__half",
-          "bool": "bool"}
+          "bool": "bool", "int64": "int64_t"}
 
 
 def render(name: str, inputs: list[tuple[str, str, int]], outputs: list[tuple[str, str]],
@@ -63,6 +63,7 @@ def translation_unit(parts: dict[str, tuple[str, str]]) -> str:
 
 def kernels() -> dict[str, tuple[str, str]]:
     """Every CUDA kernel of the package, rendered."""
+    from genmlx.kernels import gather as KG
     from genmlx.kernels import paths as KP
     from genmlx.kernels import resample as KR
     from genmlx.kernels import weights as KW
@@ -74,7 +75,12 @@ def kernels() -> dict[str, tuple[str, str]]:
                    + [(nm, dts[int(nm[1:].split("_")[0])], 1) for nm in p_in[T:]],
                    [("D", "int32")] + [(nm, dts[j]) for j, nm in enumerate(p_out[1:])],
                    KP._source(T, kinds))
+    gathers = {f"take_rows_{dt}_x{w}": render(f"genmlx_take_rows_{dt}_x{w}",
+                                               [("x", dt, 3), ("idx", "int32", 2)], [("out", dt)],
+                                               KG._source(KG._WORD[b], w))
+               for dt, b, w in (("float32", 4, 1), ("float16", 2, 3), ("bool", 1, 1), ("int64", 8, 2))}
     return {
+        **gathers,
         "ancestral_paths": paths,
         "weight_summary": render("genmlx_weight_summary", [("lw", "float32", 2)],
                                  [("lse", "float32"), ("ess", "float32")], KW._CUDA, KW._HEADER),

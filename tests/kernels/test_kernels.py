@@ -686,3 +686,60 @@ def test_gpu_smc_end_by_kernel_equals_generic(monkeypatch):
     for t in range(T_):
         for x, y in zip(tree_flatten(a.traces.steps[t])[0], tree_flatten(b.traces.steps[t])[0]):
             assert mx.array_equal(x, y).item()
+
+
+# -- row gathers: out[b, i] = x[b, idx[b, i]] in one plain kernel -------------------------
+def _gather_case(dtype, row, B_, N, n, seed, sorted_idx):
+    rng = np.random.default_rng(seed)
+    shape = (B_, N) + row
+    if dtype == mx.bool_:
+        x = mx.array(rng.random(shape) < 0.5)
+    elif dtype in (mx.int32, mx.int64):
+        x = mx.array(rng.integers(-2**30, 2**30, shape)).astype(dtype)
+    else:
+        x = mx.array(rng.normal(size=shape).astype(np.float32)).astype(dtype)
+    idx = rng.integers(0, N, (B_, n))
+    if sorted_idx:
+        idx = np.sort(idx, axis=1)
+    return x, mx.array(idx.astype(np.int32))
+
+
+def test_take_rows_dispatch_off_cuda_is_mlx_gather():
+    """Off a CUDA device (or with kernels off) take_rows / take_rows_batched are MLX's
+    gathers; the kernel is chosen only for int32 indices and known element sizes."""
+    from genmlx.kernels import gather as KG
+
+    x, idx = _gather_case(mx.float32, (2,), 3, 17, 9, 0, True)
+    assert mx.array_equal(KG.take_rows_batched(x, idx),
+                          mx.take_along_axis(x, idx[..., None], axis=1)).item()
+    assert mx.array_equal(KG.take_rows(x[0], idx[0]), mx.take(x[0], idx[0], axis=0)).item()
+    with B.override("0"):
+        assert not KG.usable(x, idx, 1)
+    assert not KG.usable(x, idx.astype(mx.int64), 1)
+    if B.active_backend() != "cuda":
+        assert not KG.usable(x, idx, 1)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype,row", [(mx.float32, ()), (mx.int32, (3,)), (mx.float16, (2, 3)),
+                                       (mx.bool_, ()), (mx.int64, ())])
+@pytest.mark.parametrize("B_,N,n", [(1, 1, 1), (3, 33, 50), (2, 300_000, 300_000)])
+def test_gpu_take_rows_equal_mlx_gather(dtype, row, B_, N, n):
+    """The CUDA row-gather kernel equals MLX's gathers bit for bit (every dtype's bits
+    copied as words; sorted and unsorted indices; one row, many, past a block)."""
+    from genmlx.kernels import gather as KG
+
+    if B.active_backend() != "cuda":
+        pytest.skip("the row-gather kernel is CUDA only (elsewhere MLX's gather runs)")
+    for sorted_idx in (True, False):
+        x, idx = _gather_case(dtype, row, B_, N, n, N + n, sorted_idx)
+        assert KG.usable(x, idx, 1)
+        got = KG.take_rows_batched(x, idx)
+        want = mx.take_along_axis(x, idx.reshape(idx.shape + (1,) * len(row)), axis=1)
+        assert got.dtype == x.dtype and got.shape == want.shape and mx.array_equal(got, want).item()
+        got1 = KG.take_rows(x[0], idx[0])
+        assert got1.shape == (n,) + row and mx.array_equal(got1, mx.take(x[0], idx[0], axis=0)).item()
+    # inside a compiled function, as SMC's step runs it
+    f = mx.compile(lambda a, i: KG.take_rows(a, i) * 1)
+    x, idx = _gather_case(mx.float32, (), 1, N, n, 3, True)
+    assert mx.array_equal(f(x[0], idx[0]), mx.take(x[0], idx[0], axis=0)).item()
