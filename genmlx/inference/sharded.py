@@ -150,7 +150,7 @@ from genmlx.inference.importance import importance_resampling, importance_sampli
 from genmlx.inference.particles import WeightedParticles
 from genmlx.inference.prefix_sums import slot_positions
 from genmlx.inference.smc import SMCResult, _resample, _rows_block, run_smc, smc
-from genmlx.kernels.gather import take_rows, take_rows_batched
+from genmlx.kernels.gather import identity_or_rows, take_rows, take_rows2, take_rows_batched
 
 _SORTED_SCHEMES = ("systematic", "stratified", "residual")
 
@@ -810,28 +810,24 @@ def _sync_free_assemble(payload, did, Nb, mid, leaves, got):
     ([R·2W] sources, then each leaf's [R·2W, …] rows). Slot j = r·m + i has owner
     p = #{q ≥ 1 : N(B_q) ≤ j}: p = r its own row; p < r row j − (p + 1)·m of p's high
     window; p > r row j − (p·m − W) of p's low window (clipped: out of the windows only
-    where the step overflowed). Where did is false: the identity (idx = j, old rows)."""
+    where the step overflowed). Where did is false: the identity (idx = j, old rows).
+    Every slot's source is a row of [own rows; gathered windows] (``pos``), read by a
+    two-source gather (no concatenation; the global source row of an own row is r·m + pos)."""
     _, Rk, r, _, _, W = payload
     m = mid.shape[0]
-    i = mx.arange(m, dtype=mx.int32)
+    i = iota(m)
     j = r * m + i
     if W == 0:  # one process: the segment is the block
-        idx, pos = r * m + mid, mid
-    else:
-        p = (j >= row(Nb, 1)).astype(mx.int32)  # elementwise over the R − 1 boundaries (fuses)
-        for q in range(2, Rk):
-            p = p + (j >= row(Nb, q)).astype(mx.int32)
-        off = mx.where(p < r, W + j - (p + 1) * m, j - (p * m - W))
-        gpos = p * (2 * W) + mx.clip(off, 0, 2 * W - 1)
-        own = p == r
-        idx = mx.where(own, r * m + mid, take_rows(got[0], gpos))
-        pos = mx.where(own, mid, m + gpos)
-    idx = mx.where(did, idx, j)
+        pos = mx.where(did, mid, i)
+        return [take_rows(x, pos) for x in leaves], r * m + pos
+    p = (j >= row(Nb, 1)).astype(mx.int32)  # elementwise over the R − 1 boundaries (fuses)
+    for q in range(2, Rk):
+        p = p + (j >= row(Nb, q)).astype(mx.int32)
+    off = mx.where(p < r, W + j - (p + 1) * m, j - (p * m - W))
+    pos = mx.where(p == r, mid, m + p * (2 * W) + mx.clip(off, 0, 2 * W - 1))
     pos = mx.where(did, pos, i)
-    if W == 0:
-        moved = [take_rows(x, pos) for x in leaves]
-    else:
-        moved = [take_rows(mx.concatenate([x, gx]), pos) for x, gx in zip(leaves, got[1:])]
+    idx = identity_or_rows(r * m, m, got[0], pos)
+    moved = [take_rows2(x, gx, pos) for x, gx in zip(leaves, got[1:])]
     return moved, idx
 
 

@@ -79,8 +79,16 @@ def kernels() -> dict[str, tuple[str, str]]:
                                                [("x", dt, 3), ("idx", "int32", 2)], [("out", dt)],
                                                KG._source(KG._WORD[b], w))
                for dt, b, w in (("float32", 4, 1), ("float16", 2, 3), ("bool", 1, 1), ("int64", 8, 2))}
+    gathers2 = {f"take_rows2_{dt}_x{w}": render(f"genmlx_take_rows2_{dt}_x{w}",
+                                                 [("a", dt, 2), ("b", dt, 2), ("pos", "int32", 1)], [("out", dt)],
+                                                 KG._source2(KG._WORD[b], w, False))
+                for dt, b, w in (("float32", 4, 1), ("float16", 2, 3))}
+    gathers2["take_rows2_identity"] = render("genmlx_take_rows2_int32_x1_identity",
+                                             [("base", "int32", 1), ("b", "int32", 1), ("pos", "int32", 1)],
+                                             [("out", "int32")], KG._source2("uint32_t", 1, True))
     return {
         **gathers,
+        **gathers2,
         "ancestral_paths": paths,
         "weight_summary": render("genmlx_weight_summary", [("lw", "float32", 2)],
                                  [("lse", "float32"), ("ess", "float32")], KW._CUDA, KW._HEADER),

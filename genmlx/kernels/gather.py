@@ -45,6 +45,64 @@ def _source(word: str, w: int) -> str:
     ])
 
 
+def _source2(word: str, w: int, identity: bool) -> str:
+    """Kernel body of the two-source gather: row ``pos[i]`` of ``concatenate([a, b])``
+    (a [Na, w words], b [Nb, w]) without the concatenation; ``identity``: a is the rows
+    base + 0 … Na − 1 (int32, one word), not an input."""
+    first = ("out[i] = (int32_t)(base[0] + r);" if identity else
+             f"const {word}* s = reinterpret_cast<const {word}*>(a) + (size_t)r * {w}; "
+             f"{word}* d = reinterpret_cast<{word}*>(out) + i * {w}; "
+             f"for (int k = 0; k < {w}; ++k) d[k] = s[k];")
+    na = "base[1]" if identity else "a_shape[0]"
+    return "\n".join([
+        "const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;",
+        "if (i >= (size_t)pos_shape[0]) return;",
+        f"const long long Na = {na};",
+        "const long long Nb = b_shape[0];",
+        "long long r = pos[i];",
+        "r = r < 0 ? 0 : (r >= Na + Nb ? Na + Nb - 1 : r);",
+        "if (r < Na) {",
+        first,
+        "} else {",
+        f"const {word}* s = reinterpret_cast<const {word}*>(b) + (size_t)(r - Na) * {w};",
+        f"{word}* d = reinterpret_cast<{word}*>(out) + i * {w};",
+        f"for (int k = 0; k < {w}; ++k) d[k] = s[k];",
+        "}",
+    ])
+
+
+@functools.lru_cache(maxsize=32)
+def _kernel2(dtype: str, word: str, w: int, identity: bool):
+    ins = ("base", "b", "pos") if identity else ("a", "b", "pos")
+    name = f"genmlx_take_rows2_{dtype}_x{w}" + ("_identity" if identity else "")
+    return B.build("cuda", name, ins, ("out",), _source2(word, w, identity))
+
+
+def take_rows2(a: mx.array, b: mx.array, pos: mx.array) -> mx.array:
+    """``mx.take(concatenate([a, b]), pos, axis=0)`` (rows of a then b, int32 ``pos``
+    in [0, Na + Nb)) without materialising the concatenation (the kernel on CUDA)."""
+    if not usable(a, pos, 0) or pos.ndim != 1 or a.dtype != b.dtype or a.shape[1:] != b.shape[1:]:
+        return mx.take(mx.concatenate([a, b]), pos, axis=0)
+    w = _row_words(a, 1)
+    return _launch(_kernel2(str(a.dtype).rsplit(".", 1)[-1], _WORD[a.dtype.size], w, False),
+                   [a, b, pos], (int(pos.shape[0]),) + tuple(a.shape[1:]), a.dtype)
+
+
+def identity_or_rows(base: int, na: int, b: mx.array, pos: mx.array) -> mx.array:
+    """``take_rows2(base + arange(na), b, pos)`` for int32 rows ``b`` [Nb]: slot i gets
+    base + pos[i] where pos[i] < na, else b[pos[i] − na] (no identity array built)."""
+    if not usable(b, pos, 0) or pos.ndim != 1 or b.dtype != mx.int32 or b.ndim != 1:
+        return mx.take(mx.concatenate([base + mx.arange(na, dtype=mx.int32), b]), pos, axis=0)
+    meta = mx.array([base, na], dtype=mx.int32)
+    return _launch(_kernel2("int32", "uint32_t", 1, True), [meta, b, pos], (int(pos.shape[0]),), mx.int32)
+
+
+def _launch(kernel, inputs: list, shape: tuple, dtype) -> mx.array:
+    n = int(shape[0])
+    return kernel(inputs=inputs, output_shapes=[shape], output_dtypes=[dtype],
+                  grid=(THREADS * ((n + THREADS - 1) // THREADS), 1, 1), threadgroup=(THREADS, 1, 1))[0]
+
+
 @functools.lru_cache(maxsize=32)
 def _kernel(dtype: str, word: str, w: int):
     return B.build("cuda", f"genmlx_take_rows_{dtype}_x{w}", ("x", "idx"), ("out",), _source(word, w))

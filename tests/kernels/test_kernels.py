@@ -743,3 +743,38 @@ def test_gpu_take_rows_equal_mlx_gather(dtype, row, B_, N, n):
     f = mx.compile(lambda a, i: KG.take_rows(a, i) * 1)
     x, idx = _gather_case(mx.float32, (), 1, N, n, 3, True)
     assert mx.array_equal(f(x[0], idx[0]), mx.take(x[0], idx[0], axis=0)).item()
+
+
+def test_two_source_gathers_off_cuda_are_concatenate_and_take():
+    from genmlx.kernels import gather as KG
+
+    a, b = mx.arange(6, dtype=mx.float32).reshape(3, 2), -mx.arange(8, dtype=mx.float32).reshape(4, 2)
+    pos = mx.array([0, 3, 6, 2, 4, 4], dtype=mx.int32)
+    assert mx.array_equal(KG.take_rows2(a, b, pos), mx.take(mx.concatenate([a, b]), pos, axis=0)).item()
+    g = mx.array([7, 9, 11, 13], dtype=mx.int32)
+    want = mx.take(mx.concatenate([100 + mx.arange(3, dtype=mx.int32), g]), pos, axis=0)
+    assert mx.array_equal(KG.identity_or_rows(100, 3, g, pos), want).item()
+
+
+@needs_gpu
+@pytest.mark.parametrize("Na,Nb,n", [(1, 1, 2), (40, 9, 50), (300_000, 20_000, 300_000)])
+def test_gpu_two_source_gathers_equal_concatenate_and_take(Na, Nb, n):
+    """The two-source gather kernels (the sharded step's assembly) equal MLX's
+    concatenate-and-take bit for bit, inside mx.compile too."""
+    from genmlx.kernels import gather as KG
+
+    if B.active_backend() != "cuda":
+        pytest.skip("the row-gather kernels are CUDA only (elsewhere MLX's gather runs)")
+    rng = np.random.default_rng(Na + n)
+    pos = mx.array(np.sort(rng.integers(0, Na + Nb, n)).astype(np.int32))
+    for dtype, row in ((mx.float32, ()), (mx.float16, (3,)), (mx.int32, ())):
+        a = mx.array(rng.normal(size=(Na,) + row).astype(np.float32)).astype(dtype)
+        b = mx.array(rng.normal(size=(Nb,) + row).astype(np.float32)).astype(dtype)
+        want = mx.take(mx.concatenate([a, b]), pos, axis=0)
+        got = KG.take_rows2(a, b, pos)
+        assert got.dtype == dtype and mx.array_equal(got, want).item()
+    g = mx.array(rng.integers(0, 10**6, Nb).astype(np.int32))
+    want = mx.take(mx.concatenate([5000 + mx.arange(Na, dtype=mx.int32), g]), pos, axis=0)
+    assert mx.array_equal(KG.identity_or_rows(5000, Na, g, pos), want).item()
+    f = mx.compile(lambda gg, pp: KG.identity_or_rows(5000, Na, gg, pp) + 0)
+    assert mx.array_equal(f(g, pos), want).item()
