@@ -133,6 +133,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any, Callable
 
 import mlx.core as mx
@@ -150,6 +151,7 @@ from genmlx.inference.importance import importance_resampling, importance_sampli
 from genmlx.inference.particles import WeightedParticles
 from genmlx.inference.prefix_sums import slot_positions
 from genmlx.inference.smc import SMCResult, _resample, _rows_block, run_smc, smc
+from genmlx.kernels import paths as paths_kernel
 from genmlx.kernels.gather import identity_or_rows, take_rows, take_rows2, take_rows_batched
 
 _SORTED_SCHEMES = ("systematic", "stratified", "residual")
@@ -313,8 +315,13 @@ class Shards:
         if not ks:
             return Ds if lw is None else (Ds, self.gather(lw))
         K, m = len(ks), int(idxs[ks[0]].shape[0])
-        blocks = mx.stack([idxs[t] for t in ks])
         H = max(0, min(m, int(halo_width(m))))
+        if 0 < H < m and paths_kernel.halo_usable(idxs, tuple(flags), []):  # lazy: the kernel follows them
+            edges = mx.concatenate([x for t in ks for x in (idxs[t][:H], idxs[t][m - H:])]).reshape(K, 2 * H)
+            E, glw = self.gather_packed([edges, lw]) if lw is not None else (self.gather(edges), None)
+            lin = HaloLineage(self, idxs, flags, E, H)
+            return lin if lw is None else (lin, glw)
+        blocks = mx.stack([idxs[t] for t in ks])
         glw = None
         if H < m:
             got = self._halo_descent(idxs, flags, blocks, m, H, lw)
@@ -326,14 +333,21 @@ class Shards:
             A = self.gather(blocks)
         else:
             A, glw = self.gather_packed([blocks, lw])
+        Ds = self._compose_full(idxs, flags, A)
+        return Ds if lw is None else (Ds, glw)
+
+    def _compose_full(self, idxs: list, flags: list, A: mx.array) -> list:
+        """The lineages composed on every process's whole ancestor blocks ``A`` (the
+        flagged steps' blocks all-gathered, [R·K, m])."""
+        K, m = int(A.shape[0]) // self.size, int(A.shape[1])
         A = mx.transpose(A.reshape(self.size, K, m), (1, 0, 2)).reshape(K, self.size * m)
-        D, j = None, K - 1
+        Ds, D, j = [None] * len(idxs), None, K - 1
         for t in reversed(range(len(idxs))):
             if flags[t]:
                 D = idxs[t] if D is None else mx.take(A[j], D, axis=0)
                 j -= 1
             Ds[t] = D
-        return Ds if lw is None else (Ds, glw)
+        return Ds
 
     def _halo_descent(self, idxs: list, flags: list, blocks: mx.array, m: int, H: int, lw):
         """:meth:`descent` on this process's block of every ancestor vector extended by H
@@ -375,20 +389,31 @@ class Shards:
                       else plan.assemble(leaves[i], got[i], idx, r))
         return out
 
-    def take_blocks(self, blocks: list, Ds: list) -> list:
-        """Every step's rows of the kept arrays at once: ``blocks`` holds, per kind, this
-        process's rows of every step as one block [T, m, …] and ``Ds`` the global source
-        rows [m] of this process's slots at each step (the end-of-run lineages of
+    def take_blocks(self, kept: list, Ds) -> list:
+        """Every step's rows of the kept arrays at once: ``kept`` holds, per kind, this
+        process's rows of every step (T arrays [m, …]) and ``Ds`` the global source rows
+        [m] of this process's slots at each step (the end-of-run lineages of
         :meth:`descent`; None: its own rows); returns per kind [T, m, …] with row (t, i) =
         step t's global row Ds[t][i].
+
+        With the opt-in halo-paths kernel (``GENMLX_KERNELS=1`` on CUDA, ``Ds`` a
+        :class:`HaloLineage`): ONE packed all-gather of every kept array's first and last
+        H rows and ONE kernel follow the lineages and copy the rows
+        (:func:`genmlx.kernels.paths.halo_paths`); a lineage past the halos (one all-sum
+        says) falls back to what follows.
 
         ONE all-gather of the [min, max] of D (read on the host) sizes the halo H
         (:func:`block_halo`): the lineages of a sorted resampling stay near their block, so
         usually H ≤ m and ONE packed all-gather of every block's first and last H rows
         (:func:`halo_take`) is all that crosses processes; H = 0 moves nothing; H > m
         gathers the whole blocks."""
-        if not blocks:
+        if not kept:
             return []
+        if isinstance(Ds, HaloLineage):
+            got = Ds.paths(kept)
+            if got is not None:
+                return got
+        blocks = [_rows_block(col) for col in kept]
         m, r, size = int(blocks[0].shape[1]), self.rank, self.size
         own = r * m + iota(m)
         D = _rows_block([own if d is None else d for d in Ds])
@@ -468,6 +493,52 @@ class Shards:
             return plan.assemble(x, self.gather(buf), idx, r)
 
         return grouped_rows(leaves, _bool_safe(move))
+
+
+class HaloLineage(Sequence):
+    """The end-of-run lineages of :meth:`Shards.descent` held lazily (its halo edges
+    gathered): :meth:`paths` gives the kept arrays' paths by the halo-paths kernel
+    without materialising the lineages; reading it as a list (``Ds[t]``) composes them
+    with :func:`halo_compose` (one all-sum of the miss flag, the whole blocks gathered
+    after a miss), as :meth:`Shards.descent` does without the kernel."""
+
+    def __init__(self, sh: "Shards", idxs: list, flags: list, E: mx.array, H: int):
+        self.sh, self.idxs, self.flags, self.E, self.H = sh, list(idxs), list(flags), E, H
+        self._rows = None
+
+    def rows(self) -> list:
+        if self._rows is None:
+            sh = self.sh
+            blocks = mx.stack([i for i, f in zip(self.idxs, self.flags) if f])
+            Ds, miss = halo_compose(self.idxs, self.flags, blocks, self.E, sh.rank, sh.size, self.H,
+                                    sh.sort_ancestors)
+            if int(sh.all_sum(miss.astype(mx.int32)[None]).item()) > 0:
+                Shards.halo_misses += 1
+                Ds = sh._compose_full(self.idxs, self.flags, sh.gather(blocks))
+            self._rows = Ds
+        return self._rows
+
+    def __getitem__(self, t):
+        return self.rows()[t]
+
+    def __len__(self) -> int:
+        return len(self.idxs)
+
+    def paths(self, kept: list) -> list | None:
+        """Per kind [T, m, …] by the kernel, or None (not usable here, or a lineage left
+        the halos: the caller takes the MLX path)."""
+        sh, H, flags = self.sh, self.H, tuple(bool(f) for f in self.flags)
+        if not paths_kernel.halo_usable(self.idxs, flags, kept):
+            return None
+        m = int(kept[0][0].shape[0])
+        edges = [mx.concatenate([y for x in col for y in (x[:H], x[m - H:])]).reshape((len(col), 2 * H)
+                                                                                     + tuple(col[0].shape[1:]))
+                 for col in kept]
+        EX = sh.gather_packed(edges)
+        out, miss = paths_kernel.halo_paths(self.idxs, flags, self.E, kept, EX, sh.rank, sh.size, H)
+        if int(sh.all_sum(miss.astype(mx.int32)[None]).item()) > 0:
+            return None
+        return out
 
 
 def halo_compose(idxs: list, flags: list, blocks: mx.array, E: mx.array, r: int, R_: int, H: int,

@@ -543,7 +543,7 @@ def _rebuild_columns(model, args, recs, Ds, cons, axes, carry_td, n: int, take_b
     if take_blocks is not None:  # rows across processes (per-particle observations excluded)
         if any(a is not None for a in axes[0]):
             return None
-        cols = take_blocks([_rows_block(col) for col in kept], list(Ds))
+        cols = take_blocks(kept, Ds)
     elif isinstance(Ds, _Descent) and paths_kernel.usable(Ds.idxs, kept):
         # GPU: the descent and every kind's gather in ONE kernel (no T-input concatenations)
         D, cols = paths_kernel.ancestral_paths(Ds.idxs, kept)

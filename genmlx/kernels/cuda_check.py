@@ -32,7 +32,7 @@ using namespace mlx::core::cu;
 """
 
 _CTYPE = {"float32": "float", "int32": "int32_t", "uint32": "uint32_t", "float16": "__half",
-          "bool": "bool", "int64": "int64_t"}
+          "bool": "bool", "int64": "int64_t", "uint8": "uint8_t"}
 
 
 def render(name: str, inputs: list[tuple[str, str, int]], outputs: list[tuple[str, str]],
@@ -86,7 +86,17 @@ def kernels() -> dict[str, tuple[str, str]]:
     gathers2["take_rows2_identity"] = render("genmlx_take_rows2_int32_x1_identity",
                                              [("base", "int32", 1), ("b", "int32", 1), ("pos", "int32", 1)],
                                              [("out", "int32")], KG._source2("uint32_t", 1, True))
+    hf, hk = (True, False, True, True), ((4, 1), (2, 3))
+    h_in, h_out = KP.halo_names(len(hf), sum(hf), len(hk))
+    hdt = ("float32", "float16")
+    halo = render(KP.halo_kernel_name(hf, hk, 1, 3, 5, 20),
+                  [(nm, "int32", 1) for nm in h_in[:sum(hf)]]
+                  + [(nm, hdt[int(nm[1:].split("_")[0])], 1) for nm in h_in[sum(hf):-3]]
+                  + [("EA", "int32", 2)] + [(nm, hdt[int(nm[2:])], 2) for nm in h_in[-2:]],
+                  [(nm, hdt[j]) for j, nm in enumerate(h_out[:-1])] + [("bad_out", "uint8")],
+                  KP._halo_source(hf, hk, 1, 3, 5, 20))
     return {
+        "halo_paths": halo,
         **gathers,
         **gathers2,
         "ancestral_paths": paths,

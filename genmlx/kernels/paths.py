@@ -128,3 +128,139 @@ def ancestral_paths(idxs: list, xs: list) -> tuple:
              output_dtypes=[mx.int32] + [col[0].dtype for col in xs],
              grid=(THREADS * ((n + THREADS - 1) // THREADS), 1, 1), threadgroup=(THREADS, 1, 1))
     return outs[0], list(outs[1:])
+
+
+# -- sharded particles: the paths from a process's blocks and its neighbours' edges ------
+def halo_names(T: int, K: int, J: int) -> tuple:
+    """(input names, output names) of the halo-paths kernel: the K own ancestor blocks,
+    the T·J own kept arrays, the gathered ancestor edges, the J gathered kept edges."""
+    return (tuple(f"a{k}" for k in range(K)) + tuple(f"x{j}_{t}" for j in range(J) for t in range(T))
+            + ("EA",) + tuple(f"EX{j}" for j in range(J)),
+            tuple(f"p{j}" for j in range(J)) + ("bad_out",))
+
+
+def _halo_source(flags: tuple, kinds: tuple, r: int, R: int, H: int, m: int) -> str:
+    """Kernel body of :func:`halo_paths` (constants baked in): thread i follows its slot's
+    lineage backwards in global rows g (g = r·m + i at the end; a flagged step t maps g to
+    a_t[g]) and copies row g of every kept x_t; a row g is read from the own block
+    (column c = g − (r·m − H) in [H, H + m)), the lower neighbour's last H rows (c < H) or
+    the upper neighbour's first H rows (c ≥ H + m). A row outside them (or past the first
+    or last process) marks the slot in ``bad_out`` (the caller then takes the MLX path)."""
+    T, K = len(flags), sum(flags)
+    lo_ok = "true" if r > 0 else "false"
+    hi_ok = "true" if r + 1 < R else "false"
+    lines = [f"const long long m = {m}, H = {H}, base = {r * m - H}LL;",
+             "const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;",
+             "if (i >= m) return;",
+             f"long long g = {r * m}LL + i;",
+             "int bad = 0;",
+             "long long c;",
+             # the column of g in [below, own, above], clamped; bad when outside the halos
+             f"#define COL(G) (c = (G) - base, bad |= (c < 0 || c >= m + 2 * H || (c < H && !{lo_ok}) "
+             f"|| (c >= H + m && !{hi_ok})), c = c < 0 ? 0 : (c >= m + 2 * H ? m + 2 * H - 1 : c))"]
+    k = K
+    for t in range(T - 1, -1, -1):
+        if flags[t]:
+            k -= 1
+            lines.append(f"COL(g); g = c < H ? (long long)EA[({max(r - 1, 0)}LL * {K} + {k}) * 2 * H + H + c] "
+                         f": (c < H + m ? (long long)a{k}[c - H] "
+                         f": (long long)EA[({min(r + 1, R - 1)}LL * {K} + {k}) * 2 * H + (c - H - m)]);")
+        lines.append("COL(g);")
+        for j, (b, w) in enumerate(kinds):
+            word = _WORD[b]
+            own = f"reinterpret_cast<const {word}*>(x{j}_{t}) + (c - H) * {w}"
+            low = f"reinterpret_cast<const {word}*>(EX{j}) + (({max(r - 1, 0)}LL * {T} + {t}) * 2 * H + H + c) * {w}"
+            high = (f"reinterpret_cast<const {word}*>(EX{j}) + (({min(r + 1, R - 1)}LL * {T} + {t}) * 2 * H "
+                    f"+ (c - H - m)) * {w}")
+            dst = f"reinterpret_cast<{word}*>(p{j}) + ((long long){t} * m + i) * {w}"
+            lines.append(f"{{ const {word}* s = c < H ? {low} : (c < H + m ? {own} : {high}); {word}* d = {dst}; "
+                         f"for (int e = 0; e < {w}; ++e) d[e] = s[e]; }}")
+    lines += ["#undef COL", "bad_out[i] = (uint8_t)bad;"]
+    return "\n".join(lines)
+
+
+def halo_kernel_name(flags: tuple, kinds: tuple, r: int, R: int, H: int, m: int) -> str:
+    fl = "".join("1" if f else "0" for f in flags)
+    return (f"genmlx_halo_paths_{int(fl, 2):x}_T{len(flags)}_r{r}of{R}_H{H}_m{m}_"
+            + "_".join(f"w{b}x{w}" for b, w in kinds))
+
+
+@functools.lru_cache(maxsize=16)
+def _halo_kernel(backend: str, flags: tuple, kinds: tuple, r: int, R: int, H: int, m: int):
+    ins, outs = halo_names(len(flags), sum(flags), len(kinds))
+    return B.build(backend, halo_kernel_name(flags, kinds, r, R, H, m), ins, outs,
+                   _halo_source(flags, kinds, r, R, H, m))
+
+
+def halo_usable(idxs: list, flags: tuple, xs: list) -> str | None:
+    """The backend for :func:`halo_paths` (opt-in like :func:`ancestral_paths`), or None."""
+    backend = B.active_backend() if B.mode() == "1" else None
+    if backend != "cuda" or not any(flags):
+        return None
+    T, K = len(flags), sum(flags)
+    if K + T * len(xs) + 1 + 2 * len(xs) + 1 > MAX_INPUTS:
+        return None
+    if any(idxs[t] is None or idxs[t].dtype != mx.int32 for t in range(T) if flags[t]):
+        return None
+    for col in xs:
+        if len(col) != T or _kind(col[0]) is None or any(x.shape != col[0].shape or x.dtype != col[0].dtype
+                                                          for x in col):
+            return None
+    return backend
+
+
+def halo_paths(idxs: list, flags: tuple, EA: mx.array, xs: list, EX: list, r: int, R: int, H: int) -> tuple:
+    """Process r's paths [T, m, …] of the kept arrays ``xs`` (J lists of T own blocks
+    [m, …]) along its slots' lineages, and a device flag ``miss`` (nonzero: some lineage
+    left the neighbours' H-row halos; the paths are then wrong). ``idxs``:
+    the T own ancestor blocks [m] (global rows; used where ``flags``), ``EA``: every
+    process's first and last H entries of each flagged block ([R·K, 2H]), ``EX``: per
+    kind every process's first and last H rows of each step ([R·T, 2H, …]). ONE kernel
+    (:func:`_halo_source`); :func:`halo_paths_reference` is the NumPy statement of it."""
+    backend = halo_usable(idxs, flags, xs)
+    if backend is None:
+        raise ValueError("halo_paths: the kernel is not usable here (see halo_usable)")
+    m, T = int(xs[0][0].shape[0]), len(flags)
+    kinds = tuple(_kind(col[0]) for col in xs)
+    k = _halo_kernel(backend, tuple(bool(f) for f in flags), kinds, r, R, H, m)
+    own = [idxs[t] for t in range(T) if flags[t]]
+    outs = k(inputs=own + [x for col in xs for x in col] + [EA] + list(EX),
+             output_shapes=[(T,) + tuple(col[0].shape) for col in xs] + [(m,)],
+             output_dtypes=[col[0].dtype for col in xs] + [mx.uint8],
+             grid=(THREADS * ((m + THREADS - 1) // THREADS), 1, 1), threadgroup=(THREADS, 1, 1))
+    return list(outs[:-1]), mx.max(outs[-1])
+
+
+def halo_paths_reference(idxs: list, flags: tuple, EA, xs: list, EX: list, r: int, R: int, H: int) -> tuple:
+    """:func:`halo_paths` in NumPy, thread by thread vectorized over the slots (the
+    kernel's statement; tests compare it with the MLX-ops sharded path)."""
+    import numpy as np
+
+    T, K = len(flags), sum(flags)
+    m = int(np.asarray(xs[0][0]).shape[0])
+    base = r * m - H
+    EA = np.asarray(EA).reshape(R, K, 2 * H)
+    g = r * m + np.arange(m, dtype=np.int64)
+    bad = np.zeros(m, bool)
+
+    def col(g):
+        c = g - base
+        b = (c < 0) | (c >= m + 2 * H) | ((c < H) & (r == 0)) | ((c >= H + m) & (r + 1 == R))
+        return np.clip(c, 0, m + 2 * H - 1), b
+
+    outs = [np.zeros((T,) + np.asarray(c[0]).shape, np.asarray(c[0]).dtype) for c in xs]
+    k = K
+    for t in range(T - 1, -1, -1):
+        if flags[t]:
+            k -= 1
+            c, b = col(g)
+            bad |= b
+            ext = np.concatenate([EA[max(r - 1, 0), k, H:], np.asarray(idxs[t]), EA[min(r + 1, R - 1), k, :H]])
+            g = ext[c].astype(np.int64)
+        c, b = col(g)
+        bad |= b
+        for j, colj in enumerate(xs):
+            e = np.asarray(EX[j]).reshape((R, T, 2 * H) + np.asarray(colj[t]).shape[1:])
+            ext = np.concatenate([e[max(r - 1, 0), t, H:], np.asarray(colj[t]), e[min(r + 1, R - 1), t, :H]])
+            outs[j][t] = ext[c]
+    return outs, int(bad.any())

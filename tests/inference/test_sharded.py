@@ -354,7 +354,7 @@ drift = [mx.clip(mx.sort(mx.arange(2 * m_loc) + mx.random.randint(-5, 6, (2 * m_
                  0, 2 * m_loc - 1).astype(mx.int32)[rank * m_loc:(rank + 1) * m_loc] for k in (72, 73)]
 res["take_blocks_ok"] = True
 for Ds_b in ([None, own, None], [drift[0], None, drift[1]]):
-    got = sh.take_blocks(blks, Ds_b)
+    got = sh.take_blocks([[x[t] for t in range(3)] for x in blks], Ds_b)
     for g, x in zip(got, blks):
         for t in range(3):
             ref = sh.gather(x[t])[own if Ds_b[t] is None else Ds_b[t]]
@@ -378,6 +378,28 @@ for H in (None, 48, 2):
         bool(mx.array_equal(d, w)) and bool(mx.array_equal(d2, w)) for d, d2, w in zip(Ds, Ds2, want))
     res["descent_ok"] = res["descent_ok"] and bool(mx.array_equal(glw, sh.gather(lw_loc)))
 SH.halo_width = default_halo
+
+# the halo-paths kernel's path (lazy lineages, the kept arrays' edges gathered, the miss
+# fallback) with the kernel replaced by its NumPy statement: the same run as the MLX path
+import genmlx.kernels.paths as KP
+real_usable, real_paths = KP.halo_usable, KP.halo_paths
+
+def emulated_paths(idxs, flags, EA, xs, EX, r, R, H):
+    outs, bad = KP.halo_paths_reference(idxs, flags, EA, xs, EX, r, R, H)
+    return [mx.array(o) for o in outs], mx.array(bad)
+
+want = run_summary(mx.random.key(8), 0.6)
+res["halo_kernel_path"] = []
+for H in (48, 16, 2):
+    SH.halo_width = lambda m, H=H: H
+    KP.halo_usable, KP.halo_paths = (lambda idxs, flags, xs: "cuda" if any(flags) else None), emulated_paths
+    h0 = Shards.halo_misses
+    try:
+        got_run = run_summary(mx.random.key(8), 0.6)
+    finally:
+        KP.halo_usable, KP.halo_paths = real_usable, real_paths
+        SH.halo_width = default_halo
+    res["halo_kernel_path"].append([got_run == want, Shards.halo_misses - h0])
 
 # rejuvenation and a callback: the full traces are resolved across ranks every step
 seen = []
@@ -567,11 +589,16 @@ def test_sync_free_loop_makes_no_host_read(two_ranks):
 
 
 def test_fused_row_moves_equal_full_gather(two_ranks):
-    """take_rows_each, take_blocks and the end-of-run descent against the gather-everything reference;
+    """take_rows_each, take_blocks and the end-of-run descent against the gather-everything
+    reference; the halo-paths kernel's path (its kernel emulated in NumPy) gives the run the
+    MLX path gives, with halos wide enough and too narrow (a miss: the whole blocks);
     the descent on neighbours' halos wide enough (no miss) and too narrow (a miss each
     call: the whole blocks are gathered), with the same rows either way."""
     for r in two_ranks:
         assert r["take_each_ok"] and r["descent_ok"] and r["take_blocks_ok"]
+        # the kernel's path (emulated) gives the same run; the narrowest halo misses
+        assert all(same for same, _ in r["halo_kernel_path"]), r["halo_kernel_path"]
+        assert r["halo_kernel_path"][0][1] == 0 and r["halo_kernel_path"][-1][1] >= 1, r["halo_kernel_path"]
         assert r["halo_misses"] == [0, 0, 2], r["halo_misses"]
 
 
@@ -764,6 +791,44 @@ def test_block_gathers_on_virtual_processes(R):
                 want = np.take_along_axis(np.array(x), np.array(D).reshape(D.shape + (1,) * (x.ndim - 2)), axis=1)
                 assert g.dtype == x.dtype and np.array_equal(np.array(g), want), (name, r)
     assert seen == ({"local", "halo", "full"} if R > 2 else {"local", "halo"}), seen
+
+
+@pytest.mark.parametrize("R", [2, 3])
+def test_halo_paths_statement_on_virtual_processes(R):
+    """The halo-paths kernel's NumPy statement (``halo_paths_reference``: lineages followed
+    backwards through the own blocks and the neighbours' edges, the kept rows copied)
+    against the global composition and gather, on every process of R virtual ones; too
+    narrow halos mark a miss."""
+    from genmlx.kernels.paths import halo_paths_reference
+
+    m, T = 40, 7
+    n = R * m
+    rng = np.random.default_rng(20 + R)
+    flags = (True, False, True, True, False, True, False)
+    # sorted ancestors drifting up by ~3 slots a resampling: lineages cross the block edges
+    anc = [np.clip(np.sort(np.arange(n) + rng.integers(-3, 10, n)), 0, n - 1).astype(np.int32) for _ in range(T)]
+    xs = [rng.normal(size=(T, n)).astype(np.float32), rng.normal(size=(T, n, 3)).astype(np.float16)]
+    for H, want_miss in ((m, False), (30, False), (1, True)):
+        misses = []
+        for r in range(R):
+            ks = [t for t in range(T) if flags[t]]
+            EA = np.concatenate([np.stack([np.concatenate([anc[t][q * m:q * m + H], anc[t][(q + 1) * m - H:(q + 1) * m]])
+                                           for t in ks]) for q in range(R)])
+            EX = [np.concatenate([np.concatenate([x[:, q * m:q * m + H], x[:, (q + 1) * m - H:(q + 1) * m]], axis=1)
+                                  for q in range(R)]) for x in xs]
+            idxs = [a[r * m:(r + 1) * m] for a in anc]
+            own = [[x[t, r * m:(r + 1) * m] for t in range(T)] for x in xs]
+            outs, bad = halo_paths_reference(idxs, flags, EA, own, EX, r, R, H)
+            misses.append(bool(bad))
+            if bad:
+                continue
+            D = np.arange(r * m, (r + 1) * m)
+            for t in reversed(range(T)):
+                if flags[t]:
+                    D = anc[t][D]
+                for x, o in zip(xs, outs):
+                    assert np.array_equal(o[t], x[t][D]), (R, r, t)
+        assert any(misses) == want_miss, (R, H, misses)
 
 
 @pytest.mark.parametrize("R", [2, 3, 4])
