@@ -6,6 +6,8 @@
 #   bash benchmarks/gpu/session.sh scaling   # 2 GPUs (nvidia-h200-x2): data-parallel IWAE
 #                                            # training and sharded SMC/IS, 1 vs 2 processes
 #   bash benchmarks/gpu/session.sh scaling_smc # as scaling, without the data-parallel training rows
+#   bash benchmarks/gpu/session.sh smc_kernels # 2 GPUs: SMC kernel tests; scaling with/without the
+#                                            # opt-in paths kernels; the sharded step probe
 #   bash benchmarks/gpu/session.sh bench1    # 1 GPU: IS, VAE/IWAE step, SMC, kernels
 #   bash benchmarks/gpu/session.sh bench2    # 1 GPU: HMC (NumPyro on CPU and GPU), CUDA graph sizes
 #   bash benchmarks/gpu/session.sh nuts      # 1 GPU: NUTS ESS/s (NumPyro on CPU and GPU); on a
@@ -101,6 +103,25 @@ case $part in
       --python "$(command -v $py)" benchmarks/scale_smc.py --ns-smc $ns $is_args --repeats 3 \
       --count --exact --split-collectives --out "$OUT/scale_2.json"
     run scale_cmp 30 $py benchmarks/scale_smc.py --compare "$OUT/scale_1.json" "$OUT/scale_2.json" --append-results --note "$NOTE"
+    ;;
+  smc_kernels)  # 2 GPUs: the SMC gather/paths kernels' GPU tests, then one and two processes
+    # with the opt-in paths kernels (GENMLX_KERNELS=1: ancestral paths on one GPU, halo
+    # paths on two) beside the default, by phase; the sharded step probe
+    export PYTEST_ADDOPTS="-p no:cacheprovider"
+    run gpu_tests 300 $py -m pytest -q -rs tests/kernels/test_kernels.py tests/inference/test_smc.py \
+      tests/inference/test_sharded.py
+    ns=${NS_SMC:-10000000 15000000}
+    for k in auto 1; do
+      run "scale1_k$k" 120 env GENMLX_KERNELS=$k $py benchmarks/scale_smc.py --ns-smc $ns --skip-is --repeats 3 \
+        --phases --out "$OUT/scale_1_k$k.json"
+      run "scale2_k$k" 150 env GENMLX_KERNELS=$k mlx.launch -n 2 --backend nccl --env NCCL_NVLS_ENABLE=0 \
+        --python "$(command -v $py)" benchmarks/scale_smc.py --ns-smc 30000000 --skip-is \
+        --repeats 3 --phases --out "$OUT/scale_2_k$k.json"
+    done
+    run scale_cmp 30 $py benchmarks/scale_smc.py --compare "$OUT/scale_1_kauto.json" "$OUT/scale_2_kauto.json" \
+      --append-results --note "$NOTE"
+    run probe_loop 90 mlx.launch -n 2 --backend nccl --env NCCL_NVLS_ENABLE=0 --python "$(command -v $py)" \
+      benchmarks/gpu/probe_sharded_loop.py --per-process 15000000 --chain 30 --repeats 3
     ;;
   bench1)
     bg_tests
