@@ -81,7 +81,8 @@ def _kernel2(dtype: str, word: str, w: int, identity: bool):
 def take_rows2(a: mx.array, b: mx.array, pos: mx.array) -> mx.array:
     """``mx.take(concatenate([a, b]), pos, axis=0)`` (rows of a then b, int32 ``pos``
     in [0, Na + Nb)) without materialising the concatenation (the kernel on CUDA)."""
-    if not usable(a, pos, 0) or pos.ndim != 1 or a.dtype != b.dtype or a.shape[1:] != b.shape[1:]:
+    if (not usable(a, pos, 0) or not usable(b, pos, 0) or pos.ndim != 1 or a.dtype != b.dtype
+            or a.shape[1:] != b.shape[1:]):
         return mx.take(mx.concatenate([a, b]), pos, axis=0)
     w = _row_words(a, 1)
     return _launch(_kernel2(str(a.dtype).rsplit(".", 1)[-1], _WORD[a.dtype.size], w, False),
@@ -119,7 +120,7 @@ def _row_words(x: mx.array, lead: int) -> int | None:
 def usable(x: mx.array, idx: mx.array, lead: int) -> bool:
     """Kernel on: a CUDA backend active, int32 indices, a known element size, rows."""
     return (B.active_backend() == "cuda" and idx.dtype == mx.int32 and x.ndim > lead
-            and idx.size > 0 and _row_words(x, lead + 1) is not None)
+            and idx.size > 0 and x.shape[lead] > 0 and _row_words(x, lead + 1) is not None)
 
 
 def take_rows_batched(x: mx.array, idx: mx.array) -> mx.array:
