@@ -520,8 +520,8 @@ def _rebuild_columns(model, args, recs, Ds, cons, axes, carry_td, n: int, take_b
     0 apart when its initial carry has another structure) and kept as columns
     (:class:`StackedSteps`: a step's sub-trace is built when it is read). Returns
     (steps, total score, arrays to evaluate) or None (the general path applies).
-    ``take_blocks`` (sharded particles: ``comm.take_blocks``) gathers the kept blocks by
-    the global rows D_t instead."""
+    ``take_blocks`` (sharded particles: ``comm.take_blocks``) gathers the kept arrays
+    (per kind, T arrays [n, …]) by the global rows D_t instead."""
     from genmlx.combinators._sequence import STEP_INDEX, holds_step_index, same_leaves
 
     T = len(recs)
