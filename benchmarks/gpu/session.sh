@@ -120,8 +120,14 @@ case $part in
     done
     run scale_cmp 30 $py benchmarks/scale_smc.py --compare "$OUT/scale_1_kauto.json" "$OUT/scale_2_kauto.json" \
       --append-results --note "$NOTE"
-    run probe_loop 90 mlx.launch -n 2 --backend nccl --env NCCL_NVLS_ENABLE=0 --python "$(command -v $py)" \
+    # the step probe, with NCCL saying which transport its channels use (P2P over NVLink
+    # or SHM through the host: the 2-float gather costs ~86 µs and the 7.5 MB window gather
+    # ~203 µs per step, ~64 GB/s — slow for NVLink)
+    run probe_loop 90 env NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=INIT,P2P mlx.launch -n 2 --backend nccl \
+      --env NCCL_NVLS_ENABLE=0 --python "$(command -v $py)" \
       benchmarks/gpu/probe_sharded_loop.py --per-process 15000000 --chain 30 --repeats 3
+    grep -hoE "via (P2P/[A-Za-z/]+|SHM[^ ]*|NET[^ ]*)|NVLink[^,]*|P2P[^ ]* (enabled|disabled)" "$OUT/probe_loop.log" \
+      | sort | uniq -c | head -20
     ;;
   bench1)
     bg_tests
