@@ -126,6 +126,7 @@ case $part in
     run probe_loop 90 env NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=INIT,P2P mlx.launch -n 2 --backend nccl \
       --env NCCL_NVLS_ENABLE=0 --python "$(command -v $py)" \
       benchmarks/gpu/probe_sharded_loop.py --per-process 15000000 --chain 30 --repeats 3
+    grep -h "µs per step" "$OUT/probe_loop.log"
     grep -hoE "via (P2P/[A-Za-z/]+|SHM[^ ]*|NET[^ ]*)|NVLink[^,]*|P2P[^ ]* (enabled|disabled)" "$OUT/probe_loop.log" \
       | sort | uniq -c | head -20
     ;;
