@@ -417,7 +417,9 @@ class Shards:
         m, r, size = int(blocks[0].shape[1]), self.rank, self.size
         own = r * m + iota(m)
         D = _rows_block([own if d is None else d for d in Ds])
-        b = np.array(self.gather(mx.stack([mx.min(D), mx.max(D)]).astype(mx.int32)[None]))
+        # sorted ancestors give nondecreasing lineages: their extremes are the end columns
+        ends = D[:, ::m - 1] if self.sort_ancestors and m > 1 else D
+        b = np.array(self.gather(mx.stack([mx.min(ends), mx.max(ends)]).astype(mx.int32)[None]))
         H = block_halo(b, m)
         if H == 0:
             rel = D - r * m
