@@ -316,23 +316,15 @@ class Shards:
             return Ds if lw is None else (Ds, self.gather(lw))
         K, m = len(ks), int(idxs[ks[0]].shape[0])
         H = max(0, min(m, int(halo_width(m))))
-        if 0 < H < m and paths_kernel.halo_usable(idxs, tuple(flags), []):  # lazy: the kernel follows them
+        if 0 < H < m:  # the edges (the final log-weights riding along), then compose on them
             edges = mx.concatenate([x for t in ks for x in (idxs[t][:H], idxs[t][m - H:])]).reshape(K, 2 * H)
             E, glw = self.gather_packed([edges, lw]) if lw is not None else (self.gather(edges), None)
             lin = HaloLineage(self, idxs, flags, E, H)
-            return lin if lw is None else (lin, glw)
+            # with the opt-in halo-paths kernel the lineages stay lazy: the kernel follows them
+            Ds = lin if paths_kernel.halo_usable(idxs, tuple(flags), []) else lin.rows()
+            return Ds if lw is None else (Ds, glw)
         blocks = mx.stack([idxs[t] for t in ks])
-        glw = None
-        if H < m:
-            got = self._halo_descent(idxs, flags, blocks, m, H, lw)
-            if got[0] is not None:
-                return got[0] if lw is None else got
-            glw = got[1]
-            Shards.halo_misses += 1
-        if lw is None or glw is not None:
-            A = self.gather(blocks)
-        else:
-            A, glw = self.gather_packed([blocks, lw])
+        A, glw = (self.gather(blocks), None) if lw is None else self.gather_packed([blocks, lw])
         Ds = self._compose_full(idxs, flags, A)
         return Ds if lw is None else (Ds, glw)
 
@@ -348,20 +340,6 @@ class Shards:
                 j -= 1
             Ds[t] = D
         return Ds
-
-    def _halo_descent(self, idxs: list, flags: list, blocks: mx.array, m: int, H: int, lw):
-        """:meth:`descent` on this process's block of every ancestor vector extended by H
-        slots from each neighbour: (Ds, global lw), Ds None when a lineage of some
-        process left its extended range (the flags all-summed and read)."""
-        edges = mx.concatenate([blocks[:, :H], blocks[:, m - H:]], axis=1)  # [K, 2H]
-        if lw is None:
-            E, glw = self.gather(edges), None
-        else:
-            E, glw = self.gather_packed([edges, lw])
-        Ds, miss = halo_compose(idxs, flags, blocks, E, self.rank, self.size, H, self.sort_ancestors)
-        if int(self.all_sum(miss.astype(mx.int32)[None]).item()) > 0:
-            return None, glw
-        return Ds, glw
 
     def take_rows_each(self, leaves: list, rows: list) -> list:
         """``[x[r] for x, r in zip(leaves, rows)]`` across processes (``rows[i]``: global
@@ -498,11 +476,11 @@ class Shards:
 
 
 class HaloLineage(Sequence):
-    """The end-of-run lineages of :meth:`Shards.descent` held lazily (its halo edges
-    gathered): :meth:`paths` gives the kept arrays' paths by the halo-paths kernel
-    without materialising the lineages; reading it as a list (``Ds[t]``) composes them
-    with :func:`halo_compose` (one all-sum of the miss flag, the whole blocks gathered
-    after a miss), as :meth:`Shards.descent` does without the kernel."""
+    """The end-of-run lineages of :meth:`Shards.descent` from the neighbours' gathered
+    halo edges ``E``: :meth:`rows` composes them with :func:`halo_compose` (one all-sum of
+    the miss flag; after a miss the whole blocks are gathered, counted in
+    ``Shards.halo_misses``), as a list (``Ds[t]``) on first read; :meth:`paths` gives the
+    kept arrays' paths by the halo-paths kernel without composing them."""
 
     def __init__(self, sh: "Shards", idxs: list, flags: list, E: mx.array, H: int):
         self.sh, self.idxs, self.flags, self.E, self.H = sh, list(idxs), list(flags), E, H

@@ -98,8 +98,10 @@ def identity_or_rows(base: int, na: int, b: mx.array, pos: mx.array) -> mx.array
     return _launch(_kernel2("int32", "uint32_t", 1, True), [meta, b, pos], (int(pos.shape[0]),), mx.int32)
 
 
-def _launch(kernel, inputs: list, shape: tuple, dtype) -> mx.array:
-    n = int(shape[0])
+def _launch(kernel, inputs: list, shape: tuple, dtype, threads: int | None = None) -> mx.array:
+    """One launch of ``kernel``: one output of ``shape``, one thread per row (``threads``:
+    that many, default ``shape[0]``)."""
+    n = int(shape[0]) if threads is None else threads
     return kernel(inputs=inputs, output_shapes=[shape], output_dtypes=[dtype],
                   grid=(THREADS * ((n + THREADS - 1) // THREADS), 1, 1), threadgroup=(THREADS, 1, 1))[0]
 
@@ -128,12 +130,8 @@ def take_rows_batched(x: mx.array, idx: mx.array) -> mx.array:
     [0, N) → [B, n, …] (the kernel on CUDA, else MLX's gather)."""
     if not usable(x, idx, 1) or idx.ndim != 2 or idx.shape[0] != x.shape[0]:
         return mx.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
-    w = _row_words(x, 2)
-    Bn = int(idx.shape[0]) * int(idx.shape[1])
-    out = _kernel(str(x.dtype).rsplit(".", 1)[-1], _WORD[x.dtype.size], w)(
-        inputs=[x, idx], output_shapes=[tuple(idx.shape) + tuple(x.shape[2:])], output_dtypes=[x.dtype],
-        grid=(THREADS * ((Bn + THREADS - 1) // THREADS), 1, 1), threadgroup=(THREADS, 1, 1))
-    return out[0]
+    k = _kernel(str(x.dtype).rsplit(".", 1)[-1], _WORD[x.dtype.size], _row_words(x, 2))
+    return _launch(k, [x, idx], tuple(idx.shape) + tuple(x.shape[2:]), x.dtype, int(idx.size))
 
 
 def take_rows(x: mx.array, idx: mx.array) -> mx.array:

@@ -436,9 +436,11 @@ def test_gpu_resampling(n, scheme):
 GENERIC_POS_TOL = 2 * BLOCK * (BLOCK * 2.0 ** -24) + 1e-6
 
 
-def _cuda_only():
+def _cuda_only(what: str = "the positions and search kernels are",
+               elsewhere: str = "Metal keeps its float32 pair"):
+    """Skip (with the reason shown under ``-rs``) unless a CUDA device runs the kernels."""
     if B.active_backend() != "cuda":
-        pytest.skip("the positions and search kernels are CUDA only (Metal keeps its float32 pair)")
+        pytest.skip(f"{what} CUDA only ({elsewhere})")
 
 
 @needs_gpu
@@ -634,8 +636,7 @@ def test_ancestral_paths_reference():
 def test_gpu_ancestral_paths_equal_reference(T, n):
     from genmlx.kernels import paths as KP
 
-    if B.active_backend() != "cuda":
-        pytest.skip("the ancestral-paths kernel is CUDA only (Metal takes the generic path)")
+    _cuda_only("the ancestral-paths kernel is", "Metal takes the generic path")
     idxs, xs = _paths_case(T, n, 7 * T + n)
     with B.override("1"):  # opt-in (genmlx.kernels.paths)
         # one input per step and kind: more than MAX_INPUTS take the generic path
@@ -729,8 +730,7 @@ def test_gpu_take_rows_equal_mlx_gather(dtype, row, B_, N, n):
     copied as words; sorted and unsorted indices; one row, many, past a block)."""
     from genmlx.kernels import gather as KG
 
-    if B.active_backend() != "cuda":
-        pytest.skip("the row-gather kernel is CUDA only (elsewhere MLX's gather runs)")
+    _cuda_only("the row-gather kernel is", "elsewhere MLX's gather runs")
     for sorted_idx in (True, False):
         x, idx = _gather_case(dtype, row, B_, N, n, N + n, sorted_idx)
         assert KG.usable(x, idx, 1)
@@ -763,8 +763,7 @@ def test_gpu_two_source_gathers_equal_concatenate_and_take(Na, Nb, n):
     concatenate-and-take bit for bit, inside mx.compile too."""
     from genmlx.kernels import gather as KG
 
-    if B.active_backend() != "cuda":
-        pytest.skip("the row-gather kernels are CUDA only (elsewhere MLX's gather runs)")
+    _cuda_only("the row-gather kernels are", "elsewhere MLX's gather runs")
     rng = np.random.default_rng(Na + n)
     pos = mx.array(np.sort(rng.integers(0, Na + Nb, n)).astype(np.int32))
     for dtype, row in ((mx.float32, ()), (mx.float16, (3,)), (mx.int32, ())):
@@ -787,8 +786,7 @@ def test_gpu_halo_paths_equal_statement(R_, m, H):
     statement on every process of R virtual ones: the paths bit for bit and the miss flag."""
     from genmlx.kernels import paths as KP
 
-    if B.active_backend() != "cuda":
-        pytest.skip("the halo-paths kernel is CUDA only (elsewhere the MLX-ops path runs)")
+    _cuda_only("the halo-paths kernel is", "elsewhere the MLX-ops path runs")
     T, n = 9, R_ * m
     rng = np.random.default_rng(m)
     flags = (True, True, False, True, False, True, True, False, True)
