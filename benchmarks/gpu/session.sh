@@ -6,8 +6,10 @@
 #   bash benchmarks/gpu/session.sh scaling   # 2 GPUs (nvidia-h200-x2): data-parallel IWAE
 #                                            # training and sharded SMC/IS, 1 vs 2 processes
 #   bash benchmarks/gpu/session.sh scaling_smc # as scaling, without the data-parallel training rows
-#   bash benchmarks/gpu/session.sh smc_kernels # 2 GPUs: SMC kernel tests; scaling with/without the
-#                                            # opt-in paths kernels; the sharded step probe
+#   bash benchmarks/gpu/session.sh smc_tests # the SMC kernels' GPU tests (TESTS_T s, default 300)
+#   bash benchmarks/gpu/session.sh smc_kernels # 2 GPUs: SMC scaling with/without the opt-in paths
+#                                            # kernels (SKIP_ONE_K1=1: the default alone on one GPU)
+#   bash benchmarks/gpu/session.sh probes    # 2 GPUs: the sharded step probe (NCCL transports), IS by part
 #   bash benchmarks/gpu/session.sh bench1    # 1 GPU: IS, VAE/IWAE step, SMC, kernels
 #   bash benchmarks/gpu/session.sh bench2    # 1 GPU: HMC (NumPyro on CPU and GPU), CUDA graph sizes
 #   bash benchmarks/gpu/session.sh nuts      # 1 GPU: NUTS ESS/s (NumPyro on CPU and GPU); on a
@@ -104,31 +106,36 @@ case $part in
       --count --exact --split-collectives --out "$OUT/scale_2.json"
     run scale_cmp 30 $py benchmarks/scale_smc.py --compare "$OUT/scale_1.json" "$OUT/scale_2.json" --append-results --note "$NOTE"
     ;;
-  smc_kernels)  # 2 GPUs: the SMC gather/paths kernels' GPU tests, then one and two processes
-    # with the opt-in paths kernels (GENMLX_KERNELS=1: ancestral paths on one GPU, halo
-    # paths on two) beside the default, by phase; the sharded step probe
+  smc_tests)  # the SMC gather/paths kernels' GPU tests (cold NVRTC compilation: give ≥ 300 s)
     export PYTEST_ADDOPTS="-p no:cacheprovider"
-    run gpu_tests 300 $py -m pytest -q -rs tests/kernels/test_kernels.py tests/inference/test_smc.py \
+    run gpu_tests "${TESTS_T:-300}" $py -m pytest -q -rs tests/kernels/test_kernels.py tests/inference/test_smc.py \
       tests/inference/test_sharded.py
+    ;;
+  smc_kernels)  # 2 GPUs: one and two processes with the opt-in paths kernels (GENMLX_KERNELS=1:
+    # ancestral paths on one GPU, halo paths on two) beside the default, by phase
     ns=${NS_SMC:-10000000 15000000}
     for k in auto 1; do
-      run "scale1_k$k" 120 env GENMLX_KERNELS=$k $py benchmarks/scale_smc.py --ns-smc $ns --skip-is --repeats 3 \
-        --phases --out "$OUT/scale_1_k$k.json"
+      [ "$k" = 1 ] && [ -n "${SKIP_ONE_K1:-}" ] || run "scale1_k$k" 120 env GENMLX_KERNELS=$k $py benchmarks/scale_smc.py \
+        --ns-smc $ns --skip-is --repeats 3 --phases --out "$OUT/scale_1_k$k.json"
       run "scale2_k$k" 150 env GENMLX_KERNELS=$k mlx.launch -n 2 --backend nccl --env NCCL_NVLS_ENABLE=0 \
         --python "$(command -v $py)" benchmarks/scale_smc.py --ns-smc 30000000 --skip-is \
         --repeats 3 --phases --out "$OUT/scale_2_k$k.json"
     done
-    run scale_cmp 30 $py benchmarks/scale_smc.py --compare "$OUT/scale_1_kauto.json" "$OUT/scale_2_kauto.json" \
-      --append-results --note "$NOTE"
-    # the step probe, with NCCL saying which transport its channels use (P2P over NVLink
-    # or SHM through the host: the 2-float gather costs ~86 µs and the 7.5 MB window gather
-    # ~203 µs per step, ~64 GB/s — slow for NVLink)
-    run probe_loop 90 env NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=INIT,P2P mlx.launch -n 2 --backend nccl \
+    for k in auto 1; do
+      run "scale_cmp_k$k" 30 $py benchmarks/scale_smc.py --compare "$OUT/scale_1_kauto.json" "$OUT/scale_2_k$k.json" \
+        --append-results --note "$NOTE; GENMLX_KERNELS=$k on 2 processes"
+    done
+    ;;
+  probes)  # the sharded step probe, with NCCL saying which transport its channels use (P2P
+    # over NVLink or SHM through the host: the 2-float gather costs ~86 µs and the 7.5 MB
+    # window gather ~203 µs per step, ~64 GB/s — slow for NVLink); IS at large n by part
+    run probe_loop 120 env NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=INIT,P2P mlx.launch -n 2 --backend nccl \
       --env NCCL_NVLS_ENABLE=0 --python "$(command -v $py)" \
       benchmarks/gpu/probe_sharded_loop.py --per-process 15000000 --chain 30 --repeats 3
     grep -h "µs per step" "$OUT/probe_loop.log"
     grep -hoE "via (P2P/[A-Za-z/]+|SHM[^ ]*|NET[^ ]*)|NVLink[^,]*|P2P[^ ]* (enabled|disabled)" "$OUT/probe_loop.log" \
       | sort | uniq -c | head -20
+    run probe_is 120 $py benchmarks/gpu/probe_is.py --ns 1000000 10000000 --repeats 20 --out "$OUT/probe_is.json"
     ;;
   bench1)
     bg_tests
