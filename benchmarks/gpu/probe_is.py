@@ -55,10 +55,11 @@ def probe(n: int, repeats: int) -> dict:
     a, b, c = B._coefficient_draws(key, n)
     aT, bT, cT = (v.reshape(1, n) for v in (a, b, c))
     z = (ys - (a + b * xs + c * xs**2)) / B.SIGMA
-    zT = mx.contiguous(z.T)
+    xT, yT = xs[:, None], ys[:, None]
+    zT = (yT - (aT + bT * xT + cT * xT**2)) / B.SIGMA  # [50, n] (a transposed copy of z
+    # fails at n = 10⁷: MLX's CUDA graph rejects the copy kernel's launch)
     ones = mx.ones((B.N_DATA,))
     mx.eval(a, b, c, aT, bT, cT, z, zT, ones)
-    xT, yT = xs[:, None], ys[:, None]
 
     draws = mx.compile(lambda k: B._coefficient_draws(k, n))
     elem = mx.compile(lambda a, b, c: (ys - (a + b * xs + c * xs**2)) / B.SIGMA)
