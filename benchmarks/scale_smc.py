@@ -97,16 +97,19 @@ def phases(model, args, obs, n: int, sh, repeats: int) -> dict:
     """Where a sharded_smc run's time goes (median ms, timed between barriers): the
     per-step loop (up to the host's read of the flags), the end-of-run descent (its
     outputs evaluated), the kept arrays' cross-process gathers (``take_blocks``,
-    evaluated) and the rest (the local replay of the step scores, the final
-    evaluation). The evaluations at the marks serialize what a plain run overlaps, so the
-    sum can exceed a plain run's time a little. One process: loop and rest."""
+    evaluated; with the halo-paths kernel split into the edges' gathers, ``take_edges``,
+    and the kernel with its miss check, ``take_kernel``), the local replay of the step
+    scores (``replay``) and the rest (the final evaluation). The evaluations at the marks
+    serialize what a plain run overlaps, so the sum can exceed a plain run's time a
+    little. One process: loop, replay (with the descent and paths) and rest."""
     import importlib
 
     from genmlx.core.pytree import tree_flatten
+    from genmlx.kernels import paths as KP
 
     S = importlib.import_module("genmlx.inference.smc")
     marks: dict = {}
-    orig = (Shards.descent, Shards.take_blocks, S._descent)
+    orig = (Shards.descent, Shards.take_blocks, S._descent, KP.halo_paths, S._rebuild_columns)
 
     def arrays(x):
         return [a for a in tree_flatten(x)[0] if isinstance(a, mx.array)]
@@ -124,27 +127,45 @@ def phases(model, args, obs, n: int, sh, repeats: int) -> dict:
         marks["take"] = time.perf_counter()
         return out
 
+    def halo_paths(idxs, flags, EA, xs, EX, *a):
+        mx.eval(EA, EX)
+        marks["take_in"] = time.perf_counter()
+        return orig[3](idxs, flags, EA, xs, EX, *a)
+
     def descent_one(*a):
         marks["loop"] = marks["descent"] = marks["take"] = time.perf_counter()
         return orig[2](*a)
 
-    Shards.descent, Shards.take_blocks, S._descent = descent, take, descent_one
+    def rebuild(*a, **k):
+        out = orig[4](*a, **k)
+        if out is not None:
+            mx.eval(arrays(out))
+        marks["replay"] = time.perf_counter()
+        return out
+
+    Shards.descent, Shards.take_blocks, S._descent, KP.halo_paths, S._rebuild_columns = (
+        descent, take, descent_one, halo_paths, rebuild)
     rows = []
     try:
         for r in range(repeats + 1):
             _barrier(sh)
+            marks.clear()
             t0 = time.perf_counter()
             out = sharded_smc(mx.random.key(500 + r), model, args, obs, n, progress=False)
             mx.eval(out.log_weights, arrays(out.traces))
             _barrier(sh)
             t1 = time.perf_counter()
             if r:  # the first run compiles
+                edges = marks.get("take_in", marks["take"]) - marks["descent"]
+                rep = marks.get("replay", marks["take"])
                 rows.append([marks["loop"] - t0, marks["descent"] - marks["loop"],
-                             marks["take"] - marks["descent"], t1 - marks["take"]])
+                             marks["take"] - marks["descent"], edges, marks["take"] - marks["descent"] - edges,
+                             rep - marks["take"], t1 - rep])
     finally:
-        Shards.descent, Shards.take_blocks, S._descent = orig
+        Shards.descent, Shards.take_blocks, S._descent, KP.halo_paths, S._rebuild_columns = orig
     med = np.median(np.array(rows), axis=0) * 1e3
-    return dict(zip(("loop_ms", "descent_ms", "take_rows_ms", "rest_ms"), (float(v) for v in med)))
+    return dict(zip(("loop_ms", "descent_ms", "take_rows_ms", "take_edges_ms", "take_kernel_ms", "replay_ms",
+                     "rest_ms"), (float(v) for v in med)))
 
 
 def lgssm_data(T: int):

@@ -7,8 +7,8 @@
 #                                            # training and sharded SMC/IS, 1 vs 2 processes
 #   bash benchmarks/gpu/session.sh scaling_smc # as scaling, without the data-parallel training rows
 #   bash benchmarks/gpu/session.sh smc_tests # the SMC kernels' GPU tests (TESTS_T s, default 300)
-#   bash benchmarks/gpu/session.sh smc_kernels # 2 GPUs: SMC scaling with/without the opt-in paths
-#                                            # kernels (SKIP_ONE_K1=1: the default alone on one GPU)
+#   bash benchmarks/gpu/session.sh smc_kernels # 2 GPUs: SMC scaling 1 → 2 processes by phase
+#                                            # (NS_SMC one process, NS_SMC2 two; ONE_K1: opt-in kernel)
 #   bash benchmarks/gpu/session.sh probes    # 2 GPUs: the sharded step probe (NCCL transports), IS by part
 #   bash benchmarks/gpu/session.sh bench1    # 1 GPU: IS, VAE/IWAE step, SMC, kernels
 #   bash benchmarks/gpu/session.sh bench2    # 1 GPU: HMC (NumPyro on CPU and GPU), CUDA graph sizes
@@ -111,19 +111,18 @@ case $part in
     run gpu_tests "${TESTS_T:-300}" $py -m pytest -q -rs tests/kernels/test_kernels.py tests/inference/test_smc.py \
       tests/inference/test_sharded.py
     ;;
-  smc_kernels)  # 2 GPUs: one and two processes with the opt-in paths kernels (GENMLX_KERNELS=1:
-    # ancestral paths on one GPU, halo paths on two) beside the default, by phase
+  smc_kernels)  # 2 GPUs: sharded SMC from one to two processes by phase: one process at NS_SMC
+    # (and at ONE_K1 with the opt-in one-process paths kernel, GENMLX_KERNELS=1), two at each
+    # total of NS_SMC2 (one run each: a run out of memory loses only its own row)
     ns=${NS_SMC:-10000000 15000000}
-    for k in auto 1; do
-      [ "$k" = 1 ] && [ -n "${SKIP_ONE_K1:-}" ] || run "scale1_k$k" 120 env GENMLX_KERNELS=$k $py benchmarks/scale_smc.py \
-        --ns-smc $ns --skip-is --repeats 3 --phases --out "$OUT/scale_1_k$k.json"
-      run "scale2_k$k" 150 env GENMLX_KERNELS=$k mlx.launch -n 2 --backend nccl --env NCCL_NVLS_ENABLE=0 \
-        --python "$(command -v $py)" benchmarks/scale_smc.py --ns-smc 30000000 --skip-is \
-        --repeats 3 --phases --out "$OUT/scale_2_k$k.json"
-    done
-    for k in auto 1; do
-      run "scale_cmp_k$k" 30 $py benchmarks/scale_smc.py --compare "$OUT/scale_1_kauto.json" "$OUT/scale_2_k$k.json" \
-        --append-results --note "$NOTE; GENMLX_KERNELS=$k on 2 processes"
+    run scale1 150 $py benchmarks/scale_smc.py --ns-smc $ns --skip-is --repeats 3 --phases --out "$OUT/scale_1.json"
+    [ -n "${ONE_K1:-}" ] && run scale1_k1 120 env GENMLX_KERNELS=1 $py benchmarks/scale_smc.py --ns-smc $ONE_K1 \
+      --skip-is --repeats 3 --phases --out "$OUT/scale_1_k1.json"
+    for n2 in ${NS_SMC2:-30000000}; do
+      run "scale2_$n2" 180 mlx.launch -n 2 --backend nccl --env NCCL_NVLS_ENABLE=0 --python "$(command -v $py)" \
+        benchmarks/scale_smc.py --ns-smc "$n2" --skip-is --repeats 3 --phases --out "$OUT/scale_2_$n2.json"
+      run "scale_cmp_$n2" 30 $py benchmarks/scale_smc.py --compare "$OUT/scale_1.json" "$OUT/scale_2_$n2.json" \
+        --append-results --note "$NOTE"
     done
     ;;
   probes)  # the sharded step probe, with NCCL saying which transport its channels use (P2P

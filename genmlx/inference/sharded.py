@@ -320,7 +320,7 @@ class Shards:
             edges = mx.concatenate([x for t in ks for x in (idxs[t][:H], idxs[t][m - H:])]).reshape(K, 2 * H)
             E, glw = self.gather_packed([edges, lw]) if lw is not None else (self.gather(edges), None)
             lin = HaloLineage(self, idxs, flags, E, H)
-            # with the opt-in halo-paths kernel the lineages stay lazy: the kernel follows them
+            # with the halo-paths kernel (CUDA) the lineages stay lazy: the kernel follows them
             Ds = lin if paths_kernel.halo_usable(idxs, tuple(flags), []) else lin.rows()
             return Ds if lw is None else (Ds, glw)
         blocks = mx.stack([idxs[t] for t in ks])
@@ -374,7 +374,7 @@ class Shards:
         :meth:`descent`; None: its own rows); returns per kind [T, m, …] with row (t, i) =
         step t's global row Ds[t][i].
 
-        With the opt-in halo-paths kernel (``GENMLX_KERNELS=1`` on CUDA, ``Ds`` a
+        With the halo-paths kernel (CUDA, unless ``GENMLX_KERNELS=0``; ``Ds`` a
         :class:`HaloLineage`): ONE packed all-gather of every kept array's first and last
         H rows and ONE kernel follow the lineages and copy the rows
         (:func:`genmlx.kernels.paths.halo_paths`); a lineage past the halos (one all-sum

@@ -10,9 +10,9 @@ vmapped (see ``_backend``): :mod:`genmlx.inference.resampling` uses them only wh
   exact for any number of slots) and a per-slot binary-search kernel.
 - :mod:`genmlx.kernels.gather` — row gathers by ancestor indices (one and two sources),
   used by SMC's drivers on CUDA (MLX's general gather elsewhere).
-- :mod:`genmlx.kernels.paths` — the ancestral paths of a run in one kernel (one process;
-  sharded: through the neighbours' halo edges); opt-in (``GENMLX_KERNELS=1``) until timed
-  on a GPU.
+- :mod:`genmlx.kernels.paths` — the ancestral paths of a run in one kernel: sharded,
+  through the neighbours' halo edges (on by default on CUDA); one process, opt-in
+  (``GENMLX_KERNELS=1``: it gains nothing over the row-gather kernel's path yet).
 
 ``python -m genmlx.kernels.selftest`` checks every kernel against its reference on the
 current device and prints a JSON report.

@@ -14,9 +14,11 @@ unrolled, so each input is named in straight-line code.
 :func:`ancestral_paths` dispatches: the kernel on a CUDA device for at most
 :data:`MAX_INPUTS` arrays (the kernel parameters are one pointer each), otherwise
 :func:`ancestral_paths_generic`, the MLX-ops reference. Integer compositions and copies:
-both give the same values bit for bit. Not yet run on a GPU (its source compiles with
-nvcc, ``cuda_check``), the kernel is opt-in like the Metal twins: ``GENMLX_KERNELS=1``
-(or ``_backend.override("1")``); ``tests/kernels/test_kernels.py`` checks it on a GPU.
+both give the same values bit for bit (``tests/kernels/test_kernels.py``, passed on an
+H200). It stays opt-in (``GENMLX_KERNELS=1`` or ``_backend.override("1")``) until it is
+timed against the one-process path of row-gather kernels. :func:`halo_paths`, its sharded
+twin (lineages through the neighbours' halo edges), is on by default on CUDA: on two H200s
+it cut the end of a 3·10⁷-particle run from 49 to 23 ms.
 """
 
 from __future__ import annotations
@@ -193,8 +195,9 @@ def _halo_kernel(backend: str, flags: tuple, kinds: tuple, r: int, R: int, H: in
 
 
 def halo_usable(idxs: list, flags: tuple, xs: list) -> str | None:
-    """The backend for :func:`halo_paths` (opt-in like :func:`ancestral_paths`), or None."""
-    backend = B.active_backend() if B.mode() == "1" else None
+    """The backend for :func:`halo_paths` (on by default on CUDA: timed and tested on two
+    H200s, unlike :func:`ancestral_paths`), or None."""
+    backend = B.active_backend()
     if backend != "cuda" or not any(flags):
         return None
     T, K = len(flags), sum(flags)

@@ -782,7 +782,7 @@ def test_gpu_two_source_gathers_equal_concatenate_and_take(Na, Nb, n):
 @needs_gpu
 @pytest.mark.parametrize("R_,m,H", [(2, 40, 12), (3, 5000, 700)])
 def test_gpu_halo_paths_equal_statement(R_, m, H):
-    """The halo-paths kernel (sharded SMC's end of run, opt-in) equals its NumPy
+    """The halo-paths kernel (sharded SMC's end of run) equals its NumPy
     statement on every process of R virtual ones: the paths bit for bit and the miss flag."""
     from genmlx.kernels import paths as KP
 
