@@ -4,7 +4,10 @@ diagnosis), at m particles per process: genmlx's compiled single-process step
 (``_seq_step_sharded`` then ``Shards.step_resample``, sync-free, collectives inside the
 compiled step or between two halves), and the step's two collectives alone (the 2-float
 summary gather, the packed 2W-row window gather). Each is chained ``--chain`` times without
-a host read and timed between barriers; prints µs per step (median over repeats).
+a host read and timed between barriers; prints µs per step (median over repeats) and how
+often the host queued a step (far below the step time: the host runs ahead; close to it:
+the host waits on the device, e.g. at a collective, and the device idles while the host
+queues what follows).
 
     mlx.launch -n 2 --backend nccl --env NCCL_NVLS_ENABLE=0 --python python3 \\
         benchmarks/gpu/probe_sharded_loop.py --per-process 15000000
@@ -39,7 +42,7 @@ def chained(fn, state, keys, sh, repeats: int, name: str = "") -> float:
             mx.eval(sh.all_sum(mx.array(1.0)))
 
     mx.eval(fn(keys[0], state))
-    out = []
+    out, host = [], []
     for _ in range(repeats):
         barrier()
         t0 = time.perf_counter()
@@ -47,11 +50,15 @@ def chained(fn, state, keys, sh, repeats: int, name: str = "") -> float:
         for k in keys:
             s = fn(k, s)
             mx.async_eval(s)
+        t_host = time.perf_counter()  # the host has queued every step: near t0 when it runs
+        # ahead of the device, near the end when something (a collective) holds it back
         mx.eval(s)
         barrier()
         out.append((time.perf_counter() - t0) / len(keys) * 1e6)
+        host.append((t_host - t0) / len(keys) * 1e6)
     if sh is None or sh.rank == 0:
-        print(f"{name}: {statistics.median(out):.0f} µs per step", flush=True)
+        print(f"{name}: {statistics.median(out):.0f} µs per step "
+              f"(host queued a step every {statistics.median(host):.0f} µs)", flush=True)
     return statistics.median(out)
 
 
