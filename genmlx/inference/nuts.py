@@ -377,120 +377,171 @@ def _outputs(t: Tree) -> list:
 def _prefix_masks(F: int) -> mx.array:
     """The point masks of the vectorized prefix of doublings 0..F over its n = 2^(F+1)
     points (point 0 the start, doubling j the points [2^j, 2^(j+1)) in integration
-    order), [2F + 3, n, 1] bool: doubling j's points (rows 0..F), the trajectory before
+    order), [2F + 3, n] bool: doubling j's points (rows 0..F), the trajectory before
     doubling j (rows F + 1 .. 2F + 1), all points (last row)."""
     idx = np.arange(2 ** (F + 1))
     sub = [(idx >= 2**j) & (idx < 2 ** (j + 1)) for j in range(F + 1)]
     before = [idx < 2**j for j in range(F + 1)]
-    return mx.array(np.stack(sub + before + [idx >= 0])[:, :, None])
+    return mx.array(np.stack(sub + before + [idx >= 0]))
+
+
+class _Checks(NamedTuple):
+    """Every U-turn check of the prefix of doublings 0..F as tables over its n points:
+    check k has momentum sum ρ_k = Σ_l S[k, l] p_l (+ p at the old near end ν_j for the
+    new subtree extended by it) and end points a_k, b_k (a_k may be the old far end φ_j
+    or ν_j of doubling j). ``M`` [3m, 2(F+1)] and ``K`` [3m] give, from the ends
+    (ν_0..ν_F, φ_0..φ_F) of a chain, the index of the point added to ρ_k (−1: none),
+    a_k and b_k as (ν, φ) @ Mᵀ + K. ``code``: 2·(closing point) for a check of a
+    sub-subtree (its doubling is rejected), 2·(end of doubling j) + 1 for the
+    trajectory's checks after doubling j (the chain stops after it)."""
+
+    S: np.ndarray
+    M: np.ndarray
+    K: np.ndarray
+    code: np.ndarray
+
+
+def _prefix_checks(F: int) -> _Checks:
+    """The checks of the prefix of doublings 0..F: each doubling's sub-subtrees (aligned
+    blocks of sizes 2 .. 2^j of its points; for sizes ≥ 4 also each half extended by
+    the other's adjacent point), then per doubling j the trajectory's union, the old
+    trajectory extended by the new subtree's first point and the new subtree extended
+    by the old near end."""
+    n = 2 ** (F + 1)
+    rows = []  # (first, last point of ρ's block, near end added?, a, b, code); a: int | ("nu"|"phi", j)
+    for j in range(1, F + 1):
+        for s in _sizes(2 ** (j + 1))[: j]:  # sizes 2 .. 2^j inside doubling j
+            for a in range(2**j, 2 ** (j + 1), s):
+                b, h = a + s - 1, a + s // 2
+                rows.append((a, b, None, a, b, 2 * b))
+                if s >= 4:  # each half extended by the other's adjacent point
+                    rows += [(a, h, None, a, h, 2 * b), (h - 1, b, None, h - 1, b, 2 * b)]
+    for j in range(F + 1):
+        h, e = 2**j, 2 ** (j + 1) - 1
+        rows += [(0, e, None, ("phi", j), e, 2 * e + 1), (0, h, None, ("phi", j), h, 2 * e + 1),
+                 (h, e, j, ("nu", j), e, 2 * e + 1)]
+    m = len(rows)
+    S = np.zeros((m, n), np.float32)
+    M = np.zeros((3 * m, 2 * (F + 1)), np.float32)
+    K = np.zeros(3 * m, np.float32)
+    for k, (lo, hi, nu, a, b, _) in enumerate(rows):
+        S[k, lo:hi + 1] = 1
+        if nu is None:
+            K[k] = -1
+        else:
+            M[k, nu] = 1
+        if isinstance(a, tuple):
+            M[m + k, a[1] + (F + 1) * (a[0] == "phi")] = 1
+        else:
+            K[m + k] = a
+        K[2 * m + k] = b
+    return _Checks(S, M, K, np.array([r[-1] for r in rows], np.int32))
+
+
+def _trajectory_ends(fwd: mx.array, F: int) -> mx.array:
+    """The old ends of the trajectory before each doubling j as point indices, [C, 2,
+    F + 1] float (from the directions ``fwd`` [C, F + 1]): ν_j (near, on doubling j's
+    side: where it starts) and φ_j (far). The trajectory's end on a side is the last
+    point E_i = 2^(i+1) − 1 of the latest doubling i that went that way (point 0 if
+    none): ν_j = max{E_i : i < j, f_i = f_j}, φ_j = max{E_i : i < j, f_i ≠ f_j}."""
+    i = np.arange(F + 1)
+    earlier = mx.array((i[None, :] < i[:, None])[None, None])  # [1, 1, j, i]
+    side = mx.array(np.array([True, False])[None, :, None, None])  # ν, φ
+    same = fwd[:, None, :, None] == fwd[:, None, None, :]  # [C, 1, j, i]
+    return mx.max(mx.where(earlier & (same == side), mx.array(_ends_of(F)), 0.0), axis=-1)
+
+
+def _ends_of(F: int) -> np.ndarray:
+    """E_i = 2^(i+1) − 1, the last point of doubling i (float32, i = 0..F)."""
+    return (2.0 ** np.arange(1, F + 2) - 1).astype(np.float32)
+
+
+def _columns(x: mx.array) -> list:
+    """The columns of x [C, k] as [C, 1] arrays: one Split (views)."""
+    return mx.split(x, x.shape[1], axis=1)
 
 
 def _prefix(vg, dense, max_depth, F, key, u, lp, g, eps, minv, mfac):
     """The momentum draw and the doublings 0..F as one call, their bookkeeping
     vectorized over the whole trajectory of n = 2^(F+1) points (no per-doubling merge).
 
-    The directions are drawn first, so the 2^(F+1) − 1 leapfrog steps are integrated
-    (doubling j from the trajectory's end on its side), then stacked with the start at
-    point 0: doubling j holds the points [2^j, 2^(j+1)), and every balanced
-    sub-subtree of a doubling is an aligned block [k·s, (k + 1)·s), k ≥ 1, of the
-    stack, while the block k = 0 of size 2^(j+1) is the whole trajectory after doubling
-    j (its U-turn check uses the spatial ends instead). One pairwise sum gives every
-    block's ρ, one product and one sum every check. A chain active at doubling j had no
-    stop before it, so its subtree j is bad iff the first stopping point over the whole
-    stack (a divergence, or a turning sub-subtree's closing point) falls in it. The
-    trajectory weights W_j (doubling j) and W_<j (before it) are masked logsumexps;
-    each doubling's multinomial proposal is a Gumbel-max over its points; the biased
-    progressive choice (subtree j replaces the proposal with probability
-    min(1, W_j / W_<j)) and the stopping rule are a scan over F + 1 elementwise steps.
-    The same law as doubling by doubling (tested equal on common uniforms)."""
+    The directions are drawn first, so the old ends of the trajectory before each
+    doubling are known as point indices (:func:`_trajectory_ends`); the 2^(F+1) − 1
+    leapfrog steps are integrated (doubling j from its near end) and stacked per chain
+    with the start at point 0: doubling j holds the points [2^j, 2^(j+1)), and every
+    balanced sub-subtree of a doubling is an aligned block of the stack. Every U-turn
+    check ρ·M⁻¹p_a ≤ 0 (ρ = Σ_l S_kl p_l) is read off the Gram matrix
+    Γ_li = p_l·M⁻¹p_i of the points: (S Γ)_{k a} (:class:`_Checks`; Γ's non-finite
+    entries zeroed — such a point diverges, so only checks that close after a stop see
+    them). A chain's stop is the least code z over its divergences (2·point), turning
+    sub-subtrees (2·closing point: the doubling is rejected) and trajectory checks
+    (2·end of doubling j + 1: the chain stops after it); its depth, step count and the
+    doublings accepted follow from z. The trajectory weights W_j (doubling j) and W_<j
+    (before it) are masked logsumexps; each doubling's multinomial proposal is a
+    Gumbel-max over its points; subtree j replaces the proposal with probability
+    min(1, W_j / W_<j) (biased progressive sampling), so the proposal is the latest
+    doubling that takes. The same law as doubling by doubling (tested equal on common
+    uniforms)."""
     ks = mx.random.split(key, max_depth + 1)
     t = _start(dense, row(ks, -1), u, lp, g, minv, mfac)
-    n, c = 2 ** (F + 1), lp.shape[0]
-    R = mx.random.uniform(shape=(n + 2 * (F + 1), c), key=row(ks, 0))
-    fwd, ut = R[n:n + F + 1] < 0.5, R[n + F + 1:]
-    left = right = (u, t.pl, g)
-    us, ps, gs, lps = [u], [t.pl], [g], [lp]
+    n, (c, d) = 2 ** (F + 1), u.shape
+    R = mx.random.uniform(shape=(n + 2 * (F + 1), c), key=row(ks, 0)).T  # [C, ·]
+    fwd, ut = R[:, n:n + F + 1] < 0.5, R[:, n + F + 1:]
+    ends = _trajectory_ends(fwd, F)  # [C, 2, F + 1]: ν_j, φ_j
+    E = _ends_of(F)
+    # hit[j][i]: doubling j starts at E_i (from an earlier doubling i), else at point 0
+    hit = _columns((ends[:, 0, :, None] == mx.array(E)).reshape(c, (F + 1) ** 2))
+    es = _columns(mx.where(fwd, eps[:, None], -eps[:, None]))  # ±ε per doubling
+    pts = [(u, t.pl, g)]
+    pieces = [u, t.pl, g, lp[:, None]]
     for j in range(F + 1):
-        f = row(fwd, j)
-        cu, cp, cg = (_w(f, r, l) for r, l in zip(right, left))
-        e = mx.where(f, eps, -eps)[:, None]
+        cu, cp, cg = pts[0]
+        for i in range(j):
+            h = hit[j * (F + 1) + i]
+            ui, pi, gi = pts[2 ** (i + 1) - 1]
+            cu, cp, cg = mx.where(h, ui, cu), mx.where(h, pi, cp), mx.where(h, gi, cg)
         for _ in range(2**j):
-            cu, cp, cg, clp = leapfrog(vg, cu, cp, cg, e, minv, dense)
-            us.append(cu)
-            ps.append(cp)
-            gs.append(cg)
-            lps.append(clp)
-        end = (cu, cp, cg)
-        right = tuple(_w(f, a, b) for a, b in zip(end, right))
-        left = tuple(_w(f, b, a) for a, b in zip(end, left))
-    P, LP = _stack(ps), _stack(lps)  # [n, C, D], [n, C]
-    V = velocity(P, minv, dense)
-    ii = _leaf_index(n)[:, None]
-    dh = (0.5 * mx.sum(P * V, axis=-1) - LP) - t.h0
+            cu, cp, cg, clp = leapfrog(vg, cu, cp, cg, es[j], minv, dense)
+            pieces += [cu, cp, cg, clp[:, None]]
+        pts += [None] * (2**j - 1) + [(cu, cp, cg)]
+    w = 3 * d + 1
+    X = mx.concatenate(pieces, axis=1).reshape(c, n, w)  # point i: u, p, g, log π
+    P, LP = X[:, :, d:2 * d], X[:, :, 3 * d]
+    V = mx.matmul(P, minv) if dense else minv[:, None] * P  # rows M⁻¹p_i (M⁻¹ symmetric)
+    gram = mx.matmul(P, V.swapaxes(1, 2))  # [C, n, n]: Γ_li = p_l·M⁻¹p_i
+    kin = mx.as_strided(gram, (c, n), (n * n, n + 1))  # 2·(kinetic energy) per point
+    ii, fi = _leaf_index(n), mx.array(np.arange(n, dtype=np.float32))
+    dh = (0.5 * kin - LP) - t.h0[:, None]
     lw = mx.where(ii == 0, 0.0, -mx.where(mx.isnan(dh), mx.inf, dh))  # log weight per point
-    div = lw < -MAX_ENERGY_ERROR
+    zd = mx.min(mx.where(lw < -MAX_ENERGY_ERROR, 2 * ii, 2 * n), axis=1, keepdims=True)  # 2·first divergence
+    ck = _prefix_checks(F)
+    m = ck.S.shape[0]
+    sel = mx.matmul(ends.reshape(c, 2 * (F + 1)), mx.array(ck.M.T)) + mx.array(ck.K)  # [C, 3m]
+    S = mx.array(ck.S) + (fi == sel[:, :m, None])  # [C, m, n]
+    SG = mx.matmul(S, mx.where(mx.abs(gram) < mx.inf, gram, 0.0))  # [C, m, n]: ρ_k·M⁻¹p_i
+    ab = mx.sum(mx.where(fi == sel[:, m:].reshape(c, 2, m, 1), SG[:, None], 0.0), axis=-1)
+    turned = (ab[:, 0] <= 0) | (ab[:, 1] <= 0)  # [C, m]
+    z = mx.minimum(mx.min(mx.where(turned, mx.array(ck.code), 2 * n), axis=1, keepdims=True), zd)
+    if max_depth <= F + 1:  # the depth cap stops the chain after doubling max_depth − 1
+        z = mx.minimum(z, 2 ** (max_depth + 1) - 1)
     masks = _prefix_masks(F)
-    # every check as (ρ, end velocity a, end velocity b): the sub-subtrees of each doubling
-    # (aligned blocks k ≥ 1 of size s; for s ≥ 4 also each half extended by the other's
-    # adjacent leaf), closing at leaf (k + 1)·s − 1; and per doubling j the trajectory:
-    # the union, the old trajectory extended by the new subtree's first point, the new
-    # subtree extended by the old end next to it
-    sub, close = ([], [], []), []
-    traj = tuple(([], [], []) for _ in range(3))
-    lev, pl, vl = P, row(P, 0), row(V, 0)
-    pr, vr = pl, vl
-    for j in range(F + 1):
-        s, h = 2 ** (j + 1), 2**j
-        half, lev = lev, lev[0::2] + lev[1::2]  # sums of the blocks of size h and s
-        f = row(fwd, j)
-        near_p, near_v, far_v = _w(f, pr, pl), _w(f, vr, vl), _w(f, vl, vr)
-        pe, ve = row(P, s - 1), row(V, s - 1)
-        pl, vl, pr, vr = _w(f, pl, pe), _w(f, vl, ve), _w(f, pe, pr), _w(f, ve, vr)
-        for (rs, As, Bs), (r_, a_, b_) in zip(traj, [(row(lev, 0), vl, vr),
-                                                   (row(half, 0) + row(P, h), far_v, row(V, h)),
-                                                   (row(half, 1) + near_p, near_v, ve)]):
-            rs.append(r_)
-            As.append(a_)
-            Bs.append(b_)
-        if s < n:
-            ends = np.arange(2, n // s + 1) * s - 1
-            for r_, a_, b_ in _block_checks(P, V, half, lev, s, 1):
-                sub[0].append(r_)
-                sub[1].append(a_)
-                sub[2].append(b_)
-                close.append(ends)
-    rho = mx.concatenate(sub[0] + [_stack(x[0]) for x in traj], axis=0)
-    ends_ab = mx.concatenate(sub[1] + [_stack(x[1]) for x in traj] + sub[2] + [_stack(x[2]) for x in traj], axis=0)
-    m = rho.shape[0]
-    ab = mx.sum(mx.concatenate([rho, rho], axis=0) * ends_ab, axis=-1)
-    turned = (ab[:m] <= 0) | (ab[m:] <= 0)  # [m, C]
-    ms = m - 3 * (F + 1)
-    traj_turn = mx.any(turned[ms:].reshape(3, F + 1, c), axis=0)  # [F + 1, C]
-    first = mx.min(mx.where(div, ii, n), axis=0)  # first stopping point [C]
-    if ms:
-        close_c = mx.array(np.concatenate(close).astype(np.int32))[:, None]
-        first = mx.minimum(first, mx.min(mx.where(turned[:ms], close_c, n), axis=0))
-    W = mx.logsumexp(mx.where(masks, lw[None], -mx.inf), axis=1)  # [2F + 3, C]
-    gumbel = -mx.log(-mx.log(R[:n]))
-    pick = mx.argmax(mx.where(masks[:F + 1], (lw + gumbel)[None], -mx.inf), axis=1)  # [F + 1, C]
-    act = t.active
-    depth, idx, last = t.depth, mx.zeros((c,), dtype=mx.int32), t.nsteps
-    for j in range(F + 1):
-        end = 2 ** (j + 1)
-        bad = first < end
-        ok = act & ~bad
-        take = ok & (mx.log(row(ut, j)) < row(W, j) - row(W, F + 1 + j))
-        idx = mx.where(take, row(pick, j).astype(mx.int32), idx)
-        last = mx.where(act, mx.where(bad, first, end - 1), last)
-        depth = depth + act.astype(mx.int32)
-        act = ok & ~row(traj_turn, j) & (depth < max_depth)
-    on = (ii >= 1) & (ii <= last[None])  # the points counted: 1 .. last
-    accsum = mx.sum(mx.where(on, mx.exp(mx.minimum(lw, 0.0)), 0.0), axis=0)
-    diverging = mx.any(on & div, axis=0)
-    oh = (ii == idx[None]) if n <= 8 else None
-    lpprop = row(mx.take_along_axis(LP, idx[None], axis=0), 0)
-    t = Tree(*left, *right, _pick(idx, us, oh), lpprop, _pick(idx, gs, oh), row(W, 2 * F + 2),
-             row(lev, 0), t.h0, act, diverging, depth, last, accsum)
+    W = mx.logsumexp(mx.where(masks, lw[:, None], -mx.inf), axis=-1)  # [C, 2F + 3]
+    gumbel = -mx.log(-mx.log(R[:, :n]))
+    pick = mx.argmax(mx.where(masks[:F + 1], (lw + gumbel)[:, None], -mx.inf), axis=-1)  # [C, F + 1]
+    good = z >= mx.array((2 ** np.arange(2, F + 3) - 1).astype(np.int32))  # doubling j accepted
+    take = good & (mx.log(ut) < W[:, :F + 1] - W[:, F + 1:2 * F + 2])
+    idx = mx.max(mx.where(take, pick.astype(mx.int32), 0), axis=1, keepdims=True)  # latest taking
+    last = mx.minimum(z // 2, n - 1)  # [C, 1]: the last point counted
+    depth = sum((last >= 2**i).astype(mx.int32) for i in range(F + 1))
+    on = (ii >= 1) & (ii <= last)  # the points counted: 1 .. last
+    accsum = mx.sum(mx.where(on, mx.exp(mx.minimum(lw, 0.0)), 0.0), axis=1)
+    diverging = (zd == 2 * last)  # the first divergence is counted (no stop before it)
+    at = mx.where(_leaf_index(3) == 0, idx,  # the proposal, the left and the right end
+                  mx.where(fwd[:, F:] == (_leaf_index(3) == 2), E[F], ends[:, 1, F:]).astype(mx.int32))
+    Y = mx.take_along_axis(X, at[:, :, None], axis=1).reshape(c, 3 * w)
+    (up, _, gp, lpp, ul, pl, gl, _, ur, pr, gr, _) = mx.split(Y, np.cumsum([d, d, d, 1] * 3)[:-1].tolist(), axis=1)
+    t = Tree(ul, pl, gl, ur, pr, gr, up, lpp.reshape(c), gp, W[:, 2 * F + 2], mx.sum(P, axis=1),
+             t.h0, (z == 2 * n).reshape(c), diverging.reshape(c), depth.reshape(c), last.reshape(c), accsum)
     return _outputs(t) + [mx.max(depth)]
 
 
