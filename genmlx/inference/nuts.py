@@ -354,19 +354,118 @@ def _uniforms(key, n, c):
 
 # -- compiled pieces (pure functions of arrays; the statics are bound by partial) -----------
 def _doubling(vg, dense, max_depth, j, t: Tree, key, eps, minv, draws=None) -> Tree:
-    """A whole doubling of 2^j leaves (unrolled): subtree start, leaves, merge. Its
-    randomness from ``key``, or ``draws`` [2^j + 3, C] uniforms (direction, the block's
-    2^j + 1, the merge's)."""
-    n = 2**j
+    """A whole doubling of 2^j leaves (unrolled) as one Gram-matrix bookkeeping: the
+    same tree as a fresh subtree (:func:`_sub_init`), its leaves (:func:`_leaves`) and
+    the merge (:func:`_merge`). Its randomness from ``key`` (direction from the first
+    half of its split, the [2^j + 2, C] uniforms of :func:`_uniforms` from the second),
+    or ``draws`` [2^j + 3, C] uniforms (direction, the block's 2^j + 1, the merge's).
+
+    The points are the start (the old near end ν), the leaves 1..n, the old far end φ
+    and the old momentum sum Σ (as a point); every check is a constant row of
+    :func:`_doubling_checks` on their Gram matrix (see :func:`_prefix`). A chain's stop
+    code z: 2·leaf for a divergence or a turning sub-subtree closing there (the subtree
+    is rejected), 2n + 1 for a turn of the merged trajectory, 2n + 2 for none."""
+    n, (c, d) = 2**j, t.ul.shape
     if draws is None:
         k1, k2 = mx.random.split(key)
-        r = _uniforms(k2, n, eps.shape[0])
-        s = _sub_init(t, k1, eps, 0)
+        r = _uniforms(k2, n, c)
+        f = mx.random.bernoulli(0.5, (c,), key=k1)[:, None]
     else:
-        r = draws[1:]
-        s = _sub_init(t, None, eps, 0, fwd=row(draws, 0) < 0.5)
-    s = _leaves(vg, dense, s, t.h0, r, minv, n, fresh=True)
-    return _merge(dense, max_depth, t, s, row(r, -1), minv)
+        r, f = draws[1:], draws[0:1].T < 0.5
+    r = r.T  # [C, n + 2]
+    e = mx.where(f, eps[:, None], -eps[:, None])
+    cu, cp, cg = mx.where(f, t.ur, t.ul), mx.where(f, t.pr, t.pl), mx.where(f, t.gr, t.gl)
+    far, lp0 = mx.where(f, t.pl, t.pr), t.logw[:, None]
+    pieces = [t.ul, cp, t.ul, lp0]  # point 0: the start (only its p is read)
+    for _ in range(n):
+        cu, cp, cg, clp = leapfrog(vg, cu, cp, cg, e, minv, dense)
+        pieces += [cu, cp, cg, clp[:, None]]
+    pieces += [t.ul, far, t.ul, lp0, t.ul, t.psum, t.ul, lp0]  # the far end and Σ as points
+    X, P = _points(pieces, c, n + 3, d)
+    gram = _gram(P, minv, dense)
+    dh = 0.5 * mx.as_strided(gram, (c, n), ((n + 3) ** 2, n + 4), n + 4) - X[:, 1:n + 1, 3 * d] - t.h0[:, None]
+    lw = -mx.where(mx.isnan(dh), mx.inf, dh)  # [C, n]: log weight per leaf
+    ii = mx.array(np.arange(1, n + 1, dtype=np.int32))
+    zd = mx.min(mx.where(lw < -MAX_ENERGY_ERROR, 2 * ii, 2 * n + 2), axis=1, keepdims=True)
+    ck = _doubling_checks(j)
+    SG = mx.matmul(mx.array(ck.S), _finite(gram))  # [C, m, n + 3]: ρ_k·M⁻¹p_i
+    ab = mx.take_along_axis(SG, mx.array(ck.ends), axis=2)  # [C, m, 2]
+    z = mx.min(mx.where(mx.min(ab, axis=2) <= 0, mx.array(ck.code), 2 * n + 2), axis=1, keepdims=True)
+    z = mx.minimum(z, zd)
+    ok = t.active[:, None] & (z > 2 * n)
+    logw_b = mx.logsumexp(lw, axis=1, keepdims=True)
+    idx = mx.argmax(lw - mx.log(-mx.log(r[:, :n])), axis=1, keepdims=True).astype(mx.int32) + 1
+    logw_t = t.logw[:, None]
+    take = ok & (mx.log(r[:, -1:]) < logw_b - logw_t)
+    up, _, gp, lpp = mx.split(mx.take_along_axis(X, idx[:, :, None], axis=1).reshape(c, 3 * d + 1),
+                              [d, 2 * d, 3 * d], axis=1)
+    right, left = ok & f, ok & ~f
+    last = mx.minimum(z // 2, n)  # the last leaf counted
+    on = t.active[:, None] & (ii <= last)
+    depth = t.depth + t.active.astype(mx.int32)
+    active = t.active[:, None] & (z == 2 * n + 2) & (depth[:, None] < max_depth)
+    return Tree(
+        mx.where(left, cu, t.ul), mx.where(left, cp, t.pl), mx.where(left, cg, t.gl),
+        mx.where(right, cu, t.ur), mx.where(right, cp, t.pr), mx.where(right, cg, t.gr),
+        mx.where(take, up, t.uprop), mx.where(take, lpp, t.lpprop[:, None]).reshape(c), mx.where(take, gp, t.gprop),
+        mx.where(ok, mx.logaddexp(logw_t, logw_b), logw_t).reshape(c),
+        mx.where(ok, t.psum + mx.sum(P[:, 1:n + 1], axis=1), t.psum), t.h0, active.reshape(c),
+        t.diverging | (t.active & (zd == 2 * last).reshape(c)), depth,
+        t.nsteps + mx.where(t.active[:, None], last, 0).reshape(c),
+        t.accsum + mx.sum(mx.where(on, mx.exp(mx.minimum(lw, 0.0)), 0.0), axis=1),
+    )
+
+
+def _points(pieces: list, c: int, n: int, d: int):
+    """The points (u, p, g, log π as [C, 1]) of ``pieces`` stacked per chain by one
+    concatenation: X [C, n, 3D + 1] and its momenta P [C, n, D] (a view)."""
+    X = mx.concatenate(pieces, axis=1).reshape(c, n, 3 * d + 1)
+    return X, X[:, :, d:2 * d]
+
+
+def _gram(P: mx.array, minv, dense: bool) -> mx.array:
+    """Γ_li = p_l·M⁻¹p_i for the points P [C, n, D] (M⁻¹ symmetric): one matmul."""
+    V = mx.matmul(P, minv) if dense else minv[:, None] * P
+    return mx.matmul(P, V.swapaxes(1, 2))
+
+
+def _finite(x: mx.array) -> mx.array:
+    """x with its non-finite entries zeroed (so that 0·x in a product stays 0)."""
+    return mx.where(mx.abs(x) < mx.inf, x, 0.0)
+
+
+class _DoublingChecks(NamedTuple):
+    """The checks of one doubling on its points (0 the start ν, 1..n the leaves, n + 1
+    the far end φ, n + 2 the old momentum sum): ρ_k = Σ_l S[k, l] p_l, ends [1, m, 2]
+    (int32) and stop codes [m]."""
+
+    S: np.ndarray
+    ends: np.ndarray
+    code: np.ndarray
+
+
+def _doubling_checks(j: int) -> _DoublingChecks:
+    """The subtree's sub-subtrees (aligned blocks of sizes 2 .. n of the leaves; for
+    sizes ≥ 4 also each half extended by the other's adjacent leaf; code 2·closing
+    leaf), then the merged trajectory (Σ + the leaves, ends φ and leaf n), the old
+    trajectory extended by leaf 1 (Σ + p_1, ends φ and 1) and the subtree extended by
+    the old near end (ν + the leaves, ends ν and n), code 2n + 1."""
+    n = 2**j
+    rows = []  # (points of ρ, a, b, code)
+    for s in _sizes(2 * n)[:j]:
+        for a in range(1, n + 1, s):
+            b, h = a + s - 1, a + s // 2
+            rows.append((range(a, b + 1), a, b, 2 * b))
+            if s >= 4:
+                rows += [(range(a, h + 1), a, h, 2 * b), (range(h - 1, b + 1), h - 1, b, 2 * b)]
+    leaves = list(range(1, n + 1))
+    rows += [(leaves + [n + 2], n + 1, n, 2 * n + 1), ([1, n + 2], n + 1, 1, 2 * n + 1),
+             ([0] + leaves, 0, n, 2 * n + 1)]
+    S = np.zeros((len(rows), n + 3), np.float32)
+    for k, (pts, _, _, _) in enumerate(rows):
+        S[k, list(pts)] = 1
+    ends = np.array([[a, b] for _, a, b, _ in rows], np.int32)[None]
+    return _DoublingChecks(S, ends, np.array([r[-1] for r in rows], np.int32))
 
 
 def _outputs(t: Tree) -> list:
