@@ -40,6 +40,7 @@ subtree continue?), never per leapfrog step.
 
 from __future__ import annotations
 
+from collections import deque
 from functools import partial
 from typing import NamedTuple
 
@@ -698,10 +699,16 @@ class NUTSKernel:
         self.n_hi = max(0, max_tree_depth - 1 - self.log_block)  # checkpoint sizes > B
         self._fns: dict = {}
         self._masks: dict = {}
-        self._depths: list = []
+        d = np.arange(self.max_depth + 1)
+        F = np.arange(self.fused + 1)[:, None]
+        # expected cost of prefix depth F for a deepest tree d, in leapfrog steps
+        self._cost = 2.0 ** np.maximum(F + 1, d) - 1 + self.CALL_COST * (1 + np.maximum(0, d - 1 - F))
+        self._depths: deque = deque(maxlen=self.WINDOW)
+        self._counts = np.zeros(self.max_depth + 1)
 
     def init(self, u: mx.array) -> ChainState:
-        self._depths = []
+        self._depths.clear()
+        self._counts[:] = 0
         lp, g = self.density.value_and_grad(u)
         return ChainState(u, lp, g)
 
@@ -750,14 +757,14 @@ class NUTSKernel:
         """The prefix depth F of the next transition, from the recorded deepest trees."""
         if not self._depths:
             return self.fused
-        counts = np.bincount(self._depths, minlength=self.max_depth + 1)
-        d = np.arange(counts.size)
+        return int(np.argmin(self._cost @ self._counts))  # the least F of least cost
 
-        def cost(F):
-            calls = 1 + np.maximum(0, d - 1 - F)
-            return np.sum(counts * (2.0 ** np.maximum(F + 1, d) - 1 + self.CALL_COST * calls))
-
-        return min(range(self.fused + 1), key=cost)
+    def _record(self, depth: int) -> None:
+        """Keep the deepest tree of the last WINDOW transitions (and their counts)."""
+        if len(self._depths) == self.WINDOW:
+            self._counts[self._depths[0]] -= 1
+        self._depths.append(depth)
+        self._counts[depth] += 1
 
     def _index(self, b: int) -> mx.array:
         k = ("index", b)
@@ -814,7 +821,7 @@ class NUTSKernel:
                 else:
                     sub = res
         depth = deepest + 1 if deepest is not None else int(first[19])  # evaluated already
-        self._depths = (self._depths + [depth])[-self.WINDOW:]
+        self._record(depth)
         tree = Tree(*out[:17])
         info = StepInfo(out[18], tree.diverging, tree.nsteps, tree.depth)
         return ChainState(tree.uprop, tree.lpprop, tree.gprop), info
