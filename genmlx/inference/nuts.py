@@ -49,7 +49,7 @@ import numpy as np
 
 from genmlx.core.indexing import row
 from genmlx.inference.hmc import ChainState, StepInfo
-from genmlx.inference.metric import Metric, kinetic, leapfrog, sample_momentum, velocity
+from genmlx.inference.metric import Metric, kinetic, leapfrog, leapfrog_half, sample_momentum, velocity
 from genmlx.inference.unconstrained import UnconstrainedDensity
 
 MAX_ENERGY_ERROR = 1000.0
@@ -376,12 +376,12 @@ def _doubling(vg, dense, max_depth, j, t: Tree, key, eps, minv, draws=None) -> T
     r = r.T  # [C, n + 2]
     e = mx.where(f, eps[:, None], -eps[:, None])
     cu, cp, cg = mx.where(f, t.ur, t.ul), mx.where(f, t.pr, t.pl), mx.where(f, t.gr, t.gl)
-    far, lp0 = mx.where(f, t.pl, t.pr), t.logw[:, None]
-    pieces = [t.ul, cp, t.ul, lp0]  # point 0: the start (only its p is read)
+    far, lp0, h0 = mx.where(f, t.pl, t.pr), t.logw[:, None], _zeros(c)
+    pieces = [t.ul, cp, t.ul, lp0, h0]  # point 0: the start (only its p is read)
     for _ in range(n):
-        cu, cp, cg, clp = leapfrog(vg, cu, cp, cg, e, minv, dense)
-        pieces += [cu, cp, cg, clp[:, None]]
-    pieces += [t.ul, far, t.ul, lp0, t.ul, t.psum, t.ul, lp0]  # the far end and Σ as points
+        cu, cp, cg, clp, ph = leapfrog_half(vg, cu, cp, cg, e, minv, dense)
+        pieces += [cu, ph, cg, clp[:, None], e * 0.5]
+    pieces += [t.ul, far, t.ul, lp0, h0, t.ul, t.psum, t.ul, lp0, h0]  # the far end and Σ as points
     X, P = _points(pieces, c, n + 3, d)
     gram = _gram(P, minv, dense)
     dh = 0.5 * mx.as_strided(gram, (c, n), ((n + 3) ** 2, n + 4), n + 4) - X[:, 1:n + 1, 3 * d] - t.h0[:, None]
@@ -398,8 +398,8 @@ def _doubling(vg, dense, max_depth, j, t: Tree, key, eps, minv, draws=None) -> T
     idx = mx.argmax(lw - mx.log(-mx.log(r[:, :n])), axis=1, keepdims=True).astype(mx.int32) + 1
     logw_t = t.logw[:, None]
     take = ok & (mx.log(r[:, -1:]) < logw_b - logw_t)
-    up, _, gp, lpp = mx.split(mx.take_along_axis(X, idx[:, :, None], axis=1).reshape(c, 3 * d + 1),
-                              [d, 2 * d, 3 * d], axis=1)
+    up, _, gp, lpp, _ = mx.split(mx.take_along_axis(X, idx[:, :, None], axis=1).reshape(c, 3 * d + 2),
+                                 [d, 2 * d, 3 * d, 3 * d + 1], axis=1)
     right, left = ok & f, ok & ~f
     last = mx.minimum(z // 2, n)  # the last leaf counted
     on = t.active[:, None] & (ii <= last)
@@ -418,10 +418,22 @@ def _doubling(vg, dense, max_depth, j, t: Tree, key, eps, minv, draws=None) -> T
 
 
 def _points(pieces: list, c: int, n: int, d: int):
-    """The points (u, p, g, log π as [C, 1]) of ``pieces`` stacked per chain by one
-    concatenation: X [C, n, 3D + 1] and its momenta P [C, n, D] (a view)."""
-    X = mx.concatenate(pieces, axis=1).reshape(c, n, 3 * d + 1)
-    return X, X[:, :, d:2 * d]
+    """The points (u, p½, g, log π and ε/2 as [C, 1]) of ``pieces`` stacked per chain by
+    one concatenation: X [C, n, 3D + 2] and the momenta P = p½ + g·ε/2 [C, n, D] (p½
+    itself where ε/2 = 0: the points that are not leapfrog leaves)."""
+    X = mx.concatenate(pieces, axis=1).reshape(c, n, 3 * d + 2)
+    return X, _momenta(X, d)
+
+
+def _momenta(X: mx.array, d: int) -> mx.array:
+    """p = p½ + g·ε/2 from stacked points X [..., 3D + 2] (p½ where ε/2 = 0)."""
+    ph, h = X[..., d:2 * d], X[..., 3 * d + 1:]
+    return mx.where(h == 0, ph, ph + X[..., 2 * d:3 * d] * h)
+
+
+def _zeros(c: int) -> mx.array:
+    """A [C, 1] zero constant (no primitive inside a compiled call)."""
+    return mx.array(np.zeros((c, 1), np.float32))
 
 
 def _gram(P: mx.array, minv, dense: bool) -> mx.array:
@@ -593,7 +605,7 @@ def _prefix(vg, dense, max_depth, F, key, u, lp, g, eps, minv, mfac):
     hit = _columns((ends[:, 0, :, None] == mx.array(E)).reshape(c, (F + 1) ** 2))
     es = _columns(mx.where(fwd, eps[:, None], -eps[:, None]))  # ±ε per doubling
     pts = [(u, t.pl, g)]
-    pieces = [u, t.pl, g, lp[:, None]]
+    pieces = [u, t.pl, g, lp[:, None], _zeros(c)]
     for j in range(F + 1):
         cu, cp, cg = pts[0]
         for i in range(j):
@@ -601,14 +613,12 @@ def _prefix(vg, dense, max_depth, F, key, u, lp, g, eps, minv, mfac):
             ui, pi, gi = pts[2 ** (i + 1) - 1]
             cu, cp, cg = mx.where(h, ui, cu), mx.where(h, pi, cp), mx.where(h, gi, cg)
         for _ in range(2**j):
-            cu, cp, cg, clp = leapfrog(vg, cu, cp, cg, es[j], minv, dense)
-            pieces += [cu, cp, cg, clp[:, None]]
+            cu, cp, cg, clp, ph = leapfrog_half(vg, cu, cp, cg, es[j], minv, dense)
+            pieces += [cu, ph, cg, clp[:, None], es[j] * 0.5]
         pts += [None] * (2**j - 1) + [(cu, cp, cg)]
-    w = 3 * d + 1
-    X = mx.concatenate(pieces, axis=1).reshape(c, n, w)  # point i: u, p, g, log π
-    P, LP = X[:, :, d:2 * d], X[:, :, 3 * d]
-    V = mx.matmul(P, minv) if dense else minv[:, None] * P  # rows M⁻¹p_i (M⁻¹ symmetric)
-    gram = mx.matmul(P, V.swapaxes(1, 2))  # [C, n, n]: Γ_li = p_l·M⁻¹p_i
+    X, P = _points(pieces, c, n, d)  # point i: u, p½, g, log π, ε/2
+    LP = X[:, :, 3 * d]
+    gram = _gram(P, minv, dense)  # [C, n, n]: Γ_li = p_l·M⁻¹p_i
     kin = mx.as_strided(gram, (c, n), (n * n, n + 1))  # 2·(kinetic energy) per point
     ii, fi = _leaf_index(n), mx.array(np.arange(n, dtype=np.float32))
     dh = (0.5 * kin - LP) - t.h0[:, None]
@@ -618,7 +628,7 @@ def _prefix(vg, dense, max_depth, F, key, u, lp, g, eps, minv, mfac):
     m = ck.S.shape[0]
     sel = mx.matmul(ends.reshape(c, 2 * (F + 1)), mx.array(ck.M.T)) + mx.array(ck.K)  # [C, 3m]
     S = mx.array(ck.S) + (fi == sel[:, :m, None])  # [C, m, n]
-    SG = mx.matmul(S, mx.where(mx.abs(gram) < mx.inf, gram, 0.0))  # [C, m, n]: ρ_k·M⁻¹p_i
+    SG = mx.matmul(S, _finite(gram))  # [C, m, n]: ρ_k·M⁻¹p_i
     ab = mx.sum(mx.where(fi == sel[:, m:].reshape(c, 2, m, 1), SG[:, None], 0.0), axis=-1)
     turned = (ab[:, 0] <= 0) | (ab[:, 1] <= 0)  # [C, m]
     z = mx.minimum(mx.min(mx.where(turned, mx.array(ck.code), 2 * n), axis=1, keepdims=True), zd)
@@ -638,8 +648,10 @@ def _prefix(vg, dense, max_depth, F, key, u, lp, g, eps, minv, mfac):
     diverging = (zd == 2 * last)  # the first divergence is counted (no stop before it)
     at = mx.where(_leaf_index(3) == 0, idx,  # the proposal, the left and the right end
                   mx.where(fwd[:, F:] == (_leaf_index(3) == 2), E[F], ends[:, 1, F:]).astype(mx.int32))
-    Y = mx.take_along_axis(X, at[:, :, None], axis=1).reshape(c, 3 * w)
-    (up, _, gp, lpp, ul, pl, gl, _, ur, pr, gr, _) = mx.split(Y, np.cumsum([d, d, d, 1] * 3)[:-1].tolist(), axis=1)
+    Y = mx.take_along_axis(X, at[:, :, None], axis=1)  # [C, 3, 3D + 2]
+    pl, pr = mx.split(_momenta(Y[:, 1:], d).reshape(c, 2 * d), 2, axis=1)
+    (up, _, gp, lpp, _, ul, _, gl, _, _, ur, _, gr, _, _) = mx.split(
+        Y.reshape(c, -1), np.cumsum([d, d, d, 1, 1] * 3)[:-1].tolist(), axis=1)
     t = Tree(ul, pl, gl, ur, pr, gr, up, lpp.reshape(c), gp, W[:, 2 * F + 2], mx.sum(P, axis=1),
              t.h0, (z == 2 * n).reshape(c), diverging.reshape(c), depth.reshape(c), last.reshape(c), accsum)
     return _outputs(t) + [mx.max(depth)]
