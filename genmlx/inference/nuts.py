@@ -389,7 +389,7 @@ def _doubling(vg, dense, max_depth, j, t: Tree, key, eps, minv, draws=None) -> T
     ii = mx.array(np.arange(1, n + 1, dtype=np.int32))
     zd = mx.min(mx.where(lw < -MAX_ENERGY_ERROR, 2 * ii, 2 * n + 2), axis=1, keepdims=True)
     ck = _doubling_checks(j)
-    SG = mx.matmul(mx.array(ck.S), _finite(gram))  # [C, m, n + 3]: ρ_k·M⁻¹p_i
+    SG = _mm(mx.array(ck.S), _finite(gram))  # [C, m, n + 3]: ρ_k·M⁻¹p_i
     ab = mx.take_along_axis(SG, mx.array(ck.ends), axis=2)  # [C, m, 2]
     z = mx.min(mx.where(mx.min(ab, axis=2) <= 0, mx.array(ck.code), 2 * n + 2), axis=1, keepdims=True)
     z = mx.minimum(z, zd)
@@ -437,9 +437,18 @@ def _zeros(c: int) -> mx.array:
 
 
 def _gram(P: mx.array, minv, dense: bool) -> mx.array:
-    """Γ_li = p_l·M⁻¹p_i for the points P [C, n, D] (M⁻¹ symmetric): one matmul."""
-    V = mx.matmul(P, minv) if dense else minv[:, None] * P
-    return mx.matmul(P, V.swapaxes(1, 2))
+    """Γ_li = p_l·M⁻¹p_i for the points P [C, n, D] (M⁻¹ symmetric): one product."""
+    V = _mm(P, minv) if dense else minv[:, None] * P
+    return _mm(P, V.swapaxes(1, 2))
+
+
+def _mm(a: mx.array, b: mx.array) -> mx.array:
+    """a @ b in full float32: a matmul on the CPU; elsewhere, where MLX may run float32
+    matmuls at TF32 precision (``MLX_ENABLE_TF32``, ~1e-3 relative — too coarse for
+    energy errors), a broadcast product and a sum over k (a [..., m, k], b [..., k, n])."""
+    if mx.default_device() == mx.cpu:
+        return mx.matmul(a, b)
+    return mx.sum(a[..., :, :, None] * b[..., None, :, :], axis=-2)
 
 
 def _finite(x: mx.array) -> mx.array:
@@ -628,7 +637,7 @@ def _prefix(vg, dense, max_depth, F, key, u, lp, g, eps, minv, mfac):
     m = ck.S.shape[0]
     sel = mx.matmul(ends.reshape(c, 2 * (F + 1)), mx.array(ck.M.T)) + mx.array(ck.K)  # [C, 3m]
     S = mx.array(ck.S) + (fi == sel[:, :m, None])  # [C, m, n]
-    SG = mx.matmul(S, _finite(gram))  # [C, m, n]: ρ_k·M⁻¹p_i
+    SG = _mm(S, _finite(gram))  # [C, m, n]: ρ_k·M⁻¹p_i
     ab = mx.sum(mx.where(fi == sel[:, m:].reshape(c, 2, m, 1), SG[:, None], 0.0), axis=-1)
     turned = (ab[:, 0] <= 0) | (ab[:, 1] <= 0)  # [C, m]
     z = mx.minimum(mx.min(mx.where(turned, mx.array(ck.code), 2 * n), axis=1, keepdims=True), zd)
