@@ -28,8 +28,13 @@ momentum draw and the doublings 0..F are ONE compiled call whose bookkeeping is
 vectorized over the whole 2^(F+1)-point trajectory (:func:`_prefix`; F ≤ ``fused``
 chosen from the recent trees' depths); each further
 doubling of 2^j ≤ B leaves (B = ``block``, 16 by default) is one compiled call (subtree
-start, its leapfrog steps unrolled, merge), and a longer doubling runs in compiled
-blocks of B leaves. Inside a block the leaves are integrated first and their
+start, its leapfrog steps unrolled, merge: :func:`_doubling`). Both stack their points
+per chain and read every U-turn check off the points' Gram matrix Γ_li = p_l·M⁻¹p_i: a
+check with momentum sum ρ = Σ_l S_l p_l and an end a is ρ·M⁻¹p_a = (S Γ)_a, so all
+checks are one product with a constant table S and one gather (the trajectory's
+direction-dependent ends are index arithmetic on the drawn directions), and a chain's
+stop, depth and step count follow from one stop code. A longer doubling runs in
+compiled blocks of B leaves. Inside a block the leaves are integrated first and their
 bookkeeping is vectorized over the stacked leaves (energy errors, the U-turn checks of
 the sub-subtrees inside the block, where each chain stopped, a Gumbel-max multinomial
 draw of the block's proposal, progressive across blocks); sub-subtrees longer than a
