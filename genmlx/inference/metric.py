@@ -88,14 +88,20 @@ def leapfrog(vg, u, p, g, eps, minv, dense: bool):
     """One leapfrog step of size ``eps`` [C, 1] (negative: backwards in time):
     p½ = p + ε/2·∇, u' = u + ε·M⁻¹p½, p' = p½ + ε/2·∇'. ``vg(u) → (log π, ∇ log π)``
     with NaN log densities already mapped to −inf (as every density here does)."""
+    return leapfrog_half(vg, u, p, g, eps, minv, dense)[:4]
+
+
+def leapfrog_half(vg, u, p, g, eps, minv, dense: bool):
+    """:func:`leapfrog`, also returning the half-step momentum p½ (p' = p½ + ∇'·(ε/2)):
+    a compiled integrator that keeps p½ rather than p' fuses each p' into the next
+    step's half-step (p' consumed elsewhere is one more kernel per step)."""
     p = p + 0.5 * eps * g
     u = u + eps * velocity(p, minv, dense)
-    lp, g = vg(u)
+    lp, g1 = vg(u)
     # the same product written in the other operand order, so that compile does not merge
     # it with the next step's first half-step (a shared ε/2·∇ node would be one more
     # kernel; each half-step fuses into its own consumer instead): identical values
-    p = p + g * (eps * 0.5)
-    return u, p, g, lp
+    return u, p + g1 * (eps * 0.5), g1, lp, p
 
 
 def leapfrog_blocks(vgb, u: list, p: list, g: list, eps: list, minv: list | None):

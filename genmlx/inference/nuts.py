@@ -28,8 +28,13 @@ momentum draw and the doublings 0..F are ONE compiled call whose bookkeeping is
 vectorized over the whole 2^(F+1)-point trajectory (:func:`_prefix`; F ≤ ``fused``
 chosen from the recent trees' depths); each further
 doubling of 2^j ≤ B leaves (B = ``block``, 16 by default) is one compiled call (subtree
-start, its leapfrog steps unrolled, merge), and a longer doubling runs in compiled
-blocks of B leaves. Inside a block the leaves are integrated first and their
+start, its leapfrog steps unrolled, merge: :func:`_doubling`). Both stack their points
+per chain and read every U-turn check off the points' Gram matrix Γ_li = p_l·M⁻¹p_i: a
+check with momentum sum ρ = Σ_l S_l p_l and an end a is ρ·M⁻¹p_a = (S Γ)_a, so all
+checks are one product with a constant table S and one gather (the trajectory's
+direction-dependent ends are index arithmetic on the drawn directions), and a chain's
+stop, depth and step count follow from one stop code. A longer doubling runs in
+compiled blocks of B leaves. Inside a block the leaves are integrated first and their
 bookkeeping is vectorized over the stacked leaves (energy errors, the U-turn checks of
 the sub-subtrees inside the block, where each chain stopped, a Gumbel-max multinomial
 draw of the block's proposal, progressive across blocks); sub-subtrees longer than a
@@ -40,6 +45,7 @@ subtree continue?), never per leapfrog step.
 
 from __future__ import annotations
 
+from collections import deque
 from functools import partial
 from typing import NamedTuple
 
@@ -48,7 +54,7 @@ import numpy as np
 
 from genmlx.core.indexing import row
 from genmlx.inference.hmc import ChainState, StepInfo
-from genmlx.inference.metric import Metric, kinetic, leapfrog, sample_momentum, velocity
+from genmlx.inference.metric import Metric, kinetic, leapfrog, leapfrog_half, sample_momentum, velocity
 from genmlx.inference.unconstrained import UnconstrainedDensity
 
 MAX_ENERGY_ERROR = 1000.0
@@ -354,19 +360,139 @@ def _uniforms(key, n, c):
 
 # -- compiled pieces (pure functions of arrays; the statics are bound by partial) -----------
 def _doubling(vg, dense, max_depth, j, t: Tree, key, eps, minv, draws=None) -> Tree:
-    """A whole doubling of 2^j leaves (unrolled): subtree start, leaves, merge. Its
-    randomness from ``key``, or ``draws`` [2^j + 3, C] uniforms (direction, the block's
-    2^j + 1, the merge's)."""
-    n = 2**j
+    """A whole doubling of 2^j leaves (unrolled) as one Gram-matrix bookkeeping: the
+    same tree as a fresh subtree (:func:`_sub_init`), its leaves (:func:`_leaves`) and
+    the merge (:func:`_merge`). Its randomness from ``key`` (direction from the first
+    half of its split, the [2^j + 2, C] uniforms of :func:`_uniforms` from the second),
+    or ``draws`` [2^j + 3, C] uniforms (direction, the block's 2^j + 1, the merge's).
+
+    The points are the start (the old near end ν), the leaves 1..n, the old far end φ
+    and the old momentum sum Σ (as a point); every check is a constant row of
+    :func:`_doubling_checks` on their Gram matrix (see :func:`_prefix`). A chain's stop
+    code z: 2·leaf for a divergence or a turning sub-subtree closing there (the subtree
+    is rejected), 2n + 1 for a turn of the merged trajectory, 2n + 2 for none."""
+    n, (c, d) = 2**j, t.ul.shape
     if draws is None:
         k1, k2 = mx.random.split(key)
-        r = _uniforms(k2, n, eps.shape[0])
-        s = _sub_init(t, k1, eps, 0)
+        r = _uniforms(k2, n, c)
+        f = mx.random.bernoulli(0.5, (c,), key=k1)[:, None]
     else:
-        r = draws[1:]
-        s = _sub_init(t, None, eps, 0, fwd=row(draws, 0) < 0.5)
-    s = _leaves(vg, dense, s, t.h0, r, minv, n, fresh=True)
-    return _merge(dense, max_depth, t, s, row(r, -1), minv)
+        r, f = draws[1:], draws[0:1].T < 0.5
+    r = r.T  # [C, n + 2]
+    e = mx.where(f, eps[:, None], -eps[:, None])
+    cu, cp, cg = mx.where(f, t.ur, t.ul), mx.where(f, t.pr, t.pl), mx.where(f, t.gr, t.gl)
+    far, lp0, h0 = mx.where(f, t.pl, t.pr), t.logw[:, None], _zeros(c)
+    pieces = [t.ul, cp, t.ul, lp0, h0]  # point 0: the start (only its p is read)
+    for _ in range(n):
+        cu, cp, cg, clp, ph = leapfrog_half(vg, cu, cp, cg, e, minv, dense)
+        pieces += [cu, ph, cg, clp[:, None], e * 0.5]
+    pieces += [t.ul, far, t.ul, lp0, h0, t.ul, t.psum, t.ul, lp0, h0]  # the far end and Σ as points
+    X, P = _points(pieces, c, n + 3, d)
+    gram = _gram(P, minv, dense)
+    dh = 0.5 * mx.as_strided(gram, (c, n), ((n + 3) ** 2, n + 4), n + 4) - X[:, 1:n + 1, 3 * d] - t.h0[:, None]
+    lw = -mx.where(mx.isnan(dh), mx.inf, dh)  # [C, n]: log weight per leaf
+    ii = mx.array(np.arange(1, n + 1, dtype=np.int32))
+    zd = mx.min(mx.where(lw < -MAX_ENERGY_ERROR, 2 * ii, 2 * n + 2), axis=1, keepdims=True)
+    ck = _doubling_checks(j)
+    SG = _mm(mx.array(ck.S), _finite(gram))  # [C, m, n + 3]: ρ_k·M⁻¹p_i
+    ab = mx.take_along_axis(SG, mx.array(ck.ends), axis=2)  # [C, m, 2]
+    z = mx.min(mx.where(mx.min(ab, axis=2) <= 0, mx.array(ck.code), 2 * n + 2), axis=1, keepdims=True)
+    z = mx.minimum(z, zd)
+    ok = t.active[:, None] & (z > 2 * n)
+    logw_b = mx.logsumexp(lw, axis=1, keepdims=True)
+    idx = mx.argmax(lw - mx.log(-mx.log(r[:, :n])), axis=1, keepdims=True).astype(mx.int32) + 1
+    logw_t = t.logw[:, None]
+    take = ok & (mx.log(r[:, -1:]) < logw_b - logw_t)
+    up, _, gp, lpp, _ = mx.split(mx.take_along_axis(X, idx[:, :, None], axis=1).reshape(c, 3 * d + 2),
+                                 [d, 2 * d, 3 * d, 3 * d + 1], axis=1)
+    right, left = ok & f, ok & ~f
+    last = mx.minimum(z // 2, n)  # the last leaf counted
+    on = t.active[:, None] & (ii <= last)
+    depth = t.depth + t.active.astype(mx.int32)
+    active = t.active[:, None] & (z == 2 * n + 2) & (depth[:, None] < max_depth)
+    return Tree(
+        mx.where(left, cu, t.ul), mx.where(left, cp, t.pl), mx.where(left, cg, t.gl),
+        mx.where(right, cu, t.ur), mx.where(right, cp, t.pr), mx.where(right, cg, t.gr),
+        mx.where(take, up, t.uprop), mx.where(take, lpp, t.lpprop[:, None]).reshape(c), mx.where(take, gp, t.gprop),
+        mx.where(ok, mx.logaddexp(logw_t, logw_b), logw_t).reshape(c),
+        mx.where(ok, t.psum + mx.sum(P[:, 1:n + 1], axis=1), t.psum), t.h0, active.reshape(c),
+        t.diverging | (t.active & (zd == 2 * last).reshape(c)), depth,
+        t.nsteps + mx.where(t.active[:, None], last, 0).reshape(c),
+        t.accsum + mx.sum(mx.where(on, mx.exp(mx.minimum(lw, 0.0)), 0.0), axis=1),
+    )
+
+
+def _points(pieces: list, c: int, n: int, d: int):
+    """The points (u, p½, g, log π and ε/2 as [C, 1]) of ``pieces`` stacked per chain by
+    one concatenation: X [C, n, 3D + 2] and the momenta P = p½ + g·ε/2 [C, n, D] (p½
+    itself where ε/2 = 0: the points that are not leapfrog leaves)."""
+    X = mx.concatenate(pieces, axis=1).reshape(c, n, 3 * d + 2)
+    return X, _momenta(X, d)
+
+
+def _momenta(X: mx.array, d: int) -> mx.array:
+    """p = p½ + g·ε/2 from stacked points X [..., 3D + 2] (p½ where ε/2 = 0)."""
+    ph, h = X[..., d:2 * d], X[..., 3 * d + 1:]
+    return mx.where(h == 0, ph, ph + X[..., 2 * d:3 * d] * h)
+
+
+def _zeros(c: int) -> mx.array:
+    """A [C, 1] zero constant (no primitive inside a compiled call)."""
+    return mx.array(np.zeros((c, 1), np.float32))
+
+
+def _gram(P: mx.array, minv, dense: bool) -> mx.array:
+    """Γ_li = p_l·M⁻¹p_i for the points P [C, n, D] (M⁻¹ symmetric): one product."""
+    V = _mm(P, minv) if dense else minv[:, None] * P
+    return _mm(P, V.swapaxes(1, 2))
+
+
+def _mm(a: mx.array, b: mx.array) -> mx.array:
+    """a @ b in full float32: a matmul on the CPU; elsewhere, where MLX may run float32
+    matmuls at TF32 precision (``MLX_ENABLE_TF32``, ~1e-3 relative — too coarse for
+    energy errors), a broadcast product and a sum over k (a [..., m, k], b [..., k, n])."""
+    if mx.default_device() == mx.cpu:
+        return mx.matmul(a, b)
+    return mx.sum(a[..., :, :, None] * b[..., None, :, :], axis=-2)
+
+
+def _finite(x: mx.array) -> mx.array:
+    """x with its non-finite entries zeroed (so that 0·x in a product stays 0)."""
+    return mx.where(mx.abs(x) < mx.inf, x, 0.0)
+
+
+class _DoublingChecks(NamedTuple):
+    """The checks of one doubling on its points (0 the start ν, 1..n the leaves, n + 1
+    the far end φ, n + 2 the old momentum sum): ρ_k = Σ_l S[k, l] p_l, ends [1, m, 2]
+    (int32) and stop codes [m]."""
+
+    S: np.ndarray
+    ends: np.ndarray
+    code: np.ndarray
+
+
+def _doubling_checks(j: int) -> _DoublingChecks:
+    """The subtree's sub-subtrees (aligned blocks of sizes 2 .. n of the leaves; for
+    sizes ≥ 4 also each half extended by the other's adjacent leaf; code 2·closing
+    leaf), then the merged trajectory (Σ + the leaves, ends φ and leaf n), the old
+    trajectory extended by leaf 1 (Σ + p_1, ends φ and 1) and the subtree extended by
+    the old near end (ν + the leaves, ends ν and n), code 2n + 1."""
+    n = 2**j
+    rows = []  # (points of ρ, a, b, code)
+    for s in _sizes(2 * n)[:j]:
+        for a in range(1, n + 1, s):
+            b, h = a + s - 1, a + s // 2
+            rows.append((range(a, b + 1), a, b, 2 * b))
+            if s >= 4:
+                rows += [(range(a, h + 1), a, h, 2 * b), (range(h - 1, b + 1), h - 1, b, 2 * b)]
+    leaves = list(range(1, n + 1))
+    rows += [(leaves + [n + 2], n + 1, n, 2 * n + 1), ([1, n + 2], n + 1, 1, 2 * n + 1),
+             ([0] + leaves, 0, n, 2 * n + 1)]
+    S = np.zeros((len(rows), n + 3), np.float32)
+    for k, (pts, _, _, _) in enumerate(rows):
+        S[k, list(pts)] = 1
+    ends = np.array([[a, b] for _, a, b, _ in rows], np.int32)[None]
+    return _DoublingChecks(S, ends, np.array([r[-1] for r in rows], np.int32))
 
 
 def _outputs(t: Tree) -> list:
@@ -377,120 +503,171 @@ def _outputs(t: Tree) -> list:
 def _prefix_masks(F: int) -> mx.array:
     """The point masks of the vectorized prefix of doublings 0..F over its n = 2^(F+1)
     points (point 0 the start, doubling j the points [2^j, 2^(j+1)) in integration
-    order), [2F + 3, n, 1] bool: doubling j's points (rows 0..F), the trajectory before
+    order), [2F + 3, n] bool: doubling j's points (rows 0..F), the trajectory before
     doubling j (rows F + 1 .. 2F + 1), all points (last row)."""
     idx = np.arange(2 ** (F + 1))
     sub = [(idx >= 2**j) & (idx < 2 ** (j + 1)) for j in range(F + 1)]
     before = [idx < 2**j for j in range(F + 1)]
-    return mx.array(np.stack(sub + before + [idx >= 0])[:, :, None])
+    return mx.array(np.stack(sub + before + [idx >= 0]))
+
+
+class _Checks(NamedTuple):
+    """Every U-turn check of the prefix of doublings 0..F as tables over its n points:
+    check k has momentum sum ρ_k = Σ_l S[k, l] p_l (+ p at the old near end ν_j for the
+    new subtree extended by it) and end points a_k, b_k (a_k may be the old far end φ_j
+    or ν_j of doubling j). ``M`` [3m, 2(F+1)] and ``K`` [3m] give, from the ends
+    (ν_0..ν_F, φ_0..φ_F) of a chain, the index of the point added to ρ_k (−1: none),
+    a_k and b_k as (ν, φ) @ Mᵀ + K. ``code``: 2·(closing point) for a check of a
+    sub-subtree (its doubling is rejected), 2·(end of doubling j) + 1 for the
+    trajectory's checks after doubling j (the chain stops after it)."""
+
+    S: np.ndarray
+    M: np.ndarray
+    K: np.ndarray
+    code: np.ndarray
+
+
+def _prefix_checks(F: int) -> _Checks:
+    """The checks of the prefix of doublings 0..F: each doubling's sub-subtrees (aligned
+    blocks of sizes 2 .. 2^j of its points; for sizes ≥ 4 also each half extended by
+    the other's adjacent point), then per doubling j the trajectory's union, the old
+    trajectory extended by the new subtree's first point and the new subtree extended
+    by the old near end."""
+    n = 2 ** (F + 1)
+    rows = []  # (first, last point of ρ's block, near end added?, a, b, code); a: int | ("nu"|"phi", j)
+    for j in range(1, F + 1):
+        for s in _sizes(2 ** (j + 1))[: j]:  # sizes 2 .. 2^j inside doubling j
+            for a in range(2**j, 2 ** (j + 1), s):
+                b, h = a + s - 1, a + s // 2
+                rows.append((a, b, None, a, b, 2 * b))
+                if s >= 4:  # each half extended by the other's adjacent point
+                    rows += [(a, h, None, a, h, 2 * b), (h - 1, b, None, h - 1, b, 2 * b)]
+    for j in range(F + 1):
+        h, e = 2**j, 2 ** (j + 1) - 1
+        rows += [(0, e, None, ("phi", j), e, 2 * e + 1), (0, h, None, ("phi", j), h, 2 * e + 1),
+                 (h, e, j, ("nu", j), e, 2 * e + 1)]
+    m = len(rows)
+    S = np.zeros((m, n), np.float32)
+    M = np.zeros((3 * m, 2 * (F + 1)), np.float32)
+    K = np.zeros(3 * m, np.float32)
+    for k, (lo, hi, nu, a, b, _) in enumerate(rows):
+        S[k, lo:hi + 1] = 1
+        if nu is None:
+            K[k] = -1
+        else:
+            M[k, nu] = 1
+        if isinstance(a, tuple):
+            M[m + k, a[1] + (F + 1) * (a[0] == "phi")] = 1
+        else:
+            K[m + k] = a
+        K[2 * m + k] = b
+    return _Checks(S, M, K, np.array([r[-1] for r in rows], np.int32))
+
+
+def _trajectory_ends(fwd: mx.array, F: int) -> mx.array:
+    """The old ends of the trajectory before each doubling j as point indices, [C, 2,
+    F + 1] float (from the directions ``fwd`` [C, F + 1]): ν_j (near, on doubling j's
+    side: where it starts) and φ_j (far). The trajectory's end on a side is the last
+    point E_i = 2^(i+1) − 1 of the latest doubling i that went that way (point 0 if
+    none): ν_j = max{E_i : i < j, f_i = f_j}, φ_j = max{E_i : i < j, f_i ≠ f_j}."""
+    i = np.arange(F + 1)
+    earlier = mx.array((i[None, :] < i[:, None])[None, None])  # [1, 1, j, i]
+    side = mx.array(np.array([True, False])[None, :, None, None])  # ν, φ
+    same = fwd[:, None, :, None] == fwd[:, None, None, :]  # [C, 1, j, i]
+    return mx.max(mx.where(earlier & (same == side), mx.array(_ends_of(F)), 0.0), axis=-1)
+
+
+def _ends_of(F: int) -> np.ndarray:
+    """E_i = 2^(i+1) − 1, the last point of doubling i (float32, i = 0..F)."""
+    return (2.0 ** np.arange(1, F + 2) - 1).astype(np.float32)
+
+
+def _columns(x: mx.array) -> list:
+    """The columns of x [C, k] as [C, 1] arrays: one Split (views)."""
+    return mx.split(x, x.shape[1], axis=1)
 
 
 def _prefix(vg, dense, max_depth, F, key, u, lp, g, eps, minv, mfac):
     """The momentum draw and the doublings 0..F as one call, their bookkeeping
     vectorized over the whole trajectory of n = 2^(F+1) points (no per-doubling merge).
 
-    The directions are drawn first, so the 2^(F+1) − 1 leapfrog steps are integrated
-    (doubling j from the trajectory's end on its side), then stacked with the start at
-    point 0: doubling j holds the points [2^j, 2^(j+1)), and every balanced
-    sub-subtree of a doubling is an aligned block [k·s, (k + 1)·s), k ≥ 1, of the
-    stack, while the block k = 0 of size 2^(j+1) is the whole trajectory after doubling
-    j (its U-turn check uses the spatial ends instead). One pairwise sum gives every
-    block's ρ, one product and one sum every check. A chain active at doubling j had no
-    stop before it, so its subtree j is bad iff the first stopping point over the whole
-    stack (a divergence, or a turning sub-subtree's closing point) falls in it. The
-    trajectory weights W_j (doubling j) and W_<j (before it) are masked logsumexps;
-    each doubling's multinomial proposal is a Gumbel-max over its points; the biased
-    progressive choice (subtree j replaces the proposal with probability
-    min(1, W_j / W_<j)) and the stopping rule are a scan over F + 1 elementwise steps.
-    The same law as doubling by doubling (tested equal on common uniforms)."""
+    The directions are drawn first, so the old ends of the trajectory before each
+    doubling are known as point indices (:func:`_trajectory_ends`); the 2^(F+1) − 1
+    leapfrog steps are integrated (doubling j from its near end) and stacked per chain
+    with the start at point 0: doubling j holds the points [2^j, 2^(j+1)), and every
+    balanced sub-subtree of a doubling is an aligned block of the stack. Every U-turn
+    check ρ·M⁻¹p_a ≤ 0 (ρ = Σ_l S_kl p_l) is read off the Gram matrix
+    Γ_li = p_l·M⁻¹p_i of the points: (S Γ)_{k a} (:class:`_Checks`; Γ's non-finite
+    entries zeroed — such a point diverges, so only checks that close after a stop see
+    them). A chain's stop is the least code z over its divergences (2·point), turning
+    sub-subtrees (2·closing point: the doubling is rejected) and trajectory checks
+    (2·end of doubling j + 1: the chain stops after it); its depth, step count and the
+    doublings accepted follow from z. The trajectory weights W_j (doubling j) and W_<j
+    (before it) are masked logsumexps; each doubling's multinomial proposal is a
+    Gumbel-max over its points; subtree j replaces the proposal with probability
+    min(1, W_j / W_<j) (biased progressive sampling), so the proposal is the latest
+    doubling that takes. The same law as doubling by doubling (tested equal on common
+    uniforms)."""
     ks = mx.random.split(key, max_depth + 1)
     t = _start(dense, row(ks, -1), u, lp, g, minv, mfac)
-    n, c = 2 ** (F + 1), lp.shape[0]
-    R = mx.random.uniform(shape=(n + 2 * (F + 1), c), key=row(ks, 0))
-    fwd, ut = R[n:n + F + 1] < 0.5, R[n + F + 1:]
-    left = right = (u, t.pl, g)
-    us, ps, gs, lps = [u], [t.pl], [g], [lp]
+    n, (c, d) = 2 ** (F + 1), u.shape
+    R = mx.random.uniform(shape=(n + 2 * (F + 1), c), key=row(ks, 0)).T  # [C, ·]
+    fwd, ut = R[:, n:n + F + 1] < 0.5, R[:, n + F + 1:]
+    ends = _trajectory_ends(fwd, F)  # [C, 2, F + 1]: ν_j, φ_j
+    E = _ends_of(F)
+    # hit[j][i]: doubling j starts at E_i (from an earlier doubling i), else at point 0
+    hit = _columns((ends[:, 0, :, None] == mx.array(E)).reshape(c, (F + 1) ** 2))
+    es = _columns(mx.where(fwd, eps[:, None], -eps[:, None]))  # ±ε per doubling
+    pts = [(u, t.pl, g)]
+    pieces = [u, t.pl, g, lp[:, None], _zeros(c)]
     for j in range(F + 1):
-        f = row(fwd, j)
-        cu, cp, cg = (_w(f, r, l) for r, l in zip(right, left))
-        e = mx.where(f, eps, -eps)[:, None]
+        cu, cp, cg = pts[0]
+        for i in range(j):
+            h = hit[j * (F + 1) + i]
+            ui, pi, gi = pts[2 ** (i + 1) - 1]
+            cu, cp, cg = mx.where(h, ui, cu), mx.where(h, pi, cp), mx.where(h, gi, cg)
         for _ in range(2**j):
-            cu, cp, cg, clp = leapfrog(vg, cu, cp, cg, e, minv, dense)
-            us.append(cu)
-            ps.append(cp)
-            gs.append(cg)
-            lps.append(clp)
-        end = (cu, cp, cg)
-        right = tuple(_w(f, a, b) for a, b in zip(end, right))
-        left = tuple(_w(f, b, a) for a, b in zip(end, left))
-    P, LP = _stack(ps), _stack(lps)  # [n, C, D], [n, C]
-    V = velocity(P, minv, dense)
-    ii = _leaf_index(n)[:, None]
-    dh = (0.5 * mx.sum(P * V, axis=-1) - LP) - t.h0
+            cu, cp, cg, clp, ph = leapfrog_half(vg, cu, cp, cg, es[j], minv, dense)
+            pieces += [cu, ph, cg, clp[:, None], es[j] * 0.5]
+        pts += [None] * (2**j - 1) + [(cu, cp, cg)]
+    X, P = _points(pieces, c, n, d)  # point i: u, p½, g, log π, ε/2
+    LP = X[:, :, 3 * d]
+    gram = _gram(P, minv, dense)  # [C, n, n]: Γ_li = p_l·M⁻¹p_i
+    kin = mx.as_strided(gram, (c, n), (n * n, n + 1))  # 2·(kinetic energy) per point
+    ii, fi = _leaf_index(n), mx.array(np.arange(n, dtype=np.float32))
+    dh = (0.5 * kin - LP) - t.h0[:, None]
     lw = mx.where(ii == 0, 0.0, -mx.where(mx.isnan(dh), mx.inf, dh))  # log weight per point
-    div = lw < -MAX_ENERGY_ERROR
+    zd = mx.min(mx.where(lw < -MAX_ENERGY_ERROR, 2 * ii, 2 * n), axis=1, keepdims=True)  # 2·first divergence
+    ck = _prefix_checks(F)
+    m = ck.S.shape[0]
+    sel = mx.matmul(ends.reshape(c, 2 * (F + 1)), mx.array(ck.M.T)) + mx.array(ck.K)  # [C, 3m]
+    S = mx.array(ck.S) + (fi == sel[:, :m, None])  # [C, m, n]
+    SG = _mm(S, _finite(gram))  # [C, m, n]: ρ_k·M⁻¹p_i
+    ab = mx.sum(mx.where(fi == sel[:, m:].reshape(c, 2, m, 1), SG[:, None], 0.0), axis=-1)
+    turned = (ab[:, 0] <= 0) | (ab[:, 1] <= 0)  # [C, m]
+    z = mx.minimum(mx.min(mx.where(turned, mx.array(ck.code), 2 * n), axis=1, keepdims=True), zd)
+    if max_depth <= F + 1:  # the depth cap stops the chain after doubling max_depth − 1
+        z = mx.minimum(z, 2 ** (max_depth + 1) - 1)
     masks = _prefix_masks(F)
-    # every check as (ρ, end velocity a, end velocity b): the sub-subtrees of each doubling
-    # (aligned blocks k ≥ 1 of size s; for s ≥ 4 also each half extended by the other's
-    # adjacent leaf), closing at leaf (k + 1)·s − 1; and per doubling j the trajectory:
-    # the union, the old trajectory extended by the new subtree's first point, the new
-    # subtree extended by the old end next to it
-    sub, close = ([], [], []), []
-    traj = tuple(([], [], []) for _ in range(3))
-    lev, pl, vl = P, row(P, 0), row(V, 0)
-    pr, vr = pl, vl
-    for j in range(F + 1):
-        s, h = 2 ** (j + 1), 2**j
-        half, lev = lev, lev[0::2] + lev[1::2]  # sums of the blocks of size h and s
-        f = row(fwd, j)
-        near_p, near_v, far_v = _w(f, pr, pl), _w(f, vr, vl), _w(f, vl, vr)
-        pe, ve = row(P, s - 1), row(V, s - 1)
-        pl, vl, pr, vr = _w(f, pl, pe), _w(f, vl, ve), _w(f, pe, pr), _w(f, ve, vr)
-        for (rs, As, Bs), (r_, a_, b_) in zip(traj, [(row(lev, 0), vl, vr),
-                                                   (row(half, 0) + row(P, h), far_v, row(V, h)),
-                                                   (row(half, 1) + near_p, near_v, ve)]):
-            rs.append(r_)
-            As.append(a_)
-            Bs.append(b_)
-        if s < n:
-            ends = np.arange(2, n // s + 1) * s - 1
-            for r_, a_, b_ in _block_checks(P, V, half, lev, s, 1):
-                sub[0].append(r_)
-                sub[1].append(a_)
-                sub[2].append(b_)
-                close.append(ends)
-    rho = mx.concatenate(sub[0] + [_stack(x[0]) for x in traj], axis=0)
-    ends_ab = mx.concatenate(sub[1] + [_stack(x[1]) for x in traj] + sub[2] + [_stack(x[2]) for x in traj], axis=0)
-    m = rho.shape[0]
-    ab = mx.sum(mx.concatenate([rho, rho], axis=0) * ends_ab, axis=-1)
-    turned = (ab[:m] <= 0) | (ab[m:] <= 0)  # [m, C]
-    ms = m - 3 * (F + 1)
-    traj_turn = mx.any(turned[ms:].reshape(3, F + 1, c), axis=0)  # [F + 1, C]
-    first = mx.min(mx.where(div, ii, n), axis=0)  # first stopping point [C]
-    if ms:
-        close_c = mx.array(np.concatenate(close).astype(np.int32))[:, None]
-        first = mx.minimum(first, mx.min(mx.where(turned[:ms], close_c, n), axis=0))
-    W = mx.logsumexp(mx.where(masks, lw[None], -mx.inf), axis=1)  # [2F + 3, C]
-    gumbel = -mx.log(-mx.log(R[:n]))
-    pick = mx.argmax(mx.where(masks[:F + 1], (lw + gumbel)[None], -mx.inf), axis=1)  # [F + 1, C]
-    act = t.active
-    depth, idx, last = t.depth, mx.zeros((c,), dtype=mx.int32), t.nsteps
-    for j in range(F + 1):
-        end = 2 ** (j + 1)
-        bad = first < end
-        ok = act & ~bad
-        take = ok & (mx.log(row(ut, j)) < row(W, j) - row(W, F + 1 + j))
-        idx = mx.where(take, row(pick, j).astype(mx.int32), idx)
-        last = mx.where(act, mx.where(bad, first, end - 1), last)
-        depth = depth + act.astype(mx.int32)
-        act = ok & ~row(traj_turn, j) & (depth < max_depth)
-    on = (ii >= 1) & (ii <= last[None])  # the points counted: 1 .. last
-    accsum = mx.sum(mx.where(on, mx.exp(mx.minimum(lw, 0.0)), 0.0), axis=0)
-    diverging = mx.any(on & div, axis=0)
-    oh = (ii == idx[None]) if n <= 8 else None
-    lpprop = row(mx.take_along_axis(LP, idx[None], axis=0), 0)
-    t = Tree(*left, *right, _pick(idx, us, oh), lpprop, _pick(idx, gs, oh), row(W, 2 * F + 2),
-             row(lev, 0), t.h0, act, diverging, depth, last, accsum)
+    W = mx.logsumexp(mx.where(masks, lw[:, None], -mx.inf), axis=-1)  # [C, 2F + 3]
+    gumbel = -mx.log(-mx.log(R[:, :n]))
+    pick = mx.argmax(mx.where(masks[:F + 1], (lw + gumbel)[:, None], -mx.inf), axis=-1)  # [C, F + 1]
+    good = z >= mx.array((2 ** np.arange(2, F + 3) - 1).astype(np.int32))  # doubling j accepted
+    take = good & (mx.log(ut) < W[:, :F + 1] - W[:, F + 1:2 * F + 2])
+    idx = mx.max(mx.where(take, pick.astype(mx.int32), 0), axis=1, keepdims=True)  # latest taking
+    last = mx.minimum(z // 2, n - 1)  # [C, 1]: the last point counted
+    depth = sum((last >= 2**i).astype(mx.int32) for i in range(F + 1))
+    on = (ii >= 1) & (ii <= last)  # the points counted: 1 .. last
+    accsum = mx.sum(mx.where(on, mx.exp(mx.minimum(lw, 0.0)), 0.0), axis=1)
+    diverging = (zd == 2 * last)  # the first divergence is counted (no stop before it)
+    at = mx.where(_leaf_index(3) == 0, idx,  # the proposal, the left and the right end
+                  mx.where(fwd[:, F:] == (_leaf_index(3) == 2), E[F], ends[:, 1, F:]).astype(mx.int32))
+    Y = mx.take_along_axis(X, at[:, :, None], axis=1)  # [C, 3, 3D + 2]
+    pl, pr = mx.split(_momenta(Y[:, 1:], d).reshape(c, 2 * d), 2, axis=1)
+    (up, _, gp, lpp, _, ul, _, gl, _, _, ur, _, gr, _, _) = mx.split(
+        Y.reshape(c, -1), np.cumsum([d, d, d, 1, 1] * 3)[:-1].tolist(), axis=1)
+    t = Tree(ul, pl, gl, ur, pr, gr, up, lpp.reshape(c), gp, W[:, 2 * F + 2], mx.sum(P, axis=1),
+             t.h0, (z == 2 * n).reshape(c), diverging.reshape(c), depth.reshape(c), last.reshape(c), accsum)
     return _outputs(t) + [mx.max(depth)]
 
 
@@ -548,10 +725,16 @@ class NUTSKernel:
         self.n_hi = max(0, max_tree_depth - 1 - self.log_block)  # checkpoint sizes > B
         self._fns: dict = {}
         self._masks: dict = {}
-        self._depths: list = []
+        d = np.arange(self.max_depth + 1)
+        F = np.arange(self.fused + 1)[:, None]
+        # expected cost of prefix depth F for a deepest tree d, in leapfrog steps
+        self._cost = 2.0 ** np.maximum(F + 1, d) - 1 + self.CALL_COST * (1 + np.maximum(0, d - 1 - F))
+        self._depths: deque = deque(maxlen=self.WINDOW)
+        self._counts = np.zeros(self.max_depth + 1)
 
     def init(self, u: mx.array) -> ChainState:
-        self._depths = []
+        self._depths.clear()
+        self._counts[:] = 0
         lp, g = self.density.value_and_grad(u)
         return ChainState(u, lp, g)
 
@@ -600,14 +783,14 @@ class NUTSKernel:
         """The prefix depth F of the next transition, from the recorded deepest trees."""
         if not self._depths:
             return self.fused
-        counts = np.bincount(self._depths, minlength=self.max_depth + 1)
-        d = np.arange(counts.size)
+        return int(np.argmin(self._cost @ self._counts))  # the least F of least cost
 
-        def cost(F):
-            calls = 1 + np.maximum(0, d - 1 - F)
-            return np.sum(counts * (2.0 ** np.maximum(F + 1, d) - 1 + self.CALL_COST * calls))
-
-        return min(range(self.fused + 1), key=cost)
+    def _record(self, depth: int) -> None:
+        """Keep the deepest tree of the last WINDOW transitions (and their counts)."""
+        if len(self._depths) == self.WINDOW:
+            self._counts[self._depths[0]] -= 1
+        self._depths.append(depth)
+        self._counts[depth] += 1
 
     def _index(self, b: int) -> mx.array:
         k = ("index", b)
@@ -664,7 +847,7 @@ class NUTSKernel:
                 else:
                     sub = res
         depth = deepest + 1 if deepest is not None else int(first[19])  # evaluated already
-        self._depths = (self._depths + [depth])[-self.WINDOW:]
+        self._record(depth)
         tree = Tree(*out[:17])
         info = StepInfo(out[18], tree.diverging, tree.nsteps, tree.depth)
         return ChainState(tree.uprop, tree.lpprop, tree.gprop), info

@@ -272,3 +272,39 @@ def test_prefix_depth_follows_the_tree_depths(dens):
         runs.append(us)
     for a, b in zip(*runs):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("j", [0, 1, 3, 4])
+def test_doubling_equals_subtree_leaves_merge(dens, j):
+    """A whole doubling in one Gram-matrix bookkeeping gives the tree of a fresh subtree,
+    its leaves (block bookkeeping, itself tested leaf by leaf) and the merge on the same
+    uniforms, from trajectories already grown (the prefix), with stops, divergences and
+    inactive chains; with and without the max-depth cap."""
+    C, D = 48, dens.dim
+    m = identity_metric(C, D)
+    vg = dens.value_and_grad
+    stopped = took = div = 0
+    for trial, md in enumerate((10, 10, 10, 3)):
+        U = mx.random.normal((C, D), key=mx.random.key(trial))
+        lp, g = vg(U)
+        eps = mx.random.uniform(0.05, 1.5, (C,), key=mx.random.key(100 + trial))
+        t = N.Tree(*N._prefix(vg, False, md, 1, mx.random.key(17 + trial), U, lp, g, eps, m.minv, m.mfac)[:17])
+        n = 2**j
+        d = mx.random.uniform(shape=(n + 3, C), key=mx.random.key(40 + trial))
+        got = N._doubling(vg, False, md, j, t, None, eps, m.minv, draws=d)
+        s = N._sub_init(t, None, eps, 0, fwd=d[0] < 0.5)
+        s = N._leaves(vg, False, s, t.h0, d[1:], m.minv, n, fresh=True)
+        want = N._merge(False, md, t, s, d[-1], m.minv)
+        act = np.array(want.active)
+        for name, a, b in zip(N.Tree._fields, got, want):
+            a, b = np.array(a), np.array(b)
+            if name in ("ul", "pl", "gl", "ur", "pr", "gr", "psum", "logw"):
+                a, b = a[act], b[act]  # read only for the chains that go on
+            if a.dtype.kind == "f":
+                np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5, err_msg=f"{name}, j={j}")
+            else:
+                np.testing.assert_array_equal(a, b, err_msg=f"{name}, j={j}")
+        stopped += int((np.array(t.active) & ~act).sum())
+        took += int((~np.all(np.array(want.uprop) == np.array(t.uprop), axis=1)).sum())
+        div += int((np.array(want.diverging) & ~np.array(t.diverging)).sum())
+    assert stopped > 10 and took > 10 and (j < 3 or div > 0), (stopped, took, div)
