@@ -56,6 +56,20 @@ def timeit(fn: Callable[..., Any], *args, warmup: int = 2, repeats: int = 7,
     return Timing(statistics.median(times), min(times), tuple(times))
 
 
+def device_time_us(fn: Callable[[], Any], repeats: int) -> float:
+    """Median µs of ``mx.eval(fn())`` followed by ``mx.synchronize()`` (the device's queue
+    drained inside the timed region) over ``repeats`` calls after one warm-up call."""
+    mx.eval(fn())
+    mx.synchronize()
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        mx.eval(fn())
+        mx.synchronize()
+        ts.append(time.perf_counter() - t)
+    return float(statistics.median(ts)) * 1e6
+
+
 def timeit_interleaved(fns: dict[str, Callable[..., Any]], *args, warmup: int = 2,
                        repeats: int = 7, min_total: float = 0.0) -> dict[str, Timing]:
     """Like :func:`timeit` for several functions, timed round-robin (one call of each per

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -31,22 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import genmlx  # noqa: E402,F401
 import mlx.core as mx  # noqa: E402
-import numpy as np  # noqa: E402
 
 import bench_is as B  # noqa: E402
+from _timing import device_time_us  # noqa: E402
 import graph_ops as G  # noqa: E402
-
-
-def timed(fn, repeats: int) -> float:
-    mx.eval(fn())
-    mx.synchronize()
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        mx.eval(fn())
-        mx.synchronize()
-        ts.append(time.perf_counter() - t)
-    return float(np.median(ts)) * 1e6
 
 
 def probe(n: int, repeats: int) -> dict:
@@ -81,15 +68,15 @@ def probe(n: int, repeats: int) -> dict:
     gen = B.genmlx_log_weights(xs, ys, n)
     out = {
         "n": n,
-        "draws": timed(lambda: draws(key), repeats),
-        "elem": timed(lambda: elem(a, b, c), repeats),
-        "rowsum": timed(lambda: rowsum(z), repeats),
-        "colsum": timed(lambda: colsum(zT), repeats),
-        "matvec": timed(lambda: matvec(z), repeats),
-        "lik": timed(lambda: lik(a, b, c), repeats),
-        "lik_T": timed(lambda: lik_T(aT, bT, cT), repeats),
-        "hand": timed(lambda: hand(key), repeats),
-        "genmlx": timed(lambda: gen(key), repeats),
+        "draws": device_time_us(lambda: draws(key), repeats),
+        "elem": device_time_us(lambda: elem(a, b, c), repeats),
+        "rowsum": device_time_us(lambda: rowsum(z), repeats),
+        "colsum": device_time_us(lambda: colsum(zT), repeats),
+        "matvec": device_time_us(lambda: matvec(z), repeats),
+        "lik": device_time_us(lambda: lik(a, b, c), repeats),
+        "lik_T": device_time_us(lambda: lik_T(aT, bT, cT), repeats),
+        "hand": device_time_us(lambda: hand(key), repeats),
+        "genmlx": device_time_us(lambda: gen(key), repeats),
     }
     text = G._dot([gen(key)])
     out["genmlx_ops"] = dict(Counter(line.split()[0][:40] for _, line in G._NODE.findall(text)))

@@ -12,28 +12,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
+import sys
+from pathlib import Path
 
-import genmlx  # noqa: F401
-import mlx.core as mx
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from genmlx.inference import resampling as R
-from genmlx.inference.prefix_sums import slot_positions
-from genmlx.inference.sharded import (Shards, _fused, _sync_free_assemble, _sync_free_search,
+import genmlx  # noqa: E402,F401
+import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
+
+from _timing import device_time_us  # noqa: E402
+from genmlx.inference import resampling as R  # noqa: E402
+from genmlx.inference.prefix_sums import slot_positions  # noqa: E402
+from genmlx.inference.sharded import (Shards, _fused, _sync_free_assemble, _sync_free_search,  # noqa: E402
                                      _systematic_head, window_width)
-
-
-def timed(fn, repeats: int) -> float:
-    mx.eval(fn())
-    mx.synchronize()
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        mx.eval(fn())
-        mx.synchronize()
-        ts.append(time.perf_counter() - t)
-    return float(np.median(ts)) * 1e6
 
 
 def probe(n: int, repeats: int) -> dict:
@@ -91,7 +83,7 @@ def probe(n: int, repeats: int) -> dict:
     out = {}
     for name, fn in ops.items():
         try:
-            out[name] = timed(fn, repeats)
+            out[name] = device_time_us(fn, repeats)
         except Exception as e:  # noqa: BLE001 - report and go on
             out[name] = f"error: {type(e).__name__}: {e}"
         print(f"n={n} {name}: {out[name] if isinstance(out[name], str) else f'{out[name]:.0f} µs'}", flush=True)

@@ -216,6 +216,20 @@ def _doublings_on_common_uniforms(vg, md, F, key, U, lp, g, eps, m):
     return t
 
 
+def _assert_trees_equal(names, got, want, act, tag: str) -> None:
+    """Field by field: integers and flags exactly, floats to 2e-5 (the same arithmetic
+    in another order); the trajectory's ends, momentum sum and weight only for the
+    chains that go on (nothing reads them after a chain stops)."""
+    for name, a, b in zip(names, got, want):
+        a, b = np.array(a), np.array(b)
+        if name in ("ul", "pl", "gl", "ur", "pr", "gr", "psum", "logw"):
+            a, b = a[act], b[act]
+        if a.dtype.kind == "f":
+            np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5, err_msg=f"{name}, {tag}")
+        else:
+            np.testing.assert_array_equal(a, b, err_msg=f"{name}, {tag}")
+
+
 @pytest.mark.parametrize("F", [0, 2, 3])
 def test_prefix_equals_doubling_by_doubling(dens, F):
     """The momentum draw and doublings 0..F with their bookkeeping vectorized over the
@@ -235,15 +249,8 @@ def test_prefix_equals_doubling_by_doubling(dens, F):
         got = N._prefix(vg, False, md, F, key, U, lp, g, eps, m.minv, m.mfac)
         t = _doublings_on_common_uniforms(vg, md, F, key, U, lp, g, eps, m)
         want = N._outputs(t)
-        act = np.array(t.active)
-        for name, a, b in zip(list(N.Tree._fields) + ["any_active", "accept"], got, want):
-            a, b = np.array(a), np.array(b)
-            if name in ("ul", "pl", "gl", "ur", "pr", "gr", "psum", "logw"):
-                a, b = a[act], b[act]  # read only for the chains that go on
-            if a.dtype.kind == "f":
-                np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5, err_msg=f"{name}, F={F}")
-            else:
-                np.testing.assert_array_equal(a, b, err_msg=f"{name}, F={F}")
+        _assert_trees_equal(list(N.Tree._fields) + ["any_active", "accept"], got, want, np.array(t.active),
+                            f"F={F}")
         assert int(got[-1]) == int(np.array(t.depth).max())
         stopped_early += int((np.array(t.depth) < F + 1).sum())
         took += int((~np.all(np.array(t.uprop) == np.array(U), axis=1)).sum())
@@ -296,14 +303,7 @@ def test_doubling_equals_subtree_leaves_merge(dens, j):
         s = N._leaves(vg, False, s, t.h0, d[1:], m.minv, n, fresh=True)
         want = N._merge(False, md, t, s, d[-1], m.minv)
         act = np.array(want.active)
-        for name, a, b in zip(N.Tree._fields, got, want):
-            a, b = np.array(a), np.array(b)
-            if name in ("ul", "pl", "gl", "ur", "pr", "gr", "psum", "logw"):
-                a, b = a[act], b[act]  # read only for the chains that go on
-            if a.dtype.kind == "f":
-                np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5, err_msg=f"{name}, j={j}")
-            else:
-                np.testing.assert_array_equal(a, b, err_msg=f"{name}, j={j}")
+        _assert_trees_equal(N.Tree._fields, got, want, act, f"j={j}")
         stopped += int((np.array(t.active) & ~act).sum())
         took += int((~np.all(np.array(want.uprop) == np.array(t.uprop), axis=1)).sum())
         div += int((np.array(want.diverging) & ~np.array(t.diverging)).sum())
