@@ -147,10 +147,25 @@ def _halo_source(flags: tuple, kinds: tuple, r: int, R: int, H: int, m: int) -> 
     a_t[g]) and copies row g of every kept x_t; a row g is read from the own block
     (column c = g − (r·m − H) in [H, H + m)), the lower neighbour's last H rows (c < H) or
     the upper neighbour's first H rows (c ≥ H + m). A row outside them (or past the first
-    or last process) marks the slot in ``bad_out`` (the caller then takes the MLX path)."""
+    or last process) marks the slot in ``bad_out`` (the caller then takes the MLX path).
+
+    The steps are a loop (not unrolled) whose ``switch`` on t picks that step's input
+    pointers: unrolled straight-line code (session 14's timed version, 17.4 ms for
+    1.5·10⁷ lineages of T = 100 steps on an H200) kept one pointer per step and array
+    live — 75 registers per thread, 37.5 % occupancy, too few dependent read chains in
+    flight; the loop needs 18–24 whatever T (``nvcc -Xptxas -v``). Not yet timed on a
+    GPU; run as C++ on the CPU it equals the statement (tests/kernels/
+    test_kernel_bodies_on_cpu.py), as the unrolled body did."""
     T, K = len(flags), sum(flags)
     lo_ok = "true" if r > 0 else "false"
     hi_ok = "true" if r + 1 < R else "false"
+    J = len(kinds)
+    words = [_WORD[b] for b, _ in kinds]
+    k_of, k = {}, K
+    for t in range(T - 1, -1, -1):
+        if flags[t]:
+            k -= 1
+            k_of[t] = k
     lines = [f"const long long m = {m}, H = {H}, base = {r * m - H}LL;",
              "const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;",
              "if (i >= m) return;",
@@ -159,25 +174,30 @@ def _halo_source(flags: tuple, kinds: tuple, r: int, R: int, H: int, m: int) -> 
              "long long c;",
              # the column of g in [below, own, above], clamped; bad when outside the halos
              f"#define COL(G) (c = (G) - base, bad |= (c < 0 || c >= m + 2 * H || (c < H && !{lo_ok}) "
-             f"|| (c >= H + m && !{hi_ok})), c = c < 0 ? 0 : (c >= m + 2 * H ? m + 2 * H - 1 : c))"]
-    k = K
-    for t in range(T - 1, -1, -1):
-        if flags[t]:
-            k -= 1
-            lines.append(f"COL(g); g = c < H ? (long long)EA[({max(r - 1, 0)}LL * {K} + {k}) * 2 * H + H + c] "
-                         f": (c < H + m ? (long long)a{k}[c - H] "
-                         f": (long long)EA[({min(r + 1, R - 1)}LL * {K} + {k}) * 2 * H + (c - H - m)]);")
-        lines.append("COL(g);")
-        for j, (b, w) in enumerate(kinds):
-            word = _WORD[b]
-            own = f"reinterpret_cast<const {word}*>(x{j}_{t}) + (c - H) * {w}"
-            low = f"reinterpret_cast<const {word}*>(EX{j}) + (({max(r - 1, 0)}LL * {T} + {t}) * 2 * H + H + c) * {w}"
-            high = (f"reinterpret_cast<const {word}*>(EX{j}) + (({min(r + 1, R - 1)}LL * {T} + {t}) * 2 * H "
-                    f"+ (c - H - m)) * {w}")
-            dst = f"reinterpret_cast<{word}*>(p{j}) + ((long long){t} * m + i) * {w}"
-            lines.append(f"{{ const {word}* s = c < H ? {low} : (c < H + m ? {own} : {high}); {word}* d = {dst}; "
-                         f"for (int e = 0; e < {w}; ++e) d[e] = s[e]; }}")
-    lines += ["#undef COL", "bad_out[i] = (uint8_t)bad;"]
+             f"|| (c >= H + m && !{hi_ok})), c = c < 0 ? 0 : (c >= m + 2 * H ? m + 2 * H - 1 : c))",
+             "#pragma unroll 1",
+             f"for (int t = {T - 1}; t >= 0; --t) {{",
+             "  const int* a = nullptr; int k = -1;"]
+    lines += [f"  const {words[j]}* x{j} = nullptr;" for j in range(J)]
+    lines.append("  switch (t) {")
+    for t in range(T):
+        picks = " ".join(f"x{j} = reinterpret_cast<const {words[j]}*>(x{j}_{t});" for j in range(J))
+        if t in k_of:
+            picks += f" a = a{k_of[t]}; k = {k_of[t]};"
+        lines.append(f"    case {t}: {picks} break;")
+    lines += ["  }",
+              f"  if (k >= 0) {{ COL(g); g = c < H ? (long long)EA[({max(r - 1, 0)}LL * {K} + k) * 2 * H + H + c] "
+              f": (c < H + m ? (long long)a[c - H] : (long long)EA[({min(r + 1, R - 1)}LL * {K} + k) * 2 * H "
+              f"+ (c - H - m)]); }}",
+              "  COL(g);"]
+    for j, (b, w) in enumerate(kinds):
+        word = words[j]
+        low = f"reinterpret_cast<const {word}*>(EX{j}) + (({max(r - 1, 0)}LL * {T} + t) * 2 * H + H + c) * {w}"
+        high = f"reinterpret_cast<const {word}*>(EX{j}) + (({min(r + 1, R - 1)}LL * {T} + t) * 2 * H + (c - H - m)) * {w}"
+        dst = f"reinterpret_cast<{word}*>(p{j}) + ((long long)t * m + i) * {w}"
+        lines.append(f"  {{ const {word}* s = c < H ? {low} : (c < H + m ? x{j} + (c - H) * {w} : {high}); "
+                     f"{word}* d = {dst}; for (int e = 0; e < {w}; ++e) d[e] = s[e]; }}")
+    lines += ["}", "#undef COL", "bad_out[i] = (uint8_t)bad;"]
     return "\n".join(lines)
 
 
