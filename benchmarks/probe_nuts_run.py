@@ -26,9 +26,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "experiments" / "posteriordb"))
 sys.path.insert(0, str(HERE))
 
-import genmlx as gm  # noqa: E402
+import genmlx  # noqa: E402,F401  (before mlx.core: fast BLAS)
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
+from bench_nuts import timed_nuts  # noqa: E402
 from graph_ops import count_graph  # noqa: E402
 from models import load  # noqa: E402
 
@@ -44,10 +45,7 @@ def main(name: str = "eight_schools-eight_schools_noncentered", warmup: int = 10
     post, args, obs, _ = load(root, name)
 
     def go(seed):
-        t = time.perf_counter()
-        r = gm.inference.nuts(mx.random.key(seed), post.model, args, obs, num_samples=samples,
-                              num_warmup=warmup, num_chains=4, mass=post.mass, progress=False)
-        return time.perf_counter() - t, r
+        return timed_nuts(post, args, obs, seed, warmup, samples)
 
     go(0)
     plain, _ = go(1)

@@ -15,6 +15,8 @@ import pytest
 
 from genmlx.kernels import paths as KP
 
+from ._halo_cases import FLAGS, halo_cases
+
 CXX = shutil.which("g++") or shutil.which("c++")
 needs_cxx = pytest.mark.skipif(CXX is None, reason="no C++ compiler (g++/c++) to run the kernel body on the CPU")
 THREADS = 256
@@ -75,26 +77,12 @@ def test_halo_paths_body_equals_statement(tmp_path, R_, m, H):
     """Every process of R virtual ones, with halos of H rows and of 1 row (lineages then
     leave them: the miss flag): the body's paths equal the statement's bit for bit (a
     float32 and a float16 kind of 3 elements per row) and its miss flag matches."""
-    T, n = 9, R_ * m
-    rng = np.random.default_rng(m)
-    flags = (True, True, False, True, False, True, True, False, True)
-    anc = [np.clip(np.sort(np.arange(n) + rng.integers(-3, 8, n)), 0, n - 1).astype(np.int32) for _ in range(T)]
-    xs = [rng.normal(size=(T, n)).astype(np.float32), rng.normal(size=(T, n, 3)).astype(np.float16)]
-    ks = [t for t in range(T) if flags[t]]
     misses = 0
-    for h in (H, 1):
-        EA = np.concatenate([np.stack([np.concatenate([anc[t][q * m:q * m + h], anc[t][(q + 1) * m - h:(q + 1) * m]])
-                                       for t in ks]) for q in range(R_)])
-        EX = [np.concatenate([np.concatenate([x[:, q * m:q * m + h], x[:, (q + 1) * m - h:(q + 1) * m]], axis=1)
-                              for q in range(R_)]) for x in xs]
-        for r in range(R_):
-            idxs = [a[r * m:(r + 1) * m] for a in anc]
-            own = [[x[t, r * m:(r + 1) * m] for t in range(T)] for x in xs]
-            want, bad = KP.halo_paths_reference(idxs, flags, EA, own, EX, r, R_, h)
-            got, miss = _run_halo_body(tmp_path, idxs, flags, EA, own, EX, r, R_, h)
-            assert miss == bad, (r, h)
-            misses += miss
-            if not bad:
-                for g, w in zip(got, want):
-                    assert np.array_equal(g, w), (r, h)
+    for h, r, idxs, EA, own, EX, want, bad in halo_cases(R_, m, H):
+        got, miss = _run_halo_body(tmp_path, idxs, FLAGS, EA, own, EX, r, R_, h)
+        assert miss == bad, (r, h)
+        misses += miss
+        if not bad:
+            for g, w in zip(got, want):
+                assert np.array_equal(g, w), (r, h)
     assert misses > 0  # the one-row halos were left somewhere: the flag was exercised

@@ -21,6 +21,8 @@ from genmlx.kernels import resample as KR
 from genmlx.kernels import selftest as S
 from genmlx.kernels import weights as KW
 
+from ._halo_cases import FLAGS, halo_cases
+
 needs_gpu = pytest.mark.skipif(B.active_backend() is None, reason="no GPU backend: the fused kernels run only on MLX's CUDA (or Metal) device; the generic path is tested here")
 
 
@@ -787,27 +789,13 @@ def test_gpu_halo_paths_equal_statement(R_, m, H):
     from genmlx.kernels import paths as KP
 
     _cuda_only("the halo-paths kernel is", "elsewhere the MLX-ops path runs")
-    T, n = 9, R_ * m
-    rng = np.random.default_rng(m)
-    flags = (True, True, False, True, False, True, True, False, True)
-    anc = [np.clip(np.sort(np.arange(n) + rng.integers(-3, 8, n)), 0, n - 1).astype(np.int32) for _ in range(T)]
-    xs = [rng.normal(size=(T, n)).astype(np.float32), rng.normal(size=(T, n, 3)).astype(np.float16)]
-    ks = [t for t in range(T) if flags[t]]
-    for h in (H, 1):
-        EA = np.concatenate([np.stack([np.concatenate([anc[t][q * m:q * m + h], anc[t][(q + 1) * m - h:(q + 1) * m]])
-                                       for t in ks]) for q in range(R_)])
-        EX = [np.concatenate([np.concatenate([x[:, q * m:q * m + h], x[:, (q + 1) * m - h:(q + 1) * m]], axis=1)
-                              for q in range(R_)]) for x in xs]
-        for r in range(R_):
-            idxs = [a[r * m:(r + 1) * m] for a in anc]
-            own = [[x[t, r * m:(r + 1) * m] for t in range(T)] for x in xs]
-            want, bad = KP.halo_paths_reference(idxs, flags, EA, own, EX, r, R_, h)
-            midx = [mx.array(i) for i in idxs]
-            mown = [[mx.array(v) for v in col] for col in own]
-            with B.override("1"):
-                assert KP.halo_usable(midx, flags, mown) == "cuda"
-                got, miss = KP.halo_paths(midx, flags, mx.array(EA), mown, [mx.array(e) for e in EX], r, R_, h)
-            assert bool(miss.item()) == bool(bad), (r, h)
-            if not bad:
-                for g, w in zip(got, want):
-                    assert np.array_equal(np.array(g), w), (r, h)
+    for h, r, idxs, EA, own, EX, want, bad in halo_cases(R_, m, H):
+        midx = [mx.array(i) for i in idxs]
+        mown = [[mx.array(v) for v in col] for col in own]
+        with B.override("1"):
+            assert KP.halo_usable(midx, FLAGS, mown) == "cuda"
+            got, miss = KP.halo_paths(midx, FLAGS, mx.array(EA), mown, [mx.array(e) for e in EX], r, R_, h)
+        assert bool(miss.item()) == bool(bad), (r, h)
+        if not bad:
+            for g, w in zip(got, want):
+                assert np.array_equal(np.array(g), w), (r, h)
