@@ -19,7 +19,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import genmlx  # noqa: E402,F401
 import mlx.core as mx  # noqa: E402
-import numpy as np  # noqa: E402
 
 from _timing import device_time_us  # noqa: E402
 from genmlx.inference import resampling as R  # noqa: E402

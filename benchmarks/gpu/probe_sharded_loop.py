@@ -31,7 +31,7 @@ import mlx.core as mx  # noqa: E402
 import benchmarks.bench_smc as BS  # noqa: E402
 from genmlx.combinators._sequence import STEP_INDEX  # noqa: E402
 from genmlx.inference._util import cached_call  # noqa: E402
-from genmlx.inference.sharded import Shards, shards_for, window_width  # noqa: E402
+from genmlx.inference.sharded import shards_for, window_width  # noqa: E402
 
 
 def chained(fn, state, keys, sh, repeats: int, name: str = "") -> float:
