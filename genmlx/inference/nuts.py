@@ -450,9 +450,14 @@ def _gram(P: mx.array, minv, dense: bool) -> mx.array:
 def _mm(a: mx.array, b: mx.array) -> mx.array:
     """a @ b in full float32: a matmul on the CPU; elsewhere, where MLX may run float32
     matmuls at TF32 precision (``MLX_ENABLE_TF32``, ~1e-3 relative — too coarse for
-    energy errors), a broadcast product and a sum over k (a [..., m, k], b [..., k, n])."""
+    energy errors), :func:`_mm_exact`."""
     if mx.default_device() == mx.cpu:
         return mx.matmul(a, b)
+    return _mm_exact(a, b)
+
+
+def _mm_exact(a: mx.array, b: mx.array) -> mx.array:
+    """a @ b (a [..., m, k], b [..., k, n]) as a broadcast product and a sum over k."""
     return mx.sum(a[..., :, :, None] * b[..., None, :, :], axis=-2)
 
 

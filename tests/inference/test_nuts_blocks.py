@@ -11,7 +11,7 @@ import pytest
 
 import genmlx as gm
 from genmlx.inference.flat_density import cached_density
-from genmlx.inference.metric import identity_metric, kinetic, leapfrog
+from genmlx.inference.metric import dense_metric, identity_metric, kinetic, leapfrog, metric_from_inverse
 
 N = importlib.import_module("genmlx.inference.nuts")
 
@@ -207,13 +207,34 @@ def _doublings_on_common_uniforms(vg, md, F, key, U, lp, g, eps, m):
     merge) from the uniforms the vectorized prefix draws: direction, leaf Gumbels and
     merge uniform of doubling j at the prefix's rows for j."""
     ks = mx.random.split(key, md + 1)
-    t = N._start(False, ks[-1], U, lp, g, m.minv, m.mfac)
+    t = N._start(m.dense, ks[-1], U, lp, g, m.minv, m.mfac)
     n, C = 2 ** (F + 1), U.shape[0]
     R = mx.random.uniform(shape=(n + 2 * (F + 1), C), key=ks[0])
     for j in range(F + 1):
         d = mx.concatenate([R[n + j:n + j + 1], R[2**j:2 ** (j + 1)], R[0:1], R[n + F + 1 + j:n + F + 2 + j]])
-        t = N._doubling(vg, False, md, j, t, None, eps, m.minv, draws=d)
+        t = N._doubling(vg, m.dense, md, j, t, None, eps, m.minv, draws=d)
     return t
+
+
+def _random_metric(kind: str, C: int, D: int):
+    """The identity, a random positive diagonal or a random dense SPD inverse mass matrix
+    per chain (the Gram products weight momenta by M⁻¹: unit, scaled and mixed columns)."""
+    rng = np.random.default_rng(5)
+    if kind == "identity":
+        return identity_metric(C, D)
+    if kind == "diag":
+        return metric_from_inverse(rng.uniform(0.3, 2.0, (C, D)), C, D)
+    A = rng.normal(size=(C, D, D))
+    return dense_metric(A @ np.swapaxes(A, 1, 2) / D + 0.5 * np.eye(D))
+
+
+@pytest.fixture(params=["matmul", "sum"])
+def products(request, monkeypatch):
+    """The Gram products as the CPU computes them (matmul) and as a GPU does (a broadcast
+    product and a sum: float32 matmuls may run as TF32 there)."""
+    if request.param == "sum":
+        monkeypatch.setattr(N, "_mm", N._mm_exact)
+    return request.param
 
 
 def _assert_trees_equal(names, got, want, act, tag: str) -> None:
@@ -230,15 +251,17 @@ def _assert_trees_equal(names, got, want, act, tag: str) -> None:
             np.testing.assert_array_equal(a, b, err_msg=f"{name}, {tag}")
 
 
+@pytest.mark.parametrize("kind", ["identity", "diag", "dense"])
 @pytest.mark.parametrize("F", [0, 2, 3])
-def test_prefix_equals_doubling_by_doubling(dens, F):
+def test_prefix_equals_doubling_by_doubling(dens, F, kind, products):
     """The momentum draw and doublings 0..F with their bookkeeping vectorized over the
     whole trajectory (one stack, aligned sub-subtree blocks, one scan over doublings)
     give the tree that doubling-by-doubling merging gives on the same uniforms: stops,
     divergences, depths, counts, acceptance sums, proposals, weights — with and without
-    the max-depth cap inside the prefix."""
+    the max-depth cap inside the prefix; for unit, diagonal and dense metrics, with the
+    Gram products as matmuls and as broadcast sums."""
     C, D = 48, dens.dim
-    m = identity_metric(C, D)
+    m = _random_metric(kind, C, D)
     vg = dens.value_and_grad
     stopped_early = took = div = 0
     for trial, md in enumerate((10, 10, F + 1)):
@@ -246,7 +269,7 @@ def test_prefix_equals_doubling_by_doubling(dens, F):
         lp, g = vg(U)
         eps = mx.random.uniform(0.05, 1.5, (C,), key=mx.random.key(100 + trial))
         key = mx.random.key(17 + trial)
-        got = N._prefix(vg, False, md, F, key, U, lp, g, eps, m.minv, m.mfac)
+        got = N._prefix(vg, m.dense, md, F, key, U, lp, g, eps, m.minv, m.mfac)
         t = _doublings_on_common_uniforms(vg, md, F, key, U, lp, g, eps, m)
         want = N._outputs(t)
         _assert_trees_equal(list(N.Tree._fields) + ["any_active", "accept"], got, want, np.array(t.active),
@@ -281,27 +304,29 @@ def test_prefix_depth_follows_the_tree_depths(dens):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("kind", ["identity", "diag", "dense"])
 @pytest.mark.parametrize("j", [0, 1, 3, 4])
-def test_doubling_equals_subtree_leaves_merge(dens, j):
+def test_doubling_equals_subtree_leaves_merge(dens, j, kind, products):
     """A whole doubling in one Gram-matrix bookkeeping gives the tree of a fresh subtree,
     its leaves (block bookkeeping, itself tested leaf by leaf) and the merge on the same
     uniforms, from trajectories already grown (the prefix), with stops, divergences and
-    inactive chains; with and without the max-depth cap."""
+    inactive chains; with and without the max-depth cap; for unit, diagonal and dense
+    metrics, with the Gram products as matmuls and as broadcast sums."""
     C, D = 48, dens.dim
-    m = identity_metric(C, D)
+    m = _random_metric(kind, C, D)
     vg = dens.value_and_grad
     stopped = took = div = 0
     for trial, md in enumerate((10, 10, 10, 3)):
         U = mx.random.normal((C, D), key=mx.random.key(trial))
         lp, g = vg(U)
         eps = mx.random.uniform(0.05, 1.5, (C,), key=mx.random.key(100 + trial))
-        t = N.Tree(*N._prefix(vg, False, md, 1, mx.random.key(17 + trial), U, lp, g, eps, m.minv, m.mfac)[:17])
+        t = N.Tree(*N._prefix(vg, m.dense, md, 1, mx.random.key(17 + trial), U, lp, g, eps, m.minv, m.mfac)[:17])
         n = 2**j
         d = mx.random.uniform(shape=(n + 3, C), key=mx.random.key(40 + trial))
-        got = N._doubling(vg, False, md, j, t, None, eps, m.minv, draws=d)
+        got = N._doubling(vg, m.dense, md, j, t, None, eps, m.minv, draws=d)
         s = N._sub_init(t, None, eps, 0, fwd=d[0] < 0.5)
-        s = N._leaves(vg, False, s, t.h0, d[1:], m.minv, n, fresh=True)
-        want = N._merge(False, md, t, s, d[-1], m.minv)
+        s = N._leaves(vg, m.dense, s, t.h0, d[1:], m.minv, n, fresh=True)
+        want = N._merge(m.dense, md, t, s, d[-1], m.minv)
         act = np.array(want.active)
         _assert_trees_equal(N.Tree._fields, got, want, act, f"j={j}")
         stopped += int((np.array(t.active) & ~act).sum())
