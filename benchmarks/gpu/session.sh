@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu/session.sh scaling   # 2 GPUs (nvidia-h200-x2): data-parallel IWAE
 #                                            # training and sharded SMC/IS, 1 vs 2 processes
 #   bash benchmarks/gpu/session.sh scaling_smc # as scaling, without the data-parallel training rows
+#   bash benchmarks/gpu/session.sh verify    # the halo-paths and gather kernels, NUTS's bookkeeping on a GPU
 #   bash benchmarks/gpu/session.sh smc_tests # the SMC kernels' GPU tests (TESTS_T s, default 300)
 #   bash benchmarks/gpu/session.sh smc_kernels # 2 GPUs: SMC scaling 1 → 2 processes by phase
 #                                            # (NS_SMC one process, NS_SMC2 two; ONE_K1: opt-in kernel)
@@ -105,6 +106,13 @@ case $part in
       --python "$(command -v $py)" benchmarks/scale_smc.py --ns-smc $ns $is_args --repeats 3 \
       --count --exact --split-collectives --out "$OUT/scale_2.json"
     run scale_cmp 30 $py benchmarks/scale_smc.py --compare "$OUT/scale_1.json" "$OUT/scale_2.json" --append-results --note "$NOTE"
+    ;;
+  verify)  # what must hold on a GPU before timing: the halo-paths kernel (loop form) against its
+    # statement, the row gathers, NUTS's Gram bookkeeping equalities (session 14 saw 10.3
+    # leapfrogs per draw on an H200 against 8.3 on the CPU)
+    export PYTEST_ADDOPTS="-p no:cacheprovider"
+    run verify "${TESTS_T:-300}" $py -m pytest -q -rs tests/kernels/test_kernels.py -k "halo or take_rows or two_source" \
+      tests/inference/test_nuts_blocks.py
     ;;
   smc_tests)  # the SMC gather/paths kernels' GPU tests (cold NVRTC compilation: give ≥ 300 s)
     export PYTEST_ADDOPTS="-p no:cacheprovider"
