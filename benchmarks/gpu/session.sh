@@ -111,8 +111,8 @@ case $part in
     # statement, the row gathers, NUTS's Gram bookkeeping equalities (session 14 saw 10.3
     # leapfrogs per draw on an H200 against 8.3 on the CPU)
     export PYTEST_ADDOPTS="-p no:cacheprovider"
-    run verify "${TESTS_T:-300}" $py -m pytest -q -rs tests/kernels/test_kernels.py -k "halo or take_rows or two_source" \
-      tests/inference/test_nuts_blocks.py
+    run verify_kernels "${TESTS_T:-200}" $py -m pytest -q -rs tests/kernels/test_kernels.py -k "halo or take_rows or two_source"
+    run verify_nuts "${TESTS_T:-200}" $py -m pytest -q -rs tests/inference/test_nuts_blocks.py
     ;;
   smc_tests)  # the SMC gather/paths kernels' GPU tests (cold NVRTC compilation: give ≥ 300 s)
     export PYTEST_ADDOPTS="-p no:cacheprovider"
