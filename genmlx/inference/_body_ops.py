@@ -11,6 +11,12 @@ Two patterns of ordinary model code give needlessly large graphs there (MLX 0.32
   first has fewer dimensions keeps the chain axis leading; IEEE addition and
   multiplication are commutative, so the values are bit-identical (``a − b`` of
   floats is taken as ``(−b) + a``, also exact).
+* a chain-dependent operand of lower rank (``mu`` or ``tau`` against ``theta``): vmap
+  aligns it by a Broadcast and a Transpose, and its gradient by a Transpose before
+  the reduction. Giving it the other operand's rank first (leading size-1 axes, one
+  ExpandDims: what broadcasting does anyway, so the same values) keeps both operands'
+  chain axes in place: 2 view nodes fewer forward, 1 in the reverse pass
+  (``+ − * /``).
 * ``beta[0]`` on a latent vector: an integer index is a ``Gather`` (and a ``Scatter`` in
   the reverse pass). For a latent whose elements the body takes one by one, the flat
   density passes each element as its own input (its own column of U) and ``x[i]``
@@ -51,7 +57,8 @@ class BodyOps:
 
     def __enter__(self) -> "BodyOps":
         cls = mx.array
-        self._saved = {k: getattr(cls, k) for k in ("__getitem__", "__add__", "__mul__", "__sub__")}
+        self._saved = {k: getattr(cls, k) for k in ("__getitem__", "__add__", "__mul__", "__sub__",
+                                                     "__truediv__")}
         getitem = self._saved["__getitem__"]
 
         def __getitem__(a, key):
@@ -65,9 +72,11 @@ class BodyOps:
             return getitem(a, key)
 
         cls.__getitem__ = __getitem__
-        add, sub = self._saved["__add__"], self._saved["__sub__"]
-        cls.__add__ = _leading(add)
+        add = _leading(self._saved["__add__"])
+        sub = _ranked(self._saved["__sub__"])
+        cls.__add__ = add
         cls.__mul__ = _leading(self._saved["__mul__"])
+        cls.__truediv__ = _ranked(self._saved["__truediv__"])
 
         def __sub__(a, b):
             if isinstance(b, mx.array) and b.ndim > a.ndim and mx.issubdtype(b.dtype, mx.floating):
@@ -84,12 +93,48 @@ class BodyOps:
         self._watched = {}
 
 
+def _traced(a) -> bool:
+    """Whether ``a`` is an array depending on the traced inputs (inside the vmapped body:
+    on the chain), i.e. it cannot be evaluated now."""
+    if not isinstance(a, mx.array):
+        return False
+    try:
+        mx.eval(a)
+        return False
+    except (RuntimeError, ValueError):
+        return True
+
+
+def _lifted(a, rank: int):
+    """``a`` with leading size-1 axes up to ``rank`` when it is chain-dependent (one
+    ExpandDims; broadcasting would add the same axes), else ``a``."""
+    k = rank - a.ndim
+    return mx.expand_dims(a, tuple(range(k))) if k > 0 and _traced(a) else a
+
+
+def _ranked(op):
+    """A binary operator whose chain-dependent operand of lower rank is lifted to the
+    other's rank first (:func:`_lifted`): same values, no vmap transposes."""
+    def f(a, b):
+        if isinstance(b, mx.array):
+            if b.ndim < a.ndim:
+                b = _lifted(b, a.ndim)
+            elif a.ndim < b.ndim:
+                a = _lifted(a, b.ndim)
+        return op(a, b)
+
+    return f
+
+
 def _leading(op):
-    """A commutative operator that puts the operand with more dimensions first."""
+    """A commutative operator that puts the operand with more dimensions first (and
+    lifts a chain-dependent operand of lower rank: :func:`_ranked`)."""
+    ranked = _ranked(op)
+
     def f(a, b):
         if isinstance(b, mx.array) and b.ndim > a.ndim:
-            return op(b, a)
-        return op(a, b)
+            return ranked(b, a)
+        return ranked(a, b)
 
     return f
 

@@ -500,6 +500,18 @@ def _hoisted_score(site: _Site, params: list, x: mx.array | None) -> mx.array:
     raise StructureChanged("log-density shape")
 
 
+_ONES: dict = {}
+
+
+def _ones(c: int) -> mx.array:
+    """The cotangent 1 [C] of Σ_c log π_c as a constant input of the compiled gradient
+    (differentiating ``mx.sum`` would broadcast it in the graph); one array per C, so
+    that the steps of a trajectory share it."""
+    if c not in _ONES:
+        _ONES[c] = mx.array(np.ones(c, dtype=np.float32))
+    return _ONES[c]
+
+
 class FlatDensity(UnconstrainedDensity):
     """log π(u) on R^D by the flat path (see the module docstring); same interface and
     values as :class:`UnconstrainedDensity`. ``hoist``: score eligible sites outside
@@ -630,11 +642,7 @@ class FlatDensity(UnconstrainedDensity):
     def _value_and_grad_blocks(self, blocks: list):
         """(log π [C] with NaN → −inf, ∇ log π per latent block): the gradient of
         Σ_c log π(U_c) with respect to the blocks (rows are independent)."""
-        def total(bl):
-            lp = self._lp_blocks(bl)
-            return mx.sum(lp), lp
-
-        (_, lp), gb = mx.value_and_grad(total)(list(blocks))
+        (lp,), gb = mx.vjp(lambda *bl: [self._lp_blocks(list(bl))], list(blocks), [_ones(blocks[0].shape[0])])
         return mx.where(mx.isnan(lp), -mx.inf, lp), list(gb)
 
     def _make_value_and_grad(self):
