@@ -53,22 +53,29 @@ def ancestral_paths_generic(idxs: list, xs: list) -> tuple:
 
 def _source(T: int, kinds: tuple) -> str:
     """The kernel body: ``kinds`` = ((bytes per element, elements per particle row), …)
-    of the J arrays, copied row by row as unsigned words of the element's size."""
+    of the J arrays, copied row by row as unsigned words of the element's size. The
+    steps are a loop whose ``switch`` on t picks that step's pointers, as in
+    :func:`_halo_source` (here unrolled code needed 24 registers at T = 100, the loop 16)."""
+    J = len(kinds)
+    words = [_WORD[b] for b, _ in kinds]
     lines = ["const int n = a0_shape[0];",
              "const int i = blockIdx.x * blockDim.x + threadIdx.x;",
              "if (i >= n) return;",
-             "int r = i;"]
-    for t in range(T - 1, -1, -1):
-        lines.append(f"r = a{t}[r]; D[(size_t){t} * n + i] = r;")
-        for j, (b, w) in enumerate(kinds):
-            word = _WORD[b]
-            src = f"reinterpret_cast<const {word}*>(x{j}_{t}) + (size_t)r * {w}"
-            dst = f"reinterpret_cast<{word}*>(p{j}) + ((size_t){t} * n + i) * {w}"
-            if w == 1:
-                lines.append(f"*({dst}) = *({src});")
-            else:
-                lines.append(f"{{ const {word}* s = {src}; {word}* d = {dst}; "
-                             f"for (int e = 0; e < {w}; ++e) d[e] = s[e]; }}")
+             "int r = i;",
+             "#pragma unroll 1",
+             f"for (int t = {T - 1}; t >= 0; --t) {{",
+             "  const int* a = nullptr;"]
+    lines += [f"  const {words[j]}* x{j} = nullptr;" for j in range(J)]
+    lines.append("  switch (t) {")
+    for t in range(T):
+        picks = " ".join(f"x{j} = reinterpret_cast<const {words[j]}*>(x{j}_{t});" for j in range(J))
+        lines.append(f"    case {t}: a = a{t}; {picks} break;")
+    lines += ["  }", "  r = a[r]; D[(size_t)t * n + i] = r;"]
+    for j, (b, w) in enumerate(kinds):
+        lines.append(f"  {{ const {words[j]}* s = x{j} + (size_t)r * {w}; {words[j]}* d = "
+                     f"reinterpret_cast<{words[j]}*>(p{j}) + ((size_t)t * n + i) * {w}; "
+                     f"for (int e = 0; e < {w}; ++e) d[e] = s[e]; }}")
+    lines.append("}")
     return "\n".join(lines)
 
 
