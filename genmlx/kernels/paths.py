@@ -51,26 +51,37 @@ def ancestral_paths_generic(idxs: list, xs: list) -> tuple:
     return Dm, paths
 
 
+def _step_loop_head(T: int, words: list, ancestors: dict, k_var: bool) -> list:
+    """The head of a kernel loop over the steps t = T − 1 … 0 whose ``switch`` on t points
+    ``x{j}`` at step t's input ``x{j}_{t}`` (as words ``words[j]``) and ``a`` at its
+    ancestor input ``ancestors[t]`` (``a{k}``; with ``k_var`` also setting ``k``, −1 for
+    a step without one). The caller writes the loop's body and its closing brace."""
+    lines = ["#pragma unroll 1",
+             f"for (int t = {T - 1}; t >= 0; --t) {{",
+             "  const int* a = nullptr;" + (" int k = -1;" if k_var else "")]
+    lines += [f"  const {w}* x{j} = nullptr;" for j, w in enumerate(words)]
+    lines.append("  switch (t) {")
+    for t in range(T):
+        picks = " ".join(f"x{j} = reinterpret_cast<const {w}*>(x{j}_{t});" for j, w in enumerate(words))
+        if t in ancestors:
+            k = ancestors[t]
+            picks += f" a = a{k};" + (f" k = {k};" if k_var else "")
+        lines.append(f"    case {t}: {picks} break;")
+    return lines + ["  }"]
+
+
 def _source(T: int, kinds: tuple) -> str:
     """The kernel body: ``kinds`` = ((bytes per element, elements per particle row), …)
     of the J arrays, copied row by row as unsigned words of the element's size. The
     steps are a loop whose ``switch`` on t picks that step's pointers, as in
     :func:`_halo_source` (here unrolled code needed 24 registers at T = 100, the loop 16)."""
-    J = len(kinds)
     words = [_WORD[b] for b, _ in kinds]
     lines = ["const int n = a0_shape[0];",
              "const int i = blockIdx.x * blockDim.x + threadIdx.x;",
              "if (i >= n) return;",
-             "int r = i;",
-             "#pragma unroll 1",
-             f"for (int t = {T - 1}; t >= 0; --t) {{",
-             "  const int* a = nullptr;"]
-    lines += [f"  const {words[j]}* x{j} = nullptr;" for j in range(J)]
-    lines.append("  switch (t) {")
-    for t in range(T):
-        picks = " ".join(f"x{j} = reinterpret_cast<const {words[j]}*>(x{j}_{t});" for j in range(J))
-        lines.append(f"    case {t}: a = a{t}; {picks} break;")
-    lines += ["  }", "  r = a[r]; D[(size_t)t * n + i] = r;"]
+             "int r = i;"]
+    lines += _step_loop_head(T, words, {t: t for t in range(T)}, False)
+    lines.append("  r = a[r]; D[(size_t)t * n + i] = r;")
     for j, (b, w) in enumerate(kinds):
         lines.append(f"  {{ const {words[j]}* s = x{j} + (size_t)r * {w}; {words[j]}* d = "
                      f"reinterpret_cast<{words[j]}*>(p{j}) + ((size_t)t * n + i) * {w}; "
@@ -166,7 +177,6 @@ def _halo_source(flags: tuple, kinds: tuple, r: int, R: int, H: int, m: int) -> 
     T, K = len(flags), sum(flags)
     lo_ok = "true" if r > 0 else "false"
     hi_ok = "true" if r + 1 < R else "false"
-    J = len(kinds)
     words = [_WORD[b] for b, _ in kinds]
     k_of, k = {}, K
     for t in range(T - 1, -1, -1):
@@ -181,19 +191,9 @@ def _halo_source(flags: tuple, kinds: tuple, r: int, R: int, H: int, m: int) -> 
              "long long c;",
              # the column of g in [below, own, above], clamped; bad when outside the halos
              f"#define COL(G) (c = (G) - base, bad |= (c < 0 || c >= m + 2 * H || (c < H && !{lo_ok}) "
-             f"|| (c >= H + m && !{hi_ok})), c = c < 0 ? 0 : (c >= m + 2 * H ? m + 2 * H - 1 : c))",
-             "#pragma unroll 1",
-             f"for (int t = {T - 1}; t >= 0; --t) {{",
-             "  const int* a = nullptr; int k = -1;"]
-    lines += [f"  const {words[j]}* x{j} = nullptr;" for j in range(J)]
-    lines.append("  switch (t) {")
-    for t in range(T):
-        picks = " ".join(f"x{j} = reinterpret_cast<const {words[j]}*>(x{j}_{t});" for j in range(J))
-        if t in k_of:
-            picks += f" a = a{k_of[t]}; k = {k_of[t]};"
-        lines.append(f"    case {t}: {picks} break;")
-    lines += ["  }",
-              f"  if (k >= 0) {{ COL(g); g = c < H ? (long long)EA[({max(r - 1, 0)}LL * {K} + k) * 2 * H + H + c] "
+             f"|| (c >= H + m && !{hi_ok})), c = c < 0 ? 0 : (c >= m + 2 * H ? m + 2 * H - 1 : c))"]
+    lines += _step_loop_head(T, words, k_of, True)
+    lines += [f"  if (k >= 0) {{ COL(g); g = c < H ? (long long)EA[({max(r - 1, 0)}LL * {K} + k) * 2 * H + H + c] "
               f": (c < H + m ? (long long)a[c - H] : (long long)EA[({min(r + 1, R - 1)}LL * {K} + k) * 2 * H "
               f"+ (c - H - m)]); }}",
               "  COL(g);"]
