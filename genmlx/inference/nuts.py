@@ -476,6 +476,22 @@ class _DoublingChecks(NamedTuple):
     code: np.ndarray
 
 
+def _subtree_checks(first: int, n: int) -> list:
+    """The U-turn checks of the balanced sub-subtrees of the n = 2^j points first ..
+    first + n − 1 (sizes s = 2 .. n, aligned blocks [a, b]): the union (ρ over a..b, ends
+    a and b) and, for s ≥ 4, each half extended by the other's adjacent point (ρ over
+    a..h with ends a, h; over h − 1..b with ends h − 1, b; h = a + s/2). Each as (first,
+    last point of ρ, end, end, closing point b)."""
+    rows = []
+    for s in _sizes(n):
+        for a in range(first, first + n, s):
+            b, h = a + s - 1, a + s // 2
+            rows.append((a, b, a, b, b))
+            if s >= 4:
+                rows += [(a, h, a, h, b), (h - 1, b, h - 1, b, b)]
+    return rows
+
+
 def _doubling_checks(j: int) -> _DoublingChecks:
     """The subtree's sub-subtrees (aligned blocks of sizes 2 .. n of the leaves; for
     sizes ≥ 4 also each half extended by the other's adjacent leaf; code 2·closing
@@ -483,13 +499,7 @@ def _doubling_checks(j: int) -> _DoublingChecks:
     trajectory extended by leaf 1 (Σ + p_1, ends φ and 1) and the subtree extended by
     the old near end (ν + the leaves, ends ν and n), code 2n + 1."""
     n = 2**j
-    rows = []  # (points of ρ, a, b, code)
-    for s in _sizes(2 * n)[:j]:
-        for a in range(1, n + 1, s):
-            b, h = a + s - 1, a + s // 2
-            rows.append((range(a, b + 1), a, b, 2 * b))
-            if s >= 4:
-                rows += [(range(a, h + 1), a, h, 2 * b), (range(h - 1, b + 1), h - 1, b, 2 * b)]
+    rows = [(range(lo, hi + 1), a, b, 2 * close) for lo, hi, a, b, close in _subtree_checks(1, n)]
     leaves = list(range(1, n + 1))
     rows += [(leaves + [n + 2], n + 1, n, 2 * n + 1), ([1, n + 2], n + 1, 1, 2 * n + 1),
              ([0] + leaves, 0, n, 2 * n + 1)]
@@ -539,14 +549,9 @@ def _prefix_checks(F: int) -> _Checks:
     trajectory extended by the new subtree's first point and the new subtree extended
     by the old near end."""
     n = 2 ** (F + 1)
-    rows = []  # (first, last point of ρ's block, near end added?, a, b, code); a: int | ("nu"|"phi", j)
-    for j in range(1, F + 1):
-        for s in _sizes(2 ** (j + 1))[: j]:  # sizes 2 .. 2^j inside doubling j
-            for a in range(2**j, 2 ** (j + 1), s):
-                b, h = a + s - 1, a + s // 2
-                rows.append((a, b, None, a, b, 2 * b))
-                if s >= 4:  # each half extended by the other's adjacent point
-                    rows += [(a, h, None, a, h, 2 * b), (h - 1, b, None, h - 1, b, 2 * b)]
+    # (first, last point of ρ's block, near end added?, a, b, code); a: int | ("nu"|"phi", j)
+    rows = [(lo, hi, None, a, b, 2 * close) for j in range(1, F + 1)
+            for lo, hi, a, b, close in _subtree_checks(2**j, 2**j)]  # doubling j's points
     for j in range(F + 1):
         h, e = 2**j, 2 ** (j + 1) - 1
         rows += [(0, e, None, ("phi", j), e, 2 * e + 1), (0, h, None, ("phi", j), h, 2 * e + 1),
