@@ -1,7 +1,7 @@
 """Per-op device times of the sharded SMC resampling step (issue 8 diagnosis): the
 primitives it is built from, ``Shards.step_resample`` on a group of one (sync-free: no
 windows; ``_exact``: the host-sized path) and the sync-free step of one of 2 virtual
-processes (edges of ``window_width(n)`` particles, the gather replaced by a concatenation),
+processes (windows of ``window_width(n)`` slots, the gather replaced by a concatenation),
 at n particles per process. Prints median µs over repeats (each timed op evaluated and the
 stream synchronised).
 
@@ -23,7 +23,7 @@ import mlx.core as mx  # noqa: E402
 from _timing import device_time_us  # noqa: E402
 from genmlx.inference import resampling as R  # noqa: E402
 from genmlx.inference.prefix_sums import slot_positions  # noqa: E402
-from genmlx.inference.sharded import (Shards, _edge_pack, _fused, _sync_free_finish,  # noqa: E402
+from genmlx.inference.sharded import (Shards, _fused, _sync_free_assemble, _sync_free_search,  # noqa: E402
                                      _systematic_head, window_width)
 
 
@@ -46,15 +46,15 @@ def probe(n: int, repeats: int) -> dict:
     exact = Shards(mx.distributed.init())
     exact.sync_free = False
     # the sync-free step of rank 0 of 2 virtual processes at n per process (the packed
-    # gather replaced by a concatenation of its own edges): the device work of one step
+    # gather replaced by a concatenation of its own exports): the device work of one step
     W = window_width(n)
     pay = (None, 2, 0, 1.1, fused, W)
     stats2 = mx.concatenate([stats[None], stats[None]])
 
     def sync_free_virtual(k, l, s, xx):
-        got = [mx.concatenate([e, e]) for e in _edge_pack(pay, l, s[0], [xx])]
-        moved, idx, new_lw, ess, did, ovf = _sync_free_finish(pay, k, l, [xx], got)
-        return moved, idx, new_lw, ovf
+        ess, did, new_lw, Nb, ovf, mid, export = _sync_free_search(pay, k, l, s, [xx])
+        got = [mx.concatenate([e, e]) for e in export]
+        return _sync_free_assemble(pay, did, Nb, mid, [xx], got), new_lw, ovf
 
     sf_fn = mx.compile(sync_free_virtual)
     ops = {

@@ -152,7 +152,7 @@ from genmlx.inference.particles import WeightedParticles
 from genmlx.inference.prefix_sums import slot_positions
 from genmlx.inference.smc import SMCResult, _resample, _rows_block, run_smc, smc
 from genmlx.kernels import paths as paths_kernel
-from genmlx.kernels.gather import take_rows, take_rows2, take_rows_batched
+from genmlx.kernels.gather import identity_or_rows, take_rows, take_rows2, take_rows_batched
 
 _SORTED_SCHEMES = ("systematic", "stratified", "residual")
 
@@ -229,38 +229,30 @@ class Shards:
         """A step's global ESS test and resampling of the carry rows ``leaves`` (this
         process's m rows each): (leaves, idx, new lw, ESS, did, overflow).
 
-        Systematic, sync-free (``sync_free``, the default): no host read, fixed shapes and
-        ONE collective (:func:`_sync_free_step`): every process's weight summary with its
-        first and last W particles' log-weights and carry rows, packed into one buffer;
-        each process then resamples its own block, taking the slots that fall in a
-        neighbour's segment from that neighbour's edge particles; the outputs are chosen by
-        ``did`` on the device (``idx`` the identity block when it is false); ``overflow``
-        (a device bool, identical in every process) says that some segment reached past
-        its owner's edges: the caller then redoes the run on the exact path
-        (:meth:`fallback`). Systematic, exact: the same collective and step, then one host
-        read (the decision and the overflow); only where the edges fall short, the parts
-        of each process's segment (:class:`SegmentPlan`) that lie in other blocks are
-        exported with their global source rows in ONE more collective. Other schemes: one
-        gather of the n log-weights, every process draws the global (sorted) ancestors,
-        and the carry rows move in one collective whose windows follow from those
-        ancestors. On the exact paths ``idx`` is None without a resampling and
-        ``overflow`` is None."""
+        Systematic, sync-free (``sync_free``, the default): no host read and fixed
+        shapes (:func:`_sync_free_step`): two collectives (the R·2 log-sum-exps
+        ``stats``; the 2W-row windows of every process's carry rows and sources, packed
+        into one buffer); the outputs are chosen by ``did`` on the device (``idx`` the
+        identity block when it is false); ``overflow`` (a device bool, identical in every
+        process) says that some segment passed its windows: the caller then redoes the run
+        on the exact path (:meth:`fallback`). Systematic, exact: ONE collective and one
+        host read (N(B) and the decision); on a resampling the parts of each process's
+        segment (:class:`SegmentPlan`) that fall in other blocks are exported with their
+        global source rows in ONE more collective. Other schemes: one gather of the n
+        log-weights, every process draws the global (sorted) ancestors, and the carry rows
+        move in one collective whose windows follow from those ancestors. On the exact
+        paths ``idx`` is None without a resampling and ``overflow`` is None."""
         m, r = int(lw.shape[0]), self.rank
         if isinstance(scheme, str) and scheme == "systematic":
             if self.sync_free:
                 return self._step_sync_free(key, lw, stats, leaves, float(threshold))
-            static, payload = self._sync_free_static(lw, float(threshold))
-            got = self.gather_packed(cached_call(_edge_pack, static, payload, lw, stats, leaves))
-            moved, idx, new_lw, ess, did, ovf = cached_call(_sync_free_finish, static, payload, key, lw, leaves,
-                                                            got)
-            did_h, ovf_h = mx.stack([did, ovf]).tolist()  # the host sync: the decision, the edges
-            if not did_h:
-                return leaves, None, new_lw, ess, did, None
-            if not ovf_h:
-                return moved, idx, new_lw, ess, did, None
+            g = self.gather(stats.reshape(1, 2))
             payload = (self.size, r, threshold, _fused(lw))
-            ess, did, new_lw, head, pos, U = cached_call(_systematic_head, payload, payload, key, lw, got[0])
-            plan = SegmentPlan(head.tolist()[:-1], m)
+            ess, did, new_lw, head, pos, U = cached_call(_systematic_head, payload, payload, key, lw, g)
+            head = head.tolist()  # the host sync: N(B) and the decision
+            if not head[-1]:
+                return leaves, None, new_lw, ess, did, None
+            plan = SegmentPlan(head[:-1], m)
             seg = plan.segment(pos, U, r, payload[3])
             own = [seg] + gather_rows(leaves, seg - r * m)
             if plan.local:
@@ -280,20 +272,19 @@ class Shards:
         plan = WindowPlan(head[:-1].reshape(self.size, 2), m)
         return self._move(plan, leaves, mine), mine, self.local(glw), ess, did, None
 
-    def _sync_free_static(self, lw: mx.array, threshold: float) -> tuple:
-        """(static key, payload) of the sync-free step's compiled parts; W = 0 for one
-        process (no edges)."""
+    def _step_sync_free(self, key, lw, stats, leaves, threshold):
         m = int(lw.shape[0])
         W = 0 if self.size == 1 else max(1, min(m, int(window_width(m))))
         static = (self.group, self.size, self.rank, threshold, _fused(lw), W, COMPILE_COLLECTIVES)
-        return static, (self,) + static[1:6]
-
-    def _step_sync_free(self, key, lw, stats, leaves, threshold):
-        static, payload = self._sync_free_static(lw, threshold)
-        if COMPILE_COLLECTIVES:  # the whole step, its collective included, as one compiled function
+        payload = (self,) + static[1:6]
+        if COMPILE_COLLECTIVES:  # the whole step, collectives included, as one compiled function
             return cached_call(_sync_free_step, static, payload, key, lw, stats, leaves)
-        got = self.gather_packed(cached_call(_edge_pack, static, payload, lw, stats, leaves))
-        return cached_call(_sync_free_finish, static, payload, key, lw, leaves, got)
+        g = self.gather(stats.reshape(1, 2))
+        ess, did, new_lw, Nb, ovf, mid, export = cached_call(_sync_free_search, static, payload, key, lw, g,
+                                                             leaves)
+        got = self.gather_packed(export) if W else []
+        moved, idx = cached_call(_sync_free_assemble, static, payload, did, Nb, mid, leaves, got)
+        return moved, idx, new_lw, ess, did, ovf
 
     def fallback(self) -> "Shards":
         """This sharding on the exact systematic path, for redoing a run whose sync-free
@@ -783,16 +774,6 @@ def _systematic_local(payload, key, lw, stats):
     CDF would resolve only n < 2^24 slots. ``payload`` = (R, r, threshold, fused). Returns
     (ESS, did, new lw, N(P) [R+1], positions (I [m], F [m]), U)."""
     Rk, r, threshold, fused = payload
-    ess, did, new_lw, Nb, U, (Pi, Pf) = _global_summary(payload, key, lw, stats)
-    pos = _local_positions(lw, (Pi[r:r + 2], Pf[r:r + 2]), fused)
-    return ess, did, new_lw, Nb, pos, U
-
-
-def _global_summary(payload, key, lw, stats):
-    """The global quantities of a systematic step from the gathered summaries ``stats``
-    [R, 2] (identical in every process): (ESS, did, new lw, N(P) [R + 1], U, boundaries
-    P as (int parts [R + 1], fractions [R + 1])); see :func:`_systematic_local`."""
-    Rk, r, threshold, fused = payload
     m = lw.shape[0]
     n = Rk * m
     lse, lse2 = stats[:, 0], stats[:, 1]
@@ -804,15 +785,17 @@ def _global_summary(payload, key, lw, stats):
     bi, bf = slot_positions(W, n)
     Pi = mx.concatenate([mx.zeros((1,), mx.int32), bi])
     Pf = mx.concatenate([mx.zeros((1,), mx.float32), bf])
+    ends = (Pi[r:r + 2], Pf[r:r + 2])
+    pos = _local_positions(lw, ends, fused)
     U = mx.random.uniform(shape=(), key=key)
     Nb = R._points_below(Pi, Pf, U, n)
     Nb = mx.concatenate([mx.zeros((1,), mx.int32), Nb[1:Rk], mx.array([n], dtype=mx.int32)])
     new_lw = mx.where(did, mx.broadcast_to(LSE - math.log(n), lw.shape), lw)
-    return ess, did, new_lw, Nb, U, (Pi, Pf)
+    return ess, did, new_lw, Nb, pos, U
 
 
-#: compile the sync-free step with its collective as ONE function (False: the collective
-#: runs between two compiled halves)
+#: compile the sync-free step with its two collectives as ONE function (False: the
+#: collectives run between two compiled halves)
 COMPILE_COLLECTIVES = True
 
 
@@ -825,146 +808,93 @@ def halo_width(m: int) -> int:
 
 
 def window_width(m: int) -> int:
-    """W, the edge particles of the sync-free step (m particles per process): every
-    process sends, with its weight summary, its first and last W particles' log-weights
-    and carry rows; a neighbour's offspring in a process's block must descend from them
-    (else the step overflows, :func:`_edges_short`). A segment end moves from its block's
-    by the processes' weight imbalance, a few CV·√m slots (≈ 10⁴ at m = 1.5·10⁷);
-    W = max(4096, m/64) keeps a wide margin while the collective moves only 2W/m ≈ 3 %
-    of the block's rows. Tests replace this function to force overflows."""
+    """W, the sync-free step's window width in slots (m particles per process): process q's
+    offspring may reach W slots past either end of its block before the step overflows
+    (:func:`_sync_free_search`). A segment end moves from its block's by the processes'
+    weight imbalance, a few CV·√m slots (≈ 10⁴ at m = 1.5·10⁷); W = max(4096, m/64) keeps
+    a wide margin while the step searches and moves only 2W/m ≈ 3 % more slots than its
+    block (m/16: 12.5 %, 4–5 % slower per step on 2 H200s). Tests replace this function
+    to force overflows."""
     return min(m, max(4096, m // 64))
 
 
 def _sync_free_step(payload, key, lw, stats, leaves):
     """The sync-free systematic step of one process (payload = (Shards, R, r, threshold,
-    fused, W)): ONE packed collective of every process's summary and edges
-    (:func:`_edge_pack`), then the block (:func:`_sync_free_finish`). Fixed shapes, no
-    host value: (carry leaves, idx, new lw, ESS, did, overflow)."""
-    got = payload[0].gather_packed(_edge_pack(payload, lw, stats, leaves))
-    return _sync_free_finish(payload, key, lw, leaves, got)
-
-
-def _edge_pack(payload, lw, stats, leaves) -> list:
-    """What a process sends in the sync-free step: its weight summary [1, 2], the
-    log-weights of its first W and last W particles [2W] and their carry rows [2W, …]."""
-    W = payload[5]
-    m = lw.shape[0]
-    if W == 0:  # one process: the summary alone
-        return [stats.reshape(1, 2)]
-
-    def edges(x):
-        return mx.concatenate([x[:W], x[m - W:]])
-
-    return [stats.reshape(1, 2), edges(lw)] + [edges(x) for x in leaves]
-
-
-def _sync_free_finish(payload, key, lw, leaves, got):
-    """Process r's block after the collective, ``got`` = (summaries [R, 2], edge
-    log-weights [R·2W], edge rows [R·2W, …] per leaf).
-
-    Every process computes from the gathered edges the positions of every process's first
-    and last W particles (:func:`_edge_positions`, the same numbers everywhere), and
-    searches the systematic points of its block's slots [r·m, (r + 1)·m) on ONE
-    nondecreasing run of positions: the left neighbour's last W, its own m, the right
-    neighbour's first W (the CUDA positions kernel writes its own into the middle of that
-    run). Slots of its own segment get its own particles, bit for bit those of
-    :meth:`SegmentPlan.segment`; slots in a neighbour's segment get that neighbour's edge
-    particles, whose rows came with the collective. Combined index c names global row
-    r·m − W_left + c. ``overflow`` (identical in every process): ``did`` and some slot
-    whose ancestor lies outside its owner's edges (:func:`_edges_short`); where did is
-    false: the identity."""
-    _, Rk, r, threshold, fused, W = payload
-    m = lw.shape[0]
-    n = Rk * m
-    g = got[0]
-    ess, did, new_lw, Nb, U, (Pi, Pf) = _global_summary((Rk, r, threshold, fused), key, lw, g)
-    i = iota(m)
-    if W == 0:  # one process: the segment is the block
-        c = R.window_ancestors(_local_positions(lw, (Pi, Pf), fused), U, 0, m, n, fused=fused)
-        src = mx.where(did, c, i)
-        return [take_rows(x, src) for x in leaves], src, new_lw, ess, did, mx.array(False)
-    head, tail, virt = _edge_positions(got[1].reshape(Rk, 2, W), g[:, 0], Pi, Pf, m)
-    left = (row(tail[0], r - 1), row(tail[1], r - 1)) if r > 0 else None
-    right = (row(head[0], r + 1), row(head[1], r + 1)) if r < Rk - 1 else None
-    run = _local_positions(lw, (Pi[r:r + 2], Pf[r:r + 2]), fused, (left, right))
-    c = R.window_ancestors(run, U, r * m, m, n, fused=fused)
-    EL = W if r > 0 else 0
-    src = mx.where(c < EL, m + (r - 1) * 2 * W + W + c,
-                   mx.where(c < EL + m, c - EL, m + (r + 1) * 2 * W + (c - EL - m)))
-    src = mx.where(did, src, i)
-    idx = mx.where(did, r * m - EL + c, r * m + i)
-    moved = [take_rows2(x, gx, src) for x, gx in zip(leaves, got[2:])]
-    hend = (head[0][:, W - 1], head[1][:, W - 1])
-    ovf = mx.logical_and(did, _edges_short(Nb, virt, hend, U, m, Rk))
+    fused, W)): gather the R·2 summaries, search the window slots
+    (:func:`_sync_free_search`), gather every process's 2W exported rows in one packed
+    collective, assemble the block (:func:`_sync_free_assemble`). Fixed shapes, no host
+    value: (carry leaves, idx, new lw, ESS, did, overflow)."""
+    sh, W = payload[0], payload[5]
+    g = sh.gather(stats.reshape(1, 2))
+    ess, did, new_lw, Nb, ovf, mid, export = _sync_free_search(payload, key, lw, g, leaves)
+    got = sh.gather_packed(export) if W else []
+    moved, idx = _sync_free_assemble(payload, did, Nb, mid, leaves, got)
     return moved, idx, new_lw, ess, did, ovf
 
 
-def _edge_positions(elw: mx.array, lse: mx.array, Pi: mx.array, Pf: mx.array, m: int):
-    """Slot positions of every process's first and last W particles from their
-    log-weights ``elw`` [R, 2, W], the processes' log-sums ``lse`` [R] and boundaries P
-    (int parts, fractions [R + 1]): with w_k = e^{lw_k − ℓ_q}·D_q in slots (D_q =
-    P_{q+1} − P_q; 1/m of D_q each when every weight of q is −inf), the first ones at
-    P_q + Σ_{k≤i} w_k and the last ones at P_{q+1} − Σ_{k>i} w_k (the last exactly
-    P_{q+1}), running maxima taken against scan rounding. Only additions follow each
-    product (no fused multiply-add can round differently in another process). Returns
-    (head (I, F) [R, W], tail (I, F) [R, W], the position before the first of the last W,
-    P_{q+1} − Σ_k w_k, as (I, F) [R])."""
-    D = (Pi[1:] - Pi[:-1]).astype(mx.float32) + (Pf[1:] - Pf[:-1])
-    w = mx.where((lse > -mx.inf)[:, None, None], mx.exp(elw - lse[:, None, None]), 1.0 / m)
-    w = w * D[:, None, None]
-    h = mx.cummax(mx.cumsum(w[:, 0], axis=1), axis=1)
-    after = mx.cummax(mx.cumsum(w[:, 1], axis=1, reverse=True, inclusive=False), axis=1, reverse=True)
-    total = mx.maximum(mx.sum(w[:, 1], axis=1), after[:, 0])
-    head = _offset_positions(Pi[:-1], Pf[:-1], h)
-    tail = _offset_positions(Pi[1:], Pf[1:], -after)
-    virt = _offset_positions(Pi[1:], Pf[1:], -total[:, None])
-    return head, tail, (virt[0][:, 0], virt[1][:, 0])
+def _sync_free_search(payload, key, lw, g, leaves):
+    """Process r's systematic ancestors for the fixed slot run [r·m − W, (r + 1)·m + W)
+    (:func:`R.window_ancestors`: bit for bit those of :meth:`SegmentPlan.segment` on the
+    slots of r's segment [N(B_r), N(B_{r+1})), the rest masked later). Its exports: the
+    source rows and carry rows of the W slots below and the W above its block (for the
+    processes there). ``overflow`` = did ∧ ∃ q with a nonempty segment reaching past its
+    windows, N(B_{q+1}) > (q + 1)·m + W or N(B_q) < q·m − W: computed from the gathered
+    N(B), so identical in every process. Returns (ESS, did, new lw, N(B), overflow, the
+    local source rows of the own block [m], exports [source rows [2W], carry rows
+    [2W, …] …])."""
+    _, Rk, r, threshold, fused, W = payload
+    m = lw.shape[0]
+    ess, did, new_lw, Nb, pos, U = _systematic_local((Rk, r, threshold, fused), key, lw, g)
+    loc = R.window_ancestors(pos, U, r * m - W, m + 2 * W, Rk * m, fused=fused)
+    loc = mx.clip(loc, 0, m - 1)
+    q = mx.arange(Rk, dtype=mx.int32)
+    lo, hi = Nb[:-1], Nb[1:]
+    past = mx.logical_or(hi > (q + 1) * m + W, lo < q * m - W)
+    ovf = mx.logical_and(did, mx.any(mx.logical_and(hi > lo, past)))
+    win = mx.concatenate([loc[:W], loc[W + m:]])
+    export = [win + r * m] + [mx.take(x, win, axis=0) for x in leaves] if W else []
+    return ess, did, new_lw, Nb, ovf, loc[W:W + m], export
 
 
-def _offset_positions(Pi: mx.array, Pf: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
-    """P_q + v_{q,i} as (int parts, fractions in [0, 1)) for boundaries (Pi, Pf) [R] and
-    offsets v [R, k] in slots."""
-    x = Pf[:, None] + v
-    fl = mx.floor(x)
-    I = Pi[:, None] + fl.astype(mx.int32)
-    F = x - fl
-    wrap = F >= 1.0
-    return mx.where(wrap, I + 1, I), mx.where(wrap, mx.zeros_like(F), F)
+def _sync_free_assemble(payload, did, Nb, mid, leaves, got):
+    """Process r's block from its own search (``mid``) and the gathered windows ``got``
+    ([R·2W] sources, then each leaf's [R·2W, …] rows). Slot j = r·m + i has owner
+    p = #{q ≥ 1 : N(B_q) ≤ j}: p = r its own row; p < r row j − (p + 1)·m of p's high
+    window; p > r row j − (p·m − W) of p's low window (clipped: out of the windows only
+    where the step overflowed). Where did is false: the identity (idx = j, old rows).
+    Every slot's source is a row of [own rows; gathered windows] (``pos``), read by a
+    two-source gather (no concatenation; the global source row of an own row is r·m + pos)."""
+    _, Rk, r, _, _, W = payload
+    m = mid.shape[0]
+    i = iota(m)
+    j = r * m + i
+    if W == 0:  # one process: the segment is the block
+        pos = mx.where(did, mid, i)
+        return [take_rows(x, pos) for x in leaves], r * m + pos
+    p = (j >= row(Nb, 1)).astype(mx.int32)  # elementwise over the R − 1 boundaries (fuses)
+    for q in range(2, Rk):
+        p = p + (j >= row(Nb, q)).astype(mx.int32)
+    off = mx.where(p < r, W + j - (p + 1) * m, j - (p * m - W))
+    pos = mx.where(p == r, mid, m + p * (2 * W) + mx.clip(off, 0, 2 * W - 1))
+    pos = mx.where(did, pos, i)
+    idx = identity_or_rows(r * m, m, got[0], pos)
+    moved = [take_rows2(x, gx, pos) for x, gx in zip(leaves, got[1:])]
+    return moved, idx
 
 
-def _edges_short(Nb: mx.array, virt: tuple, hend: tuple, U: mx.array, m: int, Rk: int) -> mx.array:
-    """Whether some block boundary q·m (q = 1 … R − 1) is crossed by a segment further
-    than its owner's edges reach: q − 1's segment past q·m with slots before the last W of
-    q − 1's particles (N at the position before them past q·m), q's segment below q·m
-    with slots after its first W (N at the last of them below q·m), or any segment end
-    more than a block from its boundary."""
-    n = Rk * m
-    bq = mx.array([q * m for q in range(1, Rk)], dtype=mx.int32)
-    Nq = Nb[1:Rk]
-    Nv = R._points_below(virt[0][:Rk - 1], virt[1][:Rk - 1], U, n)
-    Nh = R._points_below(hend[0][1:], hend[1][1:], U, n)
-    short = mx.logical_or(mx.logical_and(Nq > bq, Nv > bq), mx.logical_and(Nq < bq, Nh < bq))
-    return mx.any(mx.logical_or(short, mx.abs(Nq - bq) > m))
-
-
-def _local_positions(lw: mx.array, ends: tuple, fused: bool, pads: tuple = (None, None)) -> tuple:
+def _local_positions(lw: mx.array, ends: tuple, fused: bool) -> tuple:
     """Global slot positions of this process's particles from ends[0] (before the first)
     to ends[1] (the last, exactly), ``ends`` = (int parts [2], fractions [2]), in
     proportion to its weights' running sums (uniform when every local weight is −inf,
     as the kernel and ``resampling._weights`` both do): the CUDA positions kernel
     (``fused``; double accumulation) or
-    :func:`~genmlx.inference.prefix_sums.slot_positions`. ``pads`` = (I, F) runs (or
-    None) placed before and after them."""
+    :func:`~genmlx.inference.prefix_sums.slot_positions`."""
     if fused:
         from genmlx.kernels.resample import positions_kernel
 
-        return positions_kernel(lw, ends) if pads == (None, None) else positions_kernel(lw, ends, pads)
+        return positions_kernel(lw, ends)
     w = R._weights(lw)
-    I, F = slot_positions(w, (ends[0][1], ends[1][1]), (ends[0][0], ends[1][0]))
-    if pads[0] is None and pads[1] is None:
-        return I, F
-    parts = [p for p in (pads[0], (I, F), pads[1]) if p is not None]
-    return mx.concatenate([p[0] for p in parts]), mx.concatenate([p[1] for p in parts])
+    return slot_positions(w, (ends[0][1], ends[1][1]), (ends[0][0], ends[1][0]))
 
 
 def _fused(lw: mx.array) -> bool:

@@ -122,16 +122,6 @@ def kernels() -> dict[str, tuple[str, str]]:
                                      ("gmax", "float32", 1)],
                                     [("pos_i", "int32"), ("pos_f", "float32")], KR._CUDA_SEGMENTS,
                                     KR._CUDA_HEADER),
-        "resample_positions_padded": render(
-            "genmlx_resample_positions_padded",
-            [("lw", "float32", 1), ("ends_i", "int32", 1), ("ends_f", "float32", 1), ("pad_i", "int32", 1),
-             ("pad_f", "float32", 1), ("meta", "int32", 1)],
-            [("pos_i", "int32"), ("pos_f", "float32")], KR._CUDA_POSITIONS_PADDED, KR._CUDA_HEADER),
-        "resample_segments_padded": render(
-            "genmlx_resample_segments_padded",
-            [("lw", "float32", 1), ("off_i", "int32", 1), ("off_f", "float32", 1), ("gmax", "float32", 1),
-             ("pad_i", "int32", 1), ("pad_f", "float32", 1), ("meta", "int32", 1)],
-            [("pos_i", "int32"), ("pos_f", "float32")], KR._CUDA_SEGMENTS_PADDED, KR._CUDA_HEADER),
         "resample_search": render("genmlx_resample_search",
                                   [("pos_i", "int32", 1), ("pos_f", "float32", 1), ("U", "float32", 1),
                                    ("meta", "int32", 1)],

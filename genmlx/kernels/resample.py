@@ -219,31 +219,6 @@ _CUDA_SEGMENTS = r"""
                         gmx_get_position(off_i, off_f, g + 1), pos_i, pos_f);
 """
 
-# padded outputs (sharded SMC's sync-free step): the row's positions at offset meta[0] of
-# an output of n + len(pad) entries, pad[:meta[0]] before them and pad[meta[0]:] after
-# (the neighbours' edge positions), copied by the first block
-_PAD_COPY = r"""
-  {
-    const long long n_ = lw_shape[0], EL_ = meta[0], EP_ = pad_i_shape[0];
-    for (long long i = threadIdx.x; i < EP_; i += blockDim.x) {
-      const long long o = i < EL_ ? i : n_ + i;
-      pos_i[o] = pad_i[i];
-      pos_f[o] = pad_f[i];
-    }
-  }
-"""
-
-
-def _padded(body: str) -> str:
-    """A positions kernel body that writes its row's positions from offset meta[0]."""
-    call = "pos_i, pos_f);"
-    assert body.count(call) == 1
-    return body.replace(call, "pos_i + meta[0], pos_f + meta[0]);")
-
-
-_CUDA_POSITIONS_PADDED = _PAD_COPY + _padded(_CUDA_POSITIONS)
-_CUDA_SEGMENTS_PADDED = "  if (blockIdx.x == 0) {" + _PAD_COPY + "  }\n" + _padded(_CUDA_SEGMENTS)
-
 _CUDA_SEARCH = r"""
   const int count = U_shape[0];
   const int n = pos_i_shape[0];
@@ -362,14 +337,6 @@ def _build(backend: str, which: str):
     if which == "segments":
         return B.build(backend, "genmlx_resample_segments", ("lw", "off_i", "off_f", "gmax"),
                        ("pos_i", "pos_f"), _CUDA_SEGMENTS, _CUDA_HEADER)
-    if which == "positions_padded":
-        return B.build(backend, "genmlx_resample_positions_padded", ("lw", "ends_i", "ends_f", "pad_i", "pad_f",
-                                                                     "meta"), ("pos_i", "pos_f"),
-                       _CUDA_POSITIONS_PADDED, _CUDA_HEADER)
-    if which == "segments_padded":
-        return B.build(backend, "genmlx_resample_segments_padded", ("lw", "off_i", "off_f", "gmax", "pad_i",
-                                                                    "pad_f", "meta"), ("pos_i", "pos_f"),
-                       _CUDA_SEGMENTS_PADDED, _CUDA_HEADER)
     return B.build(backend, "genmlx_resample_search", ("pos_i", "pos_f", "U", "meta"), ("anc",), _CUDA_SEARCH,
                    _CUDA_HEADER, row_contiguous=False)
 
@@ -386,30 +353,18 @@ def _ends(ends) -> tuple[mx.array, mx.array]:
     return mx.array([0, operator.index(ends)], dtype=mx.int32), mx.array([0.0, 0.0], dtype=mx.float32)
 
 
-def positions_kernel(log_weights: mx.array, ends, pads: tuple | None = None) -> tuple[mx.array, mx.array]:
+def positions_kernel(log_weights: mx.array, ends) -> tuple[mx.array, mx.array]:
     """Slot positions X_i = x₀ + (x₁ − x₀)·Σ_{k≤i} w_k / Σ_k w_k of softmax(log_weights)
     (CUDA), as (int32 [n], float32 fractions [n]), nondecreasing, the last exactly x₁;
     ``ends`` = m (x₀ = 0, x₁ = m) or (int parts [2], fractions [2]) of (x₀, x₁). One block
-    for n ≤ ``SPLIT_N``, else segment triples → segment offsets → segment scans.
-    ``pads`` = ((I, F) or None before, (I, F) or None after): the output is the positions
-    with those runs around them, ``concatenate([before, X, after])`` written in place."""
+    for n ≤ ``SPLIT_N``, else segment triples → segment offsets → segment scans."""
     n = log_weights.shape[0]
     f32, i32 = mx.float32, mx.int32
     ei, ef = _ends(ends)
-    extra, pad_in, tag = 0, [], ""
-    if pads is not None and any(p is not None for p in pads):
-        lo, hi = pads
-        parts = [p for p in (lo, hi) if p is not None]
-        pad_i = mx.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
-        pad_f = mx.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
-        extra, tag = int(pad_i.shape[0]), "_padded"
-        pad_in = [pad_i.astype(i32), pad_f.astype(f32),
-                  mx.array([0 if lo is None else int(lo[0].shape[0])], dtype=i32)]
-    out = [(n + extra,), (n + extra,)]
     if n <= SPLIT_N:
-        pi, pf = _build("cuda", "positions" + tag)(inputs=[log_weights, ei, ef] + pad_in, output_shapes=out,
-                                                   output_dtypes=[i32, f32], grid=(_SCAN_THREADS, 1, 1),
-                                                   threadgroup=(_SCAN_THREADS, 1, 1))
+        pi, pf = _build("cuda", "positions")(inputs=[log_weights, ei, ef], output_shapes=[(n,), (n,)],
+                                             output_dtypes=[i32, f32], grid=(_SCAN_THREADS, 1, 1),
+                                             threadgroup=(_SCAN_THREADS, 1, 1))
         return pi, pf
     from genmlx.kernels import weights as W
 
@@ -421,9 +376,9 @@ def positions_kernel(log_weights: mx.array, ends, pads: tuple | None = None) -> 
                                              output_shapes=[(G + 1,), (G + 1,), (1,)],
                                              output_dtypes=[i32, f32, f32], grid=(_SCAN_THREADS, 1, 1),
                                              threadgroup=(_SCAN_THREADS, 1, 1))
-    pi, pf = _build("cuda", "segments" + tag)(inputs=[log_weights, oi, of, gmax] + pad_in, output_shapes=out,
-                                              output_dtypes=[i32, f32], grid=(G * _SCAN_THREADS, 1, 1),
-                                              threadgroup=(_SCAN_THREADS, 1, 1))
+    pi, pf = _build("cuda", "segments")(inputs=[log_weights, oi, of, gmax], output_shapes=[(n,), (n,)],
+                                        output_dtypes=[i32, f32], grid=(G * _SCAN_THREADS, 1, 1),
+                                        threadgroup=(_SCAN_THREADS, 1, 1))
     return pi, pf
 
 

@@ -14,13 +14,13 @@ coherent (each particle's score equals the log joint of its own path).
 
 The fused sharded SMC path (``Shards.step_resample`` / ``descent`` / ``take_rows_each``):
 on a group of one process it draws exactly what ``smc`` draws (every scheme); on two
-processes the sync-free systematic step makes one collective every time step, the exact
+processes the sync-free systematic step makes two collectives every time step, the exact
 path and the other schemes ONE without a resampling and at most two with one (counted by
 wrapping ``mx.distributed``'s collectives), the cross-process row gathers equal the
 gather-everything reference, and the rebuilt paths are coherent. The sync-free step
 equals the exact path bit for bit (several seeds, forced small windows), tiny windows
 overflow into a rerun on the exact path, and its time loop makes no host read (counted
-by wrapping the array-to-host conversions); on R = 2, 3, 4 virtual processes its edges
+by wrapping the array-to-host conversions); on R = 2, 3, 4 virtual processes its windows
 give R.systematic's ancestors and the overflow flag is exact.
 """
 
@@ -534,8 +534,8 @@ def test_smc_rejuvenation_and_callback_see_local_resolved_particles(two_ranks):
 
 
 def test_fused_smc_one_collective_per_step(two_ranks):
-    """Per step: systematic (sync-free) ONE collective whether or not it resamples (the
-    weight summaries with the edge particles, packed); the exact systematic path and other schemes ONE
+    """Per step: systematic (sync-free) TWO collectives whether or not it resamples (the
+    weight summary; the packed windows); the exact systematic path and other schemes ONE
     without a resampling (the summary or the log-weights), at most two with one (plus
     the carry rows); the end of the run: the ancestors' halos with the log-weights, the
     halo check, the kept arrays' bounds and rows."""
@@ -544,7 +544,7 @@ def test_fused_smc_one_collective_per_step(two_ranks):
             steps, did = c["steps"], c["resampled"]
             assert len(steps) == len(YS) and any(did), (scheme, did)
             if scheme == "systematic":
-                assert all(k == 1 for k in steps), steps
+                assert all(k == 2 for k in steps), steps
             else:
                 assert all(k == 1 for d, k in zip(did, steps) if not d), (scheme, steps)
                 assert all(1 <= k <= 2 for d, k in zip(did, steps) if d), (scheme, steps)
@@ -909,15 +909,14 @@ def test_local_systematic_counts_equal_systematic_on_all_weights(R):
 
 
 @pytest.mark.parametrize("R", [2, 3, 4])
-def test_sync_free_edges_on_virtual_processes(R):
-    """_edge_pack / _sync_free_finish on R virtual processes (the packed gather replaced
-    by concatenation): where every slot in another process's block descends from one of
-    its owner's first or last W particles, the blocks hold R.systematic's ancestors on the
-    concatenated weights and the carry rows they name; ``overflow`` is set exactly when
-    some slot's ancestor lies outside its owner's edges (then the exact path redoes the
-    run); without a resampling the identity."""
+def test_sync_free_windows_on_virtual_processes(R):
+    """_sync_free_search / _sync_free_assemble on R virtual processes (the packed gather
+    replaced by concatenation): where no segment passes its W-slot windows the blocks hold
+    R.systematic's ancestors on the concatenated weights and the carry rows they name;
+    ``overflow`` is set exactly when some slot lies outside the windows (then the exact
+    path redoes the run); without a resampling the identity."""
     from genmlx.inference import resampling as RS
-    from genmlx.inference.sharded import _edge_pack, _sync_free_finish
+    from genmlx.inference.sharded import _sync_free_assemble, _sync_free_search
 
     m = 24
     n = R * m
@@ -931,32 +930,34 @@ def test_sync_free_edges_on_virtual_processes(R):
         xs = [mx.random.normal((m, 2), key=mx.random.key(7 * r + case)) for r in range(R)]
         k_res = mx.random.key(500 + case)
         glw = mx.concatenate(lws)
-        ref = np.array(RS.systematic(k_res, glw, n))
+        ref = RS.systematic(k_res, glw, n)
         for W in (1, 3, 8, m):
             for thr in (1.0, 0.0):
                 pay = [(None, R, r, thr, False, W) for r in range(R)]
-                packs = [_edge_pack(pay[r], lws[r], stats[r], [xs[r]]) for r in range(R)]
-                got = [mx.concatenate([p[i] for p in packs]) for i in range(3)]
-                outs = [_sync_free_finish(pay[r], k_res, lws[r], [xs[r]], got) for r in range(R)]
-                idx = mx.concatenate([o[1] for o in outs])
-                moved = mx.concatenate([o[0][0] for o in outs])
-                ovf = [bool(o[5]) for o in outs]
+                outs = [_sync_free_search(pay[r], k_res, lws[r], stats, [xs[r]]) for r in range(R)]
+                Nb = np.array(outs[0][3])
+                got = [mx.concatenate([o[6][i] for o in outs]) for i in range(2)]
+                blocks = [_sync_free_assemble(pay[r], o[1], o[3], o[5], [xs[r]], got)
+                          for r, o in enumerate(outs)]
+                idx = mx.concatenate([b[1] for b in blocks])
+                moved = mx.concatenate([b[0][0] for b in blocks])
+                ovf = [bool(o[4]) for o in outs]
                 assert len(set(ovf)) == 1
                 if thr == 0.0:  # no resampling: the identity
                     assert not ovf[0] and mx.array_equal(idx, mx.arange(n))
                     assert mx.array_equal(moved, mx.concatenate(xs))
                     continue
-                # ground truth: a slot in another process's block whose ancestor is not
-                # among its owner's first W (owner above) or last W (owner below)
-                own, blk = ref // m, np.arange(n) // m
-                loc = ref - own * m
-                short = ((own == blk - 1) & (loc < m - W)) | ((own == blk + 1) & (loc >= W)) \
-                    | (np.abs(own - blk) > 1)
-                assert ovf[0] == bool(np.any(short)), (case, W)
+                # ground truth: a slot whose owner is another process, outside its window
+                owner = np.searchsorted(Nb, np.arange(n), side="right") - 1
+                j = np.arange(n)
+                blk = j // m
+                out_hi = (owner < blk) & (j - (owner + 1) * m >= W)
+                out_lo = (owner > blk) & (j < owner * m - W)
+                assert ovf[0] == bool(np.any(out_hi | out_lo)), (case, W)
                 seen.add(ovf[0])
                 if not ovf[0]:
-                    assert np.array_equal(np.array(idx), ref), (case, W)
-                    assert mx.array_equal(moved, mx.concatenate(xs)[mx.array(ref)])
+                    assert mx.array_equal(idx, ref), (case, W)
+                    assert mx.array_equal(moved, mx.concatenate(xs)[ref])
     assert seen == {True, False}
 
 

@@ -470,25 +470,6 @@ def test_gpu_positions_kernel_against_float64():
 
 
 @needs_gpu
-def test_gpu_positions_kernel_with_pads_is_the_concatenation():
-    """Sharded SMC's padded positions (a neighbour's edge positions before and/or after a
-    process's own, written by the same kernel in one output): bit for bit
-    ``concatenate([before, positions, after])``, one block and multi-block."""
-    _cuda_only()
-    ends = (mx.array([1000, 301_000], dtype=mx.int32), mx.array([0.25, 0.5], dtype=mx.float32))
-    for n in (1000, KR.SPLIT_N + 1001):
-        lw = mx.array(S.cases(n)["normal"])
-        pi, pf = KR.positions_kernel(lw, ends)
-        lo = (mx.arange(5, dtype=mx.int32) + 990, mx.linspace(0.1, 0.9, 5))
-        hi = (mx.arange(3, dtype=mx.int32) + 301_000, mx.array([0.6, 0.7, 0.8]))
-        for pads in ((lo, hi), (lo, None), (None, hi)):
-            qi, qf = KR.positions_kernel(lw, ends, pads)
-            parts = [p for p in (pads[0], (pi, pf), pads[1]) if p is not None]
-            assert mx.array_equal(qi, mx.concatenate([p[0] for p in parts])).item(), (n, pads is None)
-            assert mx.array_equal(qf, mx.concatenate([p[1] for p in parts])).item(), n
-
-
-@needs_gpu
 def test_gpu_search_kernel_exact_on_given_positions():
     """The search kernel fed slot positions reproduces the reference's counting on the
     same positions bit for bit (whole rows and runs of slots)."""
