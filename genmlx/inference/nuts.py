@@ -385,7 +385,7 @@ def _doubling(vg, dense, max_depth, j, t: Tree, key, eps, minv, draws=None) -> T
     pieces = [t.ul, cp, t.ul, lp0, h0]  # point 0: the start (only its p is read)
     for _ in range(n):
         cu, cp, cg, clp, ph = leapfrog_half(vg, cu, cp, cg, e, minv, dense)
-        pieces += [cu, ph, cg, clp[:, None], e * 0.5]
+        pieces += [cu, ph, cg, _col(clp), e * 0.5]
     pieces += [t.ul, far, t.ul, lp0, h0, t.ul, t.psum, t.ul, lp0, h0]  # the far end and Σ as points
     X, P = _points(pieces, c, n + 3, d)
     gram = _gram(P, minv, dense)
@@ -434,6 +434,11 @@ def _momenta(X: mx.array, d: int) -> mx.array:
     """p = p½ + g·ε/2 from stacked points X [..., 3D + 2] (p½ where ε/2 = 0)."""
     ph, h = X[..., d:2 * d], X[..., 3 * d + 1:]
     return mx.where(h == 0, ph, ph + X[..., 2 * d:3 * d] * h)
+
+
+def _col(lp: mx.array) -> mx.array:
+    """log π per chain as a column [C, 1] (given so by ``value_and_grad_col``: no view)."""
+    return lp if lp.ndim == 2 else lp[:, None]
 
 
 def _zeros(c: int) -> mx.array:
@@ -638,7 +643,7 @@ def _prefix(vg, dense, max_depth, F, key, u, lp, g, eps, minv, mfac):
             cu, cp, cg = mx.where(h, ui, cu), mx.where(h, pi, cp), mx.where(h, gi, cg)
         for _ in range(2**j):
             cu, cp, cg, clp, ph = leapfrog_half(vg, cu, cp, cg, es[j], minv, dense)
-            pieces += [cu, ph, cg, clp[:, None], es[j] * 0.5]
+            pieces += [cu, ph, cg, _col(clp), es[j] * 0.5]
         pts += [None] * (2**j - 1) + [(cu, cp, cg)]
     X, P = _points(pieces, c, n, d)  # point i: u, p½, g, log π, ε/2
     LP = X[:, :, 3 * d]
@@ -753,6 +758,7 @@ class NUTSKernel:
         f = self._fns.get(k)
         if f is None:
             vg, md = self.density.value_and_grad, self.max_depth
+            vgc = self.density.value_and_grad_col  # log π as a column: stacked as one
             ns = len(Sub._fields) - 5
             nh = self.n_hi
 
@@ -761,10 +767,10 @@ class NUTSKernel:
                 return Sub(*rest[:ns], *cks), rest[ns + 5 * nh:]
 
             if kind == "first":
-                f = mx.compile(partial(_prefix, vg, dense, md, static[0]))
+                f = mx.compile(partial(_prefix, vgc, dense, md, static[0]))
             elif kind == "small":
                 j = static[0]
-                f = mx.compile(lambda *a: _small(vg, dense, md, j, Tree(*a[:17]), *a[17:]))
+                f = mx.compile(lambda *a: _small(vgc, dense, md, j, Tree(*a[:17]), *a[17:]))
             elif kind == "merge":
                 def merge_only(*a):
                     s, (kj, b, minv) = sub_of(a[17:])
