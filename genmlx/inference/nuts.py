@@ -520,15 +520,16 @@ def _outputs(t: Tree) -> list:
     return list(t) + [mx.any(t.active), t.accsum / mx.maximum(t.nsteps, 1)]
 
 
-def _prefix_masks(F: int) -> mx.array:
+def _prefix_masks(F: int, sub: bool = False) -> mx.array:
     """The point masks of the vectorized prefix of doublings 0..F over its n = 2^(F+1)
     points (point 0 the start, doubling j the points [2^j, 2^(j+1)) in integration
     order), [2F + 3, n] bool: doubling j's points (rows 0..F), the trajectory before
-    doubling j (rows F + 1 .. 2F + 1), all points (last row)."""
+    doubling j (rows F + 1 .. 2F + 1), all points (last row). ``sub``: rows 0..F only
+    (their own constant: no slice in the graph)."""
     idx = np.arange(2 ** (F + 1))
-    sub = [(idx >= 2**j) & (idx < 2 ** (j + 1)) for j in range(F + 1)]
+    subs = [(idx >= 2**j) & (idx < 2 ** (j + 1)) for j in range(F + 1)]
     before = [idx < 2**j for j in range(F + 1)]
-    return mx.array(np.stack(sub + before + [idx >= 0]))
+    return mx.array(np.stack(subs if sub else subs + before + [idx >= 0]))
 
 
 class _Checks(NamedTuple):
@@ -581,15 +582,15 @@ def _prefix_checks(F: int) -> _Checks:
 
 def _trajectory_ends(fwd: mx.array, F: int) -> mx.array:
     """The old ends of the trajectory before each doubling j as point indices, [C, 2,
-    F + 1] float (from the directions ``fwd`` [C, F + 1]): ν_j (near, on doubling j's
-    side: where it starts) and φ_j (far). The trajectory's end on a side is the last
+    F + 1, 1] float (kept dims: no Squeeze; from the directions ``fwd`` [C, F + 1]):
+    ν_j (near, on doubling j's side: where it starts) and φ_j (far). The trajectory's end on a side is the last
     point E_i = 2^(i+1) − 1 of the latest doubling i that went that way (point 0 if
     none): ν_j = max{E_i : i < j, f_i = f_j}, φ_j = max{E_i : i < j, f_i ≠ f_j}."""
     i = np.arange(F + 1)
     earlier = mx.array((i[None, :] < i[:, None])[None, None])  # [1, 1, j, i]
     side = mx.array(np.array([True, False])[None, :, None, None])  # ν, φ
     same = fwd[:, None, :, None] == fwd[:, None, None, :]  # [C, 1, j, i]
-    return mx.max(mx.where(earlier & (same == side), mx.array(_ends_of(F)), 0.0), axis=-1)
+    return mx.max(mx.where(earlier & (same == side), mx.array(_ends_of(F)), 0.0), axis=-1, keepdims=True)
 
 
 def _ends_of(F: int) -> np.ndarray:
@@ -628,13 +629,14 @@ def _prefix(vg, dense, max_depth, F, key, u, lp, g, eps, minv, mfac):
     n, (c, d) = 2 ** (F + 1), u.shape
     R = mx.random.uniform(shape=(n + 2 * (F + 1), c), key=row(ks, 0)).T  # [C, ·]
     fwd, ut = R[:, n:n + F + 1] < 0.5, R[:, n + F + 1:]
-    ends = _trajectory_ends(fwd, F)  # [C, 2, F + 1]: ν_j, φ_j
+    ends = _trajectory_ends(fwd, F)  # [C, 2, F + 1, 1]: ν_j, φ_j
     E = _ends_of(F)
     # hit[j][i]: doubling j starts at E_i (from an earlier doubling i), else at point 0
-    hit = _columns((ends[:, 0, :, None] == mx.array(E)).reshape(c, (F + 1) ** 2))
+    hit = _columns((ends[:, :1] == mx.array(E)).reshape(c, (F + 1) ** 2))
     es = _columns(mx.where(fwd, eps[:, None], -eps[:, None]))  # ±ε per doubling
     pts = [(u, t.pl, g)]
-    pieces = [u, t.pl, g, lp[:, None], _zeros(c)]
+    lp1 = lp[:, None]
+    pieces = [u, t.pl, g, lp1, _zeros(c)]
     for j in range(F + 1):
         cu, cp, cg = pts[0]
         for i in range(j):
@@ -650,25 +652,29 @@ def _prefix(vg, dense, max_depth, F, key, u, lp, g, eps, minv, mfac):
     gram = _gram(P, minv, dense)  # [C, n, n]: Γ_li = p_l·M⁻¹p_i
     kin = mx.as_strided(gram, (c, n), (n * n, n + 1))  # 2·(kinetic energy) per point
     ii, fi = _leaf_index(n), mx.array(np.arange(n, dtype=np.float32))
-    dh = (0.5 * kin - LP) - t.h0[:, None]
+    h0 = -lp1 + 0.5 * mx.sum(t.pl * velocity(t.pl, minv, dense), axis=-1, keepdims=True)  # t.h0 as [C, 1]
+    dh = (0.5 * kin - LP) - h0
     lw = mx.where(ii == 0, 0.0, -mx.where(mx.isnan(dh), mx.inf, dh))  # log weight per point
     zd = mx.min(mx.where(lw < -MAX_ENERGY_ERROR, 2 * ii, 2 * n), axis=1, keepdims=True)  # 2·first divergence
     ck = _prefix_checks(F)
     m = ck.S.shape[0]
-    sel = mx.matmul(ends.reshape(c, 2 * (F + 1)), mx.array(ck.M.T)) + mx.array(ck.K)  # [C, 3m]
-    S = mx.array(ck.S) + (fi == sel[:, :m, None])  # [C, m, n]
+    flat_ends = ends.reshape(c, 2 * (F + 1), 1)  # (ν_0..ν_F, φ_0..φ_F) as a column per chain
+    sel = mx.matmul(mx.array(ck.M), flat_ends) + mx.array(ck.K[:, None])  # [C, 3m, 1] (small integers: exact)
+    S = mx.array(ck.S) + (fi == sel[:, :m])  # [C, m, n]
     SG = _mm(S, _finite(gram))  # [C, m, n]: ρ_k·M⁻¹p_i
-    ab = mx.sum(mx.where(fi == sel[:, m:].reshape(c, 2, m, 1), SG[:, None], 0.0), axis=-1)
-    turned = (ab[:, 0] <= 0) | (ab[:, 1] <= 0)  # [C, m]
-    z = mx.minimum(mx.min(mx.where(turned, mx.array(ck.code), 2 * n), axis=1, keepdims=True), zd)
+    ab = mx.sum(mx.where(fi == sel[:, m:].reshape(c, 2, m, 1), SG[:, None], 0.0), axis=-1, keepdims=True)
+    aa, ab = mx.split(ab, 2, axis=1)  # [C, 1, m, 1]: the criterion at either end
+    turned = (aa <= 0) | (ab <= 0)
+    z = mx.minimum(mx.min(mx.where(turned, mx.array(ck.code[:, None]), 2 * n), axis=(1, 2)), zd)  # [C, 1]
     if max_depth <= F + 1:  # the depth cap stops the chain after doubling max_depth − 1
         z = mx.minimum(z, 2 ** (max_depth + 1) - 1)
     masks = _prefix_masks(F)
     W = mx.logsumexp(mx.where(masks, lw[:, None], -mx.inf), axis=-1)  # [C, 2F + 3]
+    w_sub, w_before, w_all = mx.split(W, [F + 1, 2 * F + 2], axis=1)
     gumbel = -mx.log(-mx.log(R[:, :n]))
-    pick = mx.argmax(mx.where(masks[:F + 1], (lw + gumbel)[:, None], -mx.inf), axis=-1)  # [C, F + 1]
+    pick = mx.argmax(mx.where(_prefix_masks(F, sub=True), (lw + gumbel)[:, None], -mx.inf), axis=-1)  # [C, F + 1]
     good = z >= mx.array((2 ** np.arange(2, F + 3) - 1).astype(np.int32))  # doubling j accepted
-    take = good & (mx.log(ut) < W[:, :F + 1] - W[:, F + 1:2 * F + 2])
+    take = good & (mx.log(ut) < w_sub - w_before)
     idx = mx.max(mx.where(take, pick.astype(mx.int32), 0), axis=1, keepdims=True)  # latest taking
     last = mx.minimum(z // 2, n - 1)  # [C, 1]: the last point counted
     depth = sum((last >= 2**i).astype(mx.int32) for i in range(F + 1))
@@ -676,13 +682,13 @@ def _prefix(vg, dense, max_depth, F, key, u, lp, g, eps, minv, mfac):
     accsum = mx.sum(mx.where(on, mx.exp(mx.minimum(lw, 0.0)), 0.0), axis=1)
     diverging = (zd == 2 * last)  # the first divergence is counted (no stop before it)
     at = mx.where(_leaf_index(3) == 0, idx,  # the proposal, the left and the right end
-                  mx.where(fwd[:, F:] == (_leaf_index(3) == 2), E[F], ends[:, 1, F:]).astype(mx.int32))
+                  mx.where(fwd[:, F:] == (_leaf_index(3) == 2), E[F], flat_ends[:, 2 * F + 1]).astype(mx.int32))
     Y = mx.take_along_axis(X, at[:, :, None], axis=1)  # [C, 3, 3D + 2]
     pl, pr = mx.split(_momenta(Y[:, 1:], d).reshape(c, 2 * d), 2, axis=1)
     (up, _, gp, lpp, _, ul, _, gl, _, _, ur, _, gr, _, _) = mx.split(
         Y.reshape(c, -1), np.cumsum([d, d, d, 1, 1] * 3)[:-1].tolist(), axis=1)
-    t = Tree(ul, pl, gl, ur, pr, gr, up, lpp.reshape(c), gp, W[:, 2 * F + 2], mx.sum(P, axis=1),
-             t.h0, (z == 2 * n).reshape(c), diverging.reshape(c), depth.reshape(c), last.reshape(c), accsum)
+    t = Tree(ul, pl, gl, ur, pr, gr, up, lpp.reshape(c), gp, w_all.reshape(c), mx.sum(P, axis=1),
+             h0.reshape(c), (z == 2 * n).reshape(c), diverging.reshape(c), depth.reshape(c), last.reshape(c), accsum)
     return _outputs(t) + [mx.max(depth)]
 
 
