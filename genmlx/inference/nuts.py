@@ -394,8 +394,8 @@ def _doubling(vg, dense, max_depth, j, t: Tree, key, eps, minv, draws=None) -> T
     ii = mx.array(np.arange(1, n + 1, dtype=np.int32))
     zd = mx.min(mx.where(lw < -MAX_ENERGY_ERROR, 2 * ii, 2 * n + 2), axis=1, keepdims=True)
     ck = _doubling_checks(j)
-    SG = _mm(mx.array(ck.S), _finite(gram))  # [C, m, n + 3]: ρ_k·M⁻¹p_i
-    ab = mx.take_along_axis(SG, mx.array(ck.ends), axis=2)  # [C, m, 2]
+    SG = _mm(_per_chain(ck.S, c), _finite(gram))  # [C, m, n + 3]: ρ_k·M⁻¹p_i
+    ab = mx.take_along_axis(SG, _per_chain(ck.ends[0], c), axis=2)  # [C, m, 2]
     z = mx.min(mx.where(mx.min(ab, axis=2) <= 0, mx.array(ck.code), 2 * n + 2), axis=1, keepdims=True)
     z = mx.minimum(z, zd)
     ok = t.active[:, None] & (z > 2 * n)
@@ -434,6 +434,12 @@ def _momenta(X: mx.array, d: int) -> mx.array:
     """p = p½ + g·ε/2 from stacked points X [..., 3D + 2] (p½ where ε/2 = 0)."""
     ph, h = X[..., d:2 * d], X[..., 3 * d + 1:]
     return mx.where(h == 0, ph, ph + X[..., 2 * d:3 * d] * h)
+
+
+def _per_chain(a: np.ndarray, c: int) -> mx.array:
+    """A constant table repeated for C chains, [C, *a.shape]: an operand of a batched
+    matmul or gather that needs no Broadcast node."""
+    return mx.array(np.ascontiguousarray(np.broadcast_to(a, (c,) + a.shape)))
 
 
 def _col(lp: mx.array) -> mx.array:
@@ -659,7 +665,7 @@ def _prefix(vg, dense, max_depth, F, key, u, lp, g, eps, minv, mfac):
     ck = _prefix_checks(F)
     m = ck.S.shape[0]
     flat_ends = ends.reshape(c, 2 * (F + 1), 1)  # (ν_0..ν_F, φ_0..φ_F) as a column per chain
-    sel = mx.matmul(mx.array(ck.M), flat_ends) + mx.array(ck.K[:, None])  # [C, 3m, 1] (small integers: exact)
+    sel = mx.matmul(_per_chain(ck.M, c), flat_ends) + mx.array(ck.K[:, None])  # [C, 3m, 1] (small integers: exact)
     S = mx.array(ck.S) + (fi == sel[:, :m])  # [C, m, n]
     SG = _mm(S, _finite(gram))  # [C, m, n]: ρ_k·M⁻¹p_i
     ab = mx.sum(mx.where(fi == sel[:, m:].reshape(c, 2, m, 1), SG[:, None], 0.0), axis=-1, keepdims=True)
