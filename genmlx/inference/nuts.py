@@ -382,14 +382,14 @@ def _doubling(vg, dense, max_depth, j, t: Tree, key, eps, minv, draws=None) -> T
     e = mx.where(f, eps[:, None], -eps[:, None])
     cu, cp, cg = mx.where(f, t.ur, t.ul), mx.where(f, t.pr, t.pl), mx.where(f, t.gr, t.gl)
     far, lp0, h0 = mx.where(f, t.pl, t.pr), t.logw[:, None], _zeros(c)
-    pieces = [t.ul, cp, t.ul, lp0, h0]  # point 0: the start (only its p is read)
+    pieces = [t.ul, t.ul, lp0, cp, h0]  # point 0: the start (only its p is read)
     for _ in range(n):
         cu, cp, cg, clp, ph = leapfrog_half(vg, cu, cp, cg, e, minv, dense)
-        pieces += [cu, ph, cg, _col(clp), e * 0.5]
-    pieces += [t.ul, far, t.ul, lp0, h0, t.ul, t.psum, t.ul, lp0, h0]  # the far end and Σ as points
+        pieces += [cu, cg, _col(clp), ph, e * 0.5]
+    pieces += [t.ul, t.ul, lp0, far, h0, t.ul, t.ul, lp0, t.psum, h0]  # the far end and Σ as points
     X, P = _points(pieces, c, n + 3, d)
     gram = _gram(P, minv, dense)
-    dh = 0.5 * mx.as_strided(gram, (c, n), ((n + 3) ** 2, n + 4), n + 4) - X[:, 1:n + 1, 3 * d] - t.h0[:, None]
+    dh = 0.5 * mx.as_strided(gram, (c, n), ((n + 3) ** 2, n + 4), n + 4) - X[:, 1:n + 1, 2 * d] - t.h0[:, None]
     lw = -mx.where(mx.isnan(dh), mx.inf, dh)  # [C, n]: log weight per leaf
     ii = mx.array(np.arange(1, n + 1, dtype=np.int32))
     zd = mx.min(mx.where(lw < -MAX_ENERGY_ERROR, 2 * ii, 2 * n + 2), axis=1, keepdims=True)
@@ -403,8 +403,8 @@ def _doubling(vg, dense, max_depth, j, t: Tree, key, eps, minv, draws=None) -> T
     idx = mx.argmax(lw - mx.log(-mx.log(r[:, :n])), axis=1, keepdims=True).astype(mx.int32) + 1
     logw_t = t.logw[:, None]
     take = ok & (mx.log(r[:, -1:]) < logw_b - logw_t)
-    up, _, gp, lpp, _ = mx.split(mx.take_along_axis(X, idx[:, :, None], axis=1).reshape(c, 3 * d + 2),
-                                 [d, 2 * d, 3 * d, 3 * d + 1], axis=1)
+    up, gp, lpp, _ = mx.split(mx.take_along_axis(X, idx[:, :, None], axis=1).reshape(c, 3 * d + 2),
+                              [d, 2 * d, 2 * d + 1], axis=1)
     right, left = ok & f, ok & ~f
     last = mx.minimum(z // 2, n)  # the last leaf counted
     on = t.active[:, None] & (ii <= last)
@@ -423,17 +423,18 @@ def _doubling(vg, dense, max_depth, j, t: Tree, key, eps, minv, draws=None) -> T
 
 
 def _points(pieces: list, c: int, n: int, d: int):
-    """The points (u, p½, g, log π and ε/2 as [C, 1]) of ``pieces`` stacked per chain by
-    one concatenation: X [C, n, 3D + 2] and the momenta P = p½ + g·ε/2 [C, n, D] (p½
-    itself where ε/2 = 0: the points that are not leapfrog leaves)."""
+    """The points (u, g, log π as [C, 1], p½, ε/2 as [C, 1]) of ``pieces`` stacked per
+    chain by one concatenation: X [C, n, 3D + 2] and the momenta P = p½ + g·ε/2 [C, n, D]
+    (p½ itself where ε/2 = 0: the points that are not leapfrog leaves). In this order
+    the fields a tree keeps of a point (u, g, log π) are adjacent."""
     X = mx.concatenate(pieces, axis=1).reshape(c, n, 3 * d + 2)
     return X, _momenta(X, d)
 
 
 def _momenta(X: mx.array, d: int) -> mx.array:
     """p = p½ + g·ε/2 from stacked points X [..., 3D + 2] (p½ where ε/2 = 0)."""
-    ph, h = X[..., d:2 * d], X[..., 3 * d + 1:]
-    return mx.where(h == 0, ph, ph + X[..., 2 * d:3 * d] * h)
+    ph, h = X[..., 2 * d + 1:3 * d + 1], X[..., 3 * d + 1:]
+    return mx.where(h == 0, ph, ph + X[..., d:2 * d] * h)
 
 
 def _per_chain(a: np.ndarray, c: int) -> mx.array:
@@ -642,7 +643,7 @@ def _prefix(vg, dense, max_depth, F, key, u, lp, g, eps, minv, mfac):
     es = _columns(mx.where(fwd, eps[:, None], -eps[:, None]))  # ±ε per doubling
     pts = [(u, t.pl, g)]
     lp1 = lp[:, None]
-    pieces = [u, t.pl, g, lp1, _zeros(c)]
+    pieces = [u, g, lp1, t.pl, _zeros(c)]
     for j in range(F + 1):
         cu, cp, cg = pts[0]
         for i in range(j):
@@ -651,10 +652,10 @@ def _prefix(vg, dense, max_depth, F, key, u, lp, g, eps, minv, mfac):
             cu, cp, cg = mx.where(h, ui, cu), mx.where(h, pi, cp), mx.where(h, gi, cg)
         for _ in range(2**j):
             cu, cp, cg, clp, ph = leapfrog_half(vg, cu, cp, cg, es[j], minv, dense)
-            pieces += [cu, ph, cg, _col(clp), es[j] * 0.5]
+            pieces += [cu, cg, _col(clp), ph, es[j] * 0.5]
         pts += [None] * (2**j - 1) + [(cu, cp, cg)]
-    X, P = _points(pieces, c, n, d)  # point i: u, p½, g, log π, ε/2
-    LP = X[:, :, 3 * d]
+    X, P = _points(pieces, c, n, d)  # point i: u, g, log π, p½, ε/2
+    LP = X[:, :, 2 * d]
     gram = _gram(P, minv, dense)  # [C, n, n]: Γ_li = p_l·M⁻¹p_i
     kin = mx.as_strided(gram, (c, n), (n * n, n + 1))  # 2·(kinetic energy) per point
     ii, fi = _leaf_index(n), mx.array(np.arange(n, dtype=np.float32))
@@ -690,9 +691,10 @@ def _prefix(vg, dense, max_depth, F, key, u, lp, g, eps, minv, mfac):
     at = mx.where(_leaf_index(3) == 0, idx,  # the proposal, the left and the right end
                   mx.where(fwd[:, F:] == (_leaf_index(3) == 2), E[F], flat_ends[:, 2 * F + 1]).astype(mx.int32))
     Y = mx.take_along_axis(X, at[:, :, None], axis=1)  # [C, 3, 3D + 2]
-    pl, pr = mx.split(_momenta(Y[:, 1:], d).reshape(c, 2 * d), 2, axis=1)
-    (up, _, gp, lpp, _, ul, _, gl, _, _, ur, _, gr, _, _) = mx.split(
-        Y.reshape(c, -1), np.cumsum([d, d, d, 1, 1] * 3)[:-1].tolist(), axis=1)
+    _, pl, pr = mx.split(_momenta(Y, d).reshape(c, 3 * d), 3, axis=1)
+    k = 3 * d + 2  # one split of ≤ 10 parts (one Split node; MLX slices one of more)
+    up, gp, lpp, _, ul, gl, _, ur, gr, _ = mx.split(
+        Y.reshape(c, -1), [d, 2 * d, 2 * d + 1, k, k + d, k + 2 * d, 2 * k, 2 * k + d, 2 * k + 2 * d], axis=1)
     t = Tree(ul, pl, gl, ur, pr, gr, up, lpp.reshape(c), gp, w_all.reshape(c), mx.sum(P, axis=1),
              h0.reshape(c), (z == 2 * n).reshape(c), diverging.reshape(c), depth.reshape(c), last.reshape(c), accsum)
     return _outputs(t) + [mx.max(depth)]
