@@ -405,14 +405,13 @@ def _doubling(vg, dense, max_depth, j, t: Tree, key, eps, minv, draws=None) -> T
     take = ok & (mx.log(r[:, -1:]) < logw_b - logw_t)
     up, gp, lpp, _ = mx.split(mx.take_along_axis(X, idx[:, :, None], axis=1).reshape(c, 3 * d + 2),
                               [d, 2 * d, 2 * d + 1], axis=1)
-    right, left = ok & f, ok & ~f
     last = mx.minimum(z // 2, n)  # the last leaf counted
     on = t.active[:, None] & (ii <= last)
     depth = t.depth + t.active.astype(mx.int32)
     active = t.active[:, None] & (z == 2 * n + 2) & (depth[:, None] < max_depth)
     return Tree(
-        mx.where(left, cu, t.ul), mx.where(left, cp, t.pl), mx.where(left, cg, t.gl),
-        mx.where(right, cu, t.ur), mx.where(right, cp, t.pr), mx.where(right, cg, t.gr),
+        *_new_end(ok, f, False, (cu, cp, cg), (t.ul, t.pl, t.gl)),
+        *_new_end(ok, f, True, (cu, cp, cg), (t.ur, t.pr, t.gr)),
         mx.where(take, up, t.uprop), mx.where(take, lpp, t.lpprop[:, None]).reshape(c), mx.where(take, gp, t.gprop),
         mx.where(ok, mx.logaddexp(logw_t, logw_b), logw_t).reshape(c),
         mx.where(ok, t.psum + mx.sum(P[:, 1:n + 1], axis=1), t.psum), t.h0, active.reshape(c),
@@ -420,6 +419,14 @@ def _doubling(vg, dense, max_depth, j, t: Tree, key, eps, minv, draws=None) -> T
         t.nsteps + mx.where(t.active[:, None], last, 0).reshape(c),
         t.accsum + mx.sum(mx.where(on, mx.exp(mx.minimum(lw, 0.0)), 0.0), axis=1),
     )
+
+
+def _new_end(ok, fwd, right: bool, new: tuple, old: tuple) -> list:
+    """The trajectory's end on one side after a doubling: ``new`` where the doubling was
+    accepted (``ok``) and went that way (``fwd`` [C, 1] == ``right``), else ``old``. Each
+    field's mask is written inside its own select (no shared ok & f node: that would be
+    one more kernel, as it feeds three outputs)."""
+    return [mx.where(ok, mx.where(fwd, a, b) if right else mx.where(fwd, b, a), b) for a, b in zip(new, old)]
 
 
 def _points(pieces: list, c: int, n: int, d: int):
@@ -666,10 +673,12 @@ def _prefix(vg, dense, max_depth, F, key, u, lp, g, eps, minv, mfac):
     ck = _prefix_checks(F)
     m = ck.S.shape[0]
     flat_ends = ends.reshape(c, 2 * (F + 1), 1)  # (ν_0..ν_F, φ_0..φ_F) as a column per chain
-    sel = mx.matmul(_per_chain(ck.M, c), flat_ends) + mx.array(ck.K[:, None])  # [C, 3m, 1] (small integers: exact)
-    S = mx.array(ck.S) + (fi == sel[:, :m])  # [C, m, n]
+    # (ν, φ) @ Mᵀ + K as [C, 3m, 1] (small integers: exact), K added by each consumer's kernel
+    sel = mx.matmul(_per_chain(ck.M, c), flat_ends)
+    S = mx.array(ck.S) + (fi == sel[:, :m] + mx.array(ck.K[:m, None]))  # [C, m, n]
     SG = _mm(S, _finite(gram))  # [C, m, n]: ρ_k·M⁻¹p_i
-    ab = mx.sum(mx.where(fi == sel[:, m:].reshape(c, 2, m, 1), SG[:, None], 0.0), axis=-1, keepdims=True)
+    ends_ab = sel[:, m:].reshape(c, 2, m, 1) + mx.array(ck.K[m:].reshape(2, m, 1))
+    ab = mx.sum(mx.where(fi == ends_ab, SG[:, None], 0.0), axis=-1, keepdims=True)
     aa, ab = mx.split(ab, 2, axis=1)  # [C, 1, m, 1]: the criterion at either end
     turned = (aa <= 0) | (ab <= 0)
     z = mx.minimum(mx.min(mx.where(turned, mx.array(ck.code[:, None]), 2 * n), axis=(1, 2)), zd)  # [C, 1]
