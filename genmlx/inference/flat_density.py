@@ -36,8 +36,17 @@ minimal handler and a smaller graph:
 * while the body is traced, ``+``, ``−`` and ``*`` put the operand with more dimensions
   first (exact: IEEE + and * commute), so that ``tau * theta`` keeps the chain axis
   leading, and a latent vector on R whose every element the body takes by an integer
-  index (``beta[0]``, ``beta[1]``) is given per element (a [C] block for each column of
+  index (``beta[0]``, ``beta[1]``) is given per element (a block for each column of
   U), ``beta[i]`` returning that block: no Gather / Scatter (``_body_ops``);
+* columns: a scalar per chain (a scalar latent, an element given per column) keeps the
+  column [C, 1] of U that the Split gives. The body sees it as a scalar per chain (a [C]
+  view of the column, built only if used so) and, lifted against a vector, as the
+  column itself (``BodyOps.column``); an output of the body that is such a scalar is
+  taken from the column outside the vmap. Outside the vmap every per-chain scalar is a
+  column: the site terms, sums with kept dims, log π [C, 1] and its cotangent 1 [C, 1].
+  So the blocks are never reshaped [C, 1] → [C] → [C, 1], their gradients come out as
+  columns for the concatenation of ∇, and no sum is followed by a Squeeze;
+  ``value_and_grad_col`` returns log π as [C, 1] (``value_and_grad``: [C], one view);
 * other sites (multivariate families, families with derived arrays) are scored inside
   the vmap with the family's own score; calls of ``@gm.gen`` sub-functions are
   flattened; any other generative function (combinators) is evaluated by its own
@@ -45,8 +54,9 @@ minimal handler and a smaller graph:
 * the gradient is that of Σ_c log π(U_c) (rows are independent) with respect to the
   latents' blocks, concatenated; NaN → −inf is applied after differentiation (a NaN
   state is rejected whatever its gradient);
-* block form: ``split(U)`` gives the latents' blocks ([C, *ushape] each, or [C] per
-  element of a latent given per element; one Split node), ``value_and_grad_blocks`` returns ∇ as blocks and ``join`` concatenates.
+* block form: ``split(U)`` gives the latents' blocks ([C, *ushape] each, a column
+  [C, 1] for a scalar latent and per element of a latent given per element; one Split
+  node), ``value_and_grad_blocks`` returns ∇ as blocks and ``join`` concatenates.
   HMC's diagonal-metric trajectory integrates the blocks (u, p, ∇ split once per
   transition, joined once at its end), so a leapfrog step has no slicing of U or
   concatenation of ∇ — the same arithmetic per element, a smaller graph.
