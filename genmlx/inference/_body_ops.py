@@ -17,6 +17,11 @@ Two patterns of ordinary model code give needlessly large graphs there (MLX 0.32
   ExpandDims: what broadcasting does anyway, so the same values) keeps both operands'
   chain axes in place: 2 view nodes fewer forward, 1 in the reverse pass
   (``+ − * /``).
+* a scalar latent per chain is given to the body twice: as the scalar the model sees and
+  as its [C, 1] column (its block of U, a (1,) array per chain). Lifting the scalar to
+  rank 1 returns the column instead of an ExpandDims of the scalar (same values), so a
+  body that only uses the scalar against vectors never reshapes the block [C, 1] → [C]
+  and back, and its gradient comes out as the column's, without a Squeeze.
 * ``beta[0]`` on a latent vector: an integer index is a ``Gather`` (and a ``Scatter`` in
   the reverse pass). For a latent whose elements the body takes one by one, the flat
   density passes each element as its own input (its own column of U) and ``x[i]``
@@ -48,8 +53,22 @@ class BodyOps:
 
     def __init__(self):
         self._watched: dict = {}  # id(x) -> (x, path, cols or None)
+        self._columns: dict = {}  # id(x) -> (x, its (1,) column) for scalar latents
         self.indexed: dict = {}  # path -> set of element indices seen
         self._saved: dict = {}
+
+    def column(self, x: mx.array, col: mx.array) -> None:
+        """Register ``col`` (shape (1,)) as the rank-1 lift of the scalar ``x``."""
+        self._columns[id(x)] = (x, col)
+
+    def _lift(self, a: mx.array, rank: int):
+        """``a`` with leading size-1 axes up to ``rank`` (:func:`_lifted`), a registered
+        scalar's column where one is known."""
+        hit = self._columns.get(id(a))
+        if hit is not None and hit[0] is a and rank > a.ndim:
+            col = hit[1]
+            return col if rank == 1 else mx.expand_dims(col, tuple(range(rank - 1)))
+        return _lifted(a, rank)
 
     def watch(self, x: mx.array, path: tuple, cols: list | None = None) -> None:
         self._watched[id(x)] = (x, path, cols)
@@ -72,11 +91,12 @@ class BodyOps:
             return getitem(a, key)
 
         cls.__getitem__ = __getitem__
-        add = _leading(self._saved["__add__"])
-        sub = _ranked(self._saved["__sub__"])
+        lift = self._lift
+        add = _leading(self._saved["__add__"], lift)
+        sub = _ranked(self._saved["__sub__"], lift)
         cls.__add__ = add
-        cls.__mul__ = _leading(self._saved["__mul__"])
-        cls.__truediv__ = _ranked(self._saved["__truediv__"])
+        cls.__mul__ = _leading(self._saved["__mul__"], lift)
+        cls.__truediv__ = _ranked(self._saved["__truediv__"], lift)
 
         def __sub__(a, b):
             if isinstance(b, mx.array) and b.ndim > a.ndim and mx.issubdtype(b.dtype, mx.floating):
@@ -91,6 +111,7 @@ class BodyOps:
             setattr(mx.array, k, v)
         self._saved = {}
         self._watched = {}
+        self._columns = {}
 
 
 def _traced(a) -> bool:
@@ -112,24 +133,25 @@ def _lifted(a, rank: int):
     return mx.expand_dims(a, tuple(range(k))) if k > 0 and _traced(a) else a
 
 
-def _ranked(op):
+def _ranked(op, lift=_lifted):
     """A binary operator whose chain-dependent operand of lower rank is lifted to the
-    other's rank first (:func:`_lifted`): same values, no vmap transposes."""
+    other's rank first (``lift``, :func:`_lifted` by default): same values, no vmap
+    transposes."""
     def f(a, b):
         if isinstance(b, mx.array):
             if b.ndim < a.ndim:
-                b = _lifted(b, a.ndim)
+                b = lift(b, a.ndim)
             elif a.ndim < b.ndim:
-                a = _lifted(a, b.ndim)
+                a = lift(a, b.ndim)
         return op(a, b)
 
     return f
 
 
-def _leading(op):
+def _leading(op, lift=_lifted):
     """A commutative operator that puts the operand with more dimensions first (and
     lifts a chain-dependent operand of lower rank: :func:`_ranked`)."""
-    ranked = _ranked(op)
+    ranked = _ranked(op, lift)
 
     def f(a, b):
         if isinstance(b, mx.array) and b.ndim > a.ndim:

@@ -36,8 +36,17 @@ minimal handler and a smaller graph:
 * while the body is traced, ``+``, ``−`` and ``*`` put the operand with more dimensions
   first (exact: IEEE + and * commute), so that ``tau * theta`` keeps the chain axis
   leading, and a latent vector on R whose every element the body takes by an integer
-  index (``beta[0]``, ``beta[1]``) is given per element (a [C] block for each column of
+  index (``beta[0]``, ``beta[1]``) is given per element (a block for each column of
   U), ``beta[i]`` returning that block: no Gather / Scatter (``_body_ops``);
+* columns: a scalar per chain (a scalar latent, an element given per column) keeps the
+  column [C, 1] of U that the Split gives. The body sees it as a scalar per chain (a [C]
+  view of the column, built only if used so) and, lifted against a vector, as the
+  column itself (``BodyOps.column``); an output of the body that is such a scalar is
+  taken from the column outside the vmap. Outside the vmap every per-chain scalar is a
+  column: the site terms, sums with kept dims, log π [C, 1] and its cotangent 1 [C, 1].
+  So the blocks are never reshaped [C, 1] → [C] → [C, 1], their gradients come out as
+  columns for the concatenation of ∇, and no sum is followed by a Squeeze;
+  ``value_and_grad_col`` returns log π as [C, 1] (``value_and_grad``: [C], one view);
 * other sites (multivariate families, families with derived arrays) are scored inside
   the vmap with the family's own score; calls of ``@gm.gen`` sub-functions are
   flattened; any other generative function (combinators) is evaluated by its own
@@ -45,8 +54,9 @@ minimal handler and a smaller graph:
 * the gradient is that of Σ_c log π(U_c) (rows are independent) with respect to the
   latents' blocks, concatenated; NaN → −inf is applied after differentiation (a NaN
   state is rejected whatever its gradient);
-* block form: ``split(U)`` gives the latents' blocks ([C, *ushape] each, or [C] per
-  element of a latent given per element; one Split node), ``value_and_grad_blocks`` returns ∇ as blocks and ``join`` concatenates.
+* block form: ``split(U)`` gives the latents' blocks ([C, *ushape] each, a column
+  [C, 1] for a scalar latent and per element of a latent given per element; one Split
+  node), ``value_and_grad_blocks`` returns ∇ as blocks and ``join`` concatenates.
   HMC's diagonal-metric trajectory integrates the blocks (u, p, ∇ split once per
   transition, joined once at its end), so a leapfrog step has no slicing of U or
   concatenation of ∇ — the same arithmetic per element, a smaller graph.
@@ -166,6 +176,7 @@ class _Plan:
         self.outputs: list = []
         self.visited: list = []
         self.supports: dict = {}
+        self.subst: dict = {}  # output index -> piece whose column [C, 1] it is
 
 
 def _fixed_support(sup, shape: tuple, ushape: tuple) -> bool:
@@ -194,13 +205,20 @@ class _FlatHandler:
     """Receives ``gm.trace`` calls inside the vmapped body (one chain)."""
 
     def __init__(self, dens: "FlatDensity", blocks: dict, prefix: tuple, plan: _Plan,
-                 ops: BodyOps, cols: dict):
+                 ops: BodyOps, cols: dict, scalars: dict):
         self.dens, self.blocks, self.prefix, self.plan = dens, blocks, prefix, plan
         self.ops, self.cols = ops, cols  # cols: {path: the elements of a latent given per column}
+        self.scalars = scalars  # id(scalar input) -> (it, its piece): given outside as a column
 
     def _emit(self, site: _Site, outs: list):
+        """Record a site and its outputs; an output that is a scalar latent's input is
+        taken outside the vmap from that latent's column (``plan.subst``)."""
         self.plan.sites.append(site)
-        self.plan.outputs.extend(outs)
+        for o in outs:
+            hit = self.scalars.get(id(o))
+            if hit is not None and hit[0] is o:
+                self.plan.subst[len(self.plan.outputs)] = hit[1]
+            self.plan.outputs.append(o)
 
     def visit(self, path, gen_fn, args):
         full = self.prefix + tuple(path)
@@ -250,7 +268,7 @@ class _FlatHandler:
                 self._emit(_Site(False, None, None, (), {}, (), None, False, False), [gen_fn._score(v)])
             return v
         if isinstance(gen_fn, DynamicGF):
-            sub = _FlatHandler(self.dens, self.blocks, full, self.plan, self.ops, self.cols)
+            sub = _FlatHandler(self.dens, self.blocks, full, self.plan, self.ops, self.cols, self.scalars)
             return run_with_handler(sub, gen_fn.fn, tuple(args))
         # any other GF: its own generate on the latents/observations below this address
         cm = self.dens._sub_choicemap(self.blocks, full)
@@ -275,11 +293,22 @@ def _aligned(p: mx.array, rank: int) -> mx.array:
 # the sites of one shape are one custom function with a written-out reverse mode (see
 # ``_elementwise_sum``). :func:`make_density` compares the flat and generic densities
 # and gradients, so a disagreement falls back to the generic path.
-def _rowsum(a: mx.array, rank: int) -> mx.array:
-    """Σ over every axis but a leading chain axis ([C]); a scalar if ``a`` is unbatched."""
-    if a.ndim == rank + 1:
-        return a if a.ndim == 1 else mx.sum(a, axis=tuple(range(1, a.ndim)))
-    return _total(a)
+def _as_col(a: mx.array) -> mx.array:
+    """A per-chain scalar [C] (or any [C, 1, …, 1]) as a column [C, 1]: the form of every
+    per-chain quantity outside the vmap (log π, site terms, scalar latents)."""
+    return a if a.shape[1:] == (1,) else a.reshape(a.shape[0], 1)
+
+
+def _colsum(a: mx.array) -> mx.array:
+    """Σ over every axis but the leading chain axis as a column [C, 1] (kept dims: no
+    Squeeze; one element per chain: no reduction)."""
+    if math.prod(a.shape[1:]) == 1:
+        return _as_col(a)
+    return _as_col(mx.sum(a, axis=tuple(range(1, a.ndim)), keepdims=True))
+
+
+def _as_shape(a: mx.array, shape: tuple) -> mx.array:
+    return a if tuple(a.shape) == tuple(shape) else a.reshape(shape)
 
 
 def _const_all(a, value: float) -> bool:
@@ -288,12 +317,12 @@ def _const_all(a, value: float) -> bool:
 
 def _log_sum(scale, batched: bool, n: int):
     """Σ log(scale) over the site's n elements: a Python float for a constant scale,
-    else per chain (the scale batched [C, *ps], not aligned: no size-1 axes)."""
+    else per chain [C, 1] (the scale batched [C, *ps])."""
     if not batched:
         a = np.asarray(scale, dtype=np.float64)
         return float(np.sum(np.log(a))) * (n / max(a.size, 1))
     per = math.prod(scale.shape[1:])
-    t = _rowsum(mx.log(scale), scale.ndim - 1)
+    t = _colsum(mx.log(scale))
     return t if per == n else t * (n / per)
 
 
@@ -400,7 +429,7 @@ def _fast_score(site: _Site, params: list, x: mx.array | None):
     form = _FAST.get(type(site.dist))
     if form is None or (x is None and not site.names):
         return None
-    rank = len(site.batch_shape)
+    rank = max(len(site.batch_shape), 1)  # a scalar site as a column [C, 1]
     fields = {form.loc: "loc", form.scale: "scale"}
     batched = {fields[k] for k in site.names} | ({"x"} if x is not None else set())
     if x is None:
@@ -421,16 +450,17 @@ def _unbroadcast(g: mx.array, shape: tuple) -> mx.array:
     return mx.sum(g, axis=axes, keepdims=True) if axes else g
 
 
-def _elementwise_sum(terms: list[_Elem], shape: tuple) -> mx.array:
-    """Σ_elements Σ_s part_s per chain [C] over element arrays of ``shape`` [C, *batch
-    shape], as one custom function whose reverse mode is written out (``_backward``,
+def _elementwise_sum(terms: list[_Elem], shape: tuple, col: bool = False) -> mx.array:
+    """Σ_elements Σ_s part_s per chain [C, 1] over element arrays of ``shape`` [C, *batch
+    shape] (scalar sites: columns [C, 1]), as one custom function whose reverse mode is written out (``_backward``,
     summed over each operand's broadcast axes): autodiff of the same expression shares
     intermediates between the forward and backward kernels (each shared one is a
     kernel) and reduces again what the forward reduced. For a single Normal term
     whose σ is one number per chain, ∂/∂σ = Σ z²/σ reuses the forward's sum
-    (Σ z² = −2·out)."""
+    (Σ z² = −2·out). ``col``: the sum as a column [C, 1] (kept dims: no Squeeze, and
+    the cotangent needs no reshape; scalar sites' arrays are columns), else [C]."""
     slots = [(i, f) for i, t in enumerate(terms) for f in t.traced]
-    axes = tuple(range(1, len(shape)))
+    axes = tuple(range(1, len(shape)))  # none for scalar sites (columns [C, 1])
 
     def bind(arrays) -> list[_Elem]:
         ts = [t._asdict() for t in terms]
@@ -441,32 +471,33 @@ def _elementwise_sum(terms: list[_Elem], shape: tuple) -> mx.array:
     @mx.custom_function
     def f(*arrays):
         e = _forward_sum(bind(arrays))
-        return mx.sum(e, axis=axes) if axes else e
+        return mx.sum(e, axis=axes, keepdims=col) if axes else e
 
     @f.vjp
     def f_vjp(primals, cot, out):
         primals = primals if isinstance(primals, (tuple, list)) else (primals,)  # one argument: given bare
-        g = cot.reshape(cot.shape + (1,) * len(axes)) if axes else cot
+        g = cot if col or not axes else cot.reshape(cot.shape + (1,) * len(axes))
         ts = bind(primals)
         reuse = len(terms) == 1 and not terms[0].cauchy and not terms[0].logscale
         grads = []
         for (i, fld), p in zip(slots, primals):
-            if fld == "scale" and reuse and p.ndim == 1:
-                grads.append(-2.0 * out * cot / p)
+            if fld == "scale" and reuse and math.prod(p.shape[1:]) == 1:
+                grads.append(_as_shape(-2.0 * out * cot / p, p.shape))
             else:
-                grads.append(_unbroadcast(_backward(ts[i], fld) * g, _field(ts[i], fld).shape).reshape(p.shape))
+                grads.append(_as_shape(_unbroadcast(_backward(ts[i], fld) * g, _field(ts[i], fld).shape), p.shape))
         return tuple(grads)
 
-    return f(*[getattr(terms[i], fld) for i, fld in slots])
+    out = f(*[getattr(terms[i], fld) for i, fld in slots])
+    return _as_col(out) if col else out
 
 
 def _group_sum(terms: list[_Elem], shape: tuple) -> mx.array:
-    """Σ_elements Σ_s part_s per chain [C] of the sites of one shape [C, *batch shape]:
+    """Σ_elements Σ_s part_s per chain [C, 1] of the sites of one shape [C, *batch shape]:
     :func:`_elementwise_sum`, except for scalar sites (no reduction) without the Cauchy
     form, where autodiff is as small: there the custom function's output is one more
     kernel, and differentiating −½z² shares at most z."""
     if len(shape) > 1 or any(t.cauchy for t in terms):
-        return _elementwise_sum(terms, shape)
+        return _elementwise_sum(terms, shape, col=True)
     return _forward_sum(terms)
 
 
@@ -481,9 +512,9 @@ def _site_terms(site: _Site, params: list, x: mx.array | None):
 
 
 def _hoisted_score(site: _Site, params: list, x: mx.array | None) -> mx.array:
-    """Σ over the site's elements of log p, per chain: [C] (the family's elementwise
-    ``_log_prob``, summed)."""
-    rank = len(site.batch_shape)
+    """Σ over the site's elements of log p, per chain: [C, 1] (the family's elementwise
+    ``_log_prob``, summed; a scalar site as a column)."""
+    rank = max(len(site.batch_shape), 1)
     d = object.__new__(type(site.dist))  # a shallow copy (GFs refuse copy/pickle)
     d.__dict__.update(vars(site.dist))
     batched = dict(site.consts)
@@ -494,8 +525,8 @@ def _hoisted_score(site: _Site, params: list, x: mx.array | None) -> mx.array:
     value = x if x is not None else site.value
     lp = d._log_prob(value)
     if lp.ndim == rank + 1:
-        return lp if rank == 0 else mx.sum(lp, axis=tuple(range(1, lp.ndim)))
-    if lp.ndim == rank:  # independent of the chain (a scalar, broadcast when added)
+        return _colsum(lp)
+    if lp.ndim <= len(site.batch_shape):  # independent of the chain (a scalar, broadcast when added)
         return _total(lp)
     raise StructureChanged("log-density shape")
 
@@ -504,11 +535,11 @@ _ONES: dict = {}
 
 
 def _ones(c: int) -> mx.array:
-    """The cotangent 1 [C] of Σ_c log π_c as a constant input of the compiled gradient
+    """The cotangent 1 [C, 1] of Σ_c log π_c (log π as a column) as a constant input of the compiled gradient
     (differentiating ``mx.sum`` would broadcast it in the graph); one array per C, so
     that the steps of a trajectory share it."""
     if c not in _ONES:
-        _ONES[c] = mx.array(np.ones(c, dtype=np.float32))
+        _ONES[c] = mx.array(np.ones((c, 1), dtype=np.float32))
     return _ONES[c]
 
 
@@ -539,7 +570,8 @@ class FlatDensity(UnconstrainedDensity):
         self._pieces = [(l, None) for l in self.latents]
         if hoist:
             ops = BodyOps()
-            mx.vmap(lambda *b: self._body(*b, ops=ops))(*self._blocks(mx.zeros((1, self.dim))))
+            ins, cols, _, _ = self._inputs(self._blocks(mx.zeros((1, self.dim))))
+            mx.vmap(lambda *b: self._body(*b, ops=ops))(*ins, *cols)
             sups = self.last_plan.supports
             self._fixed = {l.path: sups[l.path] for l in self.latents
                            if l.path in sups and _fixed_support(sups[l.path], l.shape, l.ushape)}
@@ -550,19 +582,46 @@ class FlatDensity(UnconstrainedDensity):
                 self._pieces = [(l, j) for l in self.latents
                                 for j in (range(l.size) if l.path in self._columns else (None,))]
         self._vg = mx.compile(self._make_value_and_grad())
+        self._vgc = mx.compile(self._make_value_and_grad(col=True))
         self._vgb = mx.compile(self._value_and_grad_blocks)
         self._batched = mx.compile(self._lp_mapped)
         self._constrain = mx.compile(mx.vmap(self._constrained_leaves))  # generic (not hot)
 
     # -- evaluation ----------------------------------------------------------------
+    @staticmethod
+    def _scalar(piece) -> bool:
+        """Whether a piece is one number per chain (a scalar latent, or an element of a
+        latent given per column): its block is a column [C, 1] of U."""
+        l, j = piece
+        return j is not None or l.ushape == ()
+
     def _blocks(self, U: mx.array) -> list:
-        """The latents' blocks of U [C, D] (one Split node): [C, *ushape] each, or one
-        [C] block per element of a latent given per column."""
+        """The latents' blocks of U [C, D] (one Split node): [C, *ushape] each, a column
+        [C, 1] for a scalar latent and for each element of a latent given per column."""
         c = U.shape[0]
         cuts = [l.offset + (j or 0) for l, j in self._pieces[1:]]
         parts = mx.split(U, cuts, axis=1) if cuts else [U]
-        return [b.reshape((c,) + (() if j is not None else l.ushape)) if j is not None or l.ushape != (l.size,)
-                else b for (l, j), b in zip(self._pieces, parts)]
+        return [b if self._scalar((l, j)) or l.ushape == (l.size,) else b.reshape((c,) + l.ushape)
+                for (l, j), b in zip(self._pieces, parts)]
+
+    def _inputs(self, blocks: list):
+        """The vmap's inputs from the blocks: one per piece ([C] for a scalar one, a view
+        that is not built if the body only lifts it), then the scalar pieces' columns
+        [C, 1] (their lifts, :class:`BodyOps`); x = f(u) for the latents on a fixed
+        support ({path: x}) and their Σ log|J| per chain ({path: [C, 1]})."""
+        ins, cols, xs, lds = [], [], {}, {}
+        c = blocks[0].shape[0]
+        for (l, j), b in zip(self._pieces, blocks):
+            sup = None if j is not None else self._fixed.get(l.path)
+            if sup is not None:  # x = f(u) and Σ log|J| per chain, batched
+                b, ld = _from_unconstrained(sup, b), sup.log_abs_det_jacobian(b)
+                xs[l.path] = b
+                lds[l.path] = _colsum(ld)
+            if self._scalar((l, j)):
+                cols.append(b)
+                b = b.reshape(c)
+            ins.append(b)
+        return ins, cols, xs, lds
 
     def _sub_choicemap(self, blocks: dict, prefix: tuple) -> ChoiceMap:
         """Observations and ``UnconstrainedValue`` latents below ``prefix``, relative to it."""
@@ -573,47 +632,56 @@ class FlatDensity(UnconstrainedDensity):
                 cm = cm.set_submap(path[n:], ChoiceMap.leaf(UnconstrainedValue(ua)))
         return cm
 
-    def _body(self, *blocks, ops: BodyOps | None = None):
+    def _body(self, *inputs, ops: BodyOps | None = None):
+        """One chain's execution (under ``mx.vmap``): ``inputs`` as :meth:`_inputs`."""
         plan = _Plan()
-        bl, cols = {}, {}
-        for (l, j), b in zip(self._pieces, blocks):
+        n = len(self._pieces)
+        blocks, lifts = inputs[:n], iter(inputs[n:])
+        bl, cols, scalars = {}, {}, {}
+        for k, ((l, j), b) in enumerate(zip(self._pieces, blocks)):
             if j is None:
                 bl[l.path] = b
             else:
                 cols.setdefault(l.path, []).append(b)
+            if self._scalar((l, j)):
+                scalars[id(b)] = (b, k, next(lifts))
         bl.update({p: mx.stack(c) for p, c in cols.items()})  # used only if the body uses x whole
         with ops or BodyOps() as o:
-            run_with_handler(_FlatHandler(self, bl, (), plan, o, cols), self.model.fn, self.args)
+            for b, _, col in scalars.values():
+                o.column(b, col)
+            subst = {i: (b, k) for i, (b, k, _) in scalars.items()}
+            run_with_handler(_FlatHandler(self, bl, (), plan, o, cols, subst), self.model.fn, self.args)
         self.last_plan = plan
         return plan.outputs if plan.outputs else [mx.array(0.0)]
 
     def _lp(self, U: mx.array) -> mx.array:
         """log π of every row of U [C, D] (NaN kept): [C]."""
-        return self._lp_blocks(self._blocks(U))
+        return self._lp_blocks(self._blocks(U)).reshape(U.shape[0])
 
     def _lp_blocks(self, blocks: list) -> mx.array:
-        """log π from the blocks of U (:meth:`_blocks`): [C]."""
-        ins, xs, lds = [], {}, {}
+        """log π from the blocks of U (:meth:`_blocks`) as a column [C, 1]."""
+        ins, cols, xs, lds = self._inputs(blocks)
         c = blocks[0].shape[0]
-        for (l, j), b in zip(self._pieces, blocks):
-            sup = None if j is not None else self._fixed.get(l.path)
-            if sup is not None:  # x = f(u) and Σ log|J| per chain, batched
-                b, ld = _from_unconstrained(sup, b), sup.log_abs_det_jacobian(b)
-                xs[l.path] = b
-                lds[l.path] = ld if ld.ndim == 1 else mx.sum(ld, axis=tuple(range(1, ld.ndim)))
-            ins.append(b)
-        outs = mx.vmap(self._body)(*ins)
+        outs = mx.vmap(self._body)(*ins, *cols)
         plan = self.last_plan
+        scal = [k for k, piece in enumerate(self._pieces) if self._scalar(piece)]
+        colx = dict(zip(scal, cols))
+
+        def out(i):  # a vmap output; a per-chain scalar as a column [C, 1]
+            k = plan.subst.get(i)
+            a = colx[k] if k is not None else outs[i]
+            return _as_col(a) if a.ndim == 1 else a
+
         lp, i, groups = None, 0, {}
         for s in plan.sites:
             if s.hoisted:
                 k = len(s.names)
-                params = outs[i:i + k]
+                params = [out(i + r) for r in range(k)]
                 i += k
                 if s.outside:
                     x = xs[s.path]
                 elif s.latent:
-                    x = outs[i]
+                    x = out(i)
                     i += 1
                 else:
                     x = None
@@ -621,10 +689,10 @@ class FlatDensity(UnconstrainedDensity):
                 if elem is not None:  # with same-shape parts: one reduction per shape
                     groups.setdefault((c,) + s.batch_shape, []).append(elem)
                 if s.logdet:
-                    term = term + outs[i]
+                    term = term + out(i)
                     i += 1
             else:
-                term = outs[i]
+                term = out(i)
                 i += 1
             if s.outside:
                 term = term + lds[s.path]
@@ -632,24 +700,32 @@ class FlatDensity(UnconstrainedDensity):
         for shape, terms in groups.items():
             lp = _group_sum(terms, shape) + (0.0 if lp is None else lp)
         if lp is None or not isinstance(lp, mx.array):
-            return mx.full((c,), 0.0 if lp is None else float(lp))
-        return lp if lp.ndim == 1 else mx.broadcast_to(lp, (c,))
+            return mx.full((c, 1), 0.0 if lp is None else float(lp))
+        return lp if lp.ndim == 2 else mx.broadcast_to(lp, (c, 1))
 
     def _lp_mapped(self, U):
         lp = self._lp(U)
         return mx.where(mx.isnan(lp), -mx.inf, lp)
 
-    def _value_and_grad_blocks(self, blocks: list):
-        """(log π [C] with NaN → −inf, ∇ log π per latent block): the gradient of
+    def _value_and_grad_col(self, blocks: list):
+        """(log π [C, 1] with NaN → −inf, ∇ log π per latent block): the gradient of
         Σ_c log π(U_c) with respect to the blocks (rows are independent)."""
         (lp,), gb = mx.vjp(lambda *bl: [self._lp_blocks(list(bl))], list(blocks), [_ones(blocks[0].shape[0])])
         return mx.where(mx.isnan(lp), -mx.inf, lp), list(gb)
 
-    def _make_value_and_grad(self):
-        """(log π, ∇ log π) of U [C, D]: differentiated with respect to the latents'
-        blocks and concatenated (fewer graph nodes than scattering into U's slices)."""
+    def _value_and_grad_blocks(self, blocks: list):
+        """:meth:`_value_and_grad_col` with log π [C]."""
+        lp, gb = self._value_and_grad_col(blocks)
+        return lp.reshape(lp.shape[0]), gb
+
+    def _make_value_and_grad(self, col: bool = False):
+        """(log π [C] (``col``: [C, 1]), ∇ log π) of U [C, D]: differentiated with respect
+        to the latents' blocks and concatenated (fewer graph nodes than scattering into
+        U's slices)."""
+        vgb = self._value_and_grad_col if col else self._value_and_grad_blocks
+
         def f(U):
-            lp, gb = self._value_and_grad_blocks(self._blocks(U))
+            lp, gb = vgb(self._blocks(U))
             return lp, self.join(gb)
 
         return f
@@ -665,6 +741,9 @@ class FlatDensity(UnconstrainedDensity):
 
     def value_and_grad_blocks(self, blocks: list) -> tuple[mx.array, list]:
         return self._vgb(list(blocks))
+
+    def value_and_grad_col(self, U: mx.array) -> tuple[mx.array, mx.array]:
+        return self._vgc(U)
 
     def log_density(self, u: mx.array) -> mx.array:
         """log π(u) for one u ∈ R^D (NaN mapped to −inf)."""

@@ -122,10 +122,12 @@ def leapfrog_blocks(vgb, u: list, p: list, g: list, eps: list, minv: list | None
 
 def kinetic_blocks(p: list, minv: list | None) -> mx.array:
     """K = ½ Σ_blocks Σ_elements p·M⁻¹p per chain for a diagonal metric given as blocks
-    (``minv`` None: the identity); blocks [C, …], result [C]."""
+    (``minv`` None: the identity); blocks [C, …], result [C]. Summed per chain with kept
+    dims (a column block [C, 1] needs no reduction), reshaped to [C] once."""
     tot = None
     for i, pi in enumerate(p):
         q = pi * pi if minv is None else pi * (minv[i] * pi)
-        t = q if q.ndim == 1 else mx.sum(q, axis=tuple(range(1, q.ndim)))
+        t = q if q.ndim == 1 or q.shape[1:] == (1,) * (q.ndim - 1) else mx.sum(q, axis=tuple(range(1, q.ndim)), keepdims=True)
+        t = t if t.shape[1:] == (1,) else t.reshape(t.shape[0], 1)  # a column [C, 1]
         tot = t if tot is None else tot + t
-    return 0.5 * tot
+    return 0.5 * tot.reshape(tot.shape[0])

@@ -382,20 +382,20 @@ def _doubling(vg, dense, max_depth, j, t: Tree, key, eps, minv, draws=None) -> T
     e = mx.where(f, eps[:, None], -eps[:, None])
     cu, cp, cg = mx.where(f, t.ur, t.ul), mx.where(f, t.pr, t.pl), mx.where(f, t.gr, t.gl)
     far, lp0, h0 = mx.where(f, t.pl, t.pr), t.logw[:, None], _zeros(c)
-    pieces = [t.ul, cp, t.ul, lp0, h0]  # point 0: the start (only its p is read)
+    pieces = [t.ul, t.ul, lp0, cp, h0]  # point 0: the start (only its p is read)
     for _ in range(n):
         cu, cp, cg, clp, ph = leapfrog_half(vg, cu, cp, cg, e, minv, dense)
-        pieces += [cu, ph, cg, clp[:, None], e * 0.5]
-    pieces += [t.ul, far, t.ul, lp0, h0, t.ul, t.psum, t.ul, lp0, h0]  # the far end and Σ as points
+        pieces += [cu, cg, _col(clp), ph, e * 0.5]
+    pieces += [t.ul, t.ul, lp0, far, h0, t.ul, t.ul, lp0, t.psum, h0]  # the far end and Σ as points
     X, P = _points(pieces, c, n + 3, d)
     gram = _gram(P, minv, dense)
-    dh = 0.5 * mx.as_strided(gram, (c, n), ((n + 3) ** 2, n + 4), n + 4) - X[:, 1:n + 1, 3 * d] - t.h0[:, None]
+    dh = 0.5 * mx.as_strided(gram, (c, n), ((n + 3) ** 2, n + 4), n + 4) - X[:, 1:n + 1, 2 * d] - t.h0[:, None]
     lw = -mx.where(mx.isnan(dh), mx.inf, dh)  # [C, n]: log weight per leaf
     ii = mx.array(np.arange(1, n + 1, dtype=np.int32))
     zd = mx.min(mx.where(lw < -MAX_ENERGY_ERROR, 2 * ii, 2 * n + 2), axis=1, keepdims=True)
     ck = _doubling_checks(j)
-    SG = _mm(mx.array(ck.S), _finite(gram))  # [C, m, n + 3]: ρ_k·M⁻¹p_i
-    ab = mx.take_along_axis(SG, mx.array(ck.ends), axis=2)  # [C, m, 2]
+    SG = _mm(_per_chain(ck.S, c), _finite(gram))  # [C, m, n + 3]: ρ_k·M⁻¹p_i
+    ab = mx.take_along_axis(SG, _per_chain(ck.ends[0], c), axis=2)  # [C, m, 2]
     z = mx.min(mx.where(mx.min(ab, axis=2) <= 0, mx.array(ck.code), 2 * n + 2), axis=1, keepdims=True)
     z = mx.minimum(z, zd)
     ok = t.active[:, None] & (z > 2 * n)
@@ -403,16 +403,15 @@ def _doubling(vg, dense, max_depth, j, t: Tree, key, eps, minv, draws=None) -> T
     idx = mx.argmax(lw - mx.log(-mx.log(r[:, :n])), axis=1, keepdims=True).astype(mx.int32) + 1
     logw_t = t.logw[:, None]
     take = ok & (mx.log(r[:, -1:]) < logw_b - logw_t)
-    up, _, gp, lpp, _ = mx.split(mx.take_along_axis(X, idx[:, :, None], axis=1).reshape(c, 3 * d + 2),
-                                 [d, 2 * d, 3 * d, 3 * d + 1], axis=1)
-    right, left = ok & f, ok & ~f
+    up, gp, lpp, _ = mx.split(mx.take_along_axis(X, idx[:, :, None], axis=1).reshape(c, 3 * d + 2),
+                              [d, 2 * d, 2 * d + 1], axis=1)
     last = mx.minimum(z // 2, n)  # the last leaf counted
     on = t.active[:, None] & (ii <= last)
     depth = t.depth + t.active.astype(mx.int32)
     active = t.active[:, None] & (z == 2 * n + 2) & (depth[:, None] < max_depth)
     return Tree(
-        mx.where(left, cu, t.ul), mx.where(left, cp, t.pl), mx.where(left, cg, t.gl),
-        mx.where(right, cu, t.ur), mx.where(right, cp, t.pr), mx.where(right, cg, t.gr),
+        *_new_end(ok, f, False, (cu, cp, cg), (t.ul, t.pl, t.gl)),
+        *_new_end(ok, f, True, (cu, cp, cg), (t.ur, t.pr, t.gr)),
         mx.where(take, up, t.uprop), mx.where(take, lpp, t.lpprop[:, None]).reshape(c), mx.where(take, gp, t.gprop),
         mx.where(ok, mx.logaddexp(logw_t, logw_b), logw_t).reshape(c),
         mx.where(ok, t.psum + mx.sum(P[:, 1:n + 1], axis=1), t.psum), t.h0, active.reshape(c),
@@ -422,18 +421,38 @@ def _doubling(vg, dense, max_depth, j, t: Tree, key, eps, minv, draws=None) -> T
     )
 
 
+def _new_end(ok, fwd, right: bool, new: tuple, old: tuple) -> list:
+    """The trajectory's end on one side after a doubling: ``new`` where the doubling was
+    accepted (``ok``) and went that way (``fwd`` [C, 1] == ``right``), else ``old``. Each
+    field's mask is written inside its own select (no shared ok & f node: that would be
+    one more kernel, as it feeds three outputs)."""
+    return [mx.where(ok, mx.where(fwd, a, b) if right else mx.where(fwd, b, a), b) for a, b in zip(new, old)]
+
+
 def _points(pieces: list, c: int, n: int, d: int):
-    """The points (u, p½, g, log π and ε/2 as [C, 1]) of ``pieces`` stacked per chain by
-    one concatenation: X [C, n, 3D + 2] and the momenta P = p½ + g·ε/2 [C, n, D] (p½
-    itself where ε/2 = 0: the points that are not leapfrog leaves)."""
+    """The points (u, g, log π as [C, 1], p½, ε/2 as [C, 1]) of ``pieces`` stacked per
+    chain by one concatenation: X [C, n, 3D + 2] and the momenta P = p½ + g·ε/2 [C, n, D]
+    (p½ itself where ε/2 = 0: the points that are not leapfrog leaves). In this order
+    the fields a tree keeps of a point (u, g, log π) are adjacent."""
     X = mx.concatenate(pieces, axis=1).reshape(c, n, 3 * d + 2)
     return X, _momenta(X, d)
 
 
 def _momenta(X: mx.array, d: int) -> mx.array:
     """p = p½ + g·ε/2 from stacked points X [..., 3D + 2] (p½ where ε/2 = 0)."""
-    ph, h = X[..., d:2 * d], X[..., 3 * d + 1:]
-    return mx.where(h == 0, ph, ph + X[..., 2 * d:3 * d] * h)
+    ph, h = X[..., 2 * d + 1:3 * d + 1], X[..., 3 * d + 1:]
+    return mx.where(h == 0, ph, ph + X[..., d:2 * d] * h)
+
+
+def _per_chain(a: np.ndarray, c: int) -> mx.array:
+    """A constant table repeated for C chains, [C, *a.shape]: an operand of a batched
+    matmul or gather that needs no Broadcast node."""
+    return mx.array(np.ascontiguousarray(np.broadcast_to(a, (c,) + a.shape)))
+
+
+def _col(lp: mx.array) -> mx.array:
+    """log π per chain as a column [C, 1] (given so by ``value_and_grad_col``: no view)."""
+    return lp if lp.ndim == 2 else lp[:, None]
 
 
 def _zeros(c: int) -> mx.array:
@@ -515,15 +534,16 @@ def _outputs(t: Tree) -> list:
     return list(t) + [mx.any(t.active), t.accsum / mx.maximum(t.nsteps, 1)]
 
 
-def _prefix_masks(F: int) -> mx.array:
+def _prefix_masks(F: int, sub: bool = False) -> mx.array:
     """The point masks of the vectorized prefix of doublings 0..F over its n = 2^(F+1)
     points (point 0 the start, doubling j the points [2^j, 2^(j+1)) in integration
     order), [2F + 3, n] bool: doubling j's points (rows 0..F), the trajectory before
-    doubling j (rows F + 1 .. 2F + 1), all points (last row)."""
+    doubling j (rows F + 1 .. 2F + 1), all points (last row). ``sub``: rows 0..F only
+    (their own constant: no slice in the graph)."""
     idx = np.arange(2 ** (F + 1))
-    sub = [(idx >= 2**j) & (idx < 2 ** (j + 1)) for j in range(F + 1)]
+    subs = [(idx >= 2**j) & (idx < 2 ** (j + 1)) for j in range(F + 1)]
     before = [idx < 2**j for j in range(F + 1)]
-    return mx.array(np.stack(sub + before + [idx >= 0]))
+    return mx.array(np.stack(subs if sub else subs + before + [idx >= 0]))
 
 
 class _Checks(NamedTuple):
@@ -576,15 +596,15 @@ def _prefix_checks(F: int) -> _Checks:
 
 def _trajectory_ends(fwd: mx.array, F: int) -> mx.array:
     """The old ends of the trajectory before each doubling j as point indices, [C, 2,
-    F + 1] float (from the directions ``fwd`` [C, F + 1]): ν_j (near, on doubling j's
-    side: where it starts) and φ_j (far). The trajectory's end on a side is the last
+    F + 1, 1] float (kept dims: no Squeeze; from the directions ``fwd`` [C, F + 1]):
+    ν_j (near, on doubling j's side: where it starts) and φ_j (far). The trajectory's end on a side is the last
     point E_i = 2^(i+1) − 1 of the latest doubling i that went that way (point 0 if
     none): ν_j = max{E_i : i < j, f_i = f_j}, φ_j = max{E_i : i < j, f_i ≠ f_j}."""
     i = np.arange(F + 1)
     earlier = mx.array((i[None, :] < i[:, None])[None, None])  # [1, 1, j, i]
     side = mx.array(np.array([True, False])[None, :, None, None])  # ν, φ
     same = fwd[:, None, :, None] == fwd[:, None, None, :]  # [C, 1, j, i]
-    return mx.max(mx.where(earlier & (same == side), mx.array(_ends_of(F)), 0.0), axis=-1)
+    return mx.max(mx.where(earlier & (same == side), mx.array(_ends_of(F)), 0.0), axis=-1, keepdims=True)
 
 
 def _ends_of(F: int) -> np.ndarray:
@@ -623,13 +643,14 @@ def _prefix(vg, dense, max_depth, F, key, u, lp, g, eps, minv, mfac):
     n, (c, d) = 2 ** (F + 1), u.shape
     R = mx.random.uniform(shape=(n + 2 * (F + 1), c), key=row(ks, 0)).T  # [C, ·]
     fwd, ut = R[:, n:n + F + 1] < 0.5, R[:, n + F + 1:]
-    ends = _trajectory_ends(fwd, F)  # [C, 2, F + 1]: ν_j, φ_j
+    ends = _trajectory_ends(fwd, F)  # [C, 2, F + 1, 1]: ν_j, φ_j
     E = _ends_of(F)
     # hit[j][i]: doubling j starts at E_i (from an earlier doubling i), else at point 0
-    hit = _columns((ends[:, 0, :, None] == mx.array(E)).reshape(c, (F + 1) ** 2))
+    hit = _columns((ends[:, :1] == mx.array(E)).reshape(c, (F + 1) ** 2))
     es = _columns(mx.where(fwd, eps[:, None], -eps[:, None]))  # ±ε per doubling
     pts = [(u, t.pl, g)]
-    pieces = [u, t.pl, g, lp[:, None], _zeros(c)]
+    lp1 = lp[:, None]
+    pieces = [u, g, lp1, t.pl, _zeros(c)]
     for j in range(F + 1):
         cu, cp, cg = pts[0]
         for i in range(j):
@@ -638,32 +659,38 @@ def _prefix(vg, dense, max_depth, F, key, u, lp, g, eps, minv, mfac):
             cu, cp, cg = mx.where(h, ui, cu), mx.where(h, pi, cp), mx.where(h, gi, cg)
         for _ in range(2**j):
             cu, cp, cg, clp, ph = leapfrog_half(vg, cu, cp, cg, es[j], minv, dense)
-            pieces += [cu, ph, cg, clp[:, None], es[j] * 0.5]
+            pieces += [cu, cg, _col(clp), ph, es[j] * 0.5]
         pts += [None] * (2**j - 1) + [(cu, cp, cg)]
-    X, P = _points(pieces, c, n, d)  # point i: u, p½, g, log π, ε/2
-    LP = X[:, :, 3 * d]
+    X, P = _points(pieces, c, n, d)  # point i: u, g, log π, p½, ε/2
+    LP = X[:, :, 2 * d]
     gram = _gram(P, minv, dense)  # [C, n, n]: Γ_li = p_l·M⁻¹p_i
     kin = mx.as_strided(gram, (c, n), (n * n, n + 1))  # 2·(kinetic energy) per point
     ii, fi = _leaf_index(n), mx.array(np.arange(n, dtype=np.float32))
-    dh = (0.5 * kin - LP) - t.h0[:, None]
+    h0 = -lp1 + 0.5 * mx.sum(t.pl * velocity(t.pl, minv, dense), axis=-1, keepdims=True)  # t.h0 as [C, 1]
+    dh = (0.5 * kin - LP) - h0
     lw = mx.where(ii == 0, 0.0, -mx.where(mx.isnan(dh), mx.inf, dh))  # log weight per point
     zd = mx.min(mx.where(lw < -MAX_ENERGY_ERROR, 2 * ii, 2 * n), axis=1, keepdims=True)  # 2·first divergence
     ck = _prefix_checks(F)
     m = ck.S.shape[0]
-    sel = mx.matmul(ends.reshape(c, 2 * (F + 1)), mx.array(ck.M.T)) + mx.array(ck.K)  # [C, 3m]
-    S = mx.array(ck.S) + (fi == sel[:, :m, None])  # [C, m, n]
+    flat_ends = ends.reshape(c, 2 * (F + 1), 1)  # (ν_0..ν_F, φ_0..φ_F) as a column per chain
+    # (ν, φ) @ Mᵀ + K as [C, 3m, 1] (small integers: exact), K added by each consumer's kernel
+    sel = mx.matmul(_per_chain(ck.M, c), flat_ends)
+    S = mx.array(ck.S) + (fi == sel[:, :m] + mx.array(ck.K[:m, None]))  # [C, m, n]
     SG = _mm(S, _finite(gram))  # [C, m, n]: ρ_k·M⁻¹p_i
-    ab = mx.sum(mx.where(fi == sel[:, m:].reshape(c, 2, m, 1), SG[:, None], 0.0), axis=-1)
-    turned = (ab[:, 0] <= 0) | (ab[:, 1] <= 0)  # [C, m]
-    z = mx.minimum(mx.min(mx.where(turned, mx.array(ck.code), 2 * n), axis=1, keepdims=True), zd)
+    ends_ab = sel[:, m:].reshape(c, 2, m, 1) + mx.array(ck.K[m:].reshape(2, m, 1))
+    ab = mx.sum(mx.where(fi == ends_ab, SG[:, None], 0.0), axis=-1, keepdims=True)
+    aa, ab = mx.split(ab, 2, axis=1)  # [C, 1, m, 1]: the criterion at either end
+    turned = (aa <= 0) | (ab <= 0)
+    z = mx.minimum(mx.min(mx.where(turned, mx.array(ck.code[:, None]), 2 * n), axis=(1, 2)), zd)  # [C, 1]
     if max_depth <= F + 1:  # the depth cap stops the chain after doubling max_depth − 1
         z = mx.minimum(z, 2 ** (max_depth + 1) - 1)
     masks = _prefix_masks(F)
     W = mx.logsumexp(mx.where(masks, lw[:, None], -mx.inf), axis=-1)  # [C, 2F + 3]
+    w_sub, w_before, w_all = mx.split(W, [F + 1, 2 * F + 2], axis=1)
     gumbel = -mx.log(-mx.log(R[:, :n]))
-    pick = mx.argmax(mx.where(masks[:F + 1], (lw + gumbel)[:, None], -mx.inf), axis=-1)  # [C, F + 1]
+    pick = mx.argmax(mx.where(_prefix_masks(F, sub=True), (lw + gumbel)[:, None], -mx.inf), axis=-1)  # [C, F + 1]
     good = z >= mx.array((2 ** np.arange(2, F + 3) - 1).astype(np.int32))  # doubling j accepted
-    take = good & (mx.log(ut) < W[:, :F + 1] - W[:, F + 1:2 * F + 2])
+    take = good & (mx.log(ut) < w_sub - w_before)
     idx = mx.max(mx.where(take, pick.astype(mx.int32), 0), axis=1, keepdims=True)  # latest taking
     last = mx.minimum(z // 2, n - 1)  # [C, 1]: the last point counted
     depth = sum((last >= 2**i).astype(mx.int32) for i in range(F + 1))
@@ -671,13 +698,14 @@ def _prefix(vg, dense, max_depth, F, key, u, lp, g, eps, minv, mfac):
     accsum = mx.sum(mx.where(on, mx.exp(mx.minimum(lw, 0.0)), 0.0), axis=1)
     diverging = (zd == 2 * last)  # the first divergence is counted (no stop before it)
     at = mx.where(_leaf_index(3) == 0, idx,  # the proposal, the left and the right end
-                  mx.where(fwd[:, F:] == (_leaf_index(3) == 2), E[F], ends[:, 1, F:]).astype(mx.int32))
+                  mx.where(fwd[:, F:] == (_leaf_index(3) == 2), E[F], flat_ends[:, 2 * F + 1]).astype(mx.int32))
     Y = mx.take_along_axis(X, at[:, :, None], axis=1)  # [C, 3, 3D + 2]
-    pl, pr = mx.split(_momenta(Y[:, 1:], d).reshape(c, 2 * d), 2, axis=1)
-    (up, _, gp, lpp, _, ul, _, gl, _, _, ur, _, gr, _, _) = mx.split(
-        Y.reshape(c, -1), np.cumsum([d, d, d, 1, 1] * 3)[:-1].tolist(), axis=1)
-    t = Tree(ul, pl, gl, ur, pr, gr, up, lpp.reshape(c), gp, W[:, 2 * F + 2], mx.sum(P, axis=1),
-             t.h0, (z == 2 * n).reshape(c), diverging.reshape(c), depth.reshape(c), last.reshape(c), accsum)
+    _, pl, pr = mx.split(_momenta(Y, d).reshape(c, 3 * d), 3, axis=1)
+    k = 3 * d + 2  # one split of ≤ 10 parts (one Split node; MLX slices one of more)
+    up, gp, lpp, _, ul, gl, _, ur, gr, _ = mx.split(
+        Y.reshape(c, -1), [d, 2 * d, 2 * d + 1, k, k + d, k + 2 * d, 2 * k, 2 * k + d, 2 * k + 2 * d], axis=1)
+    t = Tree(ul, pl, gl, ur, pr, gr, up, lpp.reshape(c), gp, w_all.reshape(c), mx.sum(P, axis=1),
+             h0.reshape(c), (z == 2 * n).reshape(c), diverging.reshape(c), depth.reshape(c), last.reshape(c), accsum)
     return _outputs(t) + [mx.max(depth)]
 
 
@@ -753,6 +781,7 @@ class NUTSKernel:
         f = self._fns.get(k)
         if f is None:
             vg, md = self.density.value_and_grad, self.max_depth
+            vgc = self.density.value_and_grad_col  # log π as a column: stacked as one
             ns = len(Sub._fields) - 5
             nh = self.n_hi
 
@@ -761,10 +790,10 @@ class NUTSKernel:
                 return Sub(*rest[:ns], *cks), rest[ns + 5 * nh:]
 
             if kind == "first":
-                f = mx.compile(partial(_prefix, vg, dense, md, static[0]))
+                f = mx.compile(partial(_prefix, vgc, dense, md, static[0]))
             elif kind == "small":
                 j = static[0]
-                f = mx.compile(lambda *a: _small(vg, dense, md, j, Tree(*a[:17]), *a[17:]))
+                f = mx.compile(lambda *a: _small(vgc, dense, md, j, Tree(*a[:17]), *a[17:]))
             elif kind == "merge":
                 def merge_only(*a):
                     s, (kj, b, minv) = sub_of(a[17:])

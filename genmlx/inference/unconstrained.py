@@ -256,6 +256,12 @@ class UnconstrainedDensity:
         """(log π(U_c), ∇ log π(U_c)) for every row of U [C, D]."""
         return self._vg(U)
 
+    def value_and_grad_col(self, U: mx.array) -> tuple[mx.array, mx.array]:
+        """:meth:`value_and_grad` with log π as a column [C, 1] (integrators that stack
+        it beside [C, D] arrays take it so, without a reshape)."""
+        lp, g = self.value_and_grad(U)
+        return lp[:, None], g
+
     # -- block form (integrators keep u, p, ∇ as a list of blocks of U's columns) --------
     def split(self, U: mx.array) -> list:
         """U [C, D] as the list of blocks that :meth:`value_and_grad_blocks` takes (here

@@ -141,3 +141,39 @@ def test_body_ops_swap_is_exact_and_indices_answered():
     np.testing.assert_array_equal(np.array(p), np.array(mx.array(0.1) * v))
     np.testing.assert_array_equal(np.array(d), np.array(mx.array(0.1) - v))
     assert s.shape == p.shape == d.shape == (3,)
+
+
+def test_scalar_latents_as_columns_need_no_reshapes(genmlx_data):
+    """Eight schools: the scalar latents μ, τ are columns [C, 1] of U, lifted against θ
+    without Reshape / ExpandDims, their gradients come out without Squeeze / Reshape, and
+    ``value_and_grad_col`` gives log π [C, 1] without a reshape: the only views left are
+    U's Split and the two closed-form sums' custom functions. Same values as
+    ``value_and_grad``."""
+    from benchmarks.graph_ops import count_graph
+
+    name = "eight_schools-eight_schools_noncentered"
+    require_data(genmlx_data, "posteriordb", name, "data.json")
+    post, args, obs, _ = models.load(genmlx_data, name)
+    dens = make_density(post.model, args, obs)
+    U = mx.random.normal((4, dens.dim), key=mx.random.key(5))
+    mx.eval(U)
+    g = count_graph(mx.compile(dens.value_and_grad_col)(U))
+    assert g.view <= 3, g
+    lp, gr = dens.value_and_grad(U)
+    lpc, grc = dens.value_and_grad_col(U)
+    assert lpc.shape == (4, 1)
+    np.testing.assert_array_equal(np.array(lpc)[:, 0], np.array(lp))
+    np.testing.assert_array_equal(np.array(grc), np.array(gr))
+
+
+def test_body_ops_lift_a_scalar_to_its_column():
+    """A registered scalar is lifted to its (1,) column (not an ExpandDims of it): the
+    same values."""
+    a, v = mx.array(0.3), mx.array([1.0, -2.0, 4.5])
+    col = mx.array([0.3])
+    with BodyOps() as ops:
+        ops.column(a, col)
+        s, p, d, q = a + v, v * a, a - v, v / a
+    want = [mx.array(0.3) + v, v * mx.array(0.3), mx.array(0.3) - v, v / mx.array(0.3)]
+    for got, w in zip((s, p, d, q), want):
+        np.testing.assert_array_equal(np.array(got), np.array(w))
