@@ -846,14 +846,15 @@ def _sync_free_search(payload, key, lw, g, leaves):
     m = lw.shape[0]
     ess, did, new_lw, Nb, pos, U = _systematic_local((Rk, r, threshold, fused), key, lw, g)
     loc = R.window_ancestors(pos, U, r * m - W, m + 2 * W, Rk * m, fused=fused)
-    loc = mx.clip(loc, 0, m - 1)
     q = mx.arange(Rk, dtype=mx.int32)
     lo, hi = Nb[:-1], Nb[1:]
     past = mx.logical_or(hi > (q + 1) * m + W, lo < q * m - W)
     ovf = mx.logical_and(did, mx.any(mx.logical_and(hi > lo, past)))
-    win = mx.concatenate([loc[:W], loc[W + m:]])
+    # indices into the own rows: clipped where they are read (the block's inside the
+    # assembly's elementwise kernel, the windows' here), not in a pass of their own
+    win = mx.clip(mx.concatenate([loc[:W], loc[W + m:]]), 0, m - 1)
     export = [win + r * m] + [mx.take(x, win, axis=0) for x in leaves] if W else []
-    return ess, did, new_lw, Nb, ovf, loc[W:W + m], export
+    return ess, did, new_lw, Nb, ovf, mx.clip(loc[W:W + m], 0, m - 1), export
 
 
 def _sync_free_assemble(payload, did, Nb, mid, leaves, got):
@@ -863,7 +864,9 @@ def _sync_free_assemble(payload, did, Nb, mid, leaves, got):
     window; p > r row j − (p·m − W) of p's low window (clipped: out of the windows only
     where the step overflowed). Where did is false: the identity (idx = j, old rows).
     Every slot's source is a row of [own rows; gathered windows] (``pos``), read by a
-    two-source gather (no concatenation; the global source row of an own row is r·m + pos)."""
+    two-source gather (no concatenation); its global source row is r·m + pos for an own
+    row, computed with ``pos``, and the gathered source row for a window's, read only for
+    the first and last W slots (when 2W < m)."""
     _, Rk, r, _, _, W = payload
     m = mid.shape[0]
     i = iota(m)
@@ -877,7 +880,13 @@ def _sync_free_assemble(payload, did, Nb, mid, leaves, got):
     off = mx.where(p < r, W + j - (p + 1) * m, j - (p * m - W))
     pos = mx.where(p == r, mid, m + p * (2 * W) + mx.clip(off, 0, 2 * W - 1))
     pos = mx.where(did, pos, i)
-    idx = identity_or_rows(r * m, m, got[0], pos)
+    if 2 * W < m:  # r·m + pos, then the slots filled from the windows, which lie in the
+        # block's first and last W slots (elsewhere only where the step overflowed)
+        idx = r * m + pos
+        idx[:W] = identity_or_rows(r * m, m, got[0], pos[:W])
+        idx[m - W:] = identity_or_rows(r * m, m, got[0], pos[m - W:])
+    else:
+        idx = identity_or_rows(r * m, m, got[0], pos)
     moved = [take_rows2(x, gx, pos) for x, gx in zip(leaves, got[1:])]
     return moved, idx
 
