@@ -127,7 +127,8 @@ def kinetic_blocks(p: list, minv: list | None) -> mx.array:
     tot = None
     for i, pi in enumerate(p):
         q = pi * pi if minv is None else pi * (minv[i] * pi)
-        t = q if q.ndim == 1 or q.shape[1:] == (1,) * (q.ndim - 1) else mx.sum(q, axis=tuple(range(1, q.ndim)), keepdims=True)
+        one_each = q.ndim == 1 or q.shape[1:] == (1,) * (q.ndim - 1)
+        t = q if one_each else mx.sum(q, axis=tuple(range(1, q.ndim)), keepdims=True)
         t = t if t.shape[1:] == (1,) else t.reshape(t.shape[0], 1)  # a column [C, 1]
         tot = t if tot is None else tot + t
     return 0.5 * tot.reshape(tot.shape[0])
