@@ -73,8 +73,9 @@ def velocity(p: mx.array, minv: mx.array, dense: bool) -> mx.array:
     return minv * p
 
 
-def kinetic(p, minv, dense: bool):
-    return 0.5 * mx.sum(p * velocity(p, minv, dense), axis=-1)
+def kinetic(p, minv, dense: bool, keepdims: bool = False):
+    """K = ½ p·M⁻¹p per chain ([C]; ``keepdims``: a column [C, 1])."""
+    return 0.5 * mx.sum(p * velocity(p, minv, dense), axis=-1, keepdims=keepdims)
 
 
 def sample_momentum(key, mfac, dense: bool, shape):

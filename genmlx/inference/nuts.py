@@ -666,7 +666,7 @@ def _prefix(vg, dense, max_depth, F, key, u, lp, g, eps, minv, mfac):
     gram = _gram(P, minv, dense)  # [C, n, n]: Γ_li = p_l·M⁻¹p_i
     kin = mx.as_strided(gram, (c, n), (n * n, n + 1))  # 2·(kinetic energy) per point
     ii, fi = _leaf_index(n), mx.array(np.arange(n, dtype=np.float32))
-    h0 = -lp1 + 0.5 * mx.sum(t.pl * velocity(t.pl, minv, dense), axis=-1, keepdims=True)  # t.h0 as [C, 1]
+    h0 = -lp1 + kinetic(t.pl, minv, dense, keepdims=True)  # t.h0 as [C, 1]
     dh = (0.5 * kin - LP) - h0
     lw = mx.where(ii == 0, 0.0, -mx.where(mx.isnan(dh), mx.inf, dh))  # log weight per point
     zd = mx.min(mx.where(lw < -MAX_ENERGY_ERROR, 2 * ii, 2 * n), axis=1, keepdims=True)  # 2·first divergence
