@@ -446,7 +446,7 @@ def main() -> None:
     if a.window_div:
         import genmlx.inference.sharded as _sharded
 
-        _sharded.window_width = lambda m, d=a.window_div: min(m, max(4096, m // d))
+        _sharded.window_width = lambda m, processes=2, d=a.window_div: min(m, max(4096, m // d))
     if a.compare:
         compare(a.compare, a.append_results, a.note)
         return

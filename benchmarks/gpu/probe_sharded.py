@@ -47,7 +47,7 @@ def probe(n: int, repeats: int) -> dict:
     exact.sync_free = False
     # the sync-free step of rank 0 of 2 virtual processes at n per process (the packed
     # gather replaced by a concatenation of its own exports): the device work of one step
-    W = window_width(n)
+    W = window_width(n, 2)
     pay = (None, 2, 0, 1.1, fused, W)
     stats2 = mx.concatenate([stats[None], stats[None]])
 

@@ -102,7 +102,7 @@ def main() -> None:
         SH.COMPILE_COLLECTIVES = False
         res["sharded_step_split"] = chained(sharded, (x0, lw0), keys, sh, a.repeats, "sharded_step_split")
         SH.COMPILE_COLLECTIVES = True
-        W = window_width(m)
+        W = window_width(m, sh.size)
         st = mx.zeros((1, 2))
         res["stats_gather"] = chained(lambda k, s: (sh.gather(s[0] + 1.0)[sh.rank:sh.rank + 1],), (st,), keys, sh,
                                       a.repeats, "stats_gather")

@@ -126,10 +126,13 @@ case $part in
     run scale1 150 $py benchmarks/scale_smc.py --ns-smc $ns --skip-is --repeats 3 --phases --out "$OUT/scale_1.json"
     [ -n "${ONE_K1:-}" ] && run scale1_k1 120 env GENMLX_KERNELS=1 $py benchmarks/scale_smc.py --ns-smc $ONE_K1 \
       --skip-is --repeats 3 --phases --out "$OUT/scale_1_k1.json"
-    # WDIV: one more two-process run at 3·10⁷ with the sync-free window W = m/WDIV (default m/64)
-    [ -n "${WDIV:-}" ] && run "scale2_w$WDIV" 150 mlx.launch -n 2 --backend nccl --env NCCL_NVLS_ENABLE=0 \
-      --python "$(command -v $py)" benchmarks/scale_smc.py --ns-smc 30000000 --skip-is --skip-hand --repeats 3 \
-      --phases --window-div "$WDIV" --out "$OUT/scale_2_w$WDIV.json"
+    # WDIV: more two-process runs at 3·10⁷, one per value, with the sync-free window W = m/WDIV
+    # (default: sharded.window_width, 16·√n)
+    for wd in ${WDIV:-}; do
+      run "scale2_w$wd" 150 mlx.launch -n 2 --backend nccl --env NCCL_NVLS_ENABLE=0 \
+        --python "$(command -v $py)" benchmarks/scale_smc.py --ns-smc 30000000 --skip-is --skip-hand --repeats 3 \
+        --phases --window-div "$wd" --out "$OUT/scale_2_w$wd.json"
+    done
     for n2 in ${NS_SMC2:-30000000}; do
       run "scale2_$n2" 180 mlx.launch -n 2 --backend nccl --env NCCL_NVLS_ENABLE=0 --python "$(command -v $py)" \
         benchmarks/scale_smc.py --ns-smc "$n2" --skip-is --repeats 3 --phases --out "$OUT/scale_2_$n2.json"

@@ -76,7 +76,7 @@ the host queues the steps ahead of the devices and nothing drains their queues
 * one all-gather of the R·2 summaries; :func:`_systematic_local` gives ESS, the decision
   did, N(B) [R+1] (process q's offspring fill the global slots [N(B_q), N(B_{q+1}))) and
   the local global-CDF values, all on the device;
-* windows of W slots (:func:`window_width`, default min(m, max(4096, m/16))): process q
+* windows of W slots (:func:`window_width`, default min(m, max(4096, 16·√(R·m)))): process q
   searches the systematic ancestors of the fixed slot run [q·m − W, (q+1)·m + W)
   (:func:`~genmlx.inference.resampling.window_ancestors`: bit for bit the exact path's on
   the slots of q's segment) and exports the source rows and carry rows of the W slots
@@ -93,9 +93,9 @@ the host queues the steps ahead of the devices and nothing drains their queues
   decisions; after an overflow the run is redone on the exact path from the same key
   (the same draws, so the same result; :meth:`Shards.fallback`, counted in
   ``Shards.fallbacks``). The segments' offsets from the blocks are the weight imbalance
-  between processes: about CV·√(q·m) slots for exchangeable particles (CV² = n/ESS − 1),
-  far inside W = m/16 unless the ESS is tiny (a few particles holding most of the mass),
-  where the run is redone.
+  between processes: sd CV·√(n·(q/R)(1 − q/R)) slots for exchangeable particles (CV² =
+  n/ESS − 1), far inside W = 16·√n unless the ESS is tiny (a few particles holding most
+  of the mass), where the run is redone.
 
 The exact path (``Shards.sync_free = False``, and the fallback) reads N(B) and the
 decision on the host each step (one read) and sizes the windows to the segments
@@ -274,7 +274,7 @@ class Shards:
 
     def _step_sync_free(self, key, lw, stats, leaves, threshold):
         m = int(lw.shape[0])
-        W = 0 if self.size == 1 else max(1, min(m, int(window_width(m))))
+        W = 0 if self.size == 1 else max(1, min(m, int(window_width(m, self.size))))
         static = (self.group, self.size, self.rank, threshold, _fused(lw), W, COMPILE_COLLECTIVES)
         payload = (self,) + static[1:6]
         if COMPILE_COLLECTIVES:  # the whole step, collectives included, as one compiled function
@@ -807,15 +807,21 @@ def halo_width(m: int) -> int:
     return min(m, max(4096, m // 128))
 
 
-def window_width(m: int) -> int:
-    """W, the sync-free step's window width in slots (m particles per process): process q's
-    offspring may reach W slots past either end of its block before the step overflows
-    (:func:`_sync_free_search`). A segment end moves from its block's by the processes'
-    weight imbalance, a few CV·√m slots (≈ 10⁴ at m = 1.5·10⁷); W = max(4096, m/64) keeps
-    a wide margin while the step searches and moves only 2W/m ≈ 3 % more slots than its
-    block (m/16: 12.5 %, 4–5 % slower per step on 2 H200s). Tests replace this function
-    to force overflows."""
-    return min(m, max(4096, m // 64))
+def window_width(m: int, processes: int = 2) -> int:
+    """W, the sync-free step's window width in slots (m particles per process, R =
+    ``processes``, n = R·m): process q's offspring may reach W slots past either end of
+    its block before the step overflows (:func:`_sync_free_search`). A segment end N(B_q)
+    moves from q·m by n·(F_q − q/R) (F_q: the normalized weight of the blocks below q),
+    whose sd is CV·√(n·(q/R)(1 − q/R)) ≤ CV·√n / 2 for exchangeable particles (CV² =
+    n/ESS − 1, ≥ 1 on a resampling step; the linear-Gaussian SSM's 73 resamplings at n =
+    10⁶ and 4·10⁶ follow it: rms 1.03 sd, largest 3.0 sd, CV up to 5.2). W = 16·√n is 32/CV
+    of those sd's (6 at CV = 5.2). So W grows like √n, not like m: at m = 1.5·10⁷, R = 2,
+    W ≈ 8.8·10⁴ (m/64 = 2.3·10⁵ before), and the step searches and moves 2W more slots than
+    its block and exports 2W rows per process. A run whose weights are far more degenerate
+    (CV ≳ 10 at a resampling) overflows and is redone on the exact path: the same result,
+    about twice the time. At least 4096 slots, at most m. Tests replace this function to
+    force overflows."""
+    return min(m, max(4096, math.ceil(16.0 * math.sqrt(processes * m))))
 
 
 def _sync_free_step(payload, key, lw, stats, leaves):

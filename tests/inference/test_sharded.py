@@ -39,7 +39,7 @@ import numpy as np
 import pytest
 
 from genmlx.harness.zoo.ssm import kalman_filter
-from genmlx.inference.sharded import SegmentPlan, WindowPlan, _systematic_local, source_bounds
+from genmlx.inference.sharded import SegmentPlan, WindowPlan, _systematic_local, source_bounds, window_width
 from genmlx.inference import (
     importance_resampling,
     importance_sampling,
@@ -299,7 +299,7 @@ def loop_reads(key, thr):
 sf = {"same": [], "fallbacks": [], "flags": [], "reads": [], "exact_reads": 0}
 default_width = SH.window_width
 for seed, thr, W in ((0, 0.5, None), (1, 0.5, None), (2, 1.0, None), (3, 0.5, 16), (0, 0.5, 2), (2, 1.0, 1)):
-    SH.window_width = default_width if W is None else (lambda m, W=W: W)
+    SH.window_width = default_width if W is None else (lambda m, processes=2, W=W: W)
     f0 = Shards.fallbacks
     a = run_summary(mx.random.key(seed), thr)
     sf["fallbacks"].append(Shards.fallbacks - f0)
@@ -906,6 +906,34 @@ def test_local_systematic_counts_equal_systematic_on_all_weights(R):
             assert abs(ess - float(RS.effective_sample_size(glw))) <= 1e-4 * ess
             assert all(bool(o[1]) for o in outs)
             assert mx.allclose(outs[1][2], mx.broadcast_to(RS.log_mean_exp(glw), (m,)), atol=1e-5)
+
+
+@pytest.mark.parametrize("R", [2, 3])
+def test_segment_ends_move_as_window_width_assumes(R):
+    """window_width's premise: a segment end N(B_q) (from _systematic_local on R virtual
+    processes) sits n·(F_q − q/R) slots from q·m with sd CV·√(n·(q/R)(1 − q/R)), CV² =
+    n/ESS − 1. Exchangeable log-normal weights, 300 draws: the mean squared z-score is 1
+    within 3.5 SE (√(2/K)), no |z| past 5, and W = window_width(m, R) holds ≥ 6 such sd's
+    at CV = 5."""
+    m = 20_000
+    n = R * m
+    z = []
+    for draw in range(300):
+        k_lw, k_res = mx.random.split(mx.random.key(7000 + 100 * R + draw))
+        lws = list(mx.random.normal((R, m), key=k_lw) * 1.2)
+        stats = mx.stack([mx.stack([mx.logsumexp(lw), mx.logsumexp(2 * lw)]) for lw in lws])
+        ess, _, _, Nb = _systematic_local((R, 0, 1.0, False), k_res, lws[0], stats)[:4]
+        cv = math.sqrt(n / float(ess) - 1.0)
+        Nb = np.array(Nb)
+        for q in range(1, R):
+            sd = cv * math.sqrt(n * (q / R) * (1 - q / R))
+            z.append((int(Nb[q]) - q * m) / sd)
+    z = np.array(z)
+    assert abs(np.mean(z ** 2) - 1.0) < 3.5 * math.sqrt(2.0 / len(z)), np.mean(z ** 2)
+    assert np.max(np.abs(z)) < 5.0
+    for mm in (10**5, 10**6, 15 * 10**6):
+        W = window_width(mm, R)
+        assert min(W, mm) == W and (W == mm or W >= 6 * 5.0 * math.sqrt(R * mm) / 2), (mm, W)
 
 
 @pytest.mark.parametrize("R", [2, 3, 4])
