@@ -10,6 +10,7 @@
 #   bash benchmarks/gpu/session.sh smc_tests # the SMC kernels' GPU tests (TESTS_T s, default 300)
 #   bash benchmarks/gpu/session.sh smc_kernels # 2 GPUs: SMC scaling 1 → 2 processes by phase
 #                                            # (NS_SMC one process, NS_SMC2 two; ONE_K1: opt-in kernel)
+#   bash benchmarks/gpu/session.sh scaling_vec # 2 GPUs: sharded SMC, STATE_DIM-coordinate SSM, 1 → 2 processes
 #   bash benchmarks/gpu/session.sh probes    # 2 GPUs: the sharded step probe (NCCL transports), IS by part
 #   bash benchmarks/gpu/session.sh bench1    # 1 GPU: IS, VAE/IWAE step, SMC, kernels
 #   bash benchmarks/gpu/session.sh bench2    # 1 GPU: HMC (NumPyro on CPU and GPU), CUDA graph sizes
@@ -32,7 +33,7 @@
 # Run from a snapshot of a commit: rm -rf .snap && mkdir .snap && git archive HEAD | tar -x -C .snap
 # && git rev-parse --short HEAD > .snap/COMMIT (benchmarks read the commit from it), carry .snap.
 set -u
-part=${1:?part: scaling, bench1, bench2, nuts, iwae or shards}
+part=${1:?part: scaling, scaling_vec, bench1, bench2, nuts, iwae or shards}
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false NCCL_NVLS_ENABLE=0
 export PATH=/root/site/bin:$PATH PYTHONPATH=/root/site:$PWD
 OUT="${OUT:-/tmp/genmlx-gpu}"; mkdir -p "$OUT"
@@ -137,6 +138,18 @@ case $part in
       run "scale2_$n2" 180 mlx.launch -n 2 --backend nccl --env NCCL_NVLS_ENABLE=0 --python "$(command -v $py)" \
         benchmarks/scale_smc.py --ns-smc "$n2" --skip-is --repeats 3 --phases --out "$OUT/scale_2_$n2.json"
       run "scale_cmp_$n2" 30 $py benchmarks/scale_smc.py --compare "$OUT/scale_1.json" "$OUT/scale_2_$n2.json" \
+        --append-results --note "$NOTE"
+    done
+    ;;
+  scaling_vec)  # 2 GPUs: sharded SMC on the SSM with STATE_DIM (default 4) independent
+    # coordinates, one process at each of NS_SMC, two at each total of NS_SMC2
+    d=${STATE_DIM:-4}
+    run "vec${d}_1" 200 $py benchmarks/scale_smc.py --state-dim "$d" --ns-smc ${NS_SMC:-5000000 10000000 15000000} \
+      --repeats 3 --phases --out "$OUT/vec${d}_1.json"
+    for n2 in ${NS_SMC2:-20000000 30000000}; do
+      run "vec${d}_2_$n2" 180 mlx.launch -n 2 --backend nccl --env NCCL_NVLS_ENABLE=0 --python "$(command -v $py)" \
+        benchmarks/scale_smc.py --state-dim "$d" --ns-smc "$n2" --repeats 3 --phases --out "$OUT/vec${d}_2_$n2.json"
+      run "vec${d}_cmp_$n2" 30 $py benchmarks/scale_smc.py --compare "$OUT/vec${d}_1.json" "$OUT/vec${d}_2_$n2.json" \
         --append-results --note "$NOTE"
     done
     ;;

@@ -76,7 +76,7 @@ the host queues the steps ahead of the devices and nothing drains their queues
 * one all-gather of the R·2 summaries; :func:`_systematic_local` gives ESS, the decision
   did, N(B) [R+1] (process q's offspring fill the global slots [N(B_q), N(B_{q+1}))) and
   the local global-CDF values, all on the device;
-* windows of W slots (:func:`window_width`, default min(m, max(4096, 16·√(R·m)))): process q
+* windows of W slots (:func:`window_width`, default min(m, max(4096, m/64, 32·√(R·m)))): process q
   searches the systematic ancestors of the fixed slot run [q·m − W, (q+1)·m + W)
   (:func:`~genmlx.inference.resampling.window_ancestors`: bit for bit the exact path's on
   the slots of q's segment) and exports the source rows and carry rows of the W slots
@@ -94,7 +94,7 @@ the host queues the steps ahead of the devices and nothing drains their queues
   (the same draws, so the same result; :meth:`Shards.fallback`, counted in
   ``Shards.fallbacks``). The segments' offsets from the blocks are the weight imbalance
   between processes: sd CV·√(n·(q/R)(1 − q/R)) slots for exchangeable particles (CV² =
-  n/ESS − 1), far inside W = 16·√n unless the ESS is tiny (a few particles holding most
+  n/ESS − 1), far inside W ≥ 32·√n unless the ESS is tiny (a few particles holding most
   of the mass), where the run is redone.
 
 The exact path (``Shards.sync_free = False``, and the fallback) reads N(B) and the
@@ -810,18 +810,19 @@ def halo_width(m: int) -> int:
 def window_width(m: int, processes: int = 2) -> int:
     """W, the sync-free step's window width in slots (m particles per process, R =
     ``processes``, n = R·m): process q's offspring may reach W slots past either end of
-    its block before the step overflows (:func:`_sync_free_search`). A segment end N(B_q)
-    moves from q·m by n·(F_q − q/R) (F_q: the normalized weight of the blocks below q),
-    whose sd is CV·√(n·(q/R)(1 − q/R)) ≤ CV·√n / 2 for exchangeable particles (CV² =
-    n/ESS − 1, ≥ 1 on a resampling step; the linear-Gaussian SSM's 73 resamplings at n =
-    10⁶ and 4·10⁶ follow it: rms 1.03 sd, largest 3.0 sd, CV up to 5.2). W = 16·√n is 32/CV
-    of those sd's (6 at CV = 5.2). So W grows like √n, not like m: at m = 1.5·10⁷, R = 2,
-    W ≈ 8.8·10⁴ (m/64 = 2.3·10⁵ before), and the step searches and moves 2W more slots than
-    its block and exports 2W rows per process. A run whose weights are far more degenerate
-    (CV ≳ 10 at a resampling) overflows and is redone on the exact path: the same result,
-    about twice the time. At least 4096 slots, at most m. Tests replace this function to
-    force overflows."""
-    return min(m, max(4096, math.ceil(16.0 * math.sqrt(processes * m))))
+    its block before the step overflows (:func:`_sync_free_search`) and the run is redone
+    on the exact path (the same result, about twice the time). A segment end N(B_q) moves
+    from q·m by n·(F_q − q/R) (F_q: the normalized weight of the blocks below q), whose sd
+    is CV·√(n·(q/R)(1 − q/R)) ≤ CV·√n / 2 for exchangeable particles (CV² = n/ESS − 1, ≥ 1
+    on a resampling step; the linear-Gaussian SSM's resamplings follow it: rms 1.03 sd).
+    The CV at a resampling is the model's: ~2–5 for a scalar state, ~10 for eight
+    independent such coordinates (ESS ≈ n/100 after a step). W = max(32·√n, m/64) holds
+    ≥ 64/CV of those sd's (6 at CV = 10) at every size, and more at large m, where
+    m/64 > 32·√n: narrower windows there measured no faster on 2 H200s (the window
+    gather's cost is its latency; 16·√n: sharded run 196 vs 198 ms at m = 1.5·10⁷). The
+    step searches and moves 2W more slots than its block and exports 2W rows per process.
+    At least 4096 slots, at most m. Tests replace this function to force overflows."""
+    return min(m, max(4096, m // 64, math.ceil(32.0 * math.sqrt(processes * m))))
 
 
 def _sync_free_step(payload, key, lw, stats, leaves):
