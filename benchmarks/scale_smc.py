@@ -445,6 +445,8 @@ def main() -> None:
     ap.add_argument("--ns-is", type=int, nargs="+", default=[1_000_000, 10_000_000])
     ap.add_argument("--is-chunk", type=int, default=None, help="IS chunk_size (particles per process at once)")
     ap.add_argument("--T", type=int, default=100)
+    ap.add_argument("--no-unroll", action="store_true",
+                    help="per-example sums as one reduction (genmlx.core.batchwise.UNROLL_MAX = 0)")
     ap.add_argument("--state-dim", type=int, default=1,
                     help="SSM coordinates D (D > 1: observation sd RR_VEC, no hand-written filter, no IS rows)")
     ap.add_argument("--repeats", type=int, default=3)
@@ -475,6 +477,10 @@ def main() -> None:
         import genmlx.inference.sharded as _sharded
 
         _sharded.COMPILE_COLLECTIVES = False
+    if a.no_unroll:
+        import genmlx.core.batchwise as _bw
+
+        _bw.UNROLL_MAX = 0
     if a.window_div:
         import genmlx.inference.sharded as _sharded
 
