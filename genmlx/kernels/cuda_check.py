@@ -78,21 +78,21 @@ def kernels() -> dict[str, tuple[str, str]]:
     gathers = {f"take_rows_{dt}_x{w}": render(f"genmlx_take_rows_{dt}_x{w}",
                                                [("x", dt, 3), ("idx", "int32", 2)], [("out", dt)],
                                                KG._source(KG._WORD[b], w))
-               for dt, b, w in (("float32", 4, 1), ("float16", 2, 3), ("bool", 1, 1), ("int64", 8, 2))}
+               for dt, b, w in (("float32", 4, 1), ("float16", 2, 3), ("bool", 1, 1), ("int64", 8, 2), ("float32", 4, 4))}
     gathers2 = {f"take_rows2_{dt}_x{w}": render(f"genmlx_take_rows2_{dt}_x{w}",
                                                  [("a", dt, 2), ("b", dt, 2), ("pos", "int32", 1)], [("out", dt)],
                                                  KG._source2(KG._WORD[b], w, False))
-                for dt, b, w in (("float32", 4, 1), ("float16", 2, 3))}
+                for dt, b, w in (("float32", 4, 1), ("float16", 2, 3), ("float32", 4, 2))}
     gathers2["take_rows2_identity"] = render("genmlx_take_rows2_int32_x1_identity",
                                              [("base", "int32", 1), ("b", "int32", 1), ("pos", "int32", 1)],
                                              [("out", "int32")], KG._source2("uint32_t", 1, True))
-    hf, hk = (True, False, True, True), ((4, 1), (2, 3))
+    hf, hk = (True, False, True, True), ((4, 1), (2, 3), (4, 4))
     h_in, h_out = KP.halo_names(len(hf), sum(hf), len(hk))
-    hdt = ("float32", "float16")
+    hdt = ("float32", "float16", "float32")
     halo = render(KP.halo_kernel_name(hf, hk, 1, 3, 5, 20),
                   [(nm, "int32", 1) for nm in h_in[:sum(hf)]]
-                  + [(nm, hdt[int(nm[1:].split("_")[0])], 1) for nm in h_in[sum(hf):-3]]
-                  + [("EA", "int32", 2)] + [(nm, hdt[int(nm[2:])], 2) for nm in h_in[-2:]],
+                  + [(nm, hdt[int(nm[1:].split("_")[0])], 1) for nm in h_in[sum(hf):-1 - len(hk)]]
+                  + [("EA", "int32", 2)] + [(nm, hdt[int(nm[2:])], 2) for nm in h_in[-len(hk):]],
                   [(nm, hdt[j]) for j, nm in enumerate(h_out[:-1])] + [("bad_out", "uint8")],
                   KP._halo_source(hf, hk, 1, 3, 5, 20))
     return {

@@ -6,7 +6,8 @@ Those indices are nondecreasing, so consecutive threads read neighbouring rows a
 gather can run at the GPU's memory bandwidth; MLX's generic gather (any rank, any axis)
 reaches about a tenth of it on an H200 at 10⁷ rows (≈ 300–430 µs per 1.5·10⁷ int32,
 ``benchmarks/gpu/probe_sharded.py``). Here each thread copies one row as unsigned
-words of the element's size (the bits, whatever the dtype).
+words of the element's size (the bits, whatever the dtype), or of 8 or 16 bytes where the
+row's size and alignment allow (:mod:`genmlx.kernels._rows`).
 
 :func:`take_rows` (axis 0, one index vector) and :func:`take_rows_batched` (axis 1 of
 [B, N, …] with indices [B, n], as ``take_along_axis``) dispatch to the kernel on a CUDA
@@ -23,15 +24,16 @@ import functools
 import mlx.core as mx
 
 from genmlx.kernels import _backend as B
+from genmlx.kernels._rows import PRELUDE, needs_prelude, row_copy
 
 THREADS = 256
 _WORD = {1: "uint8_t", 2: "uint16_t", 4: "uint32_t", 8: "uint64_t"}
+_BYTES = {v: k for k, v in _WORD.items()}
 
 
 def _source(word: str, w: int) -> str:
     """Kernel body: ``x`` [B, N, w words], ``idx`` [B, n] int32 → ``out`` [B, n, w]."""
-    copy = ("d[0] = s[0];" if w == 1 else f"for (int k = 0; k < {w}; ++k) d[k] = s[k];")
-    return "\n".join([
+    return "\n".join(_prelude(word, w) + [
         "const size_t n = idx_shape[1];",
         "const size_t N = x_shape[1];",
         "const size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x;",
@@ -39,10 +41,13 @@ def _source(word: str, w: int) -> str:
         "const size_t b = e / n;",
         "long long r = idx[e];",
         "r = r < 0 ? 0 : (r >= (long long)N ? (long long)N - 1 : r);",
-        f"const {word}* s = reinterpret_cast<const {word}*>(x) + (b * N + (size_t)r) * {w};",
-        f"{word}* d = reinterpret_cast<{word}*>(out) + e * {w};",
-        copy,
+        row_copy(word, _BYTES[word], w, f"reinterpret_cast<const {word}*>(x) + (b * N + (size_t)r) * {w}",
+                 f"reinterpret_cast<{word}*>(out) + e * {w}"),
     ])
+
+
+def _prelude(word: str, w: int) -> list:
+    return [PRELUDE] if needs_prelude([(_BYTES[word], w)]) else []
 
 
 def _source2(word: str, w: int, identity: bool) -> str:
@@ -50,11 +55,10 @@ def _source2(word: str, w: int, identity: bool) -> str:
     (a [Na, w words], b [Nb, w]) without the concatenation; ``identity``: a is the rows
     base + 0 … Na − 1 (int32, one word), not an input."""
     first = ("out[i] = (int32_t)(base[0] + r);" if identity else
-             f"const {word}* s = reinterpret_cast<const {word}*>(a) + (size_t)r * {w}; "
-             f"{word}* d = reinterpret_cast<{word}*>(out) + i * {w}; "
-             f"for (int k = 0; k < {w}; ++k) d[k] = s[k];")
+             row_copy(word, _BYTES[word], w, f"reinterpret_cast<const {word}*>(a) + (size_t)r * {w}",
+                      f"reinterpret_cast<{word}*>(out) + i * {w}"))
     na = "base[1]" if identity else "a_shape[0]"
-    return "\n".join([
+    return "\n".join(_prelude(word, w) + [
         "const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;",
         "if (i >= (size_t)pos_shape[0]) return;",
         f"const long long Na = {na};",
@@ -64,9 +68,8 @@ def _source2(word: str, w: int, identity: bool) -> str:
         "if (r < Na) {",
         first,
         "} else {",
-        f"const {word}* s = reinterpret_cast<const {word}*>(b) + (size_t)(r - Na) * {w};",
-        f"{word}* d = reinterpret_cast<{word}*>(out) + i * {w};",
-        f"for (int k = 0; k < {w}; ++k) d[k] = s[k];",
+        row_copy(word, _BYTES[word], w, f"reinterpret_cast<const {word}*>(b) + (size_t)(r - Na) * {w}",
+                 f"reinterpret_cast<{word}*>(out) + i * {w}"),
         "}",
     ])
 

@@ -28,6 +28,7 @@ import functools
 import mlx.core as mx
 
 from genmlx.kernels import _backend as B
+from genmlx.kernels._rows import PRELUDE, needs_prelude, row_copy
 
 MAX_INPUTS = 480  # pointers in the kernel's parameter block (4 KiB with the outputs)
 _WORD = {1: "uint8_t", 2: "uint16_t", 4: "uint32_t", 8: "uint64_t"}
@@ -83,11 +84,10 @@ def _source(T: int, kinds: tuple) -> str:
     lines += _step_loop_head(T, words, {t: t for t in range(T)}, False)
     lines.append("  r = a[r]; D[(size_t)t * n + i] = r;")
     for j, (b, w) in enumerate(kinds):
-        lines.append(f"  {{ const {words[j]}* s = x{j} + (size_t)r * {w}; {words[j]}* d = "
-                     f"reinterpret_cast<{words[j]}*>(p{j}) + ((size_t)t * n + i) * {w}; "
-                     f"for (int e = 0; e < {w}; ++e) d[e] = s[e]; }}")
+        lines.append("  " + row_copy(words[j], b, w, f"x{j} + (size_t)r * {w}",
+                                     f"reinterpret_cast<{words[j]}*>(p{j}) + ((size_t)t * n + i) * {w}"))
     lines.append("}")
-    return "\n".join(lines)
+    return "\n".join(([PRELUDE] if needs_prelude(kinds) else []) + lines)
 
 
 def names(T: int, J: int) -> tuple:
@@ -202,10 +202,9 @@ def _halo_source(flags: tuple, kinds: tuple, r: int, R: int, H: int, m: int) -> 
         low = f"reinterpret_cast<const {word}*>(EX{j}) + (({max(r - 1, 0)}LL * {T} + t) * 2 * H + H + c) * {w}"
         high = f"reinterpret_cast<const {word}*>(EX{j}) + (({min(r + 1, R - 1)}LL * {T} + t) * 2 * H + (c - H - m)) * {w}"
         dst = f"reinterpret_cast<{word}*>(p{j}) + ((long long)t * m + i) * {w}"
-        lines.append(f"  {{ const {word}* s = c < H ? {low} : (c < H + m ? x{j} + (c - H) * {w} : {high}); "
-                     f"{word}* d = {dst}; for (int e = 0; e < {w}; ++e) d[e] = s[e]; }}")
+        lines.append("  " + row_copy(word, b, w, f"c < H ? {low} : (c < H + m ? x{j} + (c - H) * {w} : {high})", dst))
     lines += ["}", "#undef COL", "bad_out[i] = (uint8_t)bad;"]
-    return "\n".join(lines)
+    return "\n".join(([PRELUDE] if needs_prelude(kinds) else []) + lines)
 
 
 def halo_kernel_name(flags: tuple, kinds: tuple, r: int, R: int, H: int, m: int) -> str:

@@ -18,7 +18,9 @@ def halo_cases(R_: int, m: int, H: int):
     T, n = len(FLAGS), R_ * m
     rng = np.random.default_rng(m)
     anc = [np.clip(np.sort(np.arange(n) + rng.integers(-3, 8, n)), 0, n - 1).astype(np.int32) for _ in range(T)]
-    xs = [rng.normal(size=(T, n)).astype(np.float32), rng.normal(size=(T, n, 3)).astype(np.float16)]
+    # rows of 4, 6, 8 and 16 bytes: element words, 8-byte and 16-byte vector words (kernels._rows)
+    xs = [rng.normal(size=(T, n)).astype(np.float32), rng.normal(size=(T, n, 3)).astype(np.float16),
+          rng.normal(size=(T, n, 2)).astype(np.float32), rng.normal(size=(T, n, 4)).astype(np.float32)]
     ks = [t for t in range(T) if FLAGS[t]]
     for h in (H, 1):
         EA = np.concatenate([np.stack([np.concatenate([anc[t][q * m:q * m + h], anc[t][(q + 1) * m - h:(q + 1) * m]])

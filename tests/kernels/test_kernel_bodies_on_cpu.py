@@ -89,7 +89,7 @@ def _run_halo_body(folder: Path, idxs, flags, EA, xs, EX, r: int, R_: int, H: in
 def test_halo_paths_body_equals_statement(tmp_path, R_, m, H):
     """Every process of R virtual ones, with halos of H rows and of 1 row (lineages then
     leave them: the miss flag): the body's paths equal the statement's bit for bit (a
-    float32 and a float16 kind of 3 elements per row) and its miss flag matches."""
+    float32, a float16 [3], a float32 [2] and a float32 [4] kind per row) and its miss flag matches."""
     misses = 0
     for h, r, idxs, EA, own, EX, want, bad in halo_cases(R_, m, H):
         got, miss = _run_halo_body(tmp_path, idxs, FLAGS, EA, own, EX, r, R_, h)
@@ -105,15 +105,16 @@ def test_halo_paths_body_equals_statement(tmp_path, R_, m, H):
 @pytest.mark.parametrize("T,n", [(1, 5), (7, 300), (40, 64)])
 def test_ancestral_paths_body_equals_walk(tmp_path, T, n):
     """The one-process ancestral-paths kernel body: D_t = a_t[D_{t+1}] from the identity
-    and path_t = x_t[D_t] for a float32, an int32 [2], a float16 [3] and a bool kind, bit
-    for bit (some steps the identity: no resampling)."""
+    and path_t = x_t[D_t] for a float32, an int32 [2], a float16 [3], a bool and a float32 [4] kind
+    (element, 8-byte and 16-byte words), bit for bit (some steps the identity: no resampling)."""
     rng = np.random.default_rng(T * n)
     idxs = [rng.integers(0, n, n).astype(np.int32) if rng.random() < 0.6 else np.arange(n, dtype=np.int32)
             for _ in range(T)]
     xs = [[rng.standard_normal(n).astype(np.float32) for _ in range(T)],
           [rng.integers(-9, 9, (n, 2)).astype(np.int32) for _ in range(T)],
           [rng.standard_normal((n, 3)).astype(np.float16) for _ in range(T)],
-          [rng.random(n) < 0.5 for _ in range(T)]]
+          [rng.random(n) < 0.5 for _ in range(T)],
+          [rng.standard_normal((n, 4)).astype(np.float32) for _ in range(T)]]  # 16-byte rows: vector words
     ins, _ = KP.names(T, len(xs))
     inputs = {nm: np.ascontiguousarray(a) for nm, a in zip(ins, idxs + [x for col in xs for x in col])}
     inputs = {nm: a.view(np.uint8) if a.dtype == np.bool_ else a for nm, a in inputs.items()}
