@@ -1,6 +1,6 @@
 """Test cases of the sharded end-of-run paths (the halo-paths kernel and its statement):
 R virtual processes of m slots, T = 9 steps, sorted ancestors that drift a few slots,
-a float32 kind and a float16 kind of 3 elements per row."""
+kinds of float32, float16 [3], float32 [2] and float32 [4] per row."""
 
 from __future__ import annotations
 
