@@ -478,13 +478,34 @@ class Shards:
 class HaloLineage(Sequence):
     """The end-of-run lineages of :meth:`Shards.descent` from the neighbours' gathered
     halo edges ``E``: :meth:`rows` composes them with :func:`halo_compose` (one all-sum of
-    the miss flag; after a miss the whole blocks are gathered, counted in
-    ``Shards.halo_misses``), as a list (``Ds[t]``) on first read; :meth:`paths` gives the
-    kept arrays' paths by the halo-paths kernel without composing them."""
+    the miss flag), as a list (``Ds[t]``) on first read; :meth:`paths` gives the kept
+    arrays' paths by the halo-paths kernel without composing them. After a miss (counted
+    in ``Shards.halo_misses``) both retry on halos 4× as wide (:meth:`widened`: a
+    degenerate filter's lineages drift by a random walk of the per-resampling weight
+    imbalances, past a fixed H) until the halos would cover a block; then the whole blocks
+    are gathered (:meth:`rows`) or the MLX path takes over (:meth:`paths` returns None)."""
 
     def __init__(self, sh: "Shards", idxs: list, flags: list, E: mx.array, H: int):
         self.sh, self.idxs, self.flags, self.E, self.H = sh, list(idxs), list(flags), E, H
         self._rows = None
+
+    def widened(self) -> "HaloLineage | None":
+        """The same lineages on halos 4× as wide (the edges all-gathered again), or None
+        when those would cover a whole block (the caller then gathers the blocks)."""
+        m = int(self.idxs[self.flags.index(True)].shape[0])
+        H = 4 * self.H
+        if H >= m:
+            return None
+        ks = [t for t, f in enumerate(self.flags) if f]
+        edges = mx.concatenate([x for t in ks for x in (self.idxs[t][:H], self.idxs[t][m - H:])])
+        return HaloLineage(self.sh, self.idxs, self.flags, self.sh.gather(edges.reshape(len(ks), 2 * H)), H)
+
+    def _missed(self, miss: mx.array) -> bool:
+        """Whether some process's lineage left its halos (one all-sum; counted)."""
+        if int(self.sh.all_sum(miss.astype(mx.int32)[None]).item()) > 0:
+            Shards.halo_misses += 1
+            return True
+        return False
 
     def rows(self) -> list:
         if self._rows is None:
@@ -492,9 +513,10 @@ class HaloLineage(Sequence):
             blocks = mx.stack([i for i, f in zip(self.idxs, self.flags) if f])
             Ds, miss = halo_compose(self.idxs, self.flags, blocks, self.E, sh.rank, sh.size, self.H,
                                     sh.sort_ancestors)
-            if int(sh.all_sum(miss.astype(mx.int32)[None]).item()) > 0:
-                Shards.halo_misses += 1
-                Ds = sh._compose_full(self.idxs, self.flags, sh.gather(blocks))
+            if self._missed(miss):  # wider halos, else the whole blocks
+                wide = self.widened()
+                Ds = wide.rows() if wide is not None else sh._compose_full(self.idxs, self.flags,
+                                                                            sh.gather(blocks))
             self._rows = Ds
         return self._rows
 
@@ -516,8 +538,9 @@ class HaloLineage(Sequence):
                  for col in kept]
         EX = sh.gather_packed(edges)
         out, miss = paths_kernel.halo_paths(self.idxs, flags, self.E, kept, EX, sh.rank, sh.size, H)
-        if int(sh.all_sum(miss.astype(mx.int32)[None]).item()) > 0:
-            return None
+        if self._missed(miss):  # wider halos (a few all-gathers of edges), else the MLX path
+            wide = self.widened()
+            return None if wide is None else wide.paths(kept)
         return out
 
 

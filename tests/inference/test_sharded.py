@@ -364,15 +364,19 @@ anc = [mx.sort(mx.random.randint(0, 2 * m_loc, (2 * m_loc,), key=mx.random.key(8
 ref = anc[3][rank * m_loc:(rank + 1) * m_loc]
 want = [anc[0][anc[2][ref]], anc[2][ref], anc[2][ref], ref]
 # the neighbours' halos: all of a block (m), enough for these lineages (48 of 64 slots),
-# too few (2: the whole blocks are gathered instead); with and without the log-weights
+# too few (2: one miss each, then 4x as wide, 8, is enough), too few and no wider ones
+# (the whole blocks are gathered instead); with and without the log-weights
 import genmlx.inference.sharded as SH
 default_halo, res["descent_ok"], res["halo_misses"] = SH.halo_width, True, []
 lw_loc = mx.random.normal((m_loc,), key=mx.random.key(90 + rank))
-for H in (None, 48, 2):
+real_widened = SH.HaloLineage.widened
+for H, wider in ((None, True), (48, True), (2, True), (2, False)):
     SH.halo_width = default_halo if H is None else (lambda m, H=H: H)
+    SH.HaloLineage.widened = real_widened if wider else (lambda self: None)
     h0 = Shards.halo_misses
     Ds = sh.descent([a[rank * m_loc:(rank + 1) * m_loc] for a in anc], flags)
     Ds2, glw = sh.descent([a[rank * m_loc:(rank + 1) * m_loc] for a in anc], flags, lw_loc)
+    SH.HaloLineage.widened = real_widened
     res["halo_misses"].append(Shards.halo_misses - h0)
     res["descent_ok"] = res["descent_ok"] and all(
         bool(mx.array_equal(d, w)) and bool(mx.array_equal(d2, w)) for d, d2, w in zip(Ds, Ds2, want))
@@ -599,7 +603,7 @@ def test_fused_row_moves_equal_full_gather(two_ranks):
         # the kernel's path (emulated) gives the same run; the narrowest halo misses
         assert all(same for same, _ in r["halo_kernel_path"]), r["halo_kernel_path"]
         assert r["halo_kernel_path"][0][1] == 0 and r["halo_kernel_path"][-1][1] >= 1, r["halo_kernel_path"]
-        assert r["halo_misses"] == [0, 0, 2], r["halo_misses"]
+        assert r["halo_misses"] == [0, 0, 2, 2], r["halo_misses"]
 
 
 # --- one process: the single-process functions ---------------------------------------
