@@ -9,12 +9,29 @@ import math
 
 import mlx.core as mx
 
-from genmlx.core.validation import concrete_all, validation_enabled
+from genmlx.core.validation import concrete_all
 from genmlx.distributions import constraints as C
 from genmlx.distributions._util import batch_shape
 from genmlx.distributions.base import Distribution, param
 
 _LOG_2PI = math.log(2 * math.pi)
+#: contractions over at most this many entries are written as additions of slices (one
+#: fused elementwise kernel under mx.compile) rather than a product and a Sum: vmapped over
+#: many particles a Sum is MLX's reduction of many short rows, ~30x slower than an
+#: elementwise pass on an H200 (see genmlx.core.batchwise.UNROLL_MAX)
+SHORT = 8
+
+
+def dot_last(a: mx.array, b: mx.array) -> mx.array:
+    """Σ_j a[..., j] b[..., j] over the (broadcast) last axis."""
+    k = max(a.shape[-1], b.shape[-1])
+    if k > SHORT:
+        return mx.sum(a * b, axis=-1)
+    pa, pb = a.shape[-1] > 1, b.shape[-1] > 1
+    total = a[..., 0] * b[..., 0]
+    for j in range(1, k):
+        total = total + a[..., j if pa else 0] * b[..., j if pb else 0]
+    return total
 
 
 def cholesky(a: mx.array) -> mx.array:
@@ -27,7 +44,7 @@ def cholesky(a: mx.array) -> mx.array:
         s = a[..., :, j]
         if cols:
             lprev = mx.stack(cols, axis=-1)  # [..., K, j]
-            s = s - mx.sum(lprev * lprev[..., j : j + 1, :], axis=-1)
+            s = s - dot_last(lprev, lprev[..., j : j + 1, :])
         d = mx.sqrt(s[..., j : j + 1])
         mask = (mx.arange(k) >= j).astype(a.dtype)
         cols.append(mx.where(mask > 0, s / d, 0.0))
@@ -42,7 +59,7 @@ def solve_lower(l: mx.array, b: mx.array) -> mx.array:
         r = b[..., i]
         if ys:
             y = mx.stack(ys, axis=-1)
-            r = r - mx.sum(l[..., i, :i] * y, axis=-1)
+            r = r - dot_last(l[..., i, :i], y)
         ys.append(r / l[..., i, i])
     return mx.stack(ys, axis=-1)
 
@@ -104,14 +121,19 @@ class MvNormal(Distribution):
 
     def _sample(self, key, shape):
         eps = mx.random.normal(shape=shape, key=key)
-        return self.mean_ + mx.sum(self.scale_tril * mx.expand_dims(eps, -2), axis=-1)
+        return self.mean_ + dot_last(self.scale_tril, mx.expand_dims(eps, -2))
 
     def _log_prob(self, x):
         l = self.scale_tril
         k = l.shape[-1]
         y = solve_lower(l, x - self.mean_)
-        half_logdet = mx.sum(mx.log(mx.diagonal(l, axis1=-2, axis2=-1)), axis=-1)
-        return -0.5 * mx.sum(y * y, axis=-1) - half_logdet - 0.5 * k * _LOG_2PI
+        if k <= SHORT:  # the diagonal as K slices (mx.diagonal is a gather)
+            half_logdet = mx.log(l[..., 0, 0])
+            for i in range(1, k):
+                half_logdet = half_logdet + mx.log(l[..., i, i])
+        else:
+            half_logdet = mx.sum(mx.log(mx.diagonal(l, axis1=-2, axis2=-1)), axis=-1)
+        return -0.5 * dot_last(y, y) - half_logdet - 0.5 * k * _LOG_2PI
 
     def mean(self):
         return mx.broadcast_to(self.mean_, self.shape)

@@ -83,3 +83,31 @@ def test_vector_normal_weights_over_many_particles(unroll, monkeypatch):
     want = np.sum(terms, axis=1)
     bound = d * 4 * EPS32 * (np.sum(np.abs(terms), axis=1) + 1.0)
     assert np.all(np.abs(np.array(w, dtype=np.float64) - want) <= bound)
+
+
+def test_mv_normal_contractions_unrolled_for_short_vectors():
+    """MvNormal (K = 4) scored for 2^15 particles by vgenerate: its triangular solve,
+    quadratic form and log-determinant are additions of slices (no reduction node), and
+    the weights equal the float64 log-densities within float32 rounding."""
+    import io
+
+    n, K = 1 << 15, 4
+    L = mx.array([[1.0, 0, 0, 0], [0.5, 1.2, 0, 0], [0.2, -0.3, 0.9, 0], [0.1, 0.4, 0.2, 1.1]])
+    y = mx.array([0.3, -0.2, 1.0, 0.5])
+
+    @gm.gen
+    def model():
+        mu = gm.mv_normal(mx.zeros(K), scale_tril=L) @ "mu"
+        gm.mv_normal(mu, scale_tril=L) @ "y"
+
+    tr, w = model.vgenerate(mx.random.key(5), (), gm.choicemap({"y": y}), n)
+    buf = io.StringIO()
+    mx.export_to_dot(buf, w)
+    assert "Sum" not in buf.getvalue()
+    Ln = np.array(L, dtype=np.float64)
+    r = np.array(y, dtype=np.float64)[None] - np.array(tr.choices["mu"], dtype=np.float64)
+    z = np.linalg.solve(Ln, r.T).T
+    want = -0.5 * np.sum(z * z, axis=1) - np.sum(np.log(np.diag(Ln))) - 0.5 * K * np.log(2 * np.pi)
+    # float32: the solve's K rows each round a few terms of size ≲ max|z|·max|L|
+    bound = 64 * EPS32 * (np.sum(z * z, axis=1) + np.max(np.abs(z), axis=1) * 4 + 4)
+    assert np.all(np.abs(np.array(w, dtype=np.float64) - want) <= bound)
