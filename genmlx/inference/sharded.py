@@ -837,14 +837,15 @@ def window_width(m: int, processes: int = 2) -> int:
     on the exact path (the same result, about twice the time). A segment end N(B_q) moves
     from q·m by n·(F_q − q/R) (F_q: the normalized weight of the blocks below q), whose sd
     is CV·√(n·(q/R)(1 − q/R)) ≤ CV·√n / 2 for exchangeable particles (CV² = n/ESS − 1, ≥ 1
-    on a resampling step; the linear-Gaussian SSM's resamplings follow it: rms 1.03 sd).
-    The CV at a resampling is the model's: ~2–5 for a scalar state, ~10 for eight
-    independent such coordinates (ESS ≈ n/100 after a step). W = max(32·√n, m/64) holds
-    ≥ 64/CV of those sd's (6 at CV = 10) at every size, and more at large m, where
-    m/64 > 32·√n: narrower windows there measured no faster on 2 H200s (the window
-    gather's cost is its latency; 16·√n: sharded run 196 vs 198 ms at m = 1.5·10⁷). The
-    step searches and moves 2W more slots than its block and exports 2W rows per process.
-    At least 4096 slots, at most m. Tests replace this function to force overflows."""
+    on a resampling step; the scalar linear-Gaussian SSM's resamplings follow it: rms
+    1.03 sd, CV ≤ 5). The CV is the model's, and degenerate filters shift further than
+    that sd (copies of one ancestor sit side by side: simulated SSMs with 4 coordinates,
+    CV up to 19, rms 1.75 sd; 8 coordinates, CV up to 430, rms 3.8 sd). W = max(32·√n,
+    m/64) holds ≥ 64/CV of those sd's at every size, and more at large m, where m/64 >
+    32·√n: narrower windows there measured no faster on 2 H200s (the window gather's cost
+    is its latency; 16·√n: sharded run 196 vs 198 ms at m = 1.5·10⁷). The step searches
+    and moves 2W more slots than its block and exports 2W rows per process. At least 4096
+    slots, at most m. Tests replace this function to force overflows."""
     return min(m, max(4096, m // 64, math.ceil(32.0 * math.sqrt(processes * m))))
 
 
