@@ -17,6 +17,7 @@ whose own rule the enclosing vmap applies) or one batch axis last
 
 from __future__ import annotations
 
+import itertools
 from functools import partial
 from typing import Callable, Hashable
 
@@ -49,15 +50,12 @@ def example_sum(x: mx.array, batch: int | str | None) -> mx.array:
     for a in axes:
         k *= x.shape[a]
     if 1 < k <= UNROLL_MAX and x.size // k >= UNROLL_MIN_EXAMPLES:
-        if batch == "last":
-            cols = x.reshape(k, x.shape[-1])
-            parts = [cols[j] for j in range(k)]
-        else:
-            cols = x.reshape(tuple(x.shape[:lead]) + (k,))
-            parts = [cols[..., j] for j in range(k)]
-        total = parts[0]
-        for p in parts[1:]:
-            total = total + p
+        # one view per per-example index (no reshape: a reshape of a broadcast copies)
+        lead_slices = () if batch == "last" else (slice(None),) * lead
+        total = None
+        for ix in itertools.product(*(range(x.shape[a]) for a in axes)):
+            part = x[lead_slices + ix]
+            total = part if total is None else total + part
         return total
     return mx.sum(x, axis=axes)
 
