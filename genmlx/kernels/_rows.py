@@ -10,6 +10,9 @@ with an odd offset) take the element loop, bit for bit the same copy.
 
 from __future__ import annotations
 
+#: the unsigned word of each element size in bytes (a row is copied as its bits)
+WORD = {1: "uint8_t", 2: "uint16_t", 4: "uint32_t", 8: "uint64_t"}
+
 #: the 16-byte word: CUDA's uint4 (one vector load/store), an aligned struct in plain C++
 PRELUDE = "\n".join([
     "#if defined(__CUDACC__) || defined(__CUDACC_RTC__)",
@@ -48,6 +51,7 @@ def row_copy(word: str, elem: int, w: int, src: str, dst: str) -> str:
             f"for (int e_ = 0; e_ < {elem * w // vb}; ++e_) dv_[e_] = sv_[e_]; }} else {{ {loop} }} }}")
 
 
-def needs_prelude(kinds) -> bool:
-    """Whether rows of these (element bytes, elements) kinds use the 16-byte word."""
-    return any(vector_word(b * w, b) == ("genmlx_v16", 16) for b, w in kinds)
+def prelude(kinds) -> list:
+    """The source lines a kernel body copying rows of these (element bytes, elements)
+    kinds needs first: the 16-byte word's definition where some row uses it."""
+    return [PRELUDE] if any(vector_word(b * w, b) == ("genmlx_v16", 16) for b, w in kinds) else []

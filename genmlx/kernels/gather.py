@@ -24,16 +24,15 @@ import functools
 import mlx.core as mx
 
 from genmlx.kernels import _backend as B
-from genmlx.kernels._rows import PRELUDE, needs_prelude, row_copy
+from genmlx.kernels._rows import WORD as _WORD, prelude, row_copy
 
 THREADS = 256
-_WORD = {1: "uint8_t", 2: "uint16_t", 4: "uint32_t", 8: "uint64_t"}
 _BYTES = {v: k for k, v in _WORD.items()}
 
 
 def _source(word: str, w: int) -> str:
     """Kernel body: ``x`` [B, N, w words], ``idx`` [B, n] int32 → ``out`` [B, n, w]."""
-    return "\n".join(_prelude(word, w) + [
+    return "\n".join(prelude([(_BYTES[word], w)]) + [
         "const size_t n = idx_shape[1];",
         "const size_t N = x_shape[1];",
         "const size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x;",
@@ -46,10 +45,6 @@ def _source(word: str, w: int) -> str:
     ])
 
 
-def _prelude(word: str, w: int) -> list:
-    return [PRELUDE] if needs_prelude([(_BYTES[word], w)]) else []
-
-
 def _source2(word: str, w: int, identity: bool) -> str:
     """Kernel body of the two-source gather: row ``pos[i]`` of ``concatenate([a, b])``
     (a [Na, w words], b [Nb, w]) without the concatenation; ``identity``: a is the rows
@@ -58,7 +53,7 @@ def _source2(word: str, w: int, identity: bool) -> str:
              row_copy(word, _BYTES[word], w, f"reinterpret_cast<const {word}*>(a) + (size_t)r * {w}",
                       f"reinterpret_cast<{word}*>(out) + i * {w}"))
     na = "base[1]" if identity else "a_shape[0]"
-    return "\n".join(_prelude(word, w) + [
+    return "\n".join(prelude([(_BYTES[word], w)]) + [
         "const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;",
         "if (i >= (size_t)pos_shape[0]) return;",
         f"const long long Na = {na};",

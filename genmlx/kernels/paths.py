@@ -28,10 +28,9 @@ import functools
 import mlx.core as mx
 
 from genmlx.kernels import _backend as B
-from genmlx.kernels._rows import PRELUDE, needs_prelude, row_copy
+from genmlx.kernels._rows import WORD as _WORD, prelude, row_copy
 
 MAX_INPUTS = 480  # pointers in the kernel's parameter block (4 KiB with the outputs)
-_WORD = {1: "uint8_t", 2: "uint16_t", 4: "uint32_t", 8: "uint64_t"}
 THREADS = 256
 
 
@@ -87,7 +86,7 @@ def _source(T: int, kinds: tuple) -> str:
         lines.append("  " + row_copy(words[j], b, w, f"x{j} + (size_t)r * {w}",
                                      f"reinterpret_cast<{words[j]}*>(p{j}) + ((size_t)t * n + i) * {w}"))
     lines.append("}")
-    return "\n".join(([PRELUDE] if needs_prelude(kinds) else []) + lines)
+    return "\n".join(prelude(kinds) + lines)
 
 
 def names(T: int, J: int) -> tuple:
@@ -204,7 +203,7 @@ def _halo_source(flags: tuple, kinds: tuple, r: int, R: int, H: int, m: int) -> 
         dst = f"reinterpret_cast<{word}*>(p{j}) + ((long long)t * m + i) * {w}"
         lines.append("  " + row_copy(word, b, w, f"c < H ? {low} : (c < H + m ? x{j} + (c - H) * {w} : {high})", dst))
     lines += ["}", "#undef COL", "bad_out[i] = (uint8_t)bad;"]
-    return "\n".join(([PRELUDE] if needs_prelude(kinds) else []) + lines)
+    return "\n".join(prelude(kinds) + lines)
 
 
 def halo_kernel_name(flags: tuple, kinds: tuple, r: int, R: int, H: int, m: int) -> str:

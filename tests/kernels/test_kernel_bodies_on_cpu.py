@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 
 from genmlx.kernels import paths as KP
+from genmlx.kernels._rows import WORD as _WORD
 
 from ._halo_cases import FLAGS, halo_cases
 
 CXX = shutil.which("g++") or shutil.which("c++")
 needs_cxx = pytest.mark.skipif(CXX is None, reason="no C++ compiler (g++/c++) to run the kernel body on the CPU")
 THREADS = 256
-_WORD = {1: "uint8_t", 2: "uint16_t", 4: "uint32_t", 8: "uint64_t"}
 
 
 def _ctype(a: np.ndarray) -> str:
