@@ -354,16 +354,18 @@ def run(a) -> dict:
                 last["lz"] = out.log_marginal_likelihood
                 return out.log_weights
 
-            f0 = Shards.fallbacks
+            f0, h0 = Shards.fallbacks, Shards.halo_misses
             ts = _time(f_smc, sh, a.repeats)
             med = statistics.median(ts)
             res.setdefault("smc" + suffix, {})[str(n)] = {
                 "median_s": med, "times": ts, "particle_steps_per_s": n * T / med,
-                "log_z": float(last["lz"]), "fallbacks": Shards.fallbacks - f0}
+                "log_z": float(last["lz"]), "fallbacks": Shards.fallbacks - f0,
+                "halo_misses": Shards.halo_misses - h0}
             if rank == 0:
                 print(f"{tag} sharded_smc n={n}: {fmt_seconds(med)}, {n * T / med:.3g} particle-steps/s, "
                       f"log Z {float(last['lz']):.2f} (Kalman {res['kalman_log_z']:.2f}); "
-                      f"exact-path reruns {Shards.fallbacks - f0}", flush=True)
+                      f"exact-path reruns {Shards.fallbacks - f0}, halo misses {Shards.halo_misses - h0}",
+                      flush=True)
             if a.phases and not suffix:
                 res.setdefault("phases", {})[str(n)] = ph = phases(model, args, obs, n, sh, a.repeats)
                 if rank == 0:
@@ -467,6 +469,9 @@ def main() -> None:
                          "(sharded.COMPILE_COLLECTIVES = False) instead of inside one compiled step")
     ap.add_argument("--window-div", type=int, default=None,
                     help="sync-free window W = max(4096, m // DIV) slots (default: sharded.window_width)")
+    ap.add_argument("--whole-block", action="store_true",
+                    help="the end of run on the whole-block paths (halos of one slot, never widened, no "
+                         "halo-paths kernel): checks those paths at scale")
     ap.add_argument("--out", default=None, help="JSON file for this run's results (rank 0 writes)")
     ap.add_argument("--compare", nargs="+", default=None, metavar="JSON",
                     help="no run: compare result files of 1 and N processes")
@@ -485,6 +490,13 @@ def main() -> None:
         import genmlx.inference.sharded as _sharded
 
         _sharded.window_width = lambda m, processes=2, d=a.window_div: min(m, max(4096, m // d))
+    if a.whole_block:
+        import genmlx.inference.sharded as _sharded
+        import genmlx.kernels.paths as _paths
+
+        _sharded.halo_width = lambda m: 1
+        _sharded.HaloLineage.widened = lambda self: None
+        _paths.halo_usable = lambda *args: None
     if a.compare:
         compare(a.compare, a.append_results, a.note)
         return

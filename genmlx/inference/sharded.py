@@ -156,6 +156,15 @@ from genmlx.kernels.gather import identity_or_rows, take_rows, take_rows2, take_
 
 _SORTED_SCHEMES = ("systematic", "stratified", "residual")
 
+#: The most entries one array of the end of run's whole-block paths holds (every
+#: process's ancestor blocks gathered; the kept arrays' blocks, extended or gathered, and
+#: their taken rows): those paths run in chunks of steps below it. Two GPUs holding 10⁷
+#: particles each of a 4-coordinate SSM over 100 steps (4·10⁹ kept floats per process)
+#: died there with "an illegal memory access" in MLX's ops once an array passed 2³¹
+#: entries. The MLX descent on halos (:func:`halo_compose`) chunks its extended blocks
+#: the same way; the halo-paths kernel builds no such arrays.
+BLOCK_ELEMENTS_MAX = 2**30
+
 
 class Shards:
     """The particle sharding over an ``mx.distributed`` group of R > 1 processes: key
@@ -324,19 +333,26 @@ class Shards:
             Ds = lin if paths_kernel.halo_usable(idxs, tuple(flags), []) else lin.rows()
             return Ds if lw is None else (Ds, glw)
         blocks = mx.stack([idxs[t] for t in ks])
-        A, glw = (self.gather(blocks), None) if lw is None else self.gather_packed([blocks, lw])
-        Ds = self._compose_full(idxs, flags, A)
-        return Ds if lw is None else (Ds, glw)
+        if lw is not None and self.size * blocks.size <= BLOCK_ELEMENTS_MAX:  # one collective
+            A, glw = self.gather_packed([blocks, lw])
+            return self._compose_full(idxs, flags, blocks, A), glw
+        Ds = self._compose_full(idxs, flags, blocks)
+        return Ds if lw is None else (Ds, self.gather(lw))
 
-    def _compose_full(self, idxs: list, flags: list, A: mx.array) -> list:
-        """The lineages composed on every process's whole ancestor blocks ``A`` (the
-        flagged steps' blocks all-gathered, [R·K, m])."""
-        K, m = int(A.shape[0]) // self.size, int(A.shape[1])
-        A = mx.transpose(A.reshape(self.size, K, m), (1, 0, 2)).reshape(K, self.size * m)
+    def _compose_full(self, idxs: list, flags: list, blocks: mx.array, A: mx.array | None = None) -> list:
+        """The lineages composed on every process's whole ancestor blocks: this process's
+        ``blocks`` (the flagged steps' ancestors, [K, m]) all-gathered, in chunks of steps
+        of at most BLOCK_ELEMENTS_MAX entries gathered (``A``: already gathered, [R·K, m])."""
+        K, m, R_ = int(blocks.shape[0]), int(blocks.shape[1]), self.size
+        c = K if A is not None else max(1, BLOCK_ELEMENTS_MAX // (R_ * m))
+        rows = []  # per chunk [c, R·m]: step j's ancestors over every process's slots
+        for j0 in range(0, K, c):
+            g = A if A is not None else self.gather(blocks[j0:j0 + c] if c < K else blocks)
+            rows.append(mx.transpose(g.reshape(R_, -1, m), (1, 0, 2)).reshape(-1, R_ * m))
         Ds, D, j = [None] * len(idxs), None, K - 1
         for t in reversed(range(len(idxs))):
             if flags[t]:
-                D = idxs[t] if D is None else mx.take(A[j], D, axis=0)
+                D = idxs[t] if D is None else mx.take(rows[j // c][j % c], D, axis=0)
                 j -= 1
             Ds[t] = D
         return Ds
@@ -384,28 +400,40 @@ class Shards:
         (:func:`block_halo`): the lineages of a sorted resampling stay near their block, so
         usually H ≤ m and ONE packed all-gather of every block's first and last H rows
         (:func:`halo_take`) is all that crosses processes; H = 0 moves nothing; H > m
-        gathers the whole blocks."""
+        gathers the whole blocks. Steps go in chunks (one collective each) where the
+        arrays would pass BLOCK_ELEMENTS_MAX entries."""
         if not kept:
             return []
         if isinstance(Ds, HaloLineage):
             got = Ds.paths(kept)
             if got is not None:
                 return got
-        blocks = [_rows_block(col) for col in kept]
-        m, r, size = int(blocks[0].shape[1]), self.rank, self.size
+        T, m, r, size = len(kept[0]), int(kept[0][0].shape[0]), self.rank, self.size
         own = r * m + iota(m)
         D = _rows_block([own if d is None else d for d in Ds])
         # sorted ancestors give nondecreasing lineages: their extremes are the end columns
         ends = D[:, ::m - 1] if self.sort_ancestors and m > 1 else D
         b = np.array(self.gather(mx.stack([mx.min(ends), mx.max(ends)]).astype(mx.int32)[None]))
         H = block_halo(b, m)
-        if H == 0:
-            rel = D - r * m
-            return [take_rows_batched(x, rel) for x in blocks]
-        if H <= m:
-            got = self.gather_packed([mx.concatenate([x[:, :H], x[:, m - H:]], axis=1) for x in blocks])
-            return halo_take(blocks, D, got, r, size, H)
-        return full_take(blocks, D, self.gather_packed(blocks), size)
+        # the steps in chunks whose largest array (the blocks extended by the halos, or every
+        # process's blocks gathered) stays within BLOCK_ELEMENTS_MAX (one chunk unless huge)
+        span = m if H == 0 else m + 2 * H if H <= m else size * m
+        width = max(_row_elements(col[0]) for col in kept)
+        c = max(1, BLOCK_ELEMENTS_MAX // (span * width))
+        parts: list = [[] for _ in kept]
+        for t0 in range(0, T, c):
+            blocks = [_rows_block(col[t0:t0 + c]) for col in kept]
+            Dc = D[t0:t0 + c] if c < T else D
+            if H == 0:
+                got = [take_rows_batched(x, Dc - r * m) for x in blocks]
+            elif H <= m:
+                got = self.gather_packed([mx.concatenate([x[:, :H], x[:, m - H:]], axis=1) for x in blocks])
+                got = halo_take(blocks, Dc, got, r, size, H)
+            else:
+                got = full_take(blocks, Dc, self.gather_packed(blocks), size)
+            for p, g in zip(parts, got):
+                p.append(g)
+        return [p[0] if len(p) == 1 else mx.concatenate(p, axis=0) for p in parts]
 
     def gather_packed(self, arrays: list) -> list:
         """All-gather of several arrays (each with the same shape in every process) in
@@ -515,8 +543,7 @@ class HaloLineage(Sequence):
                                     sh.sort_ancestors)
             if self._missed(miss):  # wider halos, else the whole blocks
                 wide = self.widened()
-                Ds = wide.rows() if wide is not None else sh._compose_full(self.idxs, self.flags,
-                                                                            sh.gather(blocks))
+                Ds = wide.rows() if wide is not None else sh._compose_full(self.idxs, self.flags, blocks)
             self._rows = Ds
         return self._rows
 
@@ -559,7 +586,9 @@ def halo_compose(idxs: list, flags: list, blocks: mx.array, E: mx.array, r: int,
     pad = mx.zeros((K, H), dtype=blocks.dtype)
     below = E[r - 1, :, H:] if r > 0 else pad  # slots [r·m − H, r·m) (none below rank 0)
     above = E[r + 1, :, :H] if r + 1 < R_ else pad  # slots [(r+1)·m, (r+1)·m + H)
-    ext = mx.concatenate([below, blocks, above], axis=1)  # slot s at column s − (r·m − H)
+    # slot s at column s − (r·m − H); in chunks of steps of at most BLOCK_ELEMENTS_MAX entries
+    c = max(1, BLOCK_ELEMENTS_MAX // (m + 2 * H))
+    ext = [mx.concatenate([below[j:j + c], blocks[j:j + c], above[j:j + c]], axis=1) for j in range(0, K, c)]
     payload = (r * m - H, m + 2 * H, bool(sorted_rows))
     Ds = [None] * len(idxs)
     D, j, miss = None, K - 1, mx.array(False)
@@ -568,7 +597,7 @@ def halo_compose(idxs: list, flags: list, blocks: mx.array, E: mx.array, r: int,
             if D is None:
                 D = idxs[t]
             else:
-                D, miss = cached_call(_halo_step, payload, payload, D, row(ext, j), miss)
+                D, miss = cached_call(_halo_step, payload, payload, D, row(ext[j // c], j % c), miss)
             j -= 1
         Ds[t] = D
     return Ds, miss
@@ -617,6 +646,11 @@ def full_take(blocks: list, D: mx.array, G: list, R_: int) -> list:
         g = mx.swapaxes(g.reshape((R_, T, m) + x.shape[2:]), 0, 1).reshape((T, R_ * m) + x.shape[2:])
         out.append(take_rows_batched(g, D))
     return out
+
+
+def _row_elements(x: mx.array) -> int:
+    """Elements per row (axis 0) of ``x``."""
+    return int(np.prod(x.shape[1:], dtype=np.int64))
 
 
 def source_bounds(idx: mx.array) -> mx.array:

@@ -353,12 +353,19 @@ blks = [mx.random.normal((3, m_loc, 2), key=mx.random.key(31 + rank)),
 drift = [mx.clip(mx.sort(mx.arange(2 * m_loc) + mx.random.randint(-5, 6, (2 * m_loc,), key=mx.random.key(k))),
                  0, 2 * m_loc - 1).astype(mx.int32)[rank * m_loc:(rank + 1) * m_loc] for k in (72, 73)]
 res["take_blocks_ok"] = True
-for Ds_b in ([None, own, None], [drift[0], None, drift[1]]):
-    got = sh.take_blocks([[x[t] for t in range(3)] for x in blks], Ds_b)
-    for g, x in zip(got, blks):
-        for t in range(3):
-            ref = sh.gather(x[t])[own if Ds_b[t] is None else Ds_b[t]]
-            res["take_blocks_ok"] = res["take_blocks_ok"] and bool(mx.array_equal(g[t], ref)) and g.dtype == x.dtype
+import genmlx.inference.sharded as SH
+default_cap = SH.BLOCK_ELEMENTS_MAX
+# whole blocks, then in chunks of steps (one step; about two) as for arrays past 2^30 entries
+for cap in (default_cap, 1, 5 * m_loc):
+    SH.BLOCK_ELEMENTS_MAX = cap
+    for Ds_b in ([None, own, None], [drift[0], None, drift[1]]):
+        got = sh.take_blocks([[x[t] for t in range(3)] for x in blks], Ds_b)
+        for g, x in zip(got, blks):
+            for t in range(3):
+                ref = sh.gather(x[t])[own if Ds_b[t] is None else Ds_b[t]]
+                res["take_blocks_ok"] = (res["take_blocks_ok"] and bool(mx.array_equal(g[t], ref))
+                                         and g.dtype == x.dtype and g.shape[0] == 3)
+SH.BLOCK_ELEMENTS_MAX = default_cap
 flags = [True, False, True, True]
 anc = [mx.sort(mx.random.randint(0, 2 * m_loc, (2 * m_loc,), key=mx.random.key(80 + t))) for t in range(4)]
 ref = anc[3][rank * m_loc:(rank + 1) * m_loc]
@@ -366,13 +373,16 @@ want = [anc[0][anc[2][ref]], anc[2][ref], anc[2][ref], ref]
 # the neighbours' halos: all of a block (m), enough for these lineages (48 of 64 slots),
 # too few (2: one miss each, then 4x as wide, 8, is enough), too few and no wider ones
 # (the whole blocks are gathered instead); with and without the log-weights
-import genmlx.inference.sharded as SH
 default_halo, res["descent_ok"], res["halo_misses"] = SH.halo_width, True, []
 lw_loc = mx.random.normal((m_loc,), key=mx.random.key(90 + rank))
 real_widened = SH.HaloLineage.widened
-for H, wider in ((None, True), (48, True), (2, True), (2, False)):
+# (the last two: the whole blocks gathered in chunks of one and of two steps, and the
+# halos extended in chunks, as for arrays past 2^30 entries)
+for H, wider, cap in ((None, True, None), (48, True, None), (2, True, None), (2, False, None),
+                      (2, False, 1), (2, False, 2 * 2 * m_loc)):
     SH.halo_width = default_halo if H is None else (lambda m, H=H: H)
     SH.HaloLineage.widened = real_widened if wider else (lambda self: None)
+    SH.BLOCK_ELEMENTS_MAX = default_cap if cap is None else cap
     h0 = Shards.halo_misses
     Ds = sh.descent([a[rank * m_loc:(rank + 1) * m_loc] for a in anc], flags)
     Ds2, glw = sh.descent([a[rank * m_loc:(rank + 1) * m_loc] for a in anc], flags, lw_loc)
@@ -381,7 +391,7 @@ for H, wider in ((None, True), (48, True), (2, True), (2, False)):
     res["descent_ok"] = res["descent_ok"] and all(
         bool(mx.array_equal(d, w)) and bool(mx.array_equal(d2, w)) for d, d2, w in zip(Ds, Ds2, want))
     res["descent_ok"] = res["descent_ok"] and bool(mx.array_equal(glw, sh.gather(lw_loc)))
-SH.halo_width = default_halo
+SH.halo_width, SH.BLOCK_ELEMENTS_MAX = default_halo, default_cap
 
 # the halo-paths kernel's path (lazy lineages, the kept arrays' edges gathered, the miss
 # fallback) with the kernel replaced by its NumPy statement: the same run as the MLX path
@@ -597,13 +607,15 @@ def test_fused_row_moves_equal_full_gather(two_ranks):
     reference; the halo-paths kernel's path (its kernel emulated in NumPy) gives the run the
     MLX path gives, with halos wide enough and too narrow (a miss: the whole blocks);
     the descent on neighbours' halos wide enough (no miss) and too narrow (a miss each
-    call: the whole blocks are gathered), with the same rows either way."""
+    call: the whole blocks are gathered), with the same rows either way; take_blocks and
+    the whole-block descent in chunks of steps (the guard for arrays past 2^30 entries)
+    give the same rows as in one piece."""
     for r in two_ranks:
         assert r["take_each_ok"] and r["descent_ok"] and r["take_blocks_ok"]
         # the kernel's path (emulated) gives the same run; the narrowest halo misses
         assert all(same for same, _ in r["halo_kernel_path"]), r["halo_kernel_path"]
         assert r["halo_kernel_path"][0][1] == 0 and r["halo_kernel_path"][-1][1] >= 1, r["halo_kernel_path"]
-        assert r["halo_misses"] == [0, 0, 2, 2], r["halo_misses"]
+        assert r["halo_misses"] == [0, 0, 2, 2, 2, 2], r["halo_misses"]
 
 
 # --- one process: the single-process functions ---------------------------------------
@@ -842,6 +854,7 @@ def test_halo_descent_on_virtual_processes(R):
     lineages of the full composition D_t = a_t[D_{t+1}] on every process (the middle ones
     borrow from both sides) when the halos are wide enough, and says ``miss`` (on some
     process) when they are not."""
+    import genmlx.inference.sharded as SH
     from genmlx.inference.sharded import halo_compose
 
     m, T = 50, 6
@@ -860,6 +873,14 @@ def test_halo_descent_on_virtual_processes(R):
                 np.stack([np.concatenate([anc[t][q * m:q * m + H], anc[t][(q + 1) * m - H:(q + 1) * m]])
                           for t in range(T) if flags[t]]) for q in range(R)]))
             got = [halo_compose(idxs, flags, blocks, E, r, R, H, s) for s in (False, True)]
+            # the extended blocks in chunks of one and of two steps: the same lineages
+            real_cap = SH.BLOCK_ELEMENTS_MAX
+            for cap in (1, 2 * (m + 2 * H)):
+                SH.BLOCK_ELEMENTS_MAX = cap
+                try:
+                    got.append(halo_compose(idxs, flags, blocks, E, r, R, H, True))
+                finally:
+                    SH.BLOCK_ELEMENTS_MAX = real_cap
             # the range test on a lineage's ends (sorted rows) says what the reductions say
             assert bool(got[0][1]) == bool(got[1][1]), (R, H, r)
             Ds, miss = got[0]
