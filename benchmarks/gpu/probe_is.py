@@ -12,7 +12,10 @@ synchronised; median µs over repeats):
 * ``lik``        — the log-likelihood from given draws (elem + rowsum as one compiled call);
 * ``lik_T``      — the same on the [50, n] layout;
 * ``hand``       — ``bench_is.hand_log_weights`` (draws + lik);
-* ``genmlx``     — ``vgenerate`` as in ``bench_is.genmlx_log_weights``;
+* ``rowsum_kernel`` — the same sum by genmlx's warp-per-row kernel (``kernels.rowsum``);
+* ``genmlx``     — ``vgenerate`` as in ``bench_is.genmlx_log_weights`` (its per-particle
+  sum by the row-sum kernel on CUDA);
+* ``genmlx_mlx_sum`` — the same with genmlx's kernels off (``GENMLX_KERNELS=0``: MLX's sum);
 * ``genmlx_ops`` — the op histogram of genmlx's compiled call (primitives by name).
 
     python3 benchmarks/gpu/probe_is.py [--ns 1000000 10000000] [--repeats 20]
@@ -30,6 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import genmlx  # noqa: E402,F401
 import mlx.core as mx  # noqa: E402
+from genmlx import kernels as K  # noqa: E402
+from genmlx.kernels import rowsum as KS  # noqa: E402
 
 import bench_is as B  # noqa: E402
 from _timing import device_time_us  # noqa: E402
@@ -66,6 +71,10 @@ def probe(n: int, repeats: int) -> dict:
 
     hand = B.hand_log_weights(xs, ys, n)
     gen = B.genmlx_log_weights(xs, ys, n)
+    with K.override(False):
+        gen_mlx = B.genmlx_log_weights(xs, ys, n)
+        mx.eval(gen_mlx(key))  # traced (and compiled) with the kernels off
+    kernel_sum = mx.compile(KS.row_sums)
     out = {
         "n": n,
         "draws": device_time_us(lambda: draws(key), repeats),
@@ -76,7 +85,9 @@ def probe(n: int, repeats: int) -> dict:
         "lik": device_time_us(lambda: lik(a, b, c), repeats),
         "lik_T": device_time_us(lambda: lik_T(aT, bT, cT), repeats),
         "hand": device_time_us(lambda: hand(key), repeats),
+        "rowsum_kernel": device_time_us(lambda: kernel_sum(z), repeats),
         "genmlx": device_time_us(lambda: gen(key), repeats),
+        "genmlx_mlx_sum": device_time_us(lambda: gen_mlx(key), repeats),
     }
     text = G._dot([gen(key)])
     out["genmlx_ops"] = dict(Counter(line.split()[0][:40] for _, line in G._NODE.findall(text)))

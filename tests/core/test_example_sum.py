@@ -11,6 +11,7 @@ import pytest
 import genmlx as gm
 from genmlx.core import batchwise as BW
 from genmlx.core.batchwise import example_sum
+from genmlx.kernels import rowsum
 
 EPS32 = float(np.finfo(np.float32).eps)
 
@@ -52,8 +53,36 @@ def test_unrolling_applies_to_short_sums_over_many_examples(n, k, unrolled):
     x = mx.random.normal((n, k), key=mx.random.key(0))
     mx.eval(x)
     dot = _primitives(example_sum(x, 1))
-    assert ("Sum" in dot) != unrolled, dot
+    # (on CUDA a longer sum over as many examples is the row-sum kernel, not a Sum node)
+    kernel = not unrolled and n >= BW.UNROLL_MIN_EXAMPLES and rowsum.usable(x)
+    assert ("Sum" in dot) != (unrolled or kernel), dot
     assert (k <= BW.UNROLL_MAX and n >= BW.UNROLL_MIN_EXAMPLES) == unrolled
+
+
+@pytest.mark.parametrize("shape,batch,rows", [
+    ((1 << 15, 50), 1, (1 << 15, 50)),
+    ((2, 1 << 14, 3, 5), 2, (1 << 15, 15)),
+    ((1 << 15, 9), 1, (1 << 15, 9)),
+    ((1 << 15, rowsum.K_MAX + 1), 1, None),  # longer rows: MLX's reduction
+    (((1 << 15) - 1, 50), 1, None),  # fewer examples
+    ((50, 1 << 15), "last", None),  # per-example axes first: MLX's column reduction
+])
+def test_longer_sums_over_many_examples_take_the_row_kernel(shape, batch, rows, monkeypatch):
+    """Where CUDA kernels run, a per-example sum of 8 < k ≤ K_MAX entries over ≥
+    UNROLL_MIN_EXAMPLES examples is ONE row-sum call on the examples' rows [N, k] (here
+    the kernel stands in by its generic twin, the backend reported as CUDA); other sums
+    keep MLX's reduction. The values are the sums either way."""
+    from genmlx.kernels import _backend as B
+
+    calls = []
+    monkeypatch.setattr(B, "use_kernel", lambda x: "cuda" if x.dtype == mx.float32 else None)
+    monkeypatch.setattr(rowsum, "_transformable", lambda x: calls.append(x.shape) or (mx.sum(x, axis=1),))
+    x = mx.random.normal(shape, key=mx.random.key(1))
+    got = example_sum(x, batch)
+    axes = tuple(range(len(shape) - 1)) if batch == "last" else tuple(range(batch, len(shape)))
+    _check_sum(got, np.array(x), axes)
+    assert calls == ([rows] if rows else []), calls
+    assert got.shape == tuple(d for a, d in enumerate(shape) if a not in axes)
 
 
 @pytest.mark.parametrize("unroll", [True, False])

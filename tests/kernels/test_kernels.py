@@ -18,6 +18,7 @@ from genmlx.kernels import _backend as B
 from genmlx.kernels import cuda_check
 from genmlx.kernels import emulate as E
 from genmlx.kernels import resample as KR
+from genmlx.kernels import rowsum as KS
 from genmlx.kernels import selftest as S
 from genmlx.kernels import weights as KW
 
@@ -401,7 +402,84 @@ def test_cuda_sources_compile():
     assert ok, log
 
 
+# -- row sums: the kernel's summation order ---------------------------------------------
+@pytest.mark.parametrize("k", [9, 32, 50, 77, KS.K_MAX])
+def test_row_sums_reference_is_a_float32_sum(k):
+    """The kernel's order (lanes over strips of 32, then the shuffle butterfly) stated in
+    NumPy: the float64 row sums within the float32 bound of a k-term sum, and exactly
+    the sum where every partial sum is exact (small integers)."""
+    rng = np.random.default_rng(k)
+    x = (rng.standard_normal((500, k)) * 10).astype(np.float32)
+    got = KS.row_sums_reference(x).astype(np.float64)
+    exact = x.astype(np.float64).sum(axis=1)
+    eps = float(np.finfo(np.float32).eps)
+    assert np.all(np.abs(got - exact) <= (k - 1) * eps * np.abs(x).sum(axis=1) + eps * np.abs(exact))
+    ints = rng.integers(-1000, 1000, (500, k)).astype(np.float32)
+    assert np.array_equal(KS.row_sums_reference(ints), ints.sum(axis=1))
+
+
+def test_row_sums_on_the_cpu_are_mlx_sums():
+    if B.gpu_backend() is not None:
+        pytest.skip("the default device is a GPU, where the kernel runs; this checks the CPU fallback")
+    x = mx.random.normal((1 << 15, 50), key=mx.random.key(0))
+    assert not KS.usable(x) and mx.array_equal(KS.row_sums(x), mx.sum(x, axis=1))
+
+
 # -- the kernels themselves (GPU only) ------------------------------------------------
+@needs_gpu
+@pytest.mark.parametrize("shape", [(1, 9), (3, 33), (1000, 50), (40_000, KS.K_MAX), ((1 << 20) + 77, 12)])
+def test_gpu_row_sums(shape):
+    """The warp-per-row kernel equals its NumPy statement bit for bit (also compiled and
+    on more rows than the grid's warps: the grid-stride loop), and its gradient is the
+    broadcast cotangent."""
+    if B.active_backend() != "cuda":
+        pytest.skip("the row-sum kernel is CUDA only")
+    x = mx.random.normal(shape, key=mx.random.key(shape[1])) * 10.0
+    assert KS.usable(x)
+    want = KS.row_sums_reference(np.array(x))
+    assert np.array_equal(np.array(KS.row_sums(x)), want)
+    assert np.array_equal(np.array(mx.compile(KS.row_sums)(x)), want)
+    w = mx.random.normal(shape[:1], key=mx.random.key(7))
+    g = mx.grad(lambda a: mx.sum(KS.row_sums(a) * w))(x)
+    assert mx.array_equal(g, mx.broadcast_to(w[:, None], shape))
+
+
+@needs_gpu
+def test_gpu_row_sums_in_vectorized_weights():
+    """vgenerate of the quadratic regression (50 points) for 2^16 particles, compiled, with
+    the row-sum kernel and without (GENMLX_KERNELS=0): the same draws, weights equal
+    within float32 rounding of a 50-term sum; and the gradient of a mean weight
+    through the kernel equals the generic one."""
+    if B.active_backend() != "cuda":
+        pytest.skip("the row-sum kernel is CUDA only")
+    import genmlx as gm
+
+    xs = mx.linspace(-1.0, 1.0, 50)
+    ys = 0.5 - 1.2 * xs + 0.8 * xs**2
+
+    @gm.gen
+    def quadratic(xs):
+        a = gm.trace("a", gm.normal(0.0, 1.0))
+        b = gm.trace("b", gm.normal(0.0, 1.0))
+        c = gm.trace("c", gm.normal(0.0, 1.0))
+        return gm.trace("ys", gm.normal(a + b * xs + c * xs**2, 0.3))
+
+    obs = gm.choicemap({"ys": ys})
+
+    def weights(key):
+        return quadratic.vgenerate(key, (xs,), obs, 1 << 16)[1]
+
+    def mean_weight_grad(s):
+        return mx.grad(lambda u: mx.mean(quadratic.vgenerate(mx.random.key(3), (xs * u,), obs, 1 << 16)[1]))(s)
+
+    got = mx.compile(weights)(mx.random.key(1))
+    g = mean_weight_grad(mx.array(1.0))
+    with B.override(False):
+        want = mx.compile(weights)(mx.random.key(1))
+        g0 = mean_weight_grad(mx.array(1.0))
+    got, want = np.array(got, dtype=np.float64), np.array(want, dtype=np.float64)
+    assert np.all(np.abs(got - want) <= 50 * 2 * 2.0**-24 * (np.abs(want) + 50 * 10.0))
+    assert abs(float(g) - float(g0)) <= 1e-4 * (1 + abs(float(g0)))
 @needs_gpu
 @pytest.mark.parametrize("n", S.SIZES + (S.LARGE,))
 def test_gpu_weight_summary(n):
