@@ -13,7 +13,11 @@ timed alone (evaluated, stream synchronised; median µs), computes one such per-
 * ``lp_slices`` — the same with the coordinates as input slices (one fused kernel);
 * ``lp_then_slices`` / ``lp_then_matvec`` — the fused log-density, then Σ_j of its column
   views / its product with ones[D] (what a per-example sum could do in place of ``sum``);
-* ``copy``      — a plain elementwise pass over x (x + 1), for the bandwidth scale.
+* ``copy``      — a plain elementwise pass over x (x + 1), for the bandwidth scale;
+* ``kernel_sum`` — genmlx's warp-per-row sum kernel (``kernels.rowsum``; 8 < D ≤ 256, CUDA);
+* ``argmax`` / ``argmax_slices`` — the index of each row's maximum (a categorical draw by
+  Gumbel-max), by MLX's reduction / as a chain of elementwise compares of column views;
+* ``lse`` / ``lse_slices`` — each row's log Σ exp (a categorical's normalizer), likewise.
 
     python3 benchmarks/gpu/probe_vec.py [--rows 250000000] [--dims 4] [--repeats 10]
 """
@@ -31,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import genmlx  # noqa: E402,F401
 import mlx.core as mx  # noqa: E402
+from genmlx.kernels import rowsum as KS  # noqa: E402
 
 from _timing import device_time_us  # noqa: E402
 
@@ -46,8 +51,25 @@ def probe(N: int, D: int, repeats: int) -> dict:
         z = (a - b) / 0.5
         return c - math.log(0.5) - 0.5 * z * z
 
+    def argmax_slices(x):
+        best, idx = x[:, 0], mx.zeros(x.shape[:1], dtype=mx.uint32)
+        for j in range(1, D):
+            take = x[:, j] > best
+            best, idx = mx.where(take, x[:, j], best), mx.where(take, mx.array(j, mx.uint32), idx)
+        return idx
+
+    def lse_slices(x):
+        m = x[:, 0]
+        for j in range(1, D):
+            m = mx.maximum(m, x[:, j])
+        return m + mx.log(sum(mx.exp(x[:, j] - m) for j in range(D)))
+
     fns = {
         "copy": mx.compile(lambda x: x + 1.0),
+        "argmax": mx.compile(lambda x: mx.argmax(x, axis=-1)),
+        "argmax_slices": mx.compile(argmax_slices),
+        "lse": mx.compile(lambda x: mx.logsumexp(x, axis=-1)),
+        "lse_slices": mx.compile(lse_slices),
         "sum": mx.compile(lambda x: mx.sum(x, axis=-1)),
         "slices": mx.compile(lambda x: sum(x[:, j] for j in range(D))),
         "matvec": mx.compile(lambda x: x @ ones),
@@ -56,11 +78,16 @@ def probe(N: int, D: int, repeats: int) -> dict:
         "lp_then_slices": mx.compile(lambda x, mu: (lambda v: sum(v[:, j] for j in range(D)))(lp(x, mu))),
         "lp_then_matvec": mx.compile(lambda x, mu: lp(x, mu) @ ones),
     }
+    if KS.usable(x):
+        fns["kernel_sum"] = mx.compile(KS.row_sums)
     args = {"copy": (x,), "sum": (x,), "slices": (x,), "matvec": (x,), "lp_sum": (x, mu), "lp_slices": (x, mu),
-            "lp_then_slices": (x, mu), "lp_then_matvec": (x, mu)}
+            "lp_then_slices": (x, mu), "lp_then_matvec": (x, mu), "argmax": (x,), "argmax_slices": (x,),
+            "lse": (x,), "lse_slices": (x,), "kernel_sum": (x,)}
     ref = fns["lp_sum"](x, mu)
     out = {"rows": N, "dims": D,
-           "lp_slices_max_abs_diff": float(mx.max(mx.abs(fns["lp_slices"](x, mu) - ref)))}
+           "lp_slices_max_abs_diff": float(mx.max(mx.abs(fns["lp_slices"](x, mu) - ref))),
+           "argmax_slices_equal": bool(mx.array_equal(fns["argmax_slices"](x), mx.argmax(x, axis=-1))),
+           "lse_slices_max_abs_diff": float(mx.max(mx.abs(fns["lse_slices"](x) - mx.logsumexp(x, axis=-1))))}
     for name, f in fns.items():
         out[name + "_us"] = device_time_us(lambda f=f, a=args[name]: f(*a), repeats)
     gb = N * D * 4 / 1e9
