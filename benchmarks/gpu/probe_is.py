@@ -12,9 +12,10 @@ synchronised; median µs over repeats):
 * ``lik``        — the log-likelihood from given draws (elem + rowsum as one compiled call);
 * ``lik_T``      — the same on the [50, n] layout;
 * ``hand``       — ``bench_is.hand_log_weights`` (draws + lik);
-* ``rowsum_kernel`` — the same sum by genmlx's warp-per-row kernel (``kernels.rowsum``);
+* ``rowsum_kernel`` / ``colsum_kernel`` — the same sums by genmlx's kernels
+  (``kernels.sums``: a warp per row of [n, 50], a thread per column of [50, n]);
 * ``genmlx``     — ``vgenerate`` as in ``bench_is.genmlx_log_weights`` (its per-particle
-  sum by the row-sum kernel on CUDA);
+  sum by a sum kernel on CUDA);
 * ``genmlx_mlx_sum`` — the same with genmlx's kernels off (``GENMLX_KERNELS=0``: MLX's sum);
 * ``genmlx_ops`` — the op histogram of genmlx's compiled call (primitives by name).
 
@@ -34,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import genmlx  # noqa: E402,F401
 import mlx.core as mx  # noqa: E402
 from genmlx import kernels as K  # noqa: E402
-from genmlx.kernels import rowsum as KS  # noqa: E402
+from genmlx.kernels import sums as KS  # noqa: E402
 
 import bench_is as B  # noqa: E402
 from _timing import device_time_us  # noqa: E402
@@ -74,7 +75,7 @@ def probe(n: int, repeats: int) -> dict:
     with K.override(False):
         gen_mlx = B.genmlx_log_weights(xs, ys, n)
         mx.eval(gen_mlx(key))  # traced (and compiled) with the kernels off
-    kernel_sum = mx.compile(KS.row_sums)
+    kernel_sum, kernel_col_sum = mx.compile(KS.row_sums), mx.compile(KS.col_sums)
     out = {
         "n": n,
         "draws": device_time_us(lambda: draws(key), repeats),
@@ -86,6 +87,7 @@ def probe(n: int, repeats: int) -> dict:
         "lik_T": device_time_us(lambda: lik_T(aT, bT, cT), repeats),
         "hand": device_time_us(lambda: hand(key), repeats),
         "rowsum_kernel": device_time_us(lambda: kernel_sum(z), repeats),
+        "colsum_kernel": device_time_us(lambda: kernel_col_sum(zT), repeats),
         "genmlx": device_time_us(lambda: gen(key), repeats),
         "genmlx_mlx_sum": device_time_us(lambda: gen_mlx(key), repeats),
     }

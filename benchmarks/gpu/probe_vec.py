@@ -14,7 +14,7 @@ timed alone (evaluated, stream synchronised; median µs), computes one such per-
 * ``lp_then_slices`` / ``lp_then_matvec`` — the fused log-density, then Σ_j of its column
   views / its product with ones[D] (what a per-example sum could do in place of ``sum``);
 * ``copy``      — a plain elementwise pass over x (x + 1), for the bandwidth scale;
-* ``kernel_sum`` — genmlx's warp-per-row sum kernel (``kernels.rowsum``; 8 < D ≤ 256, CUDA);
+* ``kernel_sum`` — genmlx's warp-per-row sum kernel (``kernels.sums``; 8 < D ≤ 256, CUDA);
 * ``argmax`` / ``argmax_slices`` — the index of each row's maximum (a categorical draw by
   Gumbel-max), by MLX's reduction / as a chain of elementwise compares of column views;
 * ``lse`` / ``lse_slices`` — each row's log Σ exp (a categorical's normalizer), likewise.
@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import genmlx  # noqa: E402,F401
 import mlx.core as mx  # noqa: E402
-from genmlx.kernels import rowsum as KS  # noqa: E402
+from genmlx.kernels import sums as KS  # noqa: E402
 
 from _timing import device_time_us  # noqa: E402
 

@@ -24,7 +24,7 @@ from typing import Callable, Hashable
 import mlx.core as mx
 
 from genmlx.core.validation import inside_vmap, nested_vmap
-from genmlx.kernels import rowsum
+from genmlx.kernels import sums
 
 
 #: per-example sums of at most this many elements over at least UNROLL_MIN_EXAMPLES examples
@@ -41,7 +41,8 @@ def example_sum(x: mx.array, batch: int | str | None) -> mx.array:
     """Σ of ``x`` over its per-example axes: all of them (``batch`` None), all but the
     first ``batch`` (an int: that many leading batch axes) or all but the last ("last").
     Short per-example sums over many examples are unrolled (:data:`UNROLL_MAX`); longer
-    ones (≤ :data:`genmlx.kernels.rowsum.K_MAX` entries) run one warp per example on CUDA."""
+    ones (≤ :data:`genmlx.kernels.sums.K_MAX` entries) run as CUDA kernels
+    (:mod:`genmlx.kernels.sums`)."""
     if batch is None:
         return mx.sum(x)
     lead = 1 if batch == "last" else batch
@@ -59,10 +60,15 @@ def example_sum(x: mx.array, batch: int | str | None) -> mx.array:
             part = x[lead_slices + ix]
             total = part if total is None else total + part
         return total
-    if k > UNROLL_MAX and batch != "last" and x.size // k >= UNROLL_MIN_EXAMPLES:
-        rows = x.reshape(-1, k)
-        if rowsum.usable(rows):  # CUDA: one warp per row
-            return rowsum.row_sums(rows).reshape(x.shape[:lead])
+    if k > UNROLL_MAX and x.size // k >= UNROLL_MIN_EXAMPLES:
+        if batch == "last":  # the examples' entries as rows [k, N]: one thread per column
+            cols = x.reshape(k, -1)
+            if sums.usable(cols, 0):
+                return sums.col_sums(cols)
+        else:  # as rows [N, k]: one warp per row
+            rows = x.reshape(-1, k)
+            if sums.usable(rows, 1):
+                return sums.row_sums(rows).reshape(x.shape[:lead])
     return mx.sum(x, axis=axes)
 
 

@@ -66,7 +66,7 @@ def kernels() -> dict[str, tuple[str, str]]:
     from genmlx.kernels import gather as KG
     from genmlx.kernels import paths as KP
     from genmlx.kernels import resample as KR
-    from genmlx.kernels import rowsum as KS
+    from genmlx.kernels import sums as KS
     from genmlx.kernels import weights as KW
 
     T, kinds, dts = 3, ((4, 1), (4, 2), (2, 3), (1, 1)), ("float32", "int32", "float16", "bool")
@@ -102,6 +102,7 @@ def kernels() -> dict[str, tuple[str, str]]:
         **gathers2,
         "ancestral_paths": paths,
         "row_sums": render("genmlx_row_sums", [("x", "float32", 2)], [("out", "float32")], KS._SOURCE),
+        "col_sums": render("genmlx_col_sums", [("x", "float32", 2)], [("out", "float32")], KS._COL_SOURCE),
         "weight_summary": render("genmlx_weight_summary", [("lw", "float32", 2)],
                                  [("lse", "float32"), ("ess", "float32")], KW._CUDA, KW._HEADER),
         "weight_partial": render("genmlx_weight_partial", [("lw", "float32", 2)],

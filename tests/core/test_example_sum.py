@@ -11,7 +11,7 @@ import pytest
 import genmlx as gm
 from genmlx.core import batchwise as BW
 from genmlx.core.batchwise import example_sum
-from genmlx.kernels import rowsum
+from genmlx.kernels import sums
 
 EPS32 = float(np.finfo(np.float32).eps)
 
@@ -54,34 +54,39 @@ def test_unrolling_applies_to_short_sums_over_many_examples(n, k, unrolled):
     mx.eval(x)
     dot = _primitives(example_sum(x, 1))
     # (on CUDA a longer sum over as many examples is the row-sum kernel, not a Sum node)
-    kernel = not unrolled and n >= BW.UNROLL_MIN_EXAMPLES and rowsum.usable(x)
+    kernel = not unrolled and n >= BW.UNROLL_MIN_EXAMPLES and sums.usable(x, 1)
     assert ("Sum" in dot) != (unrolled or kernel), dot
     assert (k <= BW.UNROLL_MAX and n >= BW.UNROLL_MIN_EXAMPLES) == unrolled
 
 
-@pytest.mark.parametrize("shape,batch,rows", [
-    ((1 << 15, 50), 1, (1 << 15, 50)),
-    ((2, 1 << 14, 3, 5), 2, (1 << 15, 15)),
-    ((1 << 15, 9), 1, (1 << 15, 9)),
-    ((1 << 15, rowsum.K_MAX + 1), 1, None),  # longer rows: MLX's reduction
+@pytest.mark.parametrize("shape,batch,call", [
+    ((1 << 15, 50), 1, ("rows", (1 << 15, 50))),
+    ((2, 1 << 14, 3, 5), 2, ("rows", (1 << 15, 15))),
+    ((1 << 15, 9), 1, ("rows", (1 << 15, 9))),
+    ((50, 1 << 15), "last", ("cols", (50, 1 << 15))),  # per-example axes first (batch last)
+    ((3, 4, 1 << 15), "last", ("cols", (12, 1 << 15))),
+    ((1 << 15, sums.K_MAX + 1), 1, None),  # longer rows: MLX's reduction
     (((1 << 15) - 1, 50), 1, None),  # fewer examples
-    ((50, 1 << 15), "last", None),  # per-example axes first: MLX's column reduction
+    ((50, (1 << 15) - 1), "last", None),
 ])
-def test_longer_sums_over_many_examples_take_the_row_kernel(shape, batch, rows, monkeypatch):
+def test_longer_sums_over_many_examples_take_a_sum_kernel(shape, batch, call, monkeypatch):
     """Where CUDA kernels run, a per-example sum of 8 < k ≤ K_MAX entries over ≥
-    UNROLL_MIN_EXAMPLES examples is ONE row-sum call on the examples' rows [N, k] (here
-    the kernel stands in by its generic twin, the backend reported as CUDA); other sums
-    keep MLX's reduction. The values are the sums either way."""
+    UNROLL_MIN_EXAMPLES examples is ONE kernel call: rows [N, k] with the batch axes
+    first, columns [k, N] with the batch axis last (here the kernels stand in by their
+    generic twins, the backend reported as CUDA); other sums keep MLX's reduction. The
+    values are the sums either way."""
     from genmlx.kernels import _backend as B
 
     calls = []
     monkeypatch.setattr(B, "use_kernel", lambda x: "cuda" if x.dtype == mx.float32 else None)
-    monkeypatch.setattr(rowsum, "_transformable", lambda x: calls.append(x.shape) or (mx.sum(x, axis=1),))
+    monkeypatch.setattr(sums, "_transformable", lambda x: calls.append(("rows", x.shape)) or (mx.sum(x, axis=1),))
+    monkeypatch.setattr(sums, "_transformable_cols",
+                        lambda x: calls.append(("cols", x.shape)) or (mx.sum(x, axis=0),))
     x = mx.random.normal(shape, key=mx.random.key(1))
     got = example_sum(x, batch)
     axes = tuple(range(len(shape) - 1)) if batch == "last" else tuple(range(batch, len(shape)))
     _check_sum(got, np.array(x), axes)
-    assert calls == ([rows] if rows else []), calls
+    assert calls == ([call] if call else []), calls
     assert got.shape == tuple(d for a, d in enumerate(shape) if a not in axes)
 
 

@@ -4,6 +4,7 @@ the kernels themselves against the references (skipped visibly without one)."""
 
 from __future__ import annotations
 
+import io
 import shutil
 
 import genmlx  # noqa: F401
@@ -18,7 +19,7 @@ from genmlx.kernels import _backend as B
 from genmlx.kernels import cuda_check
 from genmlx.kernels import emulate as E
 from genmlx.kernels import resample as KR
-from genmlx.kernels import rowsum as KS
+from genmlx.kernels import sums as KS
 from genmlx.kernels import selftest as S
 from genmlx.kernels import weights as KW
 
@@ -418,11 +419,21 @@ def test_row_sums_reference_is_a_float32_sum(k):
     assert np.array_equal(KS.row_sums_reference(ints), ints.sum(axis=1))
 
 
-def test_row_sums_on_the_cpu_are_mlx_sums():
+def test_col_sums_reference_is_the_sequential_sum():
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((50, 300)) * 10).astype(np.float32)
+    want = x[0].copy()
+    for j in range(1, 50):
+        want = (want + x[j]).astype(np.float32)
+    assert np.array_equal(KS.col_sums_reference(x), want)
+
+
+def test_sums_on_the_cpu_are_mlx_sums():
     if B.gpu_backend() is not None:
-        pytest.skip("the default device is a GPU, where the kernel runs; this checks the CPU fallback")
+        pytest.skip("the default device is a GPU, where the kernels run; this checks the CPU fallback")
     x = mx.random.normal((1 << 15, 50), key=mx.random.key(0))
-    assert not KS.usable(x) and mx.array_equal(KS.row_sums(x), mx.sum(x, axis=1))
+    assert not KS.usable(x, 1) and mx.array_equal(KS.row_sums(x), mx.sum(x, axis=1))
+    assert not KS.usable(x.T, 0) and mx.array_equal(KS.col_sums(x.T), mx.sum(x.T, axis=0))
 
 
 # -- the kernels themselves (GPU only) ------------------------------------------------
@@ -435,7 +446,7 @@ def test_gpu_row_sums(shape):
     if B.active_backend() != "cuda":
         pytest.skip("the row-sum kernel is CUDA only")
     x = mx.random.normal(shape, key=mx.random.key(shape[1])) * 10.0
-    assert KS.usable(x)
+    assert KS.usable(x, 1)
     want = KS.row_sums_reference(np.array(x))
     assert np.array_equal(np.array(KS.row_sums(x)), want)
     assert np.array_equal(np.array(mx.compile(KS.row_sums)(x)), want)
@@ -445,11 +456,29 @@ def test_gpu_row_sums(shape):
 
 
 @needs_gpu
+@pytest.mark.parametrize("shape", [(9, 1), (33, 3), (50, 1000), (KS.K_MAX, 40_000), (12, (1 << 25) + 77)])
+def test_gpu_col_sums(shape):
+    """The thread-per-column kernel equals the sequential sum bit for bit (also compiled
+    and past the grid's threads: the grid-stride loop); its gradient is the broadcast
+    cotangent."""
+    if B.active_backend() != "cuda":
+        pytest.skip("the column-sum kernel is CUDA only")
+    x = mx.random.normal(shape, key=mx.random.key(shape[0])) * 10.0
+    assert KS.usable(x, 0)
+    want = KS.col_sums_reference(np.array(x))
+    assert np.array_equal(np.array(KS.col_sums(x)), want)
+    assert np.array_equal(np.array(mx.compile(KS.col_sums)(x)), want)
+    w = mx.random.normal(shape[1:], key=mx.random.key(7))
+    g = mx.grad(lambda a: mx.sum(KS.col_sums(a) * w))(x)
+    assert mx.array_equal(g, mx.broadcast_to(w[None], shape))
+
+
+@needs_gpu
 def test_gpu_row_sums_in_vectorized_weights():
     """vgenerate of the quadratic regression (50 points) for 2^16 particles, compiled, with
-    the row-sum kernel and without (GENMLX_KERNELS=0): the same draws, weights equal
-    within float32 rounding of a 50-term sum; and the gradient of a mean weight
-    through the kernel equals the generic one."""
+    a sum kernel (no Sum node left) and without (GENMLX_KERNELS=0): the same draws,
+    weights equal within float32 rounding of a 50-term sum; and the gradient of a mean
+    weight through the kernel equals the generic one."""
     if B.active_backend() != "cuda":
         pytest.skip("the row-sum kernel is CUDA only")
     import genmlx as gm
@@ -473,6 +502,9 @@ def test_gpu_row_sums_in_vectorized_weights():
         return mx.grad(lambda u: mx.mean(quadratic.vgenerate(mx.random.key(3), (xs * u,), obs, 1 << 16)[1]))(s)
 
     got = mx.compile(weights)(mx.random.key(1))
+    dot = io.StringIO()
+    mx.export_to_dot(dot, weights(mx.random.key(1)))
+    assert "Sum" not in dot.getvalue()
     g = mean_weight_grad(mx.array(1.0))
     with B.override(False):
         want = mx.compile(weights)(mx.random.key(1))
