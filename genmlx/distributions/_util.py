@@ -7,6 +7,7 @@ import math
 import mlx.core as mx
 
 from genmlx.core.validation import concrete_all, validation_enabled
+from genmlx.distributions._categories import argmax_categories
 from genmlx.distributions import constraints as C
 
 _U_EPS = 2.0**-25
@@ -24,7 +25,7 @@ def categorical_sample(key, logits, shape) -> mx.array:
     ``mx.random.categorical`` it works when ``logits`` are vmapped."""
     k = logits.shape[-1]
     u = open_uniform(key, tuple(shape) + (k,))
-    return mx.argmax(logits - mx.log(-mx.log(u)), axis=-1).astype(mx.int32)
+    return argmax_categories(logits - mx.log(-mx.log(u)))
 
 
 def batch_shape(name: str, params: dict, shape=None, event_ndims: dict | None = None) -> tuple:

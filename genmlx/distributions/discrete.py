@@ -10,6 +10,7 @@ from genmlx.core.batchwise import batchwise, example_sum
 from genmlx.distributions import constraints as C
 from genmlx.distributions._counting import binomial_sample, poisson_sample
 from genmlx.distributions._gamma import standard_gamma
+from genmlx.distributions._categories import logsumexp_categories, pick_category
 from genmlx.distributions._util import as_float, batch_shape, categorical_sample, check, open_uniform
 from genmlx.distributions.base import Distribution, param
 from genmlx.distributions.special import log_binomial_pmf, log_poisson_pmf
@@ -266,7 +267,7 @@ class Categorical(Distribution):
         if raw.ndim < 1:
             raise ValueError(f"categorical: parameter '{pname}' needs a last axis indexing the categories, got a scalar")
         if logits is not None:
-            self.logits = raw - mx.logsumexp(raw, axis=-1, keepdims=True)
+            self.logits = raw - mx.expand_dims(logsumexp_categories(raw), -1)
         else:
             self.logits = mx.log(raw)
         self.probs = mx.exp(self.logits)
@@ -291,9 +292,7 @@ class Categorical(Distribution):
         inside = (xi >= 0) & (xi < k) & (as_float(x) == as_float(xi))
         idx = mx.where(inside, xi, 0)
         out_shape = tuple(mx.broadcast_shapes(tuple(idx.shape), self.logits.shape[:-1]))
-        logits = mx.broadcast_to(self.logits, out_shape + (k,))
-        idx = mx.broadcast_to(idx, out_shape)
-        lp = mx.take_along_axis(logits, mx.expand_dims(idx, -1), axis=-1)[..., 0]
+        lp = pick_category(mx.broadcast_to(self.logits, out_shape + (k,)), mx.broadcast_to(idx, out_shape))
         return mx.where(mx.broadcast_to(inside, out_shape), lp, -mx.inf)
 
     def mean(self):
