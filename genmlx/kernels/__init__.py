@@ -10,6 +10,10 @@ vmapped (see ``_backend``): :mod:`genmlx.inference.resampling` uses them only wh
   exact for any number of slots) and a per-slot binary-search kernel.
 - :mod:`genmlx.kernels.gather` — row gathers by ancestor indices (one and two sources),
   used by SMC's drivers on CUDA (MLX's general gather elsewhere).
+- :mod:`genmlx.kernels.sums` — per-example sums of 9–256 entries over many examples
+  (a warp per row, a thread per column), used by every batched score's
+  :func:`genmlx.core.batchwise.example_sum` on CUDA (they run inside its vmap rule, on the
+  batched arrays, so vmapped models reach them).
 - :mod:`genmlx.kernels.paths` — the ancestral paths of a run in one kernel: sharded,
   through the neighbours' halo edges (on by default on CUDA); one process, opt-in
   (``GENMLX_KERNELS=1``: it gains nothing over the row-gather kernel's path yet).
