@@ -300,6 +300,12 @@ def count_collectives(model, args, obs, n: int, sh) -> dict:
             "in_steps": sum(steps), "end_of_run": count["n"] - sum(steps)}
 
 
+def _save(res: dict, a, rank: int) -> None:
+    """The results so far to ``--out`` (rank 0)."""
+    if a.out and rank == 0:
+        Path(a.out).write_text(json.dumps(res, indent=1))
+
+
 def run(a) -> dict:
     sh = shards_for()
     R = 1 if sh is None else sh.size
@@ -366,6 +372,7 @@ def run(a) -> dict:
                       f"log Z {float(last['lz']):.2f} (Kalman {res['kalman_log_z']:.2f}); "
                       f"exact-path reruns {Shards.fallbacks - f0}, halo misses {Shards.halo_misses - h0}",
                       flush=True)
+            _save(res, a, rank)  # kept should a later, optional pass fail (e.g. --phases' memory)
             if a.phases and not suffix:
                 res.setdefault("phases", {})[str(n)] = ph = phases(model, args, obs, n, sh, a.repeats)
                 if rank == 0:
@@ -502,8 +509,8 @@ def main() -> None:
         return
     res = run(a)
     sh = shards_for()
+    _save(res, a, 0 if sh is None else sh.rank)
     if a.out and (sh is None or sh.rank == 0):
-        Path(a.out).write_text(json.dumps(res, indent=1))
         print(f"wrote {a.out}")
 
 
