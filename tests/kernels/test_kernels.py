@@ -438,43 +438,29 @@ def test_sums_on_the_cpu_are_mlx_sums():
 
 # -- the kernels themselves (GPU only) ------------------------------------------------
 @needs_gpu
-@pytest.mark.parametrize("shape", [(1, 9), (3, 33), (1000, 50), (40_000, KS.K_MAX), ((1 << 20) + 77, 12)])
-def test_gpu_row_sums(shape):
-    """The warp-per-row kernel equals its NumPy statement bit for bit (also compiled and
-    on more rows than the grid's warps: the grid-stride loop), and its gradient is the
-    broadcast cotangent."""
+@pytest.mark.parametrize("axis,shape", [
+    (1, (1, 9)), (1, (3, 33)), (1, (1000, 50)), (1, (40_000, KS.K_MAX)), (1, ((1 << 20) + 77, 12)),
+    (0, (9, 1)), (0, (33, 3)), (0, (50, 1000)), (0, (KS.K_MAX, 40_000)), (0, (12, (1 << 25) + 77)),
+])
+def test_gpu_sums(axis, shape):
+    """Each sum kernel (a warp per row: axis 1; a thread per column: axis 0) equals its
+    NumPy statement bit for bit (also compiled, and past its grid's warp or thread cap:
+    the grid-stride loop), and its gradient is the broadcast cotangent."""
     if B.active_backend() != "cuda":
-        pytest.skip("the row-sum kernel is CUDA only")
-    x = mx.random.normal(shape, key=mx.random.key(shape[1])) * 10.0
-    assert KS.usable(x, 1)
-    want = KS.row_sums_reference(np.array(x))
-    assert np.array_equal(np.array(KS.row_sums(x)), want)
-    assert np.array_equal(np.array(mx.compile(KS.row_sums)(x)), want)
-    w = mx.random.normal(shape[:1], key=mx.random.key(7))
-    g = mx.grad(lambda a: mx.sum(KS.row_sums(a) * w))(x)
-    assert mx.array_equal(g, mx.broadcast_to(w[:, None], shape))
+        pytest.skip("the sum kernels are CUDA only")
+    fn, reference = (KS.row_sums, KS.row_sums_reference) if axis == 1 else (KS.col_sums, KS.col_sums_reference)
+    x = mx.random.normal(shape, key=mx.random.key(shape[axis])) * 10.0
+    assert KS.usable(x, axis)
+    want = reference(np.array(x))
+    assert np.array_equal(np.array(fn(x)), want)
+    assert np.array_equal(np.array(mx.compile(fn)(x)), want)
+    w = mx.random.normal((shape[1 - axis],), key=mx.random.key(7))
+    g = mx.grad(lambda a: mx.sum(fn(a) * w))(x)
+    assert mx.array_equal(g, mx.broadcast_to(mx.expand_dims(w, axis), shape))
 
 
 @needs_gpu
-@pytest.mark.parametrize("shape", [(9, 1), (33, 3), (50, 1000), (KS.K_MAX, 40_000), (12, (1 << 25) + 77)])
-def test_gpu_col_sums(shape):
-    """The thread-per-column kernel equals the sequential sum bit for bit (also compiled
-    and past the grid's threads: the grid-stride loop); its gradient is the broadcast
-    cotangent."""
-    if B.active_backend() != "cuda":
-        pytest.skip("the column-sum kernel is CUDA only")
-    x = mx.random.normal(shape, key=mx.random.key(shape[0])) * 10.0
-    assert KS.usable(x, 0)
-    want = KS.col_sums_reference(np.array(x))
-    assert np.array_equal(np.array(KS.col_sums(x)), want)
-    assert np.array_equal(np.array(mx.compile(KS.col_sums)(x)), want)
-    w = mx.random.normal(shape[1:], key=mx.random.key(7))
-    g = mx.grad(lambda a: mx.sum(KS.col_sums(a) * w))(x)
-    assert mx.array_equal(g, mx.broadcast_to(w[None], shape))
-
-
-@needs_gpu
-def test_gpu_row_sums_in_vectorized_weights():
+def test_gpu_sums_in_vectorized_weights():
     """vgenerate of the quadratic regression (50 points) for 2^16 particles, compiled, with
     a sum kernel (no Sum node left) and without (GENMLX_KERNELS=0): the same draws,
     weights equal within float32 rounding of a 50-term sum; and the gradient of a mean
