@@ -33,11 +33,12 @@ def _axis(batch) -> int:
 
 def _chain(batch, *xs: mx.array) -> bool:
     """Whether to write the reduction as a chain: under a vmap, 1 < K ≤ UNROLL_MAX and
-    ≥ UNROLL_MIN_EXAMPLES examples (counted on the largest input)."""
+    ≥ UNROLL_MIN_EXAMPLES examples (counted on the input with the most)."""
     if batch is None:
         return False
-    k = xs[0].shape[_axis(batch)]
-    return 1 < k <= BW.UNROLL_MAX and max(x.size for x in xs) // k >= BW.UNROLL_MIN_EXAMPLES
+    a = _axis(batch)
+    k = xs[0].shape[a]
+    return 1 < k <= BW.UNROLL_MAX and max(x.size // x.shape[a] for x in xs) >= BW.UNROLL_MIN_EXAMPLES
 
 
 def _views(x: mx.array, axis: int) -> list:
