@@ -443,6 +443,12 @@ def _model_key(model):
         return id(model)
 
 
+#: the gathered carries' size (bytes, all steps) from which the end of a fused run replays
+#: step 0 on its own instead of copying every step's incoming carry into one block
+#: (:func:`_rebuild_columns`): one more call against a copy of [T, n, …] (16 GB for 10⁷
+#: particles of a 4-coordinate state over 100 steps)
+CARRY_COPY_MAX_BYTES = 1 << 26
+
 #: the largest n for which a GPU builds the descent block by doubling (:meth:`_Descent.block`)
 DOUBLING_MAX_N = 1 << 17
 
@@ -568,10 +574,12 @@ def _rebuild_columns(model, args, recs, Ds, cons, axes, carry_td, n: int, take_b
             vals = mx.take_along_axis(vals, D.reshape(D.shape + (1,) * (vals.ndim - 2)), axis=1)
         ob_cols.append(vals)
     # the carry into each step: the initial carry (broadcast) at step 0 when it has the
-    # carry's structure, else step 0 is replayed on its own
+    # carry's structure and the carries are small, else step 0 is replayed on its own and
+    # the others read their carries as views of the gathered columns (no copy)
     init_l, init_td = tree_flatten(model._init_carry(args))
     with0 = init_td == carry_td and all(
-        x.shape == c.shape[2:] and x.dtype == c.dtype for x, c in zip(init_l, carry_cols))
+        x.shape == c.shape[2:] and x.dtype == c.dtype for x, c in zip(init_l, carry_cols)) \
+        and sum(c.nbytes for c in carry_cols) < CARRY_COPY_MAX_BYTES
     lo = 0 if with0 else 1
     k = T - lo
 

@@ -448,6 +448,25 @@ def test_smc_past_the_axis_limit_replays_step_by_step(monkeypatch):
     assert mx.allclose(a.traces.score, b.traces.score, atol=1e-5)
 
 
+def test_large_carries_replay_step_zero_apart(monkeypatch):
+    """Past CARRY_COPY_MAX_BYTES of gathered carries (here 0) the end of the run replays
+    step 0 on its own from the initial carry and the other steps from views of the carry
+    columns (no copy into one incoming-carry block): the same particles, weights, per-step
+    sub-traces and scores; the steps are still columns after the first."""
+    import importlib
+
+    S = importlib.import_module("genmlx.inference.smc")
+    a = gm.inference.smc(mx.random.key(5), ssm, ARGS, OBS, 60, progress=False, ess_threshold=0.9)
+    monkeypatch.setattr(S, "CARRY_COPY_MAX_BYTES", 0)
+    b = gm.inference.smc(mx.random.key(5), ssm, ARGS, OBS, 60, progress=False, ess_threshold=0.9)
+    assert mx.array_equal(a.log_weights, b.log_weights) and sum(a.resampled) >= 2
+    assert a.traces.steps.layout.h == 0 and b.traces.steps.layout.h == 1  # step 0 apart
+    for t in range(T):
+        assert mx.array_equal(a.traces[(t, "x")], b.traces[(t, "x")])
+        assert mx.allclose(a.traces.steps[t].score, b.traces.steps[t].score, atol=1e-5)
+    assert mx.allclose(a.traces.score, b.traces.score, atol=1e-5)
+
+
 # -- the end of the fused run: descent, one gather, one replay, steps kept as columns --------
 def _end_graph(monkeypatch, doubling, T_=20, n=50):
     """The lazy graph left for smc's final evaluation (descent, gathers, replay) of the
