@@ -12,7 +12,8 @@ array broadcast from per-example scalars and data).
 
 Rows: a warp reads a row in coalesced 32-entry strips: lane l adds x[r, l], x[r, l + 32],
 … in that order, then the 32 partial sums meet in a butterfly of shuffles
-(s_l ← s_l + s_{l xor o}, o = 16, 8, 4, 2, 1) and lane 0 writes the row's sum
+(s_l ← s_l + s_{l xor o}, o = 16, 8, 4, 2, 1) and lane 0 writes the row's sum (two rows
+per pass, interleaved, for more loads in flight)
 (:func:`row_sums_reference` states the order in NumPy; the GPU test compares bit for
 bit). Columns: thread i adds x[0, i], x[1, i], … in turn, each step a coalesced read of
 the warp's 32 neighbouring columns (the order of a sequential sum). Against ``mx.sum``
@@ -34,7 +35,7 @@ from genmlx.kernels import _backend as B
 #: well enough)
 K_MAX = 256
 THREADS = 256
-#: grid-stride loop: at most this many warps in the grid
+#: grid-stride loop: at most this many warps in the grid (each takes two rows a pass)
 MAX_WARPS = 1 << 20
 
 _SOURCE = r"""
@@ -42,12 +43,25 @@ const long long N = x_shape[0];
 const int k = x_shape[1];
 const int lane = threadIdx.x & 31;
 const long long warps = ((long long)gridDim.x * blockDim.x) >> 5;
-for (long long r = (((long long)blockIdx.x * blockDim.x) + threadIdx.x) >> 5; r < N; r += warps) {
-  const float* row = x + r * k;
-  float s = 0.0f;
-  for (int j = lane; j < k; j += 32) s += row[j];
-  for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-  if (lane == 0) out[r] = s;
+// two rows per pass (r and r + warps, whose loads are independent): more reads in flight
+for (long long r = (((long long)blockIdx.x * blockDim.x) + threadIdx.x) >> 5; r < N; r += 2 * warps) {
+  const long long r2 = r + warps;
+  const bool two = r2 < N;  // the same for the whole warp
+  const float* a = x + r * k;
+  const float* b = x + (two ? r2 : r) * k;
+  float s = 0.0f, t = 0.0f;
+  for (int j = lane; j < k; j += 32) {
+    s += a[j];
+    t += b[j];
+  }
+  for (int o = 16; o > 0; o >>= 1) {
+    s += __shfl_xor_sync(0xffffffffu, s, o);
+    t += __shfl_xor_sync(0xffffffffu, t, o);
+  }
+  if (lane == 0) {
+    out[r] = s;
+    if (two) out[r2] = t;
+  }
 }
 """
 
@@ -58,7 +72,8 @@ const long long N = x_shape[1];
 const long long stride = (long long)gridDim.x * blockDim.x;
 for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < N; i += stride) {
   float s = 0.0f;
-  for (int j = 0; j < k; ++j) s += x[(long long)j * N + i];
+  #pragma unroll 8
+  for (int j = 0; j < k; ++j) s += x[(long long)j * N + i];  // loads in flight, adds in order
   out[i] = s;
 }
 """
@@ -84,7 +99,7 @@ def usable(x: mx.array, axis: int = 1) -> bool:
 
 
 def _launch(x: mx.array) -> tuple:
-    warps = min(int(x.shape[0]), MAX_WARPS)
+    warps = min((int(x.shape[0]) + 1) // 2, MAX_WARPS)
     threads = THREADS * ((32 * warps + THREADS - 1) // THREADS)
     return tuple(_kernel()(inputs=[x], output_shapes=[(int(x.shape[0]),)], output_dtypes=[mx.float32],
                            grid=(threads, 1, 1), threadgroup=(THREADS, 1, 1)))
