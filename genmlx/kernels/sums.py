@@ -72,8 +72,7 @@ const long long N = x_shape[1];
 const long long stride = (long long)gridDim.x * blockDim.x;
 for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < N; i += stride) {
   float s = 0.0f;
-  #pragma unroll 8
-  for (int j = 0; j < k; ++j) s += x[(long long)j * N + i];  // loads in flight, adds in order
+  for (int j = 0; j < k; ++j) s += x[(long long)j * N + i];
   out[i] = s;
 }
 """
