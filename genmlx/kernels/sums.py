@@ -14,9 +14,10 @@ Rows: a warp reads a row in coalesced 32-entry strips: lane l adds x[r, l], x[r,
 … in that order, then the 32 partial sums meet in a butterfly of shuffles
 (s_l ← s_l + s_{l xor o}, o = 16, 8, 4, 2, 1) and lane 0 writes the row's sum; a warp
 takes two rows a pass, interleaved, for more loads in flight (:func:`row_sums_reference`
-states the order in NumPy; the GPU test compares bit for bit). Columns: thread i adds x[0, i], x[1, i], … in turn, each step a coalesced read of
-the warp's 32 neighbouring columns (the order of a sequential sum). Against ``mx.sum``
-both differ by float32 rounding only. Grid-stride loops bound the grids. Elsewhere
+states the order in NumPy; the GPU test compares bit for bit). Columns: thread i adds
+x[0, i], x[1, i], … in turn, each step a coalesced read of the warp's 32 neighbouring
+columns (the order of a sequential sum). Against ``mx.sum`` both differ by float32
+rounding only. Grid-stride loops bound the grids. Elsewhere
 (CPU, other dtypes, kernels off) ``mx.sum``; vjp and jvp through ``mx.sum``
 (:func:`genmlx.kernels._backend.with_generic_transforms`).
 """
