@@ -60,7 +60,7 @@ def example_sum(x: mx.array, batch: int | str | None) -> mx.array:
             part = x[lead_slices + ix]
             total = part if total is None else total + part
         return total
-    if k > UNROLL_MAX and x.size // k >= UNROLL_MIN_EXAMPLES:
+    if UNROLL_MAX < k <= sums.K_MAX and x.size // k >= UNROLL_MIN_EXAMPLES and sums.on_cuda(x):
         if batch == "last":  # the examples' entries as rows [k, N]: one thread per column
             cols = x.reshape(k, -1)
             if sums.usable(cols, 0):

@@ -90,11 +90,15 @@ def _col_kernel():
     return B.build("cuda", "genmlx_col_sums", ("x",), ("out",), _COL_SOURCE)
 
 
+def on_cuda(x: mx.array) -> bool:
+    """The CUDA kernels are on for ``x`` (float32, a CUDA default device, kernels not off)."""
+    return B.use_kernel(x) == "cuda"
+
+
 def usable(x: mx.array, axis: int = 1) -> bool:
     """A kernel applies: CUDA kernels on, float32 2-D with 8 < k ≤ K_MAX entries to sum
     along ``axis`` (1: rows, 0: columns)."""
-    return (x.ndim == 2 and 8 < x.shape[axis] <= K_MAX and x.shape[1 - axis] > 0
-            and B.use_kernel(x) == "cuda")
+    return x.ndim == 2 and 8 < x.shape[axis] <= K_MAX and x.shape[1 - axis] > 0 and on_cuda(x)
 
 
 def _launch(x: mx.array) -> tuple:

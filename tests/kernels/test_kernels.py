@@ -26,6 +26,7 @@ from genmlx.kernels import weights as KW
 from ._halo_cases import FLAGS, halo_cases
 
 needs_gpu = pytest.mark.skipif(B.active_backend() is None, reason="no GPU backend: the fused kernels run only on MLX's CUDA (or Metal) device; the generic path is tested here")
+needs_cuda = pytest.mark.skipif(B.active_backend() != "cuda", reason="not a CUDA device: the sum kernels run only on MLX's CUDA backend; their generic path (mx.sum) is tested here")
 
 
 # -- dispatch -------------------------------------------------------------------------
@@ -437,7 +438,7 @@ def test_sums_on_the_cpu_are_mlx_sums():
 
 
 # -- the kernels themselves (GPU only) ------------------------------------------------
-@needs_gpu
+@needs_cuda
 @pytest.mark.parametrize("axis,shape", [
     (1, (1, 9)), (1, (3, 33)), (1, (1000, 50)), (1, (40_000, KS.K_MAX)), (1, ((1 << 21) + 77, 12)),
     (0, (9, 1)), (0, (33, 3)), (0, (50, 1000)), (0, (KS.K_MAX, 40_000)), (0, (12, (1 << 25) + 77)),
@@ -446,8 +447,6 @@ def test_gpu_sums(axis, shape):
     """Each sum kernel (a warp per row: axis 1; a thread per column: axis 0) equals its
     NumPy statement bit for bit (also compiled, and past its grid's warp or thread cap:
     the grid-stride loop), and its gradient is the broadcast cotangent."""
-    if B.active_backend() != "cuda":
-        pytest.skip("the sum kernels are CUDA only")
     fn, reference = (KS.row_sums, KS.row_sums_reference) if axis == 1 else (KS.col_sums, KS.col_sums_reference)
     x = mx.random.normal(shape, key=mx.random.key(shape[axis])) * 10.0
     assert KS.usable(x, axis)
@@ -459,14 +458,12 @@ def test_gpu_sums(axis, shape):
     assert mx.array_equal(g, mx.broadcast_to(mx.expand_dims(w, axis), shape))
 
 
-@needs_gpu
+@needs_cuda
 def test_gpu_sums_in_vectorized_weights():
     """vgenerate of the quadratic regression (50 points) for 2^16 particles, compiled, with
     a sum kernel (no Sum node left) and without (GENMLX_KERNELS=0): the same draws,
     weights equal within float32 rounding of a 50-term sum; and the gradient of a mean
     weight through the kernel equals the generic one."""
-    if B.active_backend() != "cuda":
-        pytest.skip("the row-sum kernel is CUDA only")
     import genmlx as gm
 
     xs = mx.linspace(-1.0, 1.0, 50)
