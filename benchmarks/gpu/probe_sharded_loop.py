@@ -2,8 +2,7 @@
 diagnosis), at m particles per process: genmlx's compiled single-process step
 (``smc._seq_step``, each process on its own GPU), the sharded step as ``sharded_smc`` runs it
 (``_seq_step_sharded`` then ``Shards.step_resample``, sync-free, collectives inside the
-compiled step or between two halves; its block moved with and without ``OVERLAP_WINDOWS``),
-and the step's two collectives alone (the 2-float
+compiled step or between two halves), and the step's two collectives alone (the 2-float
 summary gather, the packed 2W-row window gather). Each is chained ``--chain`` times without
 a host read and timed between barriers; prints µs per step (median over repeats) and how
 often the host queued a step (far below the step time: the host runs ahead; close to it:
@@ -100,11 +99,6 @@ def main() -> None:
             return nl[0], lw, rec, idx, ovf
 
         res["sharded_step"] = chained(sharded, (x0, lw0), keys, sh, a.repeats, "sharded_step")
-        SH.OVERLAP_WINDOWS = False
-        res["sharded_step_no_overlap"] = chained(sharded, (x0, lw0), keys, sh, a.repeats,
-                                                 "sharded_step_no_overlap")
-        SH.OVERLAP_WINDOWS = True
-        res["sharded_step_again"] = chained(sharded, (x0, lw0), keys, sh, a.repeats, "sharded_step_again")
         SH.COMPILE_COLLECTIVES = False
         res["sharded_step_split"] = chained(sharded, (x0, lw0), keys, sh, a.repeats, "sharded_step_split")
         SH.COMPILE_COLLECTIVES = True

@@ -284,8 +284,7 @@ class Shards:
     def _step_sync_free(self, key, lw, stats, leaves, threshold):
         m = int(lw.shape[0])
         W = 0 if self.size == 1 else max(1, min(m, int(window_width(m, self.size))))
-        static = (self.group, self.size, self.rank, threshold, _fused(lw), W, COMPILE_COLLECTIVES,
-                  OVERLAP_WINDOWS)
+        static = (self.group, self.size, self.rank, threshold, _fused(lw), W, COMPILE_COLLECTIVES)
         payload = (self,) + static[1:6]
         if COMPILE_COLLECTIVES:  # the whole step, collectives included, as one compiled function
             return cached_call(_sync_free_step, static, payload, key, lw, stats, leaves)
@@ -856,14 +855,6 @@ def _systematic_local(payload, key, lw, stats):
 #: collectives run between two compiled halves)
 COMPILE_COLLECTIVES = True
 
-#: the sync-free step's block is first taken from the process's own rows alone (a gather
-#: that does not read the gathered windows, so on CUDA it may run while the window
-#: all-gather is in flight: MLX orders a graph's nodes by the buffers they read and
-#: write), then its first and last W slots, the only ones the windows can fill, are
-#: overwritten from own rows and windows (False: one two-source gather over the block,
-#: after the all-gather). The same rows either way.
-OVERLAP_WINDOWS = True
-
 
 def halo_width(m: int) -> int:
     """H, the slots of each resampling's ancestor block a process borrows from each
@@ -939,9 +930,8 @@ def _sync_free_assemble(payload, did, Nb, mid, leaves, got):
     where the step overflowed). Where did is false: the identity (idx = j, old rows).
     Every slot's source is a row of [own rows; gathered windows] (``pos``), read by a
     two-source gather (no concatenation); its global source row is r·m + pos for an own
-    row, computed with ``pos``, and the gathered source row for a window's. When 2W < m
-    only the first and last W slots read the windows: the block is taken from own rows
-    (``OVERLAP_WINDOWS``) and those slots overwritten."""
+    row, computed with ``pos``, and the gathered source row for a window's, read only for
+    the first and last W slots (when 2W < m)."""
     _, Rk, r, _, _, W = payload
     m = mid.shape[0]
     i = iota(m)
@@ -955,23 +945,14 @@ def _sync_free_assemble(payload, did, Nb, mid, leaves, got):
     off = mx.where(p < r, W + j - (p + 1) * m, j - (p * m - W))
     pos = mx.where(p == r, mid, m + p * (2 * W) + mx.clip(off, 0, 2 * W - 1))
     pos = mx.where(did, pos, i)
-    if 2 * W >= m:
-        return [take_rows2(x, gx, pos) for x, gx in zip(leaves, got[1:])], identity_or_rows(r * m, m, got[0], pos)
-    # r·m + pos, then the slots filled from the windows, which lie in the block's first
-    # and last W slots (elsewhere only where the step overflowed: a run that is redone)
-    edges = ((0, W), (m - W, m))
-    idx = r * m + pos
-    for a, b in edges:
-        idx[a:b] = identity_or_rows(r * m, m, got[0], pos[a:b])
-    if not OVERLAP_WINDOWS:
-        return [take_rows2(x, gx, pos) for x, gx in zip(leaves, got[1:])], idx
-    own = mx.minimum(pos, m - 1)  # the window-filled slots are overwritten below
-    moved = []
-    for x, gx in zip(leaves, got[1:]):
-        y = take_rows(x, own)
-        for a, b in edges:
-            y[a:b] = take_rows2(x, gx, pos[a:b])
-        moved.append(y)
+    if 2 * W < m:  # r·m + pos, then the slots filled from the windows, which lie in the
+        # block's first and last W slots (elsewhere only where the step overflowed)
+        idx = r * m + pos
+        idx[:W] = identity_or_rows(r * m, m, got[0], pos[:W])
+        idx[m - W:] = identity_or_rows(r * m, m, got[0], pos[m - W:])
+    else:
+        idx = identity_or_rows(r * m, m, got[0], pos)
+    moved = [take_rows2(x, gx, pos) for x, gx in zip(leaves, got[1:])]
     return moved, idx
 
 

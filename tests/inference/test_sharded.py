@@ -961,20 +961,15 @@ def test_segment_ends_move_as_window_width_assumes(R):
         assert min(W, mm) == W and (W == mm or W >= 6 * 10.0 * math.sqrt(R * mm) / 2), (mm, W)
 
 
-@pytest.mark.parametrize("overlap", [True, False])
 @pytest.mark.parametrize("R", [2, 3, 4])
-def test_sync_free_windows_on_virtual_processes(R, overlap, monkeypatch):
+def test_sync_free_windows_on_virtual_processes(R):
     """_sync_free_search / _sync_free_assemble on R virtual processes (the packed gather
     replaced by concatenation): where no segment passes its W-slot windows the blocks hold
     R.systematic's ancestors on the concatenated weights and the carry rows they name;
     ``overflow`` is set exactly when some slot lies outside the windows (then the exact
-    path redoes the run); without a resampling the identity. Both ways of moving the rows
-    (``OVERLAP_WINDOWS``: own rows first, then the window slots; one two-source gather)."""
+    path redoes the run); without a resampling the identity."""
     from genmlx.inference import resampling as RS
-    from genmlx.inference import sharded as SH
     from genmlx.inference.sharded import _sync_free_assemble, _sync_free_search
-
-    monkeypatch.setattr(SH, "OVERLAP_WINDOWS", overlap)
 
     m = 24
     n = R * m
