@@ -10,7 +10,21 @@ wall time of the whole run (warm-up + sampling) of a second run: for NumPyro on 
 MCMC object, so that its compiled sampler is reused (compilation excluded); genmlx's second
 call reuses the compiled density and kernel cached for the same model and data
 (``gm.inference`` keeps them, as a jitted sampler is kept). ``--repeats k`` interleaves k
-repeats of the three samplers and reports median times. genmlx runs these small models
+repeats of the three samplers and reports median times. ``--seeds s`` times runs from s
+keys (1..s, after the compiling run from key 0) for each sampler: a sampler's trajectories
+are chaotic in float rounding (the same key on another device or library ends with other
+step sizes), so one key's leapfrogs per draw and ESS are one draw from a spread; the
+table then gives per-run means and ESS/s = Σ ESS / Σ wall time over the keys.
+
+A run's wall time holds costs that do not grow with its iterations, and they differ
+between the samplers: NumPyro's ``MCMC.run`` traces and compiles its sampler again on
+every call with vectorized (or sequential) chains — its compiled functions are cached only
+outside a JAX transformation, and the chains run under ``vmap`` — about 3.4 s per call for
+eight schools on the 2-core development machine, against ~0.5 s for the 2000 iterations
+themselves. So each sampler also times a run of ``--fixed-iters`` K warm-up + K draws
+(key 1, the second such call, after its other runs), and the table gives the sampling time, wall − that run's
+time (the iterations' cost beyond a run's fixed part; K iterations of both phases are
+counted in neither), and ESS/s on both. genmlx runs these small models
 with one OpenBLAS thread (its MCMC driver's default for small data on the CPU,
 ``GENMLX_SMALL_BLAS_THREADS``); JAX/XLA uses its own threading.
 
@@ -73,13 +87,20 @@ def run(seed):
     s = m.get_samples(group_by_chain=True)
     jax.block_until_ready(s)
     return time.perf_counter() - t, m
-t0, _ = run(0)  # compiles; the second run on the same MCMC object reuses the compiled sampler
-t, m = run(1)
-s = {k: np.asarray(v) for k, v in m.get_samples(group_by_chain=True).items()}
-np.savez(cfg["out"], **s)
-e = m.get_extra_fields(group_by_chain=True)
-print(json.dumps({"time_s": t, "first_run_s": t0, "mean_steps": float(np.mean(e["num_steps"])),
-                  "divergences": int(np.sum(e["diverging"])), "version": f"numpyro {numpyro.__version__}, jax {jax.__version__}"}))
+t0, _ = run(0)  # compiles; later runs on the same MCMC object reuse the compiled sampler
+for seed in cfg["seeds"]:
+    t, m = run(seed)
+    s = {k: np.asarray(v) for k, v in m.get_samples(group_by_chain=True).items()}
+    np.savez(cfg["out"] + f".{seed}.npz", **s)
+    e = m.get_extra_fields(group_by_chain=True)
+    print(json.dumps({"time_s": t, "first_run_s": t0, "mean_steps": float(np.mean(e["num_steps"])),
+                      "divergences": int(np.sum(e["diverging"])), "version": f"numpyro {numpyro.__version__}, jax {jax.__version__}"}))
+K = cfg["fixed_iters"]  # a short run: what every call costs whatever its length
+m = MCMC(NUTS(model, dense_mass=dense, target_accept_prob=0.8, max_tree_depth=10),
+         num_warmup=K, num_samples=K, num_chains=4, chain_method=cfg["chain_method"], progress_bar=False)
+run(0)  # as for the long runs: time the second call of this MCMC object
+t_fixed, _ = run(1)
+print(json.dumps({"fixed_s": t_fixed}))
 """
 
 
@@ -100,17 +121,24 @@ def timed_nuts(post, args, obs, seed: int, warmup: int, samples: int):
     return time.perf_counter() - t, r
 
 
-def run_genmlx(root, name, warmup, samples):
+def run_genmlx(root, name, warmup, samples, seeds=(1,), fixed_iters=10):
+    """One record per key in ``seeds`` (after a compiling run from key 0), each with
+    ``fixed_s``: the wall time of a run of ``fixed_iters`` warm-up + draws (key 1)."""
     post, args, obs, _ = load(root, name)
 
     def go(seed):
         return timed_nuts(post, args, obs, seed, warmup, samples)
 
     t0, _ = go(0)
-    t, r = go(1)
-    p = flat_params(name, r.samples)
-    return dict(time_s=t, first_run_s=t0, min_ess_bulk=min_ess(p), mean_steps=float(r.num_steps.mean()),
-                divergences=r.num_divergences)
+    out = []
+    for seed in seeds:
+        t, r = go(seed)
+        p = flat_params(name, r.samples)
+        out.append(dict(time_s=t, first_run_s=t0, min_ess_bulk=min_ess(p), mean_steps=float(r.num_steps.mean()),
+                        divergences=r.num_divergences))
+    timed_nuts(post, args, obs, 0, fixed_iters, fixed_iters)  # timed as the long runs: a second call
+    t_fixed = timed_nuts(post, args, obs, 1, fixed_iters, fixed_iters)[0]
+    return [dict(x, fixed_s=t_fixed) for x in out]
 
 
 def peer_runs(platforms: list[str]) -> list[tuple[str, str, str]]:
@@ -123,19 +151,46 @@ def peer_runs(platforms: list[str]) -> list[tuple[str, str, str]]:
     return out
 
 
-def run_numpyro(python, root, name, warmup, samples, chain_method="vectorized", platform="cpu"):
+def run_numpyro(python, root, name, warmup, samples, chain_method="vectorized", platform="cpu", seeds=(1,),
+                fixed_iters=10):
+    """One record per key in ``seeds`` (after a compiling run from key 0), each with
+    ``fixed_s`` as in :func:`run_genmlx`."""
     with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "draws.npz")
+        out = os.path.join(tmp, "draws")
         cfg = dict(name=name, data=str(Path(root) / "posteriordb" / name / "data.json"), warmup=warmup,
-                   samples=samples, out=out, chain_method=chain_method)
+                   samples=samples, out=out, chain_method=chain_method, seeds=list(seeds), fixed_iters=fixed_iters)
         res = subprocess.run([python, "-c", NUMPYRO_SCRIPT, json.dumps(cfg)], capture_output=True, text=True,
                              env=jax_env(platform))
         if res.returncode != 0:
             raise RuntimeError(res.stderr[-3000:])
-        info = json.loads(res.stdout.strip().splitlines()[-1])
-        draws = dict(np.load(out))
-    info["min_ess_bulk"] = min_ess(flat_params(name, draws))
-    return info
+        lines = [json.loads(line) for line in res.stdout.strip().splitlines()[-len(seeds) - 1:]]
+        infos, fixed = lines[:-1], lines[-1]["fixed_s"]
+        for seed, info in zip(seeds, infos):
+            info["min_ess_bulk"] = min_ess(flat_params(name, dict(np.load(f"{out}.{seed}.npz"))))
+            info["fixed_s"] = fixed
+    return infos
+
+
+def summarize(rs: list) -> dict:
+    """One sampler's row from its repeats ``rs`` (each a list of per-key records): wall
+    time per run = the median over repeats of the mean over keys; ESS, leapfrogs per draw
+    and divergences per run = means over keys (the same every repeat); ESS/s = Σ ESS / Σ
+    time over the keys (of the median repeat); the same on the sampling time (wall −
+    the short run's, medians over repeats)."""
+    per_rep = [float(np.mean([x["time_s"] for x in r])) for r in rs]
+    first = rs[0]
+    row = dict(first[0])
+    row["times_s"] = per_rep
+    row["time_s"] = float(np.median(per_rep))
+    row["min_ess_bulk"] = float(np.mean([x["min_ess_bulk"] for x in first]))
+    row["mean_steps"] = float(np.mean([x["mean_steps"] for x in first]))
+    row["divergences"] = float(np.mean([x["divergences"] for x in first]))
+    row["per_seed"] = [{k: x[k] for k in ("time_s", "min_ess_bulk", "mean_steps", "divergences")} for x in first]
+    row["ess_per_s"] = row["min_ess_bulk"] / row["time_s"]
+    row["fixed_s"] = float(np.median([r[0]["fixed_s"] for r in rs]))
+    row["sampling_s"] = float(np.median([t - r[0]["fixed_s"] for t, r in zip(per_rep, rs)]))
+    row["ess_per_sampling_s"] = row["min_ess_bulk"] / row["sampling_s"] if row["sampling_s"] > 0 else float("nan")
+    return row
 
 
 def main(argv=None):
@@ -151,28 +206,32 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=1,
                     help="interleaved repeats (genmlx, NumPyro vectorized, NumPyro sequential); "
                          "times are medians (each sampler's draws, hence its ESS, are the same every repeat)")
+    ap.add_argument("--seeds", type=int, default=1,
+                    help="time runs from keys 1..SEEDS per sampler (means per run; ESS/s = total ESS / total time)")
+    ap.add_argument("--fixed-iters", type=int, default=10,
+                    help="warm-up and draws of the short run whose time is a run's fixed cost")
     ap.add_argument("names", nargs="*", default=NAMES)
     a = ap.parse_args(argv)
     root = Path(os.environ.get("GENMLX_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
     out = {}
     peers = peer_runs(a.numpyro_platforms.split(",")) if a.numpyro else []
+    if a.seeds < 1:
+        ap.error(f"--seeds must be at least 1, got {a.seeds}")
+    seeds = tuple(range(1, a.seeds + 1))
     who = ["genmlx"] + [label for label, _, _ in peers]
     for name in a.names:
         runs = {w: [] for w in who}
         for _ in range(a.repeats):
-            runs["genmlx"].append(run_genmlx(root, name, a.warmup, a.samples))
+            runs["genmlx"].append(run_genmlx(root, name, a.warmup, a.samples, seeds, a.fixed_iters))
             for label, cm, pf in peers:
-                runs[label].append(run_numpyro(a.numpyro, root, name, a.warmup, a.samples, cm, pf))
-        row = {}
-        for w, rs in runs.items():
-            r = dict(rs[0])
-            r["times_s"] = [x["time_s"] for x in rs]
-            r["time_s"] = float(np.median(r["times_s"]))
-            r["ess_per_s"] = r["min_ess_bulk"] / r["time_s"]
-            row[w] = r
+                runs[label].append(run_numpyro(a.numpyro, root, name, a.warmup, a.samples, cm, pf, seeds,
+                                               a.fixed_iters))
+        row = {w: summarize(rs) for w, rs in runs.items()}
         if peers:
             best = max(row[label]["ess_per_s"] for label, _, _ in peers)
             row["genmlx_over_numpyro_ess_per_s"] = row["genmlx"]["ess_per_s"] / best
+            best = max(row[label]["ess_per_sampling_s"] for label, _, _ in peers)
+            row["genmlx_over_numpyro_ess_per_sampling_s"] = row["genmlx"]["ess_per_sampling_s"] / best
         out[name] = row
         print(json.dumps({name: row}, indent=1), flush=True)
     if a.append_results:
@@ -184,17 +243,23 @@ def main(argv=None):
             for who in ["genmlx"] + [label for label, _, _ in peers]:
                 if who in row:
                     r = row[who]
-                    rows.append([name, who, f"{r['time_s']:.1f} s", f"{r['mean_steps']:.1f}",
-                                 f"{r['min_ess_bulk']:.0f}", f"{r['ess_per_s']:.1f}", r["divergences"]])
-        ratios = "; ".join(f"{n}: {row['genmlx_over_numpyro_ess_per_s']:.2f}×" for n, row in out.items()
+                    rows.append([name, who, f"{r['time_s']:.2f} s", f"{r['fixed_s']:.2f} s", f"{r['sampling_s']:.2f} s",
+                                 f"{r['mean_steps']:.1f}", f"{r['min_ess_bulk']:.0f}", f"{r['ess_per_s']:.1f}",
+                                 f"{r['ess_per_sampling_s']:.1f}", f"{r['divergences']:g}"])
+        ratios = "; ".join(f"{n}: {row['genmlx_over_numpyro_ess_per_s']:.2f}× (whole run), "
+                           f"{row['genmlx_over_numpyro_ess_per_sampling_s']:.2f}× (sampling)" for n, row in out.items()
                            if "genmlx_over_numpyro_ess_per_s" in row)
         body = (f"NUTS, 4 chains (genmlx batched on {mx.default_device()}; NumPyro vectorized and sequential on "
                 f"{a.numpyro_platforms}, vectorized only on a GPU), {a.warmup} warm-up + "
                 f"{a.samples} draws per chain, second (compiled) run timed; ESS = bulk ESS (gm.diagnostics, "
                 "min over parameters) of both samplers' draws; ESS/s over the whole run"
-                + (f"; wall time = median of {a.repeats} interleaved repeats" if a.repeats > 1 else "") + ".\n\n"
-                + markdown_table(["posterior", "sampler", "wall time", "mean leapfrogs/draw",
-                                  "min bulk ESS", "ESS/s", "divergences"], rows)
+                + (f"; runs from keys 1..{a.seeds} per sampler (means per run, ESS/s = total ESS / total time)"
+                   if a.seeds > 1 else "")
+                + (f"; wall time = median of {a.repeats} interleaved repeats" if a.repeats > 1 else "")
+                + f"; fixed = wall time of a {a.fixed_iters} + {a.fixed_iters}-iteration run, sampling = wall − fixed "
+                "(NumPyro's MCMC.run recompiles its sampler on every call).\n\n"
+                + markdown_table(["posterior", "sampler", "wall time", "fixed", "sampling", "mean leapfrogs/draw",
+                                  "min bulk ESS", "ESS/s (wall)", "ESS/s (sampling)", "divergences"], rows)
                 + (f"\ngenmlx / NumPyro (the fastest chain method and platform) ESS/s: {ratios} (target ≥ 1.0).\n" if ratios else ""))
         append_results("Issue 4: NUTS ESS/s vs NumPyro (bench_nuts.py)", body, a.note)
 
