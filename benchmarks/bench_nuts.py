@@ -6,10 +6,9 @@ Both samplers: 4 chains (genmlx: one batched computation; NumPyro: both
 target accept 0.8, max tree depth 10, diagonal (eight schools) / dense (blr) mass
 matrix adapted in Stan's windows. Both sets of draws go through the same ESS
 estimator (gm.diagnostics, bulk ESS, minimum over parameters); ESS/s divides by the
-wall time of the whole run (warm-up + sampling) of a second run: for NumPyro on the same
-MCMC object, so that its compiled sampler is reused (compilation excluded); genmlx's second
-call reuses the compiled density and kernel cached for the same model and data
-(``gm.inference`` keeps them, as a jitted sampler is kept). ``--repeats k`` interleaves k
+wall time of the whole run (warm-up + sampling) of a second call (NumPyro: on the same
+MCMC object; genmlx: reusing the compiled density and kernel ``gm.inference`` caches for
+the same model and data), and, below, by its sampling time. ``--repeats k`` interleaves k
 repeats of the three samplers and reports median times. ``--seeds s`` times runs from s
 keys (1..s, after the compiling run from key 0) for each sampler: a sampler's trajectories
 are chaotic in float rounding (the same key on another device or library ends with other
@@ -22,9 +21,9 @@ every call with vectorized (or sequential) chains — its compiled functions are
 outside a JAX transformation, and the chains run under ``vmap`` — about 3.4 s per call for
 eight schools on the 2-core development machine, against ~0.5 s for the 2000 iterations
 themselves. So each sampler also times a run of ``--fixed-iters`` K warm-up + K draws
-(key 1, the second such call, after its other runs), and the table gives the sampling time, wall − that run's
-time (the iterations' cost beyond a run's fixed part; K iterations of both phases are
-counted in neither), and ESS/s on both. genmlx runs these small models
+(key 1, the second such call, after its other runs), and the table gives the sampling
+time, wall − that run's time (the iterations' cost beyond a run's fixed part; K
+iterations of both phases are counted in neither), and ESS/s on both. genmlx runs these small models
 with one OpenBLAS thread (its MCMC driver's default for small data on the CPU,
 ``GENMLX_SMALL_BLAS_THREADS``); JAX/XLA uses its own threading.
 
@@ -87,7 +86,7 @@ def run(seed):
     s = m.get_samples(group_by_chain=True)
     jax.block_until_ready(s)
     return time.perf_counter() - t, m
-t0, _ = run(0)  # compiles; later runs on the same MCMC object reuse the compiled sampler
+t0, _ = run(0)  # the first call (JAX's one-time work); every call compiles the sampler again
 for seed in cfg["seeds"]:
     t, m = run(seed)
     s = {k: np.asarray(v) for k, v in m.get_samples(group_by_chain=True).items()}
