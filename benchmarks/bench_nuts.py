@@ -121,8 +121,8 @@ def timed_nuts(post, args, obs, seed: int, warmup: int, samples: int):
 
 
 def run_genmlx(root, name, warmup, samples, seeds=(1,), fixed_iters=10):
-    """One record per key in ``seeds`` (after a compiling run from key 0), each with
-    ``fixed_s``: the wall time of a run of ``fixed_iters`` warm-up + draws (key 1)."""
+    """(one record per key in ``seeds``, after a compiling run from key 0; the wall time
+    of a run of ``fixed_iters`` warm-up + draws from key 1)."""
     post, args, obs, _ = load(root, name)
 
     def go(seed):
@@ -136,8 +136,7 @@ def run_genmlx(root, name, warmup, samples, seeds=(1,), fixed_iters=10):
         out.append(dict(time_s=t, first_run_s=t0, min_ess_bulk=min_ess(p), mean_steps=float(r.num_steps.mean()),
                         divergences=r.num_divergences))
     timed_nuts(post, args, obs, 0, fixed_iters, fixed_iters)  # timed as the long runs: a second call
-    t_fixed = timed_nuts(post, args, obs, 1, fixed_iters, fixed_iters)[0]
-    return [dict(x, fixed_s=t_fixed) for x in out]
+    return out, timed_nuts(post, args, obs, 1, fixed_iters, fixed_iters)[0]
 
 
 def peer_runs(platforms: list[str]) -> list[tuple[str, str, str]]:
@@ -152,8 +151,7 @@ def peer_runs(platforms: list[str]) -> list[tuple[str, str, str]]:
 
 def run_numpyro(python, root, name, warmup, samples, chain_method="vectorized", platform="cpu", seeds=(1,),
                 fixed_iters=10):
-    """One record per key in ``seeds`` (after a compiling run from key 0), each with
-    ``fixed_s`` as in :func:`run_genmlx`."""
+    """(one record per key in ``seeds``, the short run's wall time) as :func:`run_genmlx`."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "draws")
         cfg = dict(name=name, data=str(Path(root) / "posteriordb" / name / "data.json"), warmup=warmup,
@@ -166,18 +164,18 @@ def run_numpyro(python, root, name, warmup, samples, chain_method="vectorized", 
         infos, fixed = lines[:-1], lines[-1]["fixed_s"]
         for seed, info in zip(seeds, infos):
             info["min_ess_bulk"] = min_ess(flat_params(name, dict(np.load(f"{out}.{seed}.npz"))))
-            info["fixed_s"] = fixed
-    return infos
+    return infos, fixed
 
 
 def summarize(rs: list) -> dict:
-    """One sampler's row from its repeats ``rs`` (each a list of per-key records): wall
+    """One sampler's row from its repeats ``rs`` (each (per-key records, short run's wall
+    time)): wall
     time per run = the median over repeats of the mean over keys; ESS, leapfrogs per draw
     and divergences per run = means over keys (the same every repeat); ESS/s = Σ ESS / Σ
     time over the keys (of the median repeat); the same on the sampling time (wall −
     the short run's, medians over repeats)."""
-    per_rep = [float(np.mean([x["time_s"] for x in r])) for r in rs]
-    first = rs[0]
+    per_rep = [float(np.mean([x["time_s"] for x in r])) for r, _ in rs]
+    first = rs[0][0]
     row = dict(first[0])
     row["times_s"] = per_rep
     row["time_s"] = float(np.median(per_rep))
@@ -186,8 +184,8 @@ def summarize(rs: list) -> dict:
     row["divergences"] = float(np.mean([x["divergences"] for x in first]))
     row["per_seed"] = [{k: x[k] for k in ("time_s", "min_ess_bulk", "mean_steps", "divergences")} for x in first]
     row["ess_per_s"] = row["min_ess_bulk"] / row["time_s"]
-    row["fixed_s"] = float(np.median([r[0]["fixed_s"] for r in rs]))
-    row["sampling_s"] = float(np.median([t - r[0]["fixed_s"] for t, r in zip(per_rep, rs)]))
+    row["fixed_s"] = float(np.median([f for _, f in rs]))
+    row["sampling_s"] = float(np.median([t - f for t, (_, f) in zip(per_rep, rs)]))
     row["ess_per_sampling_s"] = row["min_ess_bulk"] / row["sampling_s"] if row["sampling_s"] > 0 else float("nan")
     return row
 
